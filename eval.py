@@ -1,0 +1,49 @@
+"""Evaluate a checkpoint: `python eval.py --workdir DIR [--step N] [--config.mesh.expert=4 ...]`.
+
+Restores onto whatever devices are present (any mesh shape that fits them), prints and writes
+validation loss, bits per byte, perplexity and per-layer routing statistics to
+DIR/eval/step_<N>.json.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from moejax import cli
+from moejax import config as config_lib
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="workdir/default", help="a training run directory")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    args, overrides = cli.parse(parser, argv)
+    cli.setup_logging()
+
+    from moejax.evaluation import evaluate_workdir, routing_table
+
+    try:
+        results = evaluate_workdir(args.workdir, step=args.step, overrides=overrides)
+    except (config_lib.ConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    step = results["step"]
+    print(f"step {step} on mesh {results['mesh']}")
+    print(f"validation loss {results['loss']:.4f} nats/byte, {results['bits_per_byte']:.4f} "
+          f"bits/byte, perplexity {results['perplexity']:.3f} over {results['tokens']:.0f} bytes")
+    print(routing_table(results))
+    out_dir = Path(args.workdir) / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / f"step_{step}.json"
+    serialisable = {k: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v)
+                    for k, v in results.items()}
+    out_path.write_text(json.dumps(serialisable, indent=2) + "\n")
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

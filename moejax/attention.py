@@ -1,0 +1,94 @@
+"""Causal multi-head attention with rotary positions and grouped-query heads.
+
+The math lives in `apply_rotary` and `causal_attention`; `Attention` owns the projections.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.sharding import constrain, param
+
+
+def rotary_angles(positions: jax.Array, head_dim: int, base: float) -> jax.Array:
+    """Rotation angles `[length, head_dim // 2]` for integer `positions [length]`.
+
+    RoFormer: Enhanced Transformer with Rotary Position Embedding (Su et al., 2021).
+    """
+    inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    return positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [length, head_dim/2]
+
+
+def apply_rotary(x: jax.Array, angles: jax.Array) -> jax.Array:
+    """Rotates feature pairs (first half, second half) of `x [batch, length, heads, head_dim]`."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos = jnp.cos(angles)[None, :, None, :]  # [1, length, 1, head_dim/2]
+    sin = jnp.sin(angles)[None, :, None, :]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal softmax attention.
+
+    Args:
+      q: `[batch, length, heads, head_dim]`.
+      k, v: `[batch, length, kv_heads, head_dim]`, `heads % kv_heads == 0` (grouped-query).
+
+    Returns:
+      `[batch, length, heads, head_dim]`; logits and softmax in float32.
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (head_dim**-0.5)
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [b, kv_heads, group, q, k]
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v)
+    return out.reshape(batch, length, heads, head_dim)
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query self-attention with rotary positions."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rope_base: float,
+        *,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rope_base, self.dtype = rope_base, dtype
+        self.w_q = param(init(rngs.params(), (d_model, num_heads, head_dim), param_dtype),
+                         ("embed", "heads", "head_dim"))
+        self.w_k = param(init(rngs.params(), (d_model, num_kv_heads, head_dim), param_dtype),
+                         ("embed", "kv_heads", "head_dim"))
+        self.w_v = param(init(rngs.params(), (d_model, num_kv_heads, head_dim), param_dtype),
+                         ("embed", "kv_heads", "head_dim"))
+        out_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                        in_axis=(0, 1), out_axis=2)
+        self.w_o = param(out_init(rngs.params(), (num_heads, head_dim, d_model), param_dtype),
+                         ("heads", "head_dim", "embed"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`x [batch, length, d_model]` -> `[batch, length, d_model]`."""
+        x = x.astype(self.dtype)
+        q = jnp.einsum("bld,dhk->blhk", x, self.w_q[...].astype(self.dtype))
+        k = jnp.einsum("bld,dhk->blhk", x, self.w_k[...].astype(self.dtype))
+        v = jnp.einsum("bld,dhk->blhk", x, self.w_v[...].astype(self.dtype))
+        q = constrain(q, ("batch", "length", "activation_heads", "head_dim"))
+        angles = rotary_angles(jnp.arange(x.shape[1]), self.head_dim, self.rope_base)
+        q, k = apply_rotary(q, angles), apply_rotary(k, angles)
+        out = causal_attention(q, k, v)
+        return jnp.einsum("blhk,hkd->bld", out, self.w_o[...].astype(self.dtype))

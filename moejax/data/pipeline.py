@@ -1,0 +1,225 @@
+"""Byte-level language-model batches from the Shakespeare dataset, built with grain.
+
+Training: this process's records → seeded shuffle, reshuffled every epoch, repeated forever →
+concatenate-then-split packing into rows of `seq_len + 1` bytes (rows may span documents; no
+padding) → `inputs = row[:-1]`, `targets = row[1:]` → batches of `global_batch_size //
+process_count` rows → optional worker processes. The same seed gives the same batches, and the
+iterator's state restores exactly after a JSON round trip.
+
+Evaluation: the validation split in file order, cut into consecutive rows of `seq_len + 1`
+bytes; every process evaluates its block of each global batch, so the union over processes is
+the same whatever the process count.
+"""
+
+import json
+import pathlib
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+
+from moejax.data import shakespeare
+
+Batch = dict[str, np.ndarray]
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value}.")
+
+
+def _local_batch_size(
+    batch_field: str, batch_size: int, process_index: int, process_count: int
+) -> int:
+    """Validates the process layout and returns the rows each process gets per batch."""
+    _check_positive(batch_field, batch_size)
+    _check_positive("process_count", process_count)
+    if not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index must be in [0, process_count={process_count}), got {process_index}."
+        )
+    if batch_size % process_count:
+        raise ValueError(
+            f"{batch_field}={batch_size} must be divisible by process_count={process_count}."
+        )
+    return batch_size // process_count
+
+
+def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    return (
+        jax.process_index() if process_index is None else process_index,
+        jax.process_count() if process_count is None else process_count,
+    )
+
+
+def train_documents(
+    data_dir: str | pathlib.Path, *, seed: int, process_index: int, process_count: int
+) -> grain.MapDataset:
+    """Returns this process's train records, shuffled per epoch and repeated forever.
+
+    Process `p` keeps records `p, p + process_count, ...`, so processes see disjoint records.
+    Epoch `e` is the slice `[e * n, (e + 1) * n)` of the result, a permutation of the `n`
+    records that differs from epoch to epoch.
+    """
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}.")
+    records = grain.MapDataset.source(shakespeare.data_source(data_dir, "train"))
+    if process_count > len(records):
+        raise ValueError(
+            f"process_count={process_count} exceeds the {len(records)} train records, so some"
+            " processes would get none."
+        )
+    documents = records[process_index::process_count]
+    # `.seed()` hashes the seed. An explicit `shuffle(seed)` would shuffle epoch e with seed + e,
+    # so runs with seeds s and s + 1 would see the same orders one epoch apart.
+    return documents.seed(seed).shuffle().repeat()
+
+
+def _document_bytes(record: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {"row": record["bytes"]}
+
+
+def _shift_row(packed: dict[str, np.ndarray]) -> Batch:
+    row = packed["row"].astype(np.int32)  # [seq_len + 1]
+    return {"inputs": row[:-1], "targets": row[1:]}
+
+
+class _JsonStateIterator(grain.DatasetIterator):
+    """Passes elements through unchanged; its state survives `json.loads(json.dumps(state))`.
+
+    Grain's concat-then-split state holds `(start, stop)` tuples and compares them with `(-1, -1)`
+    to mean "no partial document". JSON turns them into lists, and a restored `[-1, -1]` is then
+    taken for a partial document, which silently changes every later batch.
+    """
+
+    def __next__(self) -> Batch:
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        # The round trip also fails here, not at restore time, if a state is not JSON.
+        return json.loads(json.dumps(self._parent.get_state()))
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(_slices_as_tuples(state))
+
+
+def _slices_as_tuples(state: Any) -> Any:
+    if isinstance(state, dict):
+        return {
+            key: (
+                {name: tuple(sl) for name, sl in value.items()}
+                if key == "remainder_slices"
+                else _slices_as_tuples(value)
+            )
+            for key, value in state.items()
+        }
+    if isinstance(state, list):
+        return [_slices_as_tuples(value) for value in state]
+    return state
+
+
+def make_train_iterator(
+    data_dir: str | pathlib.Path,
+    *,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
+    """Returns an endless iterator of packed training batches for this process.
+
+    Each batch is `{"inputs": int32 [local_batch, seq_len], "targets": int32 [local_batch,
+    seq_len]}` with `local_batch = global_batch_size // process_count`, byte values in [0, 256)
+    and `targets[:, t] == inputs[:, t + 1]` for `t < seq_len - 1`.
+
+    `get_state()` returns plain JSON (save it with orbax `JsonSave`); `set_state()` on an iterator
+    built with the same arguments resumes with exactly the batches the saved one would have
+    given next. The state's layout depends on `num_workers`, and so do the batches when
+    `num_workers > 1`, since each worker packs its own slice of the document stream.
+
+    Args:
+      data_dir: where `shakespeare.prepare` built the dataset.
+      seq_len: tokens per row; each row packs `seq_len + 1` bytes.
+      global_batch_size: rows per step summed over all processes.
+      seed: shuffle seed, a non-negative integer.
+      num_workers: worker processes that build batches; 0 builds them in this process.
+      process_index: this process; defaults to `jax.process_index()`.
+      process_count: all processes; defaults to `jax.process_count()`.
+    """
+    _check_positive("seq_len", seq_len)
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative integer, got {num_workers}.")
+    process_index, process_count = _process_layout(process_index, process_count)
+    local_batch = _local_batch_size(
+        "global_batch_size", global_batch_size, process_index, process_count
+    )
+    documents = train_documents(
+        data_dir, seed=seed, process_index=process_index, process_count=process_count
+    )
+    rows = grain.experimental.ConcatThenSplitIterDataset(
+        documents.map(_document_bytes).to_iter_dataset(),
+        length_struct={"row": seq_len + 1},
+    )
+    batches = rows.map(_shift_row).batch(local_batch, drop_remainder=True)
+    if num_workers:
+        if not flags.FLAGS.is_parsed():
+            # Starting a worker reads grain's absl flags, which raises in programs that did not
+            # parse flags through absl.app.
+            flags.FLAGS.mark_as_parsed()
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return _JsonStateIterator(iter(batches))
+
+
+def make_eval_batches(
+    data_dir: str | pathlib.Path,
+    *,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> list[Batch]:
+    """Returns this process's share of the validation batches, the same on every call.
+
+    The validation records are concatenated in file order and cut into consecutive,
+    non-overlapping rows of `seq_len + 1` bytes; rows that do not fill a last global batch are
+    dropped. Global batch `b` holds rows `[b * batch_size, (b + 1) * batch_size)`, and process `p`
+    gets its contiguous block of `batch_size // process_count` of them, so the batches of all
+    processes together are those of a single process.
+
+    Args:
+      data_dir: where `shakespeare.prepare` built the dataset.
+      seq_len: tokens per row; each row holds `seq_len + 1` bytes.
+      batch_size: rows per global batch, summed over all processes.
+      max_batches: keep at most this many batches (the first ones); None keeps all.
+      process_index: this process; defaults to `jax.process_index()`.
+      process_count: all processes; defaults to `jax.process_count()`.
+
+    Returns:
+      A list of `{"inputs": int32 [local_batch, seq_len], "targets": int32 [local_batch,
+      seq_len]}`.
+    """
+    _check_positive("seq_len", seq_len)
+    if max_batches is not None:
+        _check_positive("max_batches", max_batches)
+    process_index, process_count = _process_layout(process_index, process_count)
+    local_batch = _local_batch_size("batch_size", batch_size, process_index, process_count)
+    source = shakespeare.data_source(data_dir, "validation")
+    text = np.concatenate([source[i]["bytes"] for i in range(len(source))])  # [num_bytes]
+    num_rows = len(text) // (seq_len + 1)
+    num_batches = num_rows // batch_size
+    if num_batches == 0:
+        raise ValueError(
+            f"batch_size={batch_size} rows of seq_len + 1 = {seq_len + 1} bytes exceed the"
+            f" validation split ({len(text)} bytes, {num_rows} rows)."
+        )
+    if max_batches is not None:
+        num_batches = min(num_batches, max_batches)
+    rows = text[: num_batches * batch_size * (seq_len + 1)].astype(np.int32)
+    rows = rows.reshape(num_batches, process_count, local_batch, seq_len + 1)
+    local_rows = rows[:, process_index]  # [num_batches, local_batch, seq_len + 1]
+    return [{"inputs": batch[:, :-1], "targets": batch[:, 1:]} for batch in local_rows]

@@ -1,0 +1,94 @@
+"""Decoder-only transformer language model with mixture-of-experts feed-forward layers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.attention import Attention
+from moejax.config import ModelConfig
+from moejax.models.layers import MLP, MoELayer, RMSNorm
+from moejax.sharding import constrain, param
+
+ACTIVATION = ("batch", "length", "activation_embed")
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: attention, then a dense or mixture-of-experts feed-forward."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+        self.attention_norm = RMSNorm(config.d_model, param_dtype=param_dtype)
+        self.attention = Attention(
+            config.d_model, config.num_heads, config.num_kv_heads, config.head_dim,
+            config.rope_base, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        )
+        self.ffn_norm = RMSNorm(config.d_model, param_dtype=param_dtype)
+        self.is_moe = config.is_moe_layer(layer)
+        if self.is_moe:
+            self.ffn = MoELayer(
+                config.d_model, config.expert_d_ff, config.num_experts, config.top_k,
+                router=config.router, renormalize_top_k=config.renormalize_top_k,
+                dispatch=config.dispatch, capacity_factor=config.capacity_factor,
+                load_balance_weight=config.load_balance_weight,
+                router_z_weight=config.router_z_weight, gmm_impl=config.gmm_impl,
+                dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            )
+        else:
+            self.ffn = MLP(config.d_model, config.d_ff, dtype=dtype, param_dtype=param_dtype,
+                           rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        x = x + self.attention(self.attention_norm(x)).astype(x.dtype)
+        x = constrain(x, ACTIVATION)
+        if self.is_moe:
+            update, aux = self.ffn(self.ffn_norm(x))
+        else:
+            update, aux = self.ffn(self.ffn_norm(x)), None
+        return constrain(x + update.astype(x.dtype), ACTIVATION), aux
+
+
+class TransformerLM(nnx.Module):
+    """Byte- or token-level causal language model.
+
+    `__call__(tokens [batch, length] int32)` returns logits `[batch, length, vocab]` (float32)
+    and a list with one aux dict per MoE layer (None for dense layers).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        param_dtype = jnp.dtype(config.param_dtype)
+        self.embedding = param(
+            jax.random.normal(rngs.params(), (config.vocab_size, config.d_model), param_dtype)
+            * 0.02,
+            ("vocab", "embed"),
+        )
+        self.blocks = nnx.List([Block(config, i, rngs=rngs) for i in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.d_model, param_dtype=param_dtype)
+        if not config.tie_embeddings:
+            self.unembedding = param(
+                jax.random.normal(rngs.params(), (config.d_model, config.vocab_size),
+                                  param_dtype) * config.d_model**-0.5,
+                ("embed", "vocab"),
+            )
+
+    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, list[dict | None]]:
+        dtype = jnp.dtype(self.config.dtype)
+        x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)  # [batch, length, d]
+        # The tied table is small (std 0.02); scaling keeps the residual stream at unit RMS.
+        if self.config.tie_embeddings:
+            x = x * (self.config.d_model**0.5)
+        x = constrain(x, ACTIVATION)
+        aux_per_layer = []
+        for block in self.blocks:
+            x, aux = block(x)
+            aux_per_layer.append(aux)
+        x = self.final_norm(x)
+        if self.config.tie_embeddings:
+            unembed = self.embedding[...].T
+        else:
+            unembed = self.unembedding[...]
+        logits = jnp.einsum("bld,dv->blv", x, unembed.astype(dtype),
+                            preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "activation_vocab")), aux_per_layer

@@ -1,0 +1,128 @@
+"""Device mesh, logical axis names and the one rules table that maps them onto the mesh.
+
+Parameters are created with logical axis names (`"embed"`, `"expert"`, ...) through `param`.
+`LOGICAL_RULES` maps every logical name to mesh axes, so expert parallelism, FSDP and tensor
+parallelism are changes of mesh shape, not of code.
+
+The mesh uses `AxisType.Auto` on purpose: the train step is compiled with explicit
+`in_shardings` / `out_shardings` and activations get `with_sharding_constraint` at layer
+boundaries, and the compiler (GSPMD / Shardy) propagates the rest. Explicit-mode sharding
+types every intermediate, which `jax.lax.ragged_dot` and the Pallas kernels do not support on
+every backend yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from moejax.config import MESH_AXES
+
+LogicalAxes = tuple[str | None, ...]
+
+# Logical name -> mesh axis (or tuple of axes, or None for replicated).
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("length", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("expert", "expert"),
+    ("expert_mlp", "tensor"),
+    # Activations: batch-sharded; their feature axes stay whole except heads and vocab.
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_vocab", "tensor"),
+)
+_RULES = dict(LOGICAL_RULES)
+
+
+def param(value: jax.Array, names: LogicalAxes) -> nnx.Param:
+    """A parameter annotated with one logical axis name per dimension.
+
+    Eager sharding is off: modules are built abstractly (`nnx.eval_shape`) or inside a jit
+    whose `out_shardings` come from `LOGICAL_RULES`, never under an ambient mesh.
+    """
+    if len(names) != value.ndim:
+        raise ValueError(f"param: {len(names)} axis names {names} for a {value.ndim}-d value")
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+def logical_to_mesh(names: Sequence[str | None]) -> PartitionSpec:
+    """PartitionSpec over mesh axes for a tuple of logical axis names."""
+    axes = []
+    for name in names:
+        if name is not None and name not in _RULES:
+            raise ValueError(
+                f"logical axis {name!r} has no rule; known: {', '.join(_RULES)}"
+            )
+        axes.append(None if name is None else _RULES[name])
+    return PartitionSpec(*axes)
+
+
+def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over (data, fsdp, expert, tensor) with the given resolved sizes."""
+    shape = tuple(axis_sizes[axis] for axis in MESH_AXES)
+    devices = list(jax.devices() if devices is None else devices)
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh shape {dict(zip(MESH_AXES, shape))} needs {np.prod(shape)} "
+                         f"devices, got {len(devices)}")
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def logical_axes(model_state: nnx.State) -> dict[str, Any]:
+    """Pure dict (shaped like the params) of each parameter's logical axis names."""
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(model_state))
+    return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def tree_shardings(mesh: Mesh, axes_tree: Any) -> Any:
+    """NamedShardings for a tree of logical-axis tuples."""
+    return jax.tree.map(
+        lambda names: NamedSharding(mesh, logical_to_mesh(names)),
+        axes_tree,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+def like_params(tree: Any, params_struct: Any, param_shardings: Any, default: Any) -> Any:
+    """Shardings for an optimizer-state tree: every sub-tree shaped like the params gets the
+    param shardings (Adam's moments, masks, ...); every other leaf gets `default`.
+
+    Optax states are nested named tuples whose moment fields mirror the params tree, so
+    matching on tree structure finds them whatever the optimizer chain looks like.
+    """
+    target = jax.tree.structure(params_struct)
+
+    def is_params_like(node: Any) -> bool:
+        return jax.tree.structure(node) == target
+
+    def assign(node: Any) -> Any:
+        if is_params_like(node):
+            return param_shardings
+        return default
+
+    return jax.tree.map(assign, tree, is_leaf=is_params_like)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a `[batch, length]` token array."""
+    return NamedSharding(mesh, logical_to_mesh(("batch", "length")))
+
+
+def constrain(x: jax.Array, names: LogicalAxes) -> jax.Array:
+    """`with_sharding_constraint` by logical names; a no-op outside a mesh context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_mesh(names))

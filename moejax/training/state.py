@@ -1,0 +1,109 @@
+"""The train state (one pytree), the optimizer, and the shardings of both.
+
+Parameters are kept as a pure dict of arrays (`nnx.to_pure_dict`) so that checkpoints are
+plain nested dicts, independent of Flax's Variable classes; `nnx.merge(graphdef, params)`
+turns them back into a module inside the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from moejax import sharding
+from moejax.config import Config, ModelConfig, TrainConfig
+from moejax.models.transformer import TransformerLM
+
+TrainState = dict[str, Any]  # {"step": int32 [], "params": pure dict, "opt_state": optax state}
+
+
+def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
+    """Linear warm-up to `learning_rate`, cosine decay to `learning_rate * min_lr_ratio`."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=train.learning_rate,
+        warmup_steps=train.warmup_steps,
+        decay_steps=max(train.steps, train.warmup_steps + 1),
+        end_value=train.learning_rate * train.min_lr_ratio,
+    )
+
+
+def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping; no weight decay on vectors (norm scales)."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(train.grad_clip_norm),
+        optax.adamw(
+            learning_rate_schedule(train),
+            b1=train.beta1,
+            b2=train.beta2,
+            weight_decay=train.weight_decay,
+            mask=decay_mask,
+        ),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What the step functions need to rebuild the model: graph, logical axes, shapes."""
+
+    graphdef: nnx.GraphDef
+    logical_axes: dict[str, Any]
+    abstract_params: dict[str, Any]
+
+
+def model_spec(model_config: ModelConfig) -> ModelSpec:
+    """Builds the model abstractly (no memory, no compute) to read its structure."""
+    abstract = nnx.eval_shape(lambda: TransformerLM(model_config, rngs=nnx.Rngs(0)))
+    graphdef, params_state = nnx.split(abstract, nnx.Param)
+    return ModelSpec(
+        graphdef=graphdef,
+        logical_axes=sharding.logical_axes(params_state),
+        abstract_params=nnx.to_pure_dict(params_state),
+    )
+
+
+def state_shardings(spec: ModelSpec, optimizer: optax.GradientTransformation, mesh: Mesh):
+    """(abstract state, sharding tree) for the train state on `mesh`."""
+    param_shardings = sharding.tree_shardings(mesh, spec.logical_axes)
+    abstract_opt = jax.eval_shape(optimizer.init, spec.abstract_params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shardings = sharding.like_params(
+        abstract_opt, spec.abstract_params, param_shardings, replicated
+    )
+    abstract_state = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "params": spec.abstract_params,
+        "opt_state": abstract_opt,
+    }
+    shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+    return abstract_state, shardings
+
+
+def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs that carry their target sharding (what Orbax restores onto)."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+    )
+
+
+def init_state(config: Config, spec: ModelSpec, optimizer, shardings) -> TrainState:
+    """Initialises parameters and optimizer state directly in their sharded layout."""
+
+    def init(key: jax.Array) -> TrainState:
+        model = TransformerLM(config.model, rngs=nnx.Rngs(key))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": optimizer.init(params)}
+
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(config.train.seed))
+
+
+def count_params(params: Any) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))

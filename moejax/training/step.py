@@ -1,0 +1,135 @@
+"""The jit-compiled train and eval steps, with explicit shardings and a donated state."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from moejax import sharding
+from moejax.training.state import ModelSpec, TrainState
+
+Batch = dict[str, jax.Array]  # {"inputs": [batch, length] int32, "targets": [batch, length]}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshStep:
+    """A jitted step that runs (and compiles) inside its mesh context."""
+
+    jitted: Any
+    mesh: Mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def compile(self, *args):
+        """Ahead-of-time compilation for `args` (arrays or ShapeDtypeStructs)."""
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args).compile()
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token negative log-likelihood (nats) and the number of tokens.
+
+    `logits [batch, length, vocab]` float32, `targets [batch, length]` int32.
+    """
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [b, l]
+    return jnp.sum(nll), jnp.asarray(targets.size, jnp.float32)
+
+
+def _moe_metrics(aux_per_layer: list[dict | None]) -> dict[str, jax.Array]:
+    """Flattens per-layer routing statistics to `moe/layer{i}/{name}` scalars and vectors."""
+    metrics = {}
+    for layer, aux in enumerate(aux_per_layer):
+        if aux is None:
+            continue
+        for name, value in aux.items():
+            if name != "aux_loss":
+                metrics[f"moe/layer{layer}/{name}"] = value
+    return metrics
+
+
+def forward(spec: ModelSpec, params: Any, batch: Batch):
+    """Loss pieces of one batch: (mean cross-entropy, summed aux loss, per-layer aux list)."""
+    model = nnx.merge(spec.graphdef, params)
+    logits, aux_per_layer = model(batch["inputs"])
+    nll_sum, count = cross_entropy(logits, batch["targets"])
+    aux_loss = sum(
+        (aux["aux_loss"] for aux in aux_per_layer if aux is not None), jnp.float32(0.0)
+    )
+    return nll_sum / count, aux_loss, aux_per_layer
+
+
+def make_train_step(
+    spec: ModelSpec,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+    shardings: Any,
+):
+    """`train_step(state, batch) -> (state, metrics)`, jit-compiled, state donated."""
+
+    def train_step(state: TrainState, batch: Batch):
+        def loss_fn(params):
+            ce, aux_loss, aux_per_layer = forward(spec, params, batch)
+            return ce + aux_loss, (ce, aux_loss, aux_per_layer)
+
+        grads, (ce, aux_loss, aux_per_layer) = jax.grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {
+            "loss": ce + aux_loss,
+            "ce_loss": ce,
+            "aux_loss": aux_loss,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(state["step"]),
+            **_moe_metrics(aux_per_layer),
+        }
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        return new_state, metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_shardings = {"inputs": sharding.batch_sharding(mesh),
+                       "targets": sharding.batch_sharding(mesh)}
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+
+    return MeshStep(jitted, mesh)
+
+
+def make_eval_step(spec: ModelSpec, mesh: Mesh, param_shardings: Any):
+    """`eval_step(params, batch) -> sums` of nll (nats), tokens, and per-layer routing stats."""
+
+    def eval_step(params: Any, batch: Batch):
+        model = nnx.merge(spec.graphdef, params)
+        logits, aux_per_layer = model(batch["inputs"])
+        nll_sum, count = cross_entropy(logits, batch["targets"])
+        return {"nll_sum": nll_sum, "tokens": count, **_moe_metrics(aux_per_layer)}
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_shardings = {"inputs": sharding.batch_sharding(mesh),
+                       "targets": sharding.batch_sharding(mesh)}
+    jitted = jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings),
+                     out_shardings=replicated)
+
+    return MeshStep(jitted, mesh)
+
+
+def global_batch(mesh: Mesh, local_batch: dict[str, Any]) -> Batch:
+    """Assembles this process's rows into global arrays sharded over the batch axes."""
+    target = sharding.batch_sharding(mesh)
+    return {
+        name: jax.make_array_from_process_local_data(target, value)
+        for name, value in local_batch.items()
+    }

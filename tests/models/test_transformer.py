@@ -1,0 +1,80 @@
+"""The MoE transformer language model: shapes, dtypes, causality, layer layout."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moejax.config import ModelConfig
+from moejax.models.layers import MLP, MoELayer, RMSNorm, rms_norm
+from moejax.models.transformer import TransformerLM
+
+SMALL = ModelConfig(d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
+                    num_experts=4, top_k=2, expert_d_ff=32, max_seq_len=64)
+
+
+def _tokens(batch=2, length=16, seed=0):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, 256, jnp.int32)
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_forward_shapes_dtypes_and_aux(dispatch, dtype):
+    config = ModelConfig(**{**SMALL.__dict__, "dispatch": dispatch, "dtype": dtype})
+    model = TransformerLM(config, rngs=nnx.Rngs(0))
+    logits, aux = model(_tokens())
+    chex.assert_shape(logits, (2, 16, 256))
+    chex.assert_type(logits, jnp.float32)
+    chex.assert_tree_all_finite(logits)
+    assert len(aux) == 3 and all(a is not None for a in aux)
+    chex.assert_shape(aux[0]["expert_load"], (4,))
+    np.testing.assert_allclose(float(jnp.sum(aux[0]["expert_load"])), 1.0, rtol=1e-6)
+    for name in ("aux_loss", "load_balance_loss", "router_z_loss", "dropped_fraction",
+                 "routing_entropy", "load_max_over_mean"):
+        chex.assert_shape(aux[0][name], ())
+
+
+def test_moe_every_second_layer():
+    config = ModelConfig(**{**SMALL.__dict__, "num_layers": 4, "moe_every": 2})
+    model = TransformerLM(config, rngs=nnx.Rngs(0))
+    kinds = [type(block.ffn) for block in model.blocks]
+    assert kinds == [MLP, MoELayer, MLP, MoELayer]
+    _, aux = model(_tokens())
+    assert [a is None for a in aux] == [True, False, True, False]
+
+
+def test_logits_are_causal():
+    model = TransformerLM(SMALL, rngs=nnx.Rngs(1))
+    tokens = _tokens(length=12)
+    logits, _ = model(tokens)
+    edited = tokens.at[:, 8:].set((tokens[:, 8:] + 1) % 256)
+    logits_edited, _ = model(edited)
+    np.testing.assert_allclose(logits_edited[:, :8], logits[:, :8], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(logits_edited[:, 8:], logits[:, 8:])
+
+
+def test_untrained_model_predicts_near_uniform_bytes():
+    model = TransformerLM(SMALL, rngs=nnx.Rngs(2))
+    logits, _ = model(_tokens(length=32))
+    log_probs = jax.nn.log_softmax(logits)
+    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1).mean()
+    assert float(entropy) > 0.9 * np.log(256)
+
+
+def test_expert_weights_are_stacked_with_logical_axes():
+    model = TransformerLM(SMALL, rngs=nnx.Rngs(0))
+    ffn = model.blocks[0].ffn
+    chex.assert_shape(ffn.w_gate[...], (4, 32, 32))
+    chex.assert_shape(ffn.w_down[...], (4, 32, 32))
+    assert ffn.w_gate.get_metadata()["out_sharding"] == ("expert", "embed", "expert_mlp")
+
+
+def test_rms_norm_matches_numpy():
+    x = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    scale = np.linspace(0.5, 2.0, 8).astype(np.float32)
+    expected = x / np.sqrt(np.mean(x.astype(np.float64) ** 2, -1, keepdims=True) + 1e-6) * scale
+    np.testing.assert_allclose(rms_norm(jnp.asarray(x), jnp.asarray(scale)), expected, rtol=1e-5)
+    chex.assert_type(RMSNorm(8, param_dtype=jnp.float32)(jnp.asarray(x, jnp.bfloat16)),
+                     jnp.bfloat16)
