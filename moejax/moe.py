@@ -47,8 +47,8 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     Lepikhin et al., "GShard: Scaling Giant Models with Conditional Computation and Automatic
     Sharding" (2020). `capacity_factor=1` fits a perfectly balanced routing exactly.
     """
-    if capacity_factor <= 0:
-        raise ValueError(f"capacity_factor: got {capacity_factor}; allowed: > 0")
+    if not (math.isfinite(capacity_factor) and capacity_factor > 0):
+        raise ValueError(f"capacity_factor: got {capacity_factor}; allowed: finite and > 0")
     if num_experts < 1:
         raise ValueError(f"num_experts: got {num_experts}; allowed: >= 1")
     if not 1 <= top_k <= num_experts:
@@ -85,8 +85,8 @@ def capacity_dispatch(
     num_tokens, top_k = routing.expert_index.shape
     # Choice-major order ([top_k, tokens]) so a running count per expert yields each
     # assignment's slot in priority order.
-    expert_mask = jax.nn.one_hot(routing.expert_index.T, num_experts, dtype=jnp.int32)
-    priority_mask = expert_mask.reshape(top_k * num_tokens, num_experts)  # [k*tokens, experts]
+    choice_major = jax.nn.one_hot(routing.expert_index.T, num_experts, dtype=jnp.int32)
+    priority_mask = choice_major.reshape(top_k * num_tokens, num_experts)  # [k*tokens, experts]
     slot = jnp.cumsum(priority_mask, axis=0) - 1  # [k*tokens, experts]
     slot = jnp.sum(slot * priority_mask, axis=-1)  # [k*tokens]
     slot = slot.reshape(top_k, num_tokens).T  # [tokens, top_k]
@@ -170,17 +170,17 @@ def moe_ffn(
     Returns:
       `MoEOutput` with y [tokens, d_model] and the dropped fraction.
     """
-    if strategy == "capacity":
-        num_tokens, top_k = routing.expert_index.shape
-        num_experts = expert_params["w_gate"].shape[0]
-        capacity = expert_capacity(num_tokens, num_experts, top_k, capacity_factor)
-        y, dropped_fraction = capacity_dispatch(x, routing, expert_params, capacity=capacity)
-    elif strategy == "dropless":
-        y, dropped_fraction = dropless_dispatch(x, routing, expert_params, gmm_impl=gmm_impl)
-    else:
+    if strategy not in DISPATCH_STRATEGIES:
         raise ValueError(
             f"strategy: unknown value {strategy!r}; allowed: {', '.join(DISPATCH_STRATEGIES)}"
         )
+    num_experts = _check_inputs(x, routing, expert_params)
+    if strategy == "capacity":
+        num_tokens, top_k = routing.expert_index.shape
+        capacity = expert_capacity(num_tokens, num_experts, top_k, capacity_factor)
+        y, dropped_fraction = capacity_dispatch(x, routing, expert_params, capacity=capacity)
+    else:
+        y, dropped_fraction = dropless_dispatch(x, routing, expert_params, gmm_impl=gmm_impl)
     return MoEOutput(y=y, dropped_fraction=dropped_fraction)
 
 
@@ -212,6 +212,11 @@ def _check_inputs(x: jax.Array, routing: Routing, expert_params: ExpertParams) -
     missing = {"w_gate", "w_up", "w_down"} - set(expert_params)
     if missing:
         raise ValueError(f"expert_params: missing {sorted(missing)}; got {sorted(expert_params)}")
+    if expert_params["w_gate"].ndim != 3:
+        raise ValueError(
+            f"expert_params['w_gate']: expected [experts, d_model, d_ff], "
+            f"got shape {expert_params['w_gate'].shape}"
+        )
     num_tokens, d_model = x.shape
     num_experts, _, d_ff = expert_params["w_gate"].shape
     expected = {

@@ -249,7 +249,8 @@ def test_expert_capacity_formula() -> None:
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        ((16, 4, 2, 0.0), "capacity_factor: got 0.0; allowed: > 0"),
+        ((16, 4, 2, 0.0), "capacity_factor: got 0.0; allowed: finite and > 0"),
+        ((16, 4, 2, float("nan")), "capacity_factor: got nan"),
         ((16, 0, 1, 1.0), "num_experts: got 0"),
         ((16, 4, 5, 1.0), "top_k: got 5"),
     ],
@@ -287,6 +288,10 @@ def test_strategies_reject_mismatched_shapes(strategy: str) -> None:
         moe_ffn(x[0], routing, params, strategy=strategy)
     with pytest.raises(ValueError, match=r"expert_params\['w_down'\]: expected shape \(2, 5, 3\)"):
         moe_ffn(x, routing, {**params, "w_down": params["w_up"]}, strategy=strategy)
+    with pytest.raises(ValueError, match=r"expert_params\['w_gate'\]: expected \[experts"):
+        moe_ffn(x, routing, {**params, "w_gate": params["w_gate"][0]}, strategy=strategy)
+    with pytest.raises(ValueError, match="expert_params: missing"):
+        moe_ffn(x, routing, {"w_up": params["w_up"]}, strategy=strategy)
     with pytest.raises(ValueError, match="expert_params: missing"):
         moe_ffn(x, routing, {"w_gate": params["w_gate"]}, strategy=strategy)
     with pytest.raises(ValueError, match=r"routing.expert_index: expected \[tokens=3"):

@@ -30,16 +30,17 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value}.")
 
 
-def _local_batch_size(
-    batch_field: str, batch_size: int, process_index: int, process_count: int
-) -> int:
-    """Validates the process layout and returns the rows each process gets per batch."""
-    _check_positive(batch_field, batch_size)
+def _check_process_layout(process_index: int, process_count: int) -> None:
     _check_positive("process_count", process_count)
     if not 0 <= process_index < process_count:
         raise ValueError(
             f"process_index must be in [0, process_count={process_count}), got {process_index}."
         )
+
+
+def _local_batch_size(batch_field: str, batch_size: int, process_count: int) -> int:
+    """Returns the rows each process gets of a global batch of `batch_size` rows."""
+    _check_positive(batch_field, batch_size)
     if batch_size % process_count:
         raise ValueError(
             f"{batch_field}={batch_size} must be divisible by process_count={process_count}."
@@ -65,6 +66,7 @@ def train_documents(
     """
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}.")
+    _check_process_layout(process_index, process_count)
     records = grain.MapDataset.source(shakespeare.data_source(data_dir, "train"))
     if process_count > len(records):
         raise ValueError(
@@ -154,9 +156,8 @@ def make_train_iterator(
     if num_workers < 0:
         raise ValueError(f"num_workers must be a non-negative integer, got {num_workers}.")
     process_index, process_count = _process_layout(process_index, process_count)
-    local_batch = _local_batch_size(
-        "global_batch_size", global_batch_size, process_index, process_count
-    )
+    _check_process_layout(process_index, process_count)
+    local_batch = _local_batch_size("global_batch_size", global_batch_size, process_count)
     documents = train_documents(
         data_dir, seed=seed, process_index=process_index, process_count=process_count
     )
@@ -207,7 +208,8 @@ def make_eval_batches(
     if max_batches is not None:
         _check_positive("max_batches", max_batches)
     process_index, process_count = _process_layout(process_index, process_count)
-    local_batch = _local_batch_size("batch_size", batch_size, process_index, process_count)
+    _check_process_layout(process_index, process_count)
+    local_batch = _local_batch_size("batch_size", batch_size, process_count)
     source = shakespeare.data_source(data_dir, "validation")
     text = np.concatenate([source[i]["bytes"] for i in range(len(source))])  # [num_bytes]
     num_rows = len(text) // (seq_len + 1)

@@ -3,8 +3,7 @@
 Each play's markdown text is cut into documents of about `TARGET_CHUNK_BYTES` bytes on line
 boundaries, so every document is valid UTF-8 and the documents of a play concatenate back to the
 play. A stable hash of `(play, chunk_index)` sends about one document in `VALIDATION_ONE_IN` to
-the validation split; the split depends on nothing but the text, so it is the same on every
-machine and in every run.
+the validation split, so the split is the same on every machine and in every run.
 
 The dataset is written as array_record and read with `tfds.data_source`, neither of which needs
 TensorFlow. Tokens are UTF-8 bytes: the vocabulary has `VOCAB_SIZE = 256` entries.

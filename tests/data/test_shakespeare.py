@@ -35,6 +35,27 @@ def test_prepare_is_idempotent(data_dir: pathlib.Path) -> None:
     assert info_path.stat().st_mtime_ns == before
 
 
+def test_failed_build_leaves_nothing_that_looks_complete(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chunk_lines = shakespeare.chunk_lines
+    calls = []
+
+    def fail_on_tenth_play(text: bytes) -> list[bytes]:
+        calls.append(1)
+        if len(calls) == 10:
+            raise RuntimeError("build interrupted")
+        return chunk_lines(text)
+
+    monkeypatch.setattr(shakespeare, "chunk_lines", fail_on_tenth_play)
+    with pytest.raises(RuntimeError, match="build interrupted"):
+        shakespeare.prepare(tmp_path)
+    assert not list((tmp_path / shakespeare.DATASET_NAME).iterdir())
+    monkeypatch.undo()
+    shakespeare.prepare(tmp_path)
+    assert len(shakespeare.data_source(tmp_path, "validation")) > 0
+
+
 def test_splits_are_disjoint_and_cover_every_chunk(data_dir: pathlib.Path) -> None:
     train, validation = _keys(data_dir, "train"), _keys(data_dir, "validation")
     every_chunk = {
