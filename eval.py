@@ -32,14 +32,17 @@ def main(argv: list[str]) -> int:
         return 2
     step = results["step"]
     print(f"step {step} on mesh {results['mesh']}")
-    print(f"validation loss {results['loss']:.4f} nats/byte, {results['bits_per_byte']:.4f} "
-          f"bits/byte, perplexity {results['perplexity']:.3f} over {results['tokens']:.0f} bytes")
+    print(
+        f"validation loss {results['loss']:.4f} nats/byte, {results['bits_per_byte']:.4f} "
+        f"bits/byte, perplexity {results['perplexity']:.3f} over {results['tokens']:.0f} bytes"
+    )
     print(routing_table(results))
     out_dir = Path(args.workdir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / f"step_{step}.json"
-    serialisable = {k: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v)
-                    for k, v in results.items()}
+    serialisable = {
+        k: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v) for k, v in results.items()
+    }
     out_path.write_text(json.dumps(serialisable, indent=2) + "\n")
     print(f"wrote {out_path}")
     return 0

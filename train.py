@@ -16,8 +16,9 @@ from moejax import config as config_lib
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=cli.DEFAULT_CONFIG, help="a Python config file")
-    parser.add_argument("--workdir", default=None,
-                        help="run directory (default: workdir/<config name>)")
+    parser.add_argument(
+        "--workdir", default=None, help="run directory (default: workdir/<config name>)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args, overrides = cli.parse(parser, argv)
     cli.setup_logging()
@@ -45,10 +46,14 @@ def main(argv: list[str]) -> int:
         return 1
     print(f"finished at step {result.step} in {workdir}")
     if result.last_eval is not None:
-        print(f"validation: {result.last_eval['bits_per_byte']:.4f} bits/byte "
-              f"(loss {result.last_eval['loss']:.4f} nats)")
-    print(f"checkpoints: {workdir / 'checkpoints'}; metrics: {workdir / 'metrics.jsonl'}; "
-          f"TensorBoard: tensorboard --logdir {workdir / 'tensorboard'}")
+        print(
+            f"validation: {result.last_eval['bits_per_byte']:.4f} bits/byte "
+            f"(loss {result.last_eval['loss']:.4f} nats)"
+        )
+    print(
+        f"checkpoints: {workdir / 'checkpoints'}; metrics: {workdir / 'metrics.jsonl'}; "
+        f"TensorBoard: tensorboard --logdir {workdir / 'tensorboard'}"
+    )
     return 0
 
 

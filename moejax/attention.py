@@ -70,16 +70,25 @@ class Attention(nnx.Module):
         init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_base, self.dtype = rope_base, dtype
-        self.w_q = param(init(rngs.params(), (d_model, num_heads, head_dim), param_dtype),
-                         ("embed", "heads", "head_dim"))
-        self.w_k = param(init(rngs.params(), (d_model, num_kv_heads, head_dim), param_dtype),
-                         ("embed", "kv_heads", "head_dim"))
-        self.w_v = param(init(rngs.params(), (d_model, num_kv_heads, head_dim), param_dtype),
-                         ("embed", "kv_heads", "head_dim"))
-        out_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                                        in_axis=(0, 1), out_axis=2)
-        self.w_o = param(out_init(rngs.params(), (num_heads, head_dim, d_model), param_dtype),
-                         ("heads", "head_dim", "embed"))
+        self.w_q = param(
+            init(rngs.params(), (d_model, num_heads, head_dim), param_dtype),
+            ("embed", "heads", "head_dim"),
+        )
+        self.w_k = param(
+            init(rngs.params(), (d_model, num_kv_heads, head_dim), param_dtype),
+            ("embed", "kv_heads", "head_dim"),
+        )
+        self.w_v = param(
+            init(rngs.params(), (d_model, num_kv_heads, head_dim), param_dtype),
+            ("embed", "kv_heads", "head_dim"),
+        )
+        out_init = jax.nn.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2
+        )
+        self.w_o = param(
+            out_init(rngs.params(), (num_heads, head_dim, d_model), param_dtype),
+            ("heads", "head_dim", "embed"),
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`x [batch, length, d_model]` -> `[batch, length, d_model]`."""

@@ -98,9 +98,9 @@ class MeshConfig:
 class TrainConfig:
     """Optimisation, logging and checkpointing of one run."""
 
-    steps: int = 1500
+    steps: int = 1000
     learning_rate: float = 3e-3
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     # The cosine schedule decays to learning_rate * min_lr_ratio at the last step.
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
@@ -109,8 +109,8 @@ class TrainConfig:
     grad_clip_norm: float = 1.0
     seed: int = 0
     log_every: int = 25
-    eval_every: int = 250
-    checkpoint_every: int = 250
+    eval_every: int = 200
+    checkpoint_every: int = 200
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
 
@@ -245,22 +245,47 @@ def validate_model(model: ModelConfig) -> None:
     _positive(
         "model",
         model,
-        ["vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-         "max_seq_len", "d_ff", "rope_base"],
+        [
+            "vocab_size",
+            "d_model",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_seq_len",
+            "d_ff",
+            "rope_base",
+        ],
     )
-    _require(model.head_dim % 2 == 0, "model.head_dim", model.head_dim,
-             "an even number (rotary embeddings rotate pairs of features)")
-    _require(model.num_heads % model.num_kv_heads == 0, "model.num_kv_heads", model.num_kv_heads,
-             f"a divisor of model.num_heads={model.num_heads}")
-    _require(model.moe_every >= 0, "model.moe_every", model.moe_every,
-             "0 (no MoE layers) or a positive layer interval")
+    _require(
+        model.head_dim % 2 == 0,
+        "model.head_dim",
+        model.head_dim,
+        "an even number (rotary embeddings rotate pairs of features)",
+    )
+    _require(
+        model.num_heads % model.num_kv_heads == 0,
+        "model.num_kv_heads",
+        model.num_kv_heads,
+        f"a divisor of model.num_heads={model.num_heads}",
+    )
+    _require(
+        model.moe_every >= 0,
+        "model.moe_every",
+        model.moe_every,
+        "0 (no MoE layers) or a positive layer interval",
+    )
     _known_name("model.dtype", model.dtype, DTYPES)
     _known_name("model.param_dtype", model.param_dtype, DTYPES)
     if model.moe_every == 0:
         return
     _positive("model", model, ["num_experts", "expert_d_ff", "capacity_factor"])
-    _require(1 <= model.top_k <= model.num_experts, "model.top_k", model.top_k,
-             f"1 <= top_k <= model.num_experts={model.num_experts}")
+    _require(
+        1 <= model.top_k <= model.num_experts,
+        "model.top_k",
+        model.top_k,
+        f"1 <= top_k <= model.num_experts={model.num_experts}",
+    )
     _known_name("model.router", model.router, routing.ROUTER_NAMES)
     _known_name("model.dispatch", model.dispatch, moe.DISPATCH_STRATEGIES)
     _known_name("model.gmm_impl", model.gmm_impl, ("auto", "xla"))
@@ -274,8 +299,12 @@ def validate_mesh(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
     for axis, size in sizes.items():
         _require(size == -1 or size >= 1, f"mesh.{axis}", size, "a positive size or -1")
     wildcards = [axis for axis, size in sizes.items() if size == -1]
-    _require(len(wildcards) <= 1, f"mesh.{wildcards[-1] if wildcards else ''}", -1,
-             "-1 on at most one axis")
+    _require(
+        len(wildcards) <= 1,
+        f"mesh.{wildcards[-1] if wildcards else ''}",
+        -1,
+        "-1 on at most one axis",
+    )
     known = math.prod(size for size in sizes.values() if size != -1)
     shape = " x ".join(f"{a}={s}" for a, s in sizes.items())
     if wildcards:
@@ -302,18 +331,49 @@ def validate(config: Config, num_devices: int) -> dict[str, int]:
     validate_model(model)
     _positive("data", data, ["seq_len", "global_batch_size", "eval_batch_size"])
     _require(data.num_workers >= 0, "data.num_workers", data.num_workers, ">= 0")
-    _require(data.eval_batches >= 0, "data.eval_batches", data.eval_batches,
-             ">= 0 (0 evaluates the whole validation split)")
-    _require(data.seq_len <= model.max_seq_len, "data.seq_len", data.seq_len,
-             f"at most model.max_seq_len={model.max_seq_len}")
-    _require(model.vocab_size >= 256, "model.vocab_size", model.vocab_size,
-             ">= 256 (the corpus is byte-level)")
-    _positive("train", train, ["steps", "learning_rate", "log_every", "eval_every",
-                               "checkpoint_every", "keep_checkpoints", "grad_clip_norm"])
-    _require(0 <= train.warmup_steps <= train.steps, "train.warmup_steps", train.warmup_steps,
-             f"0 <= warmup_steps <= train.steps={train.steps}")
-    _require(0.0 <= train.min_lr_ratio <= 1.0, "train.min_lr_ratio", train.min_lr_ratio,
-             "a fraction in [0, 1]")
+    _require(
+        data.eval_batches >= 0,
+        "data.eval_batches",
+        data.eval_batches,
+        ">= 0 (0 evaluates the whole validation split)",
+    )
+    _require(
+        data.seq_len <= model.max_seq_len,
+        "data.seq_len",
+        data.seq_len,
+        f"at most model.max_seq_len={model.max_seq_len}",
+    )
+    _require(
+        model.vocab_size >= 256,
+        "model.vocab_size",
+        model.vocab_size,
+        ">= 256 (the corpus is byte-level)",
+    )
+    _positive(
+        "train",
+        train,
+        [
+            "steps",
+            "learning_rate",
+            "log_every",
+            "eval_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "grad_clip_norm",
+        ],
+    )
+    _require(
+        0 <= train.warmup_steps <= train.steps,
+        "train.warmup_steps",
+        train.warmup_steps,
+        f"0 <= warmup_steps <= train.steps={train.steps}",
+    )
+    _require(
+        0.0 <= train.min_lr_ratio <= 1.0,
+        "train.min_lr_ratio",
+        train.min_lr_ratio,
+        "a fraction in [0, 1]",
+    )
     _require(train.weight_decay >= 0, "train.weight_decay", train.weight_decay, ">= 0")
     for name in ("beta1", "beta2"):
         value = getattr(train, name)
@@ -323,8 +383,12 @@ def validate(config: Config, num_devices: int) -> dict[str, int]:
     batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     for name in ("global_batch_size", "eval_batch_size"):
         value = getattr(data, name)
-        _require(value % batch_shards == 0, f"data.{name}", value,
-                 f"a multiple of mesh data*fsdp*expert={batch_shards}")
+        _require(
+            value % batch_shards == 0,
+            f"data.{name}",
+            value,
+            f"a multiple of mesh data*fsdp*expert={batch_shards}",
+        )
     divisible = {
         "model.d_model": (model.d_model, "fsdp"),
         "model.num_heads": (model.num_heads, "tensor"),
@@ -336,8 +400,12 @@ def validate(config: Config, num_devices: int) -> dict[str, int]:
         divisible["model.num_experts"] = (model.num_experts, "expert")
         divisible["model.expert_d_ff"] = (model.expert_d_ff, "tensor")
     for field, (value, axis) in divisible.items():
-        _require(value % sizes[axis] == 0, field, value,
-                 f"a multiple of mesh.{axis}={sizes[axis]} (it is sharded over that axis)")
+        _require(
+            value % sizes[axis] == 0,
+            field,
+            value,
+            f"a multiple of mesh.{axis}={sizes[axis]} (it is sharded over that axis)",
+        )
     return sizes
 
 
@@ -352,7 +420,20 @@ def describe(config: Config) -> str:
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "MeshConfig", "ModelConfig", "TrainConfig",
-    "apply_overrides", "describe", "from_dict", "load_config_file", "load_json", "save_json",
-    "to_dict", "validate", "validate_mesh", "validate_model",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "describe",
+    "from_dict",
+    "load_config_file",
+    "load_json",
+    "save_json",
+    "to_dict",
+    "validate",
+    "validate_mesh",
+    "validate_model",
 ]

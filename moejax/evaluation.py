@@ -43,8 +43,10 @@ def evaluate(eval_step: MeshStep, params: Any, batches: Iterable[dict[str, np.nd
 
 def routing_table(results: dict[str, Any]) -> str:
     """A text table of the per-layer routing statistics in `results`."""
-    layers = sorted({name.split("/")[1] for name in results if name.startswith("moe/")},
-                    key=lambda layer: int(layer.removeprefix("layer")))
+    layers = sorted(
+        {name.split("/")[1] for name in results if name.startswith("moe/")},
+        key=lambda layer: int(layer.removeprefix("layer")),
+    )
     if not layers:
         return "(no MoE layers)"
     lines = [f"{'layer':>6} {'dropped':>8} {'entropy':>8} {'max/mean':>9}  expert load fractions"]
@@ -97,12 +99,14 @@ def evaluate_workdir(
     spec = state_lib.model_spec(config.model)
     optimizer = state_lib.make_optimizer(config.train)
     abstract_state, shardings = state_lib.state_shardings(spec, optimizer, mesh)
-    checkpointer = Checkpointer(workdir / CHECKPOINT_DIR, keep=config.train.keep_checkpoints,
-                                async_save=False)
+    checkpointer = Checkpointer(
+        workdir / CHECKPOINT_DIR, keep=config.train.keep_checkpoints, async_save=False
+    )
     try:
         if step is not None and step not in checkpointer.all_steps():
-            raise ValueError(f"--step: no checkpoint at step {step}; available: "
-                             f"{checkpointer.all_steps()}")
+            raise ValueError(
+                f"--step: no checkpoint at step {step}; available: {checkpointer.all_steps()}"
+            )
         restored = checkpointer.restore_latest_good(
             state_lib.abstract_with_shardings(abstract_state, shardings), step=step
         )
@@ -115,7 +119,9 @@ def evaluate_workdir(
     data_dir = resolve_data_dir(config.data.data_dir)
     shakespeare.prepare(str(data_dir))
     batches = pipeline.make_eval_batches(
-        str(data_dir), seq_len=config.data.seq_len, batch_size=config.data.eval_batch_size,
+        str(data_dir),
+        seq_len=config.data.seq_len,
+        batch_size=config.data.eval_batch_size,
         max_batches=config.data.eval_batches or None,
     )
     results = evaluate(make_eval_step(spec, mesh, shardings["params"]), state["params"], batches)

@@ -62,9 +62,7 @@ def logical_to_mesh(names: Sequence[str | None]) -> PartitionSpec:
     axes = []
     for name in names:
         if name is not None and name not in _RULES:
-            raise ValueError(
-                f"logical axis {name!r} has no rule; known: {', '.join(_RULES)}"
-            )
+            raise ValueError(f"logical axis {name!r} has no rule; known: {', '.join(_RULES)}")
         axes.append(None if name is None else _RULES[name])
     return PartitionSpec(*axes)
 
@@ -74,10 +72,11 @@ def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None =
     shape = tuple(axis_sizes[axis] for axis in MESH_AXES)
     devices = list(jax.devices() if devices is None else devices)
     if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh shape {dict(zip(MESH_AXES, shape))} needs {np.prod(shape)} "
-                         f"devices, got {len(devices)}")
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+        sizes = dict(zip(MESH_AXES, shape, strict=True))
+        raise ValueError(f"mesh shape {sizes} needs {np.prod(shape)} devices, got {len(devices)}")
+    return jax.make_mesh(
+        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
 
 
 def logical_axes(model_state: nnx.State) -> dict[str, Any]:

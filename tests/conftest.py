@@ -7,6 +7,8 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import pathlib  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
@@ -18,3 +20,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "accelerator" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The Shakespeare dataset, built once per test session."""
+    from moejax.data import shakespeare
+
+    path = tmp_path_factory.mktemp("tensorflow_datasets")
+    shakespeare.prepare(path)
+    return path

@@ -55,8 +55,9 @@ def test_rotary_scores_depend_only_on_relative_position():
 
 
 def test_attention_layer_is_causal_and_keeps_dtype():
-    layer = Attention(32, 4, 2, 8, 10_000.0, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-                      rngs=nnx.Rngs(0))
+    layer = Attention(
+        32, 4, 2, 8, 10_000.0, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0)
+    )
     x = jax.random.normal(jax.random.key(2), (2, 6, 32))
     y = layer(x)
     chex.assert_shape(y, (2, 6, 32))

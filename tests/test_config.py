@@ -8,14 +8,15 @@ import jax
 import pytest
 
 from moejax import config as config_lib
-from moejax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig
+from moejax.config import Config, ConfigError, MeshConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _replace(config: Config, group: str, **fields) -> Config:
-    return dataclasses.replace(config, **{group: dataclasses.replace(getattr(config, group),
-                                                                     **fields)})
+    return dataclasses.replace(
+        config, **{group: dataclasses.replace(getattr(config, group), **fields)}
+    )
 
 
 BAD = [
@@ -64,8 +65,14 @@ def test_default_configs_are_valid_on_one_and_eight_devices():
 
 def test_overrides_parse_by_field_type():
     config = config_lib.apply_overrides(
-        Config(), ["model.num_experts=8", "model.renormalize_top_k=false",
-                   "train.learning_rate=1e-4", "model.router=softmax_top_k", "mesh.expert=2"]
+        Config(),
+        [
+            "model.num_experts=8",
+            "model.renormalize_top_k=false",
+            "train.learning_rate=1e-4",
+            "model.router=softmax_top_k",
+            "mesh.expert=2",
+        ],
     )
     assert config.model.num_experts == 8 and config.model.renormalize_top_k is False
     assert config.train.learning_rate == 1e-4 and config.mesh.expert == 2
@@ -93,8 +100,12 @@ def test_json_round_trip(tmp_path):
 
 
 def test_mesh_resolves_wildcard():
-    assert MeshConfig(data=-1, expert=4).resolve(8) == {"data": 2, "fsdp": 1, "expert": 4,
-                                                        "tensor": 1}
+    assert MeshConfig(data=-1, expert=4).resolve(8) == {
+        "data": 2,
+        "fsdp": 1,
+        "expert": 4,
+        "tensor": 1,
+    }
     assert config_lib.validate_mesh(MeshConfig(data=2, fsdp=2, expert=2, tensor=1), 8)
 
 
@@ -121,8 +132,9 @@ def test_train_cli_rejects_bad_config_before_compiling(argv, tmp_path, capsys):
         lambda event, duration, **kw: compiled.append(event) if "compile" in event else None
     )
     train_cli = _load_train_module()
-    status = train_cli.main(["--config", str(ROOT / "configs/tiny.py"),
-                             "--workdir", str(tmp_path / "run"), *argv])
+    status = train_cli.main(
+        ["--config", str(ROOT / "configs/tiny.py"), "--workdir", str(tmp_path / "run"), *argv]
+    )
     assert status == 2
     assert "config error" in capsys.readouterr().err
     assert compiled == []

@@ -18,7 +18,8 @@ def _shardings(axis_sizes):
 
 def test_logical_to_mesh_uses_rules_table():
     assert sharding.logical_to_mesh(("expert", "embed", "expert_mlp")) == P(
-        "expert", "fsdp", "tensor")
+        "expert", "fsdp", "tensor"
+    )
     assert sharding.logical_to_mesh(("batch", "length")) == P(("data", "fsdp", "expert"), None)
     with pytest.raises(ValueError, match="logical axis 'nonsense' has no rule"):
         sharding.logical_to_mesh(("nonsense",))

@@ -43,7 +43,11 @@ class RMSNorm(nnx.Module):
 
 def _dense_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype, fan_in_axis: int):
     init = jax.nn.initializers.variance_scaling(
-        1.0, "fan_in", "truncated_normal", in_axis=fan_in_axis, out_axis=-1,
+        1.0,
+        "fan_in",
+        "truncated_normal",
+        in_axis=fan_in_axis,
+        out_axis=-1,
         batch_axis=tuple(range(fan_in_axis)),
     )
     return init(key, shape, dtype)
@@ -54,17 +58,24 @@ class MLP(nnx.Module):
 
     def __init__(self, d_model: int, d_ff: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.dtype = dtype
-        self.w_gate = param(_dense_init(rngs.params(), (d_model, d_ff), param_dtype, 0),
-                            ("embed", "mlp"))
-        self.w_up = param(_dense_init(rngs.params(), (d_model, d_ff), param_dtype, 0),
-                          ("embed", "mlp"))
-        self.w_down = param(_dense_init(rngs.params(), (d_ff, d_model), param_dtype, 0),
-                            ("mlp", "embed"))
+        self.w_gate = param(
+            _dense_init(rngs.params(), (d_model, d_ff), param_dtype, 0), ("embed", "mlp")
+        )
+        self.w_up = param(
+            _dense_init(rngs.params(), (d_model, d_ff), param_dtype, 0), ("embed", "mlp")
+        )
+        self.w_down = param(
+            _dense_init(rngs.params(), (d_ff, d_model), param_dtype, 0), ("mlp", "embed")
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        return swiglu(x.astype(dt), self.w_gate[...].astype(dt), self.w_up[...].astype(dt),
-                      self.w_down[...].astype(dt))
+        return swiglu(
+            x.astype(dt),
+            self.w_gate[...].astype(dt),
+            self.w_up[...].astype(dt),
+            self.w_down[...].astype(dt),
+        )
 
 
 class MoELayer(nnx.Module):
@@ -103,23 +114,26 @@ class MoELayer(nnx.Module):
             jax.random.normal(rngs.params(), (d_model, num_experts), param_dtype) * 0.02,
             ("embed", None),
         )
-        shape_in, shape_out = (num_experts, d_model, expert_d_ff), (num_experts, expert_d_ff,
-                                                                    d_model)
-        self.w_gate = param(_dense_init(rngs.params(), shape_in, param_dtype, 1),
-                            ("expert", "embed", "expert_mlp"))
-        self.w_up = param(_dense_init(rngs.params(), shape_in, param_dtype, 1),
-                          ("expert", "embed", "expert_mlp"))
-        self.w_down = param(_dense_init(rngs.params(), shape_out, param_dtype, 1),
-                            ("expert", "expert_mlp", "embed"))
+        shape_in, shape_out = (
+            (num_experts, d_model, expert_d_ff),
+            (num_experts, expert_d_ff, d_model),
+        )
+        self.w_gate = param(
+            _dense_init(rngs.params(), shape_in, param_dtype, 1), ("expert", "embed", "expert_mlp")
+        )
+        self.w_up = param(
+            _dense_init(rngs.params(), shape_in, param_dtype, 1), ("expert", "embed", "expert_mlp")
+        )
+        self.w_down = param(
+            _dense_init(rngs.params(), shape_out, param_dtype, 1), ("expert", "expert_mlp", "embed")
+        )
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """`x [batch, length, d_model]` -> (`[batch, length, d_model]`, aux dict)."""
         batch, length, d_model = x.shape
         tokens = x.reshape(batch * length, d_model).astype(self.dtype)  # [tokens, d_model]
         router_logits = tokens.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
-        result = self.route(
-            router_logits, top_k=self.top_k, renormalize=self.renormalize_top_k
-        )
+        result = self.route(router_logits, top_k=self.top_k, renormalize=self.renormalize_top_k)
         dt = self.dtype
         experts = {
             "w_gate": constrain(self.w_gate[...].astype(dt), ("expert", "embed", "expert_mlp")),
@@ -127,8 +141,12 @@ class MoELayer(nnx.Module):
             "w_down": constrain(self.w_down[...].astype(dt), ("expert", "expert_mlp", "embed")),
         }
         out = moe.moe_ffn(
-            tokens, result, experts, strategy=self.dispatch,
-            capacity_factor=self.capacity_factor, gmm_impl=self.gmm_impl,
+            tokens,
+            result,
+            experts,
+            strategy=self.dispatch,
+            capacity_factor=self.capacity_factor,
+            gmm_impl=self.gmm_impl,
         )
         losses = result.aux_losses
         aux = {

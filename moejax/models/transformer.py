@@ -21,23 +21,38 @@ class Block(nnx.Module):
         dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
         self.attention_norm = RMSNorm(config.d_model, param_dtype=param_dtype)
         self.attention = Attention(
-            config.d_model, config.num_heads, config.num_kv_heads, config.head_dim,
-            config.rope_base, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            config.d_model,
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            config.rope_base,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
         self.ffn_norm = RMSNorm(config.d_model, param_dtype=param_dtype)
         self.is_moe = config.is_moe_layer(layer)
         if self.is_moe:
             self.ffn = MoELayer(
-                config.d_model, config.expert_d_ff, config.num_experts, config.top_k,
-                router=config.router, renormalize_top_k=config.renormalize_top_k,
-                dispatch=config.dispatch, capacity_factor=config.capacity_factor,
+                config.d_model,
+                config.expert_d_ff,
+                config.num_experts,
+                config.top_k,
+                router=config.router,
+                renormalize_top_k=config.renormalize_top_k,
+                dispatch=config.dispatch,
+                capacity_factor=config.capacity_factor,
                 load_balance_weight=config.load_balance_weight,
-                router_z_weight=config.router_z_weight, gmm_impl=config.gmm_impl,
-                dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                router_z_weight=config.router_z_weight,
+                gmm_impl=config.gmm_impl,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
             )
         else:
-            self.ffn = MLP(config.d_model, config.d_ff, dtype=dtype, param_dtype=param_dtype,
-                           rngs=rngs)
+            self.ffn = MLP(
+                config.d_model, config.d_ff, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            )
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         x = x + self.attention(self.attention_norm(x)).astype(x.dtype)
@@ -68,8 +83,8 @@ class TransformerLM(nnx.Module):
         self.final_norm = RMSNorm(config.d_model, param_dtype=param_dtype)
         if not config.tie_embeddings:
             self.unembedding = param(
-                jax.random.normal(rngs.params(), (config.d_model, config.vocab_size),
-                                  param_dtype) * config.d_model**-0.5,
+                jax.random.normal(rngs.params(), (config.d_model, config.vocab_size), param_dtype)
+                * config.d_model**-0.5,
                 ("embed", "vocab"),
             )
 
@@ -85,10 +100,8 @@ class TransformerLM(nnx.Module):
             x, aux = block(x)
             aux_per_layer.append(aux)
         x = self.final_norm(x)
-        if self.config.tie_embeddings:
-            unembed = self.embedding[...].T
-        else:
-            unembed = self.unembedding[...]
-        logits = jnp.einsum("bld,dv->blv", x, unembed.astype(dtype),
-                            preferred_element_type=jnp.float32)
+        unembed = self.embedding[...].T if self.config.tie_embeddings else self.unembedding[...]
+        logits = jnp.einsum(
+            "bld,dv->blv", x, unembed.astype(dtype), preferred_element_type=jnp.float32
+        )
         return constrain(logits, ("batch", "length", "activation_vocab")), aux_per_layer

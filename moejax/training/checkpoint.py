@@ -81,8 +81,12 @@ class Checkpointer:
             try:
                 state, data_state = self.restore(candidate, abstract_state)
             except Exception as error:  # noqa: BLE001 - any read failure means a damaged step
-                log.warning("checkpoint at step %d is unreadable (%s: %s); trying an older one",
-                            candidate, type(error).__name__, str(error).splitlines()[0][:200])
+                log.warning(
+                    "checkpoint at step %d is unreadable (%s: %s); trying an older one",
+                    candidate,
+                    type(error).__name__,
+                    str(error).splitlines()[0][:200],
+                )
                 damaged.append(candidate)
                 continue
             return candidate, state, data_state, damaged

@@ -8,6 +8,7 @@ current step, save, and return.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -58,10 +59,9 @@ class _StopRequest:
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            # Outside the main thread signals stay with the caller.
+            with contextlib.suppress(ValueError):
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals to the caller
-                pass
         return self
 
     def _handle(self, signum, frame):
@@ -125,16 +125,24 @@ def train(
     data_dir = resolve_data_dir(data_cfg.data_dir)
     shakespeare.prepare(str(data_dir))
     train_iter = pipeline.make_train_iterator(
-        str(data_dir), seq_len=data_cfg.seq_len, global_batch_size=data_cfg.global_batch_size,
-        seed=data_cfg.shuffle_seed, num_workers=data_cfg.num_workers,
+        str(data_dir),
+        seq_len=data_cfg.seq_len,
+        global_batch_size=data_cfg.global_batch_size,
+        seed=data_cfg.shuffle_seed,
+        num_workers=data_cfg.num_workers,
     )
     eval_batches = pipeline.make_eval_batches(
-        str(data_dir), seq_len=data_cfg.seq_len, batch_size=data_cfg.eval_batch_size,
+        str(data_dir),
+        seq_len=data_cfg.seq_len,
+        batch_size=data_cfg.eval_batch_size,
         max_batches=data_cfg.eval_batches or None,
     )
 
-    checkpointer = Checkpointer(workdir / CHECKPOINT_DIR, keep=train_cfg.keep_checkpoints,
-                                async_save=train_cfg.async_checkpointing)
+    checkpointer = Checkpointer(
+        workdir / CHECKPOINT_DIR,
+        keep=train_cfg.keep_checkpoints,
+        async_save=train_cfg.async_checkpointing,
+    )
     restored = checkpointer.restore_latest_good(
         state_lib.abstract_with_shardings(abstract_state, shardings)
     )
@@ -151,8 +159,12 @@ def train(
     train_step = make_train_step(spec, optimizer, schedule, mesh, shardings)
     eval_step = make_eval_step(spec, mesh, shardings["params"])
     writer = MetricsWriter(workdir, process_index=jax.process_index())
-    log.info("model: %d parameters; mesh %s on %d devices",
-             state_lib.count_params(state["params"]), axis_sizes, len(devices))
+    log.info(
+        "model: %d parameters; mesh %s on %d devices",
+        state_lib.count_params(state["params"]),
+        axis_sizes,
+        len(devices),
+    )
 
     def run_eval(at_step: int) -> dict[str, Any]:
         results = evaluation.evaluate(eval_step, state["params"], eval_batches)
@@ -163,8 +175,9 @@ def train(
         checkpointer.save(at_step, state, train_iter.get_state())
 
     tokens_per_step = data_cfg.global_batch_size * data_cfg.seq_len
-    bar = tqdm(total=train_cfg.steps, initial=step, disable=not progress, unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=train_cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True
+    )
     pending: list[tuple[int, dict[str, Any]]] = []
     last_train: dict[str, float] = {}
     interval_start, interval_steps = time.perf_counter(), 0
@@ -189,9 +202,13 @@ def train(
                     tokens_per_second = interval_steps * tokens_per_step / max(elapsed, 1e-9)
                     loss_mean = sum(float(m["loss"]) for _, m in pending) / len(pending)
                     last_train = writer.write(
-                        step, "train",
-                        {**pending[-1][1], "loss_mean": loss_mean,
-                         "tokens_per_second": tokens_per_second},
+                        step,
+                        "train",
+                        {
+                            **pending[-1][1],
+                            "loss_mean": loss_mean,
+                            "tokens_per_second": tokens_per_second,
+                        },
                     )
                     bar.set_postfix(loss=f"{loss_mean:.3f}", tok_s=f"{tokens_per_second:,.0f}")
                     bar.update(interval_steps)
@@ -199,8 +216,10 @@ def train(
                     interval_start = time.perf_counter()
                 if due_eval:
                     last_eval = run_eval(step)
-                    bar.write(f"step {step}: validation loss {last_eval['loss']:.4f} nats, "
-                              f"{last_eval['bits_per_byte']:.4f} bits/byte")
+                    bar.write(
+                        f"step {step}: validation loss {last_eval['loss']:.4f} nats, "
+                        f"{last_eval['bits_per_byte']:.4f} bits/byte"
+                    )
                 if due_save or stopping:
                     save(step)
             if stop.signal_name is not None:
@@ -209,6 +228,10 @@ def train(
         bar.close()
         checkpointer.close()
         writer.close()
-    return TrainResult(step=step, stopped_by_signal=stop.signal_name,
-                       last_train_metrics=last_train, last_eval=last_eval,
-                       restored_from=restored_from)
+    return TrainResult(
+        step=step,
+        stopped_by_signal=stop.signal_name,
+        last_train_metrics=last_train,
+        last_eval=last_eval,
+        restored_from=restored_from,
+    )

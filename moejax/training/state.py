@@ -99,8 +99,11 @@ def init_state(config: Config, spec: ModelSpec, optimizer, shardings) -> TrainSt
     def init(key: jax.Array) -> TrainState:
         model = TransformerLM(config.model, rngs=nnx.Rngs(key))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": optimizer.init(params)}
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt_state": optimizer.init(params),
+        }
 
     return jax.jit(init, out_shardings=shardings)(jax.random.key(config.train.seed))
 

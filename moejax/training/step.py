@@ -61,9 +61,7 @@ def forward(spec: ModelSpec, params: Any, batch: Batch):
     model = nnx.merge(spec.graphdef, params)
     logits, aux_per_layer = model(batch["inputs"])
     nll_sum, count = cross_entropy(logits, batch["targets"])
-    aux_loss = sum(
-        (aux["aux_loss"] for aux in aux_per_layer if aux is not None), jnp.float32(0.0)
-    )
+    aux_loss = sum((aux["aux_loss"] for aux in aux_per_layer if aux is not None), jnp.float32(0.0))
     return nll_sum / count, aux_loss, aux_per_layer
 
 
@@ -88,7 +86,7 @@ def make_train_step(
             "loss": ce + aux_loss,
             "ce_loss": ce,
             "aux_loss": aux_loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state["step"]),
             **_moe_metrics(aux_per_layer),
         }
@@ -96,8 +94,10 @@ def make_train_step(
         return new_state, metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    batch_shardings = {"inputs": sharding.batch_sharding(mesh),
-                       "targets": sharding.batch_sharding(mesh)}
+    batch_shardings = {
+        "inputs": sharding.batch_sharding(mesh),
+        "targets": sharding.batch_sharding(mesh),
+    }
     jitted = jax.jit(
         train_step,
         in_shardings=(shardings, batch_shardings),
@@ -118,10 +118,13 @@ def make_eval_step(spec: ModelSpec, mesh: Mesh, param_shardings: Any):
         return {"nll_sum": nll_sum, "tokens": count, **_moe_metrics(aux_per_layer)}
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    batch_shardings = {"inputs": sharding.batch_sharding(mesh),
-                       "targets": sharding.batch_sharding(mesh)}
-    jitted = jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings),
-                     out_shardings=replicated)
+    batch_shardings = {
+        "inputs": sharding.batch_sharding(mesh),
+        "targets": sharding.batch_sharding(mesh),
+    }
+    jitted = jax.jit(
+        eval_step, in_shardings=(param_shardings, batch_shardings), out_shardings=replicated
+    )
 
     return MeshStep(jitted, mesh)
 

@@ -11,8 +11,18 @@ from moejax.config import ModelConfig
 from moejax.models.layers import MLP, MoELayer, RMSNorm, rms_norm
 from moejax.models.transformer import TransformerLM
 
-SMALL = ModelConfig(d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
-                    num_experts=4, top_k=2, expert_d_ff=32, max_seq_len=64)
+SMALL = ModelConfig(
+    d_model=32,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    d_ff=64,
+    num_experts=4,
+    top_k=2,
+    expert_d_ff=32,
+    max_seq_len=64,
+)
 
 
 def _tokens(batch=2, length=16, seed=0):
@@ -31,8 +41,14 @@ def test_forward_shapes_dtypes_and_aux(dispatch, dtype):
     assert len(aux) == 3 and all(a is not None for a in aux)
     chex.assert_shape(aux[0]["expert_load"], (4,))
     np.testing.assert_allclose(float(jnp.sum(aux[0]["expert_load"])), 1.0, rtol=1e-6)
-    for name in ("aux_loss", "load_balance_loss", "router_z_loss", "dropped_fraction",
-                 "routing_entropy", "load_max_over_mean"):
+    for name in (
+        "aux_loss",
+        "load_balance_loss",
+        "router_z_loss",
+        "dropped_fraction",
+        "routing_entropy",
+        "load_max_over_mean",
+    ):
         chex.assert_shape(aux[0][name], ())
 
 
@@ -76,5 +92,6 @@ def test_rms_norm_matches_numpy():
     scale = np.linspace(0.5, 2.0, 8).astype(np.float32)
     expected = x / np.sqrt(np.mean(x.astype(np.float64) ** 2, -1, keepdims=True) + 1e-6) * scale
     np.testing.assert_allclose(rms_norm(jnp.asarray(x), jnp.asarray(scale)), expected, rtol=1e-5)
-    chex.assert_type(RMSNorm(8, param_dtype=jnp.float32)(jnp.asarray(x, jnp.bfloat16)),
-                     jnp.bfloat16)
+    chex.assert_type(
+        RMSNorm(8, param_dtype=jnp.float32)(jnp.asarray(x, jnp.bfloat16)), jnp.bfloat16
+    )
