@@ -183,7 +183,10 @@ def train(
     interval_start, interval_steps = time.perf_counter(), 0
     try:
         # The untrained model's validation loss is the baseline every later one is read against.
-        last_eval = run_eval(step) if restored_from is None else None
+        last_eval = None
+        if restored_from is None:
+            last_eval = run_eval(step)
+            bar.write(f"step 0 (untrained): validation {last_eval['bits_per_byte']:.4f} bits/byte")
         with _StopRequest() as stop:
             while step < train_cfg.steps and stop.signal_name is None:
                 batch = global_batch(mesh, next(train_iter))
@@ -226,6 +229,8 @@ def train(
                 bar.write(f"{stop.signal_name} received: checkpoint saved at step {step}")
     finally:
         bar.close()
+        # Stops grain's worker processes, if any, before the interpreter tears down.
+        train_iter.close()
         checkpointer.close()
         writer.close()
     return TrainResult(

@@ -28,10 +28,18 @@ def _env():
 
 def _train_command(workdir, data_dir, steps):
     return [
-        sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py"),
-        "--workdir", str(workdir), "--no-progress", f"--config.data.data_dir={data_dir}",
-        f"--config.train.steps={steps}", "--config.train.checkpoint_every=10",
-        f"--config.train.eval_every={steps}", "--config.train.log_every=10",
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        str(ROOT / "configs/tiny.py"),
+        "--workdir",
+        str(workdir),
+        "--no-progress",
+        f"--config.data.data_dir={data_dir}",
+        f"--config.train.steps={steps}",
+        "--config.train.checkpoint_every=10",
+        f"--config.train.eval_every={steps}",
+        "--config.train.log_every=10",
         "--config.train.warmup_steps=10",
     ]
 
@@ -69,19 +77,29 @@ def _restore_params(workdir, config, step):
 def test_resume_after_sigkill_is_bit_identical(tiny_config, data_dir, tmp_path):
     steps = 300
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_train_command(straight, data_dir, steps), env=_env(), check=True,
-                   capture_output=True)
+    subprocess.run(
+        _train_command(straight, data_dir, steps), env=_env(), check=True, capture_output=True
+    )
 
-    process = subprocess.Popen(_train_command(killed, data_dir, steps), env=_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _train_command(killed, data_dir, steps),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     _wait_for_checkpoint(process, killed / "checkpoints")
     process.send_signal(signal.SIGKILL)
     process.wait()
     survivors = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
     assert survivors and survivors[-1] < steps, survivors
 
-    resumed = subprocess.run(_train_command(killed, data_dir, steps), env=_env(), check=True,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        _train_command(killed, data_dir, steps),
+        env=_env(),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     assert f"resumed from step {survivors[-1]}" in resumed.stderr
 
     config = tiny_config(f"train.steps={steps}", "train.warmup_steps=10")
@@ -96,8 +114,9 @@ def test_resume_after_sigkill_is_bit_identical(tiny_config, data_dir, tmp_path):
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
     workdir = tmp_path / "run"
     command = _train_command(workdir, data_dir, 100_000)
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_for_checkpoint(process, workdir / "checkpoints")
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
@@ -151,8 +170,9 @@ def test_eval_restores_onto_another_mesh(tiny_config, tmp_path):
     eight = evaluate_workdir(workdir, overrides=["mesh.data=2", "mesh.expert=4"])
     assert eight["mesh"] == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
     np.testing.assert_allclose(eight["loss"], one["loss"], rtol=1e-5)
-    np.testing.assert_allclose(eight["moe/layer0/expert_load"], one["moe/layer0/expert_load"],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        eight["moe/layer0/expert_load"], one["moe/layer0/expert_load"], atol=1e-6
+    )
     assert 0.0 < one["bits_per_byte"] < 8.0
     with pytest.raises(ValueError, match="only mesh.\\* and data.\\* fields"):
         evaluate_workdir(workdir, overrides=["model.num_experts=8"])

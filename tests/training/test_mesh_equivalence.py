@@ -15,14 +15,17 @@ def _train_losses(workdir):
 
 
 def test_loss_curve_is_the_same_on_one_and_eight_devices(tiny_config, tmp_path):
-    overrides = ("train.steps=12", "train.log_every=1", "train.eval_every=12",
-                 "train.checkpoint_every=12")
+    overrides = (
+        "train.steps=12",
+        "train.log_every=1",
+        "train.eval_every=12",
+        "train.checkpoint_every=12",
+    )
     runs = {
         "one_device": (tiny_config(*overrides, "mesh.data=1"), jax.devices()[:1]),
         "data2_expert4": (tiny_config(*overrides, "mesh.data=2", "mesh.expert=4"), None),
         "fsdp2_expert2_tensor2": (
-            tiny_config(*overrides, "mesh.data=1", "mesh.fsdp=2", "mesh.expert=2",
-                        "mesh.tensor=2"),
+            tiny_config(*overrides, "mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"),
             None,
         ),
     }

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Creates .venv with a Python >= 3.12 and installs moejax (editable) with its test extra.
+# Re-running it is cheap: the install is skipped while pyproject.toml is unchanged.
+# Set MOEJAX_PYTHON=/path/to/python3.12 to choose the interpreter yourself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+is_recent() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; }
+
+find_python() {
+  local candidate
+  for candidate in "${MOEJAX_PYTHON:-}" python3.13 python3.12 python3 python; do
+    [ -n "$candidate" ] || continue
+    if command -v "$candidate" >/dev/null 2>&1 && is_recent "$candidate"; then
+      command -v "$candidate"
+      return 0
+    fi
+  done
+  # pyenv keeps other versions out of PATH; look at each installed one, newest first.
+  if command -v pyenv >/dev/null 2>&1; then
+    local version
+    for version in $(pyenv versions --bare 2>/dev/null | sort -rV); do
+      candidate="$(pyenv root)/versions/$version/bin/python"
+      if [ -x "$candidate" ] && is_recent "$candidate"; then
+        echo "$candidate"
+        return 0
+      fi
+    done
+  fi
+  return 1
+}
+
+if [ ! -x .venv/bin/python ] || ! is_recent .venv/bin/python; then
+  if ! python=$(find_python); then
+    cat >&2 <<'MSG'
+moejax needs Python >= 3.12 (JAX >= 0.11 does), and none was found on PATH or in pyenv.
+Install one, then run this script again, for example:
+  pyenv install 3.12 && pyenv local 3.12        (with pyenv)
+  uv python install 3.12 && export MOEJAX_PYTHON="$(uv python find 3.12)"   (with uv)
+  sudo apt-get install python3.12 python3.12-venv   (Debian/Ubuntu releases that ship it)
+or point MOEJAX_PYTHON at any Python >= 3.12.
+MSG
+    exit 1
+  fi
+  echo "setup: creating .venv with $python ($("$python" --version))" >&2
+  rm -rf .venv
+  "$python" -m venv .venv
+fi
+
+stamp=.venv/.moejax-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing moejax and its dependencies into .venv" >&2
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e ".[dev]"
+  echo "$want" > "$stamp"
+fi
