@@ -240,6 +240,7 @@ def _known_name(field: str, value: str, allowed: Sequence[str]) -> None:
 
 def validate_model(model: ModelConfig) -> None:
     """Checks the model fields on their own (no mesh or data)."""
+    from kernels_pallas.grouped_matmul.ops import GMM_IMPLS
     from moejax import moe, routing  # routers and strategies register themselves there
 
     _positive(
@@ -288,7 +289,7 @@ def validate_model(model: ModelConfig) -> None:
     )
     _known_name("model.router", model.router, routing.ROUTER_NAMES)
     _known_name("model.dispatch", model.dispatch, moe.DISPATCH_STRATEGIES)
-    _known_name("model.gmm_impl", model.gmm_impl, ("auto", "xla"))
+    _known_name("model.gmm_impl", model.gmm_impl, GMM_IMPLS)
     for name in ("load_balance_weight", "router_z_weight"):
         _require(getattr(model, name) >= 0, f"model.{name}", getattr(model, name), ">= 0")
 
