@@ -20,13 +20,26 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="workdir/default", help="a training run directory")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    parser.add_argument(
+        "--sample_bytes",
+        type=int,
+        default=400,
+        help="generate this many bytes from the model (0: none)",
+    )
+    parser.add_argument("--prompt", default="ROMEO:\n", help="text the sample continues")
     args, overrides = cli.parse(parser, argv)
     cli.setup_logging()
 
     from moejax.evaluation import evaluate_workdir, routing_table
 
     try:
-        results = evaluate_workdir(args.workdir, step=args.step, overrides=overrides)
+        results = evaluate_workdir(
+            args.workdir,
+            step=args.step,
+            overrides=overrides,
+            sample_bytes=args.sample_bytes,
+            sample_prompt=args.prompt.encode(),
+        )
     except (config_lib.ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -37,6 +50,8 @@ def main(argv: list[str]) -> int:
         f"bits/byte, perplexity {results['perplexity']:.3f} over {results['tokens']:.0f} bytes"
     )
     print(routing_table(results))
+    if "sample" in results:
+        print(f"--- sample ({args.sample_bytes} bytes after the prompt) ---\n{results['sample']}")
     out_dir = Path(args.workdir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / f"step_{step}.json"
