@@ -38,10 +38,8 @@ def measure(config_path: str, overrides: list[str], steps: int) -> dict:
 
     config = config_lib.apply_overrides(config_lib.load_config_file(config_path), overrides)
     mesh = sharding.make_mesh(config_lib.validate(config, jax.device_count()))
-    spec = state_lib.model_spec(config.model)
-    optimizer = state_lib.make_optimizer(config.train)
-    abstract, shardings = state_lib.state_shardings(spec, optimizer, mesh)
-    state = state_lib.init_state(config, spec, optimizer, shardings)
+    layout = state_lib.state_layout(config, mesh)
+    state = state_lib.init_state(config, layout)
     data_dir = resolve_data_dir(config.data.data_dir)
     shakespeare.prepare(str(data_dir))
     batches = pipeline.make_train_iterator(
@@ -50,12 +48,10 @@ def measure(config_path: str, overrides: list[str], steps: int) -> dict:
         global_batch_size=config.data.global_batch_size,
         seed=0,
     )
-    step = make_train_step(
-        spec, optimizer, state_lib.learning_rate_schedule(config.train), mesh, shardings
-    )
+    step = make_train_step(layout, mesh)
     batch = global_batch(mesh, next(batches))
     start = time.perf_counter()
-    compiled = step.compile(state_lib.abstract_with_shardings(abstract, shardings), batch)
+    compiled = step.compile(layout.restore_target(), batch)
     compile_seconds = time.perf_counter() - start
     del compiled
     state, metrics = step(state, batch)  # warm-up (also fills caches)

@@ -100,9 +100,7 @@ def evaluate_workdir(
     axis_sizes = config_lib.validate(config, len(devices))
     mesh = sharding.make_mesh(axis_sizes, devices)
 
-    spec = state_lib.model_spec(config.model)
-    optimizer = state_lib.make_optimizer(config.train)
-    abstract_state, shardings = state_lib.state_shardings(spec, optimizer, mesh)
+    layout = state_lib.state_layout(config, mesh)
     checkpointer = Checkpointer(
         workdir / CHECKPOINT_DIR, keep=config.train.keep_checkpoints, async_save=False
     )
@@ -111,9 +109,7 @@ def evaluate_workdir(
             raise ValueError(
                 f"--step: no checkpoint at step {step}; available: {checkpointer.all_steps()}"
             )
-        restored = checkpointer.restore_latest_good(
-            state_lib.abstract_with_shardings(abstract_state, shardings), step=step
-        )
+        restored = checkpointer.restore_latest_good(layout.restore_target(), step=step)
     finally:
         checkpointer.close()
     if restored is None:
@@ -128,13 +124,13 @@ def evaluate_workdir(
         batch_size=config.data.eval_batch_size,
         max_batches=config.data.eval_batches or None,
     )
-    results = evaluate(make_eval_step(spec, mesh, shardings["params"]), state["params"], batches)
+    results = evaluate(make_eval_step(layout, mesh), state["params"], batches)
     results.update(step=restored_step, damaged_steps=damaged, mesh=axis_sizes)
     if sample_bytes:
         from moejax.sampling import generate
 
         sample = generate(
-            spec.graphdef,
+            layout.spec.graphdef,
             jax.device_get(state["params"]),
             sample_prompt,
             num_bytes=sample_bytes,

@@ -1,26 +1,17 @@
 """Byte generation: greedy decoding equals step-by-step argmax of the full forward pass."""
 
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from moejax.config import ModelConfig
+from moejax.config import load_config_file
 from moejax.models.transformer import TransformerLM
 from moejax.sampling import generate
 
-CONFIG = ModelConfig(
-    d_model=32,
-    num_layers=2,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=16,
-    d_ff=64,
-    num_experts=4,
-    top_k=2,
-    expert_d_ff=32,
-    max_seq_len=64,
-)
+CONFIG = load_config_file(Path(__file__).resolve().parents[1] / "configs" / "tiny.py").model
 
 
 def _model():

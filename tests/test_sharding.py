@@ -5,15 +5,14 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from moejax import sharding
-from moejax.config import ModelConfig, TrainConfig
+from moejax.config import Config, ModelConfig
 from moejax.training import state as state_lib
 
 
 def _shardings(axis_sizes):
     mesh = sharding.make_mesh(axis_sizes)
-    spec = state_lib.model_spec(ModelConfig(num_experts=4, moe_every=1))
-    optimizer = state_lib.make_optimizer(TrainConfig())
-    return state_lib.state_shardings(spec, optimizer, mesh)
+    layout = state_lib.state_layout(Config(model=ModelConfig(num_experts=4, moe_every=1)), mesh)
+    return layout.abstract_state, layout.shardings
 
 
 def test_logical_to_mesh_uses_rules_table():
@@ -46,14 +45,9 @@ def test_expert_attention_and_optimizer_state_partition_specs():
 
 
 def test_params_are_created_in_their_sharded_layout():
-    from moejax.config import Config
-
     mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "expert": 4, "tensor": 1})
     config = Config()
-    spec = state_lib.model_spec(config.model)
-    optimizer = state_lib.make_optimizer(config.train)
-    _, shardings = state_lib.state_shardings(spec, optimizer, mesh)
-    state = state_lib.init_state(config, spec, optimizer, shardings)
+    state = state_lib.init_state(config, state_lib.state_layout(config, mesh))
     w_gate = state["params"]["blocks"][1]["ffn"]["w_gate"]
     assert w_gate.sharding.spec == P("expert", "fsdp", "tensor")
     # Each of the 4 expert shards holds one expert on each device.

@@ -117,10 +117,7 @@ def train(
     mesh = sharding.make_mesh(axis_sizes, devices)
     train_cfg, data_cfg = config.train, config.data
 
-    spec = state_lib.model_spec(config.model)
-    optimizer = state_lib.make_optimizer(train_cfg)
-    schedule = state_lib.learning_rate_schedule(train_cfg)
-    abstract_state, shardings = state_lib.state_shardings(spec, optimizer, mesh)
+    layout = state_lib.state_layout(config, mesh)
 
     data_dir = resolve_data_dir(data_cfg.data_dir)
     shakespeare.prepare(str(data_dir))
@@ -143,11 +140,9 @@ def train(
         keep=train_cfg.keep_checkpoints,
         async_save=train_cfg.async_checkpointing,
     )
-    restored = checkpointer.restore_latest_good(
-        state_lib.abstract_with_shardings(abstract_state, shardings)
-    )
+    restored = checkpointer.restore_latest_good(layout.restore_target())
     if restored is None:
-        state = state_lib.init_state(config, spec, optimizer, shardings)
+        state = state_lib.init_state(config, layout)
         restored_from = None
     else:
         restored_from, state, data_state, damaged = restored
@@ -156,8 +151,8 @@ def train(
         log.info("resumed from step %d", restored_from)
     step = int(jax.device_get(state["step"]))
 
-    train_step = make_train_step(spec, optimizer, schedule, mesh, shardings)
-    eval_step = make_eval_step(spec, mesh, shardings["params"])
+    train_step = make_train_step(layout, mesh)
+    eval_step = make_eval_step(layout, mesh)
     writer = MetricsWriter(workdir, process_index=jax.process_index())
     log.info(
         "model: %d parameters; mesh %s on %d devices",

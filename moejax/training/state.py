@@ -93,7 +93,31 @@ def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
     )
 
 
-def init_state(config: Config, spec: ModelSpec, optimizer, shardings) -> TrainState:
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """What a config and a mesh determine about the train state: the model's structure, the
+    optimizer and its schedule, the state's shapes and its shardings."""
+
+    spec: ModelSpec
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    abstract_state: Any
+    shardings: Any
+
+    def restore_target(self) -> Any:
+        """The abstract state carrying its shardings: what checkpoints restore onto."""
+        return abstract_with_shardings(self.abstract_state, self.shardings)
+
+
+def state_layout(config: Config, mesh: Mesh) -> StateLayout:
+    spec = model_spec(config.model)
+    optimizer = make_optimizer(config.train)
+    abstract_state, shardings = state_shardings(spec, optimizer, mesh)
+    schedule = learning_rate_schedule(config.train)
+    return StateLayout(spec, optimizer, schedule, abstract_state, shardings)
+
+
+def init_state(config: Config, layout: StateLayout) -> TrainState:
     """Initialises parameters and optimizer state directly in their sharded layout."""
 
     def init(key: jax.Array) -> TrainState:
@@ -102,10 +126,10 @@ def init_state(config: Config, spec: ModelSpec, optimizer, shardings) -> TrainSt
         return {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
-            "opt_state": optimizer.init(params),
+            "opt_state": layout.optimizer.init(params),
         }
 
-    return jax.jit(init, out_shardings=shardings)(jax.random.key(config.train.seed))
+    return jax.jit(init, out_shardings=layout.shardings)(jax.random.key(config.train.seed))
 
 
 def count_params(params: Any) -> int:

@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax import sharding
-from moejax.training.state import ModelSpec, TrainState
+from moejax.training.state import ModelSpec, StateLayout, TrainState
 
 Batch = dict[str, jax.Array]  # {"inputs": [batch, length] int32, "targets": [batch, length]}
 
@@ -65,14 +65,9 @@ def forward(spec: ModelSpec, params: Any, batch: Batch):
     return nll_sum / count, aux_loss, aux_per_layer
 
 
-def make_train_step(
-    spec: ModelSpec,
-    optimizer: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    mesh: Mesh,
-    shardings: Any,
-):
+def make_train_step(layout: StateLayout, mesh: Mesh) -> MeshStep:
     """`train_step(state, batch) -> (state, metrics)`, jit-compiled, state donated."""
+    spec, optimizer, schedule = layout.spec, layout.optimizer, layout.schedule
 
     def train_step(state: TrainState, batch: Batch):
         def loss_fn(params):
@@ -100,16 +95,17 @@ def make_train_step(
     }
     jitted = jax.jit(
         train_step,
-        in_shardings=(shardings, batch_shardings),
-        out_shardings=(shardings, replicated),
+        in_shardings=(layout.shardings, batch_shardings),
+        out_shardings=(layout.shardings, replicated),
         donate_argnums=0,
     )
 
     return MeshStep(jitted, mesh)
 
 
-def make_eval_step(spec: ModelSpec, mesh: Mesh, param_shardings: Any):
+def make_eval_step(layout: StateLayout, mesh: Mesh) -> MeshStep:
     """`eval_step(params, batch) -> sums` of nll (nats), tokens, and per-layer routing stats."""
+    spec, param_shardings = layout.spec, layout.shardings["params"]
 
     def eval_step(params: Any, batch: Batch):
         model = nnx.merge(spec.graphdef, params)

@@ -1,5 +1,8 @@
 """The MoE transformer language model: shapes, dtypes, causality, layer layout."""
 
+import dataclasses
+from pathlib import Path
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -7,21 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax.config import ModelConfig
+from moejax.config import ModelConfig, load_config_file
 from moejax.models.layers import MLP, MoELayer, RMSNorm, rms_norm
 from moejax.models.transformer import TransformerLM
 
-SMALL = ModelConfig(
-    d_model=32,
+SMALL = dataclasses.replace(
+    load_config_file(Path(__file__).resolve().parents[2] / "configs" / "tiny.py").model,
     num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    d_ff=64,
-    num_experts=4,
-    top_k=2,
-    expert_d_ff=32,
-    max_seq_len=64,
 )
 
 

@@ -60,14 +60,10 @@ def _restore_params(workdir, config, step):
     from moejax import sharding
 
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}, mesh_devices)
-    spec = state_lib.model_spec(config.model)
-    optimizer = state_lib.make_optimizer(config.train)
-    abstract, shardings = state_lib.state_shardings(spec, optimizer, mesh)
+    layout = state_lib.state_layout(config, mesh)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=3, async_save=False)
     try:
-        state, data_state = checkpointer.restore(
-            step, state_lib.abstract_with_shardings(abstract, shardings)
-        )
+        state, data_state = checkpointer.restore(step, layout.restore_target())
     finally:
         checkpointer.close()
     return state, data_state
