@@ -220,6 +220,9 @@ def train(
                     )
                 if due_save or stopping:
                     save(step)
+                if due_eval or due_save:
+                    # Evaluation and checkpoint time are not training throughput.
+                    interval_start = time.perf_counter()
             if stop.signal_name is not None:
                 bar.write(f"{stop.signal_name} received: checkpoint saved at step {step}")
     finally:
