@@ -7,11 +7,14 @@ gradient wrt both operands) of a dense [m, k] @ [k, n] matmul with the same usef
 `kernels_pallas.gmm(impl="xla")` (`jax.lax.ragged_dot`) and of `impl="xla_tiled"`. Group sizes are
 a multinomial draw over expert loads from a Dirichlet(5) distribution, so experts are unevenly
 loaded as in a trained router. A second table times `moejax.moe.moe_ffn(strategy="dropless")`
-with each implementation. Times are medians over `--repeats` runs after a warm-up run; ratios
-are against the dense row of the same case, measured in the same run of this script.
+with each implementation next to a dense SwiGLU doing the same active FLOPs. Times are medians
+over `--repeats` runs after a warm-up run; ratios are against the dense row of the same case,
+measured in the same run of this script.
 """
 
 import argparse
+import functools
+import os
 import platform
 import statistics
 import time
@@ -59,8 +62,23 @@ def random_group_sizes(rng: np.random.Generator, m: int, num_groups: int) -> np.
     return rng.multinomial(m, loads).astype(np.int32)
 
 
-def gmm_rows(repeats: int) -> list[tuple[str, str, float, float, float, float]]:
-    """(case, implementation, forward ms, forward ratio, fwd+bwd ms, fwd+bwd ratio) rows."""
+Row = tuple[str, str, float, float, float, float]
+Candidates = dict[str, tuple[Callable[..., jax.Array], tuple]]
+
+
+def time_rows(case: str, candidates: Candidates, cotangent: jax.Array, repeats: int) -> list[Row]:
+    """(case, name, fwd ms, fwd ratio, fwd+bwd ms, fwd+bwd ratio), ratios to the first entry."""
+    rows, first = [], None
+    for name, (fn, args) in candidates.items():
+        forward = median_ms(jax.jit(fn), *args, repeats=repeats)
+        both = median_ms(forward_and_backward(fn), *args, cotangent, repeats=repeats)
+        first = first or (forward, both)
+        rows.append((case, name, forward, forward / first[0], both, both / first[1]))
+    return rows
+
+
+def gmm_rows(repeats: int) -> list[Row]:
+    """A dense matmul of the same useful size, then ragged_dot and xla_tiled, per case."""
     rows = []
     for m, k, n, num_groups in GMM_CASES:
         rng = np.random.default_rng(0)
@@ -69,8 +87,7 @@ def gmm_rows(repeats: int) -> list[tuple[str, str, float, float, float, float]]:
         group_sizes = jnp.asarray(random_group_sizes(rng, m, num_groups))
         cotangent = jnp.asarray(rng.standard_normal((m, n), np.float32))
         tile_m = default_tile_m(m, num_groups)
-        case = f"m={m} k={k} n={n} g={num_groups}"
-        impls: dict[str, tuple[Callable[..., jax.Array], tuple[jax.Array, ...]]] = {
+        candidates: Candidates = {
             "dense [m,k]@[k,n]": (lambda a, b: a @ b, (lhs, rhs[0])),
             "ragged_dot (xla)": (
                 lambda a, b, g: gmm(a, b, g, impl="xla"),
@@ -81,19 +98,13 @@ def gmm_rows(repeats: int) -> list[tuple[str, str, float, float, float, float]]:
                 (lhs, rhs, group_sizes),
             ),
         }
-        dense_times = None
-        for name, (fn, args) in impls.items():
-            forward = median_ms(jax.jit(fn), *args, repeats=repeats)
-            both = median_ms(forward_and_backward(fn), *args, cotangent, repeats=repeats)
-            dense_times = dense_times or (forward, both)
-            rows.append(
-                (case, name, forward, forward / dense_times[0], both, both / dense_times[1])
-            )
+        case = f"m={m} k={k} n={n} g={num_groups}"
+        rows += time_rows(case, candidates, cotangent, repeats)
     return rows
 
 
-def moe_rows(repeats: int) -> list[tuple[str, str, float, float, float, float]]:
-    """Dropless MoE layer rows, ratios against `gmm_impl="xla"` (ragged_dot)."""
+def moe_rows(repeats: int) -> list[Row]:
+    """A dense SwiGLU on tokens * top_k rows (the same active FLOPs), then the dropless layer."""
     rows = []
     for tokens, d_model, d_ff, num_experts, top_k in MOE_CASES:
         rng = np.random.default_rng(0)
@@ -108,20 +119,37 @@ def moe_rows(repeats: int) -> list[tuple[str, str, float, float, float, float]]:
         }
         params = {name: jnp.asarray(value) for name, value in params.items()}
         cotangent = jnp.asarray(rng.standard_normal((tokens, d_model), np.float32))
+
+        candidates: Candidates = {
+            "dense SwiGLU, tokens*top_k rows": (
+                functools.partial(dense_swiglu, top_k=top_k),
+                (x, params),
+            ),
+            'moe_ffn dropless, gmm_impl="xla" (before)': (
+                functools.partial(dropless_layer, gmm_impl="xla"),
+                (x, params, routing),
+            ),
+            'moe_ffn dropless, gmm_impl="auto" = xla_tiled (after)': (
+                functools.partial(dropless_layer, gmm_impl="auto"),
+                (x, params, routing),
+            ),
+        }
         case = f"tokens={tokens} d_model={d_model} d_ff={d_ff} experts={num_experts} top_k={top_k}"
-        base_times = None
-        for impl in ("xla", "xla_tiled"):
-
-            def layer(x: jax.Array, params: dict, routing: Routing, impl: str = impl) -> jax.Array:
-                return moe_ffn(x, routing, params, strategy="dropless", gmm_impl=impl).y
-
-            forward = median_ms(jax.jit(layer), x, params, routing, repeats=repeats)
-            both = median_ms(
-                forward_and_backward(layer), x, params, routing, cotangent, repeats=repeats
-            )
-            base_times = base_times or (forward, both)
-            rows.append((case, impl, forward, forward / base_times[0], both, both / base_times[1]))
+        rows += time_rows(case, candidates, cotangent, repeats)
     return rows
+
+
+def dense_swiglu(x: jax.Array, params: dict, *, top_k: int) -> jax.Array:
+    """Expert 0's SwiGLU on every token top_k times, summed back: the dense FLOPs of the layer."""
+    rows = jnp.repeat(x, top_k, axis=0)  # [tokens*k, d_model]
+    hidden = jax.nn.silu(rows @ params["w_gate"][0]) * (rows @ params["w_up"][0])
+    out = hidden @ params["w_down"][0]  # [tokens*k, d_model]
+    return out.reshape(x.shape[0], top_k, x.shape[1]).sum(axis=1)  # [tokens, d_model]
+
+
+def dropless_layer(x: jax.Array, params: dict, routing: Routing, *, gmm_impl: str) -> jax.Array:
+    """[tokens, d_model] -> [tokens, d_model] through `moe_ffn(strategy="dropless")`."""
+    return moe_ffn(x, routing, params, strategy="dropless", gmm_impl=gmm_impl).y
 
 
 def print_table(title: str, ratio_name: str, rows: list) -> None:
@@ -142,9 +170,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement")
     args = parser.parse_args()
-    print(f"jax {jax.__version__} on {jax.default_backend()}, {platform.processor() or '?'}")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    print(f"jax {jax.__version__} on {jax.default_backend()}, {machine}")
     print_table("Grouped matmul, float32", "dense", gmm_rows(args.repeats))
-    print_table("Dropless MoE layer (moe_ffn), float32", "ragged_dot", moe_rows(args.repeats))
+    print_table("Dropless MoE layer, float32", "dense", moe_rows(args.repeats))
 
 
 if __name__ == "__main__":
