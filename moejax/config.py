@@ -98,7 +98,7 @@ class MeshConfig:
 class TrainConfig:
     """Optimisation, logging and checkpointing of one run."""
 
-    steps: int = 1000
+    steps: int = 1600
     learning_rate: float = 3e-3
     warmup_steps: int = 50
     # The cosine schedule decays to learning_rate * min_lr_ratio at the last step.
