@@ -9,17 +9,19 @@ is_recent() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/n
 
 find_python() {
   local candidate
-  for candidate in "${MOEJAX_PYTHON:-}" python3.13 python3.12 python3 python; do
+  # 3.12 first: it is the version the project is developed and tested with.
+  for candidate in "${MOEJAX_PYTHON:-}" python3.12 python3.13 python3 python; do
     [ -n "$candidate" ] || continue
     if command -v "$candidate" >/dev/null 2>&1 && is_recent "$candidate"; then
       command -v "$candidate"
       return 0
     fi
   done
-  # pyenv keeps other versions out of PATH; look at each installed one, newest first.
+  # pyenv keeps other versions out of PATH; look at each installed one, 3.12 first.
   if command -v pyenv >/dev/null 2>&1; then
     local version
-    for version in $(pyenv versions --bare 2>/dev/null | sort -rV); do
+    for version in $(pyenv versions --bare 2>/dev/null | sort -rV | grep '^3\.12'; \
+                     pyenv versions --bare 2>/dev/null | sort -rV | grep -v '^3\.12'); do
       candidate="$(pyenv root)/versions/$version/bin/python"
       if [ -x "$candidate" ] && is_recent "$candidate"; then
         echo "$candidate"
