@@ -6,6 +6,8 @@ Each module owns its parameters and calls the pure functions of `moejax.routing`
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -105,6 +107,7 @@ class MoELayer(nnx.Module):
     ):
         self.num_experts, self.top_k = num_experts, top_k
         self.route = routing.get_router(router)
+        self.router_takes_token_ids = "token_ids" in inspect.signature(self.route).parameters
         self.renormalize_top_k = renormalize_top_k
         self.dispatch, self.capacity_factor, self.gmm_impl = dispatch, capacity_factor, gmm_impl
         self.load_balance_weight, self.router_z_weight = load_balance_weight, router_z_weight
@@ -128,12 +131,22 @@ class MoELayer(nnx.Module):
             _dense_init(rngs.params(), shape_out, param_dtype, 1), ("expert", "expert_mlp", "embed")
         )
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """`x [batch, length, d_model]` -> (`[batch, length, d_model]`, aux dict)."""
+    def __call__(
+        self, x: jax.Array, token_ids: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`x [batch, length, d_model]` -> (`[batch, length, d_model]`, aux dict).
+
+        `token_ids [batch, length]` reach routers that take them (hash routing).
+        """
         batch, length, d_model = x.shape
         tokens = x.reshape(batch * length, d_model).astype(self.dtype)  # [tokens, d_model]
         router_logits = tokens.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
-        result = self.route(router_logits, top_k=self.top_k, renormalize=self.renormalize_top_k)
+        inputs = {}
+        if self.router_takes_token_ids and token_ids is not None:
+            inputs["token_ids"] = token_ids.reshape(-1)  # [tokens]
+        result = self.route(
+            router_logits, top_k=self.top_k, renormalize=self.renormalize_top_k, **inputs
+        )
         dt = self.dtype
         experts = {
             "w_gate": constrain(self.w_gate[...].astype(dt), ("expert", "embed", "expert_mlp")),

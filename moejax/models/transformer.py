@@ -54,11 +54,13 @@ class Block(nnx.Module):
                 config.d_model, config.d_ff, dtype=dtype, param_dtype=param_dtype, rngs=rngs
             )
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    def __call__(
+        self, x: jax.Array, token_ids: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         x = x + self.attention(self.attention_norm(x)).astype(x.dtype)
         x = constrain(x, ACTIVATION)
         if self.is_moe:
-            update, aux = self.ffn(self.ffn_norm(x))
+            update, aux = self.ffn(self.ffn_norm(x), token_ids)
         else:
             update, aux = self.ffn(self.ffn_norm(x)), None
         return constrain(x + update.astype(x.dtype), ACTIVATION), aux
@@ -97,7 +99,7 @@ class TransformerLM(nnx.Module):
         x = constrain(x, ACTIVATION)
         aux_per_layer = []
         for block in self.blocks:
-            x, aux = block(x)
+            x, aux = block(x, tokens)
             aux_per_layer.append(aux)
         x = self.final_norm(x)
         unembed = self.embedding[...].T if self.config.tie_embeddings else self.unembedding[...]
