@@ -30,7 +30,8 @@ def main(argv: list[str]) -> int:
     args, overrides = cli.parse(parser, argv)
     cli.setup_logging()
 
-    from moejax.evaluation import evaluate_workdir, routing_table
+    from moejax.evaluation import evaluate_workdir, expert_load_matrix, moe_layers, routing_table
+    from moejax.metrics import save_load_heatmap
 
     try:
         results = evaluate_workdir(
@@ -60,6 +61,10 @@ def main(argv: list[str]) -> int:
     }
     out_path.write_text(json.dumps(serialisable, indent=2) + "\n")
     print(f"wrote {out_path}")
+    if moe_layers(results):
+        png_path = out_dir / f"step_{step}_expert_load.png"
+        save_load_heatmap(expert_load_matrix(results), png_path)
+        print(f"wrote {png_path} (rows: MoE layers, columns: experts)")
     return 0
 
 

@@ -241,7 +241,7 @@ def _known_name(field: str, value: str, allowed: Sequence[str]) -> None:
 def validate_model(model: ModelConfig) -> None:
     """Checks the model fields on their own (no mesh or data)."""
     from kernels_pallas.grouped_matmul.ops import GMM_IMPLS
-    from moejax import moe, routing  # routers and strategies register themselves there
+    from moejax import moe, routing
 
     _positive(
         "model",

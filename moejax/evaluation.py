@@ -41,22 +41,37 @@ def evaluate(eval_step: MeshStep, params: Any, batches: Iterable[dict[str, np.nd
     return results
 
 
+def moe_layers(results: dict[str, Any]) -> list[str]:
+    """Names (`layer{i}`) of the MoE layers reported in `results`, in depth order."""
+    layers = {name.split("/")[1] for name in results if name.startswith("moe/")}
+    return sorted(layers, key=lambda layer: int(layer.removeprefix("layer")))
+
+
+def expert_load_matrix(results: dict[str, Any]) -> np.ndarray:
+    """`[moe layers, experts]` expert load fractions from `results`."""
+    loads = [np.asarray(results[f"moe/{layer}/expert_load"]) for layer in moe_layers(results)]
+    return np.stack(loads)
+
+
 def routing_table(results: dict[str, Any]) -> str:
     """A text table of the per-layer routing statistics in `results`."""
-    layers = sorted(
-        {name.split("/")[1] for name in results if name.startswith("moe/")},
-        key=lambda layer: int(layer.removeprefix("layer")),
-    )
+    layers = moe_layers(results)
     if not layers:
         return "(no MoE layers)"
-    lines = [f"{'layer':>6} {'dropped':>8} {'entropy':>8} {'max/mean':>9}  expert load fractions"]
+    lines = [
+        f"{'layer':>6} {'dropped':>8} {'entropy':>8} {'max/mean':>9} {'experts/tok':>11}"
+        f" {'tok.sparse':>10} {'chunk.sparse':>12}  expert load fractions"
+    ]
     for layer in layers:
         prefix = f"moe/{layer}/"
         load = np.asarray(results[prefix + "expert_load"])
         lines.append(
             f"{layer.removeprefix('layer'):>6} {float(results[prefix + 'dropped_fraction']):8.4f}"
             f" {float(results[prefix + 'routing_entropy']):8.4f}"
-            f" {float(results[prefix + 'load_max_over_mean']):9.3f}  "
+            f" {float(results[prefix + 'load_max_over_mean']):9.3f}"
+            f" {float(results[prefix + 'active_experts_per_token']):11.2f}"
+            f" {float(results[prefix + 'token_sparsity']):10.3f}"
+            f" {float(results[prefix + 'chunk_sparsity']):12.3f}  "
             + " ".join(f"{x:.3f}" for x in load)
         )
     return "\n".join(lines)

@@ -53,8 +53,28 @@ def register_router(name: str) -> Callable[[RouterFn], RouterFn]:
 def get_router(name: str) -> RouterFn:
     """The router registered under `name`."""
     if name not in _ROUTERS:
-        raise ValueError(f"router: unknown name {name!r}; allowed: {', '.join(sorted(_ROUTERS))}")
+        # Registration order keeps the built-in softmax_top_k first, whichever modules registered
+        # more routers after it.
+        raise ValueError(f"router: unknown name {name!r}; allowed: {', '.join(_ROUTERS)}")
     return _ROUTERS[name]
+
+
+def check_router_inputs(router_logits: jax.Array, top_k: int) -> int:
+    """Validates the arguments every router shares and returns num_experts.
+
+    Args:
+      router_logits: [tokens, num_experts].
+      top_k: experts per token (the maximum, for routers with a variable number), in
+        [1, num_experts].
+    """
+    if router_logits.ndim != 2:
+        raise ValueError(
+            f"router_logits: expected [tokens, num_experts], got shape {router_logits.shape}"
+        )
+    num_experts = router_logits.shape[-1]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k: got {top_k}; allowed: 1 <= top_k <= num_experts={num_experts}")
+    return num_experts
 
 
 def load_balance_loss(router_probs: jax.Array, expert_index: jax.Array) -> jax.Array:
@@ -111,13 +131,7 @@ def softmax_top_k(router_logits: jax.Array, *, top_k: int, renormalize: bool = T
     Returns:
       A `Routing` with aux_losses "load_balance" and "router_z".
     """
-    if router_logits.ndim != 2:
-        raise ValueError(
-            f"router_logits: expected [tokens, num_experts], got shape {router_logits.shape}"
-        )
-    num_experts = router_logits.shape[-1]
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k: got {top_k}; allowed: 1 <= top_k <= num_experts={num_experts}")
+    check_router_inputs(router_logits, top_k)
     logits = router_logits.astype(jnp.float32)
     router_probs = jax.nn.softmax(logits, axis=-1)  # [tokens, experts]
     top_probs, expert_index = jax.lax.top_k(router_probs, top_k)  # [tokens, top_k]

@@ -33,7 +33,7 @@ def generate(
 
     @jax.jit
     def next_byte(params, tokens, length, key):
-        logits, _ = nnx.merge(graphdef, params)(tokens)  # [1, window, vocab]
+        logits, _ = nnx.merge(graphdef, params)(tokens, train=False)  # [1, window, vocab]
         last = logits[0, length - 1]  # [vocab]
         if temperature == 0:
             return jnp.argmax(last)

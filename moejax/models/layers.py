@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import moe, routing
+from moejax import metrics, moe, routing
 from moejax.sharding import constrain, param
 
 
@@ -107,7 +107,9 @@ class MoELayer(nnx.Module):
     ):
         self.num_experts, self.top_k = num_experts, top_k
         self.route = routing.get_router(router)
-        self.router_takes_token_ids = "token_ids" in inspect.signature(self.route).parameters
+        # Routers declare extra inputs (token ids, train/eval mode) as keyword options.
+        accepted = inspect.signature(self.route).parameters
+        self.router_inputs = tuple(n for n in ("token_ids", "train") if n in accepted)
         self.renormalize_top_k = renormalize_top_k
         self.dispatch, self.capacity_factor, self.gmm_impl = dispatch, capacity_factor, gmm_impl
         self.load_balance_weight, self.router_z_weight = load_balance_weight, router_z_weight
@@ -132,18 +134,20 @@ class MoELayer(nnx.Module):
         )
 
     def __call__(
-        self, x: jax.Array, token_ids: jax.Array | None = None
+        self, x: jax.Array, token_ids: jax.Array | None = None, *, train: bool = True
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """`x [batch, length, d_model]` -> (`[batch, length, d_model]`, aux dict).
 
-        `token_ids [batch, length]` reach routers that take them (hash routing).
+        `token_ids [batch, length]` reach routers that take them (hash routing); `train=False`
+        makes batch-dependent routers (Sinkhorn) route causally, token by token.
         """
         batch, length, d_model = x.shape
         tokens = x.reshape(batch * length, d_model).astype(self.dtype)  # [tokens, d_model]
         router_logits = tokens.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
-        inputs = {}
-        if self.router_takes_token_ids and token_ids is not None:
-            inputs["token_ids"] = token_ids.reshape(-1)  # [tokens]
+        available = {"train": train}
+        if token_ids is not None:
+            available["token_ids"] = token_ids.reshape(-1)  # [tokens]
+        inputs = {name: available[name] for name in self.router_inputs if name in available}
         result = self.route(
             router_logits, top_k=self.top_k, renormalize=self.renormalize_top_k, **inputs
         )
@@ -168,6 +172,9 @@ class MoELayer(nnx.Module):
             "load_balance_loss": losses["load_balance"],
             "router_z_loss": losses["router_z"],
             "dropped_fraction": jnp.asarray(out.dropped_fraction, jnp.float32),
-            **routing.routing_statistics(result, self.num_experts),
+            # Chunk sparsity over 8 consecutive tokens, as BlockFFN reports it.
+            **metrics.layer_metrics(
+                result, self.num_experts, seq_len=length, chunk_size=min(8, length)
+            ),
         }
         return out.y.reshape(batch, length, d_model), aux

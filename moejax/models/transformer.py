@@ -55,12 +55,12 @@ class Block(nnx.Module):
             )
 
     def __call__(
-        self, x: jax.Array, token_ids: jax.Array
+        self, x: jax.Array, token_ids: jax.Array, *, train: bool = True
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         x = x + self.attention(self.attention_norm(x)).astype(x.dtype)
         x = constrain(x, ACTIVATION)
         if self.is_moe:
-            update, aux = self.ffn(self.ffn_norm(x), token_ids)
+            update, aux = self.ffn(self.ffn_norm(x), token_ids, train=train)
         else:
             update, aux = self.ffn(self.ffn_norm(x)), None
         return constrain(x + update.astype(x.dtype), ACTIVATION), aux
@@ -90,7 +90,9 @@ class TransformerLM(nnx.Module):
                 ("embed", "vocab"),
             )
 
-    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, list[dict | None]]:
+    def __call__(
+        self, tokens: jax.Array, *, train: bool = True
+    ) -> tuple[jax.Array, list[dict | None]]:
         dtype = jnp.dtype(self.config.dtype)
         x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)  # [batch, length, d]
         # The tied table is small (std 0.02); scaling keeps the residual stream at unit RMS.
@@ -99,7 +101,7 @@ class TransformerLM(nnx.Module):
         x = constrain(x, ACTIVATION)
         aux_per_layer = []
         for block in self.blocks:
-            x, aux = block(x, tokens)
+            x, aux = block(x, tokens, train=train)
             aux_per_layer.append(aux)
         x = self.final_norm(x)
         unembed = self.embedding[...].T if self.config.tie_embeddings else self.unembedding[...]

@@ -109,7 +109,7 @@ def make_eval_step(layout: StateLayout, mesh: Mesh) -> MeshStep:
 
     def eval_step(params: Any, batch: Batch):
         model = nnx.merge(spec.graphdef, params)
-        logits, aux_per_layer = model(batch["inputs"])
+        logits, aux_per_layer = model(batch["inputs"], train=False)
         nll_sum, count = cross_entropy(logits, batch["targets"])
         return {"nll_sum": nll_sum, "tokens": count, **_moe_metrics(aux_per_layer)}
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from moejax import routing
 from moejax.config import ModelConfig, load_config_file
 from moejax.models.layers import MLP, MoELayer, RMSNorm, rms_norm
 from moejax.models.transformer import TransformerLM
@@ -90,3 +91,30 @@ def test_rms_norm_matches_numpy():
     chex.assert_type(
         RMSNorm(8, param_dtype=jnp.float32)(jnp.asarray(x, jnp.bfloat16)), jnp.bfloat16
     )
+
+
+@pytest.mark.parametrize("router", sorted(routing.ROUTER_NAMES))
+def test_every_registered_router_trains_inside_the_language_model(router):
+    config = dataclasses.replace(SMALL, num_layers=1, router=router)
+    model = TransformerLM(config, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tokens = _tokens(length=16)
+
+    @jax.jit
+    def loss_and_grads(params):
+        def loss(params):
+            logits, aux = nnx.merge(graphdef, params)(tokens)
+            return jnp.mean(jax.nn.logsumexp(logits, -1)) + aux[0]["aux_loss"]
+
+        return jax.value_and_grad(loss)(params)
+
+    value, grads = loss_and_grads(params)
+    chex.assert_tree_all_finite((value, grads))
+    assert float(_global_norm(grads["blocks"][0]["ffn"]["w_up"])) > 0.0
+    logits, aux = nnx.merge(graphdef, params)(tokens, train=False)
+    chex.assert_tree_all_finite(logits)
+    np.testing.assert_allclose(float(jnp.sum(aux[0]["expert_load"])), 1.0, rtol=1e-5)
+
+
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))

@@ -41,6 +41,9 @@ def test_routing_table_lists_every_moe_layer():
                 prefix + "dropped_fraction": 0.0,
                 prefix + "routing_entropy": 0.69,
                 prefix + "load_max_over_mean": 1.0,
+                prefix + "active_experts_per_token": 2.0,
+                prefix + "token_sparsity": 0.0,
+                prefix + "chunk_sparsity": 0.0,
             }
         )
     table = routing_table(results).splitlines()
