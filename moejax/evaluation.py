@@ -13,7 +13,7 @@ import numpy as np
 from moejax.training.step import MeshStep, global_batch
 
 
-def evaluate(eval_step: MeshStep, params: Any, batches: Iterable[dict[str, np.ndarray]]):
+def evaluate(eval_step: MeshStep, variables: Any, batches: Iterable[dict[str, np.ndarray]]):
     """Runs `eval_step` over `batches`; returns a dict of floats and per-expert arrays.
 
     `loss` is the mean next-byte negative log-likelihood in nats, `bits_per_byte` the same in
@@ -22,7 +22,7 @@ def evaluate(eval_step: MeshStep, params: Any, batches: Iterable[dict[str, np.nd
     """
     nll, tokens, routing_sums, count = 0.0, 0.0, {}, 0
     for batch in batches:
-        out = jax.device_get(eval_step(params, global_batch(eval_step.mesh, batch)))
+        out = jax.device_get(eval_step(variables, global_batch(eval_step.mesh, batch)))
         nll += float(out.pop("nll_sum"))
         tokens += float(out.pop("tokens"))
         for name, value in out.items():
@@ -139,14 +139,15 @@ def evaluate_workdir(
         batch_size=config.data.eval_batch_size,
         max_batches=config.data.eval_batches or None,
     )
-    results = evaluate(make_eval_step(layout, mesh), state["params"], batches)
+    variables = state_lib.model_variables(state)
+    results = evaluate(make_eval_step(layout, mesh), variables, batches)
     results.update(step=restored_step, damaged_steps=damaged, mesh=axis_sizes)
     if sample_bytes:
         from moejax.sampling import generate
 
         sample = generate(
-            layout.spec.graphdef,
-            jax.device_get(state["params"]),
+            layout.spec.merge,
+            jax.device_get(variables),
             sample_prompt,
             num_bytes=sample_bytes,
             window=config.data.seq_len,

@@ -7,8 +7,12 @@ all agree when no assignment is dropped. Expert parameters are a dict
      "w_down": [experts, d_ff, d_model]}
 
 and each expert is the SwiGLU MLP `(silu(x @ w_gate) * (x @ w_up)) @ w_down` of Shazeer,
-"GLU Variants Improve Transformer" (2020). Computation runs in x's dtype (parameters are cast to
-it, as a Flax layer's `dtype` does) with matmuls accumulated in at least float32.
+"GLU Variants Improve Transformer" (2020). Shared experts, which every token passes through, take
+the same dict with a leading [num_shared] axis. Computation runs in x's dtype (parameters are cast
+to it, as a Flax layer's `dtype` does) with matmuls accumulated in at least float32.
+
+`moe_ffn` takes one `capacity_factor`; a layer that wants different factors for training and
+evaluation (V-MoE evaluates with a larger one) passes the one for its mode.
 """
 
 import dataclasses
@@ -24,6 +28,8 @@ from moejax.routing import Routing
 ExpertParams = dict[str, jax.Array]
 
 DISPATCH_STRATEGIES = ("capacity", "dropless")
+# Who gets an expert's buffer slots first when capacity is short: see `capacity_dispatch`.
+CAPACITY_PRIORITIES = ("order", "score")
 
 
 @jax.tree_util.register_dataclass
@@ -60,36 +66,52 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
 
 
 def capacity_dispatch(
-    x: jax.Array, routing: Routing, expert_params: ExpertParams, *, capacity: int
+    x: jax.Array,
+    routing: Routing,
+    expert_params: ExpertParams,
+    *,
+    capacity: int,
+    priority: str = "order",
 ) -> tuple[jax.Array, jax.Array]:
     """Fixed-capacity expert buffers filled and emptied with one-hot einsums.
 
     Lepikhin et al., "GShard" (2020); Fedus et al., "Switch Transformers" (2021). Assignments
-    take buffer slots in priority order: every token's first choice, in token order, before any
-    second choice. Assignments that find their expert's `capacity` slots full are dropped: they
-    contribute zero and are counted. The dispatch and combine tensors are
-    [tokens, experts, capacity], so memory grows as tokens**2 * top_k * capacity_factor.
+    take buffer slots in priority order: every token's first choice before any second choice, and
+    within one choice rank the tokens in the order `priority` picks. Assignments that find their
+    expert's `capacity` slots full are dropped: they contribute zero and are counted. The dispatch
+    and combine tensors are [tokens, experts, capacity], so memory grows as
+    tokens**2 * top_k * capacity_factor.
+
+    `priority="order"` ranks tokens by position. `priority="score"` is Batch Prioritized Routing
+    from Riquelme et al., "Scaling Vision with Sparse Mixture of Experts" (2021): tokens are
+    ranked by their priority score, the largest of their combine weights, in decreasing order
+    (ties by position), and that one ranking orders every choice rank, as V-MoE's
+    implementation does. When capacity is short the tokens the router is surest about survive.
+    The score is a combine weight, so renormalised top-1 weights (all 1) rank by position: use
+    raw probabilities (`renormalize=False`), as Switch and V-MoE do.
 
     Args:
       x: [tokens, d_model].
       routing: expert_index and combine_weights [tokens, top_k].
       expert_params: see the module docstring.
       capacity: slots per expert (see `expert_capacity`).
+      priority: one of `CAPACITY_PRIORITIES`.
 
     Returns:
       y: [tokens, d_model] in x's dtype, and dropped_fraction: scalar float32.
     """
     num_experts = _check_inputs(x, routing, expert_params)
+    _check_priority(priority)
     if capacity < 1:
         raise ValueError(f"capacity: got {capacity}; allowed: >= 1")
-    num_tokens, top_k = routing.expert_index.shape
-    # Choice-major order ([top_k, tokens]) so a running count per expert yields each
-    # assignment's slot in priority order.
-    choice_major = jax.nn.one_hot(routing.expert_index.T, num_experts, dtype=jnp.int32)
-    priority_mask = choice_major.reshape(top_k * num_tokens, num_experts)  # [k*tokens, experts]
-    slot = jnp.cumsum(priority_mask, axis=0) - 1  # [k*tokens, experts]
-    slot = jnp.sum(slot * priority_mask, axis=-1)  # [k*tokens]
-    slot = slot.reshape(top_k, num_tokens).T  # [tokens, top_k]
+    if priority == "order":
+        slot = _buffer_slots(routing.expert_index, num_experts)  # [tokens, top_k]
+    else:
+        score = jnp.max(routing.combine_weights.astype(jnp.float32), axis=-1)  # [tokens]
+        # Stable, so equal scores keep token order (and "score" with equal weights is "order").
+        ranking = jnp.argsort(-score, stable=True)  # [tokens], best first
+        ranked_slot = _buffer_slots(routing.expert_index[ranking], num_experts)  # [tokens, k]
+        slot = ranked_slot[jnp.argsort(ranking)]  # [tokens, top_k], back in token order
     dropped_fraction = jnp.mean((slot >= capacity).astype(jnp.float32))
 
     # one_hot of an index >= capacity is all zeros, which is exactly what drops the assignment.
@@ -104,6 +126,26 @@ def capacity_dispatch(
     expert_outputs = _swiglu_batched(expert_inputs, expert_params)  # [experts, capacity, d_model]
     y = _einsum("tec,ecd->td", combine, expert_outputs)  # [tokens, d_model]
     return y, dropped_fraction
+
+
+def _buffer_slots(expert_index: jax.Array, num_experts: int) -> jax.Array:
+    """Each assignment's position in its expert's buffer, first choices of all tokens first.
+
+    Args:
+      expert_index: [tokens, top_k] int, tokens in priority order.
+      num_experts: experts routed over.
+
+    Returns:
+      [tokens, top_k] int32; positions >= capacity are the dropped assignments.
+    """
+    num_tokens, top_k = expert_index.shape
+    # Choice-major order ([top_k, tokens]) so a running count per expert yields each
+    # assignment's slot in priority order.
+    choice_major = jax.nn.one_hot(expert_index.T, num_experts, dtype=jnp.int32)
+    priority_mask = choice_major.reshape(top_k * num_tokens, num_experts)  # [k*tokens, experts]
+    slot = jnp.cumsum(priority_mask, axis=0) - 1  # [k*tokens, experts]
+    slot = jnp.sum(slot * priority_mask, axis=-1)  # [k*tokens]
+    return slot.reshape(top_k, num_tokens).T  # [tokens, top_k]
 
 
 def dropless_dispatch(
@@ -148,6 +190,32 @@ def dropless_dispatch(
     return y, jnp.zeros((), jnp.float32)
 
 
+def shared_expert_ffn(x: jax.Array, shared_params: ExpertParams) -> jax.Array:
+    """Shared experts: SwiGLU experts that every token passes through, summed.
+
+    Dai et al., "DeepSeekMoE: Towards Ultimate Expert Specialization in Mixture-of-Experts
+    Language Models" (2024) isolate a few always-active shared experts so that knowledge every
+    token needs is not learned again by each routed expert. Their output is added, unweighted,
+    to the routed experts'.
+
+    Args:
+      x: [tokens, d_model].
+      shared_params: {"w_gate": [num_shared, d_model, d_ff], "w_up": [num_shared, d_model, d_ff],
+        "w_down": [num_shared, d_ff, d_model]}; d_ff may differ from the routed experts'.
+
+    Returns:
+      [tokens, d_model] in x's dtype: the sum over shared experts of each one's SwiGLU.
+    """
+    _check_x(x)
+    _check_params(x, shared_params, "shared_params", "num_shared")
+    params = _cast_params(shared_params, x.dtype)
+    gate = _einsum("td,sdf->stf", x, params["w_gate"])  # [shared, tokens, d_ff]
+    up = _einsum("td,sdf->stf", x, params["w_up"])  # [shared, tokens, d_ff]
+    hidden = jax.nn.silu(gate) * up
+    # Contracting the shared axis with d_ff sums the experts inside one float32 accumulation.
+    return _einsum("stf,sfd->td", hidden, params["w_down"])  # [tokens, d_model]
+
+
 def moe_ffn(
     x: jax.Array,
     routing: Routing,
@@ -156,16 +224,21 @@ def moe_ffn(
     strategy: str,
     capacity_factor: float = 1.25,
     gmm_impl: str = "auto",
+    priority: str = "order",
+    shared_params: ExpertParams | None = None,
 ) -> MoEOutput:
     """The routed-experts feed-forward block with a dispatch strategy chosen by name.
 
     Args:
       x: [tokens, d_model].
-      routing: from a router in `moejax.routing`.
+      routing: from a router in `moejax.routing` or `moejax.routers`.
       expert_params: see the module docstring.
       strategy: one of `DISPATCH_STRATEGIES`.
       capacity_factor: slots per expert relative to a perfectly balanced load ("capacity" only).
       gmm_impl: grouped matmul implementation ("dropless" only).
+      priority: who keeps buffer slots when capacity is short, one of `CAPACITY_PRIORITIES`
+        ("capacity" only; see `capacity_dispatch`).
+      shared_params: shared experts added for every token (see `shared_expert_ffn`), or None.
 
     Returns:
       `MoEOutput` with y [tokens, d_model] and the dropped fraction.
@@ -174,13 +247,18 @@ def moe_ffn(
         raise ValueError(
             f"strategy: unknown value {strategy!r}; allowed: {', '.join(DISPATCH_STRATEGIES)}"
         )
+    _check_priority(priority)
     num_experts = _check_inputs(x, routing, expert_params)
     if strategy == "capacity":
         num_tokens, top_k = routing.expert_index.shape
         capacity = expert_capacity(num_tokens, num_experts, top_k, capacity_factor)
-        y, dropped_fraction = capacity_dispatch(x, routing, expert_params, capacity=capacity)
+        y, dropped_fraction = capacity_dispatch(
+            x, routing, expert_params, capacity=capacity, priority=priority
+        )
     else:
         y, dropped_fraction = dropless_dispatch(x, routing, expert_params, gmm_impl=gmm_impl)
+    if shared_params is not None:
+        y = y + shared_expert_ffn(x, shared_params)
     return MoEOutput(y=y, dropped_fraction=dropped_fraction)
 
 
@@ -203,33 +281,51 @@ def _cast_params(expert_params: ExpertParams, dtype: jnp.dtype) -> ExpertParams:
     return {name: expert_params[name].astype(dtype) for name in ("w_gate", "w_up", "w_down")}
 
 
-def _check_inputs(x: jax.Array, routing: Routing, expert_params: ExpertParams) -> int:
-    """Validates shapes shared by every strategy and returns num_experts."""
+def _check_priority(priority: str) -> None:
+    if priority not in CAPACITY_PRIORITIES:
+        raise ValueError(
+            f"priority: unknown value {priority!r}; allowed: {', '.join(CAPACITY_PRIORITIES)}"
+        )
+
+
+def _check_x(x: jax.Array) -> None:
     if x.ndim != 2:
         raise ValueError(f"x: expected [tokens, d_model], got shape {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x: dtype must be floating, got {x.dtype}")
-    missing = {"w_gate", "w_up", "w_down"} - set(expert_params)
+
+
+def _check_params(x: jax.Array, params: ExpertParams, field: str, axis: str) -> int:
+    """Validates stacked SwiGLU weights `field` against x and returns their leading size."""
+    missing = {"w_gate", "w_up", "w_down"} - set(params)
     if missing:
-        raise ValueError(f"expert_params: missing {sorted(missing)}; got {sorted(expert_params)}")
-    if expert_params["w_gate"].ndim != 3:
+        raise ValueError(f"{field}: missing {sorted(missing)}; got {sorted(params)}")
+    if params["w_gate"].ndim != 3:
         raise ValueError(
-            f"expert_params['w_gate']: expected [experts, d_model, d_ff], "
-            f"got shape {expert_params['w_gate'].shape}"
+            f"{field}['w_gate']: expected [{axis}, d_model, d_ff], "
+            f"got shape {params['w_gate'].shape}"
         )
-    num_tokens, d_model = x.shape
-    num_experts, _, d_ff = expert_params["w_gate"].shape
+    d_model = x.shape[1]
+    num_stacked, _, d_ff = params["w_gate"].shape
     expected = {
-        "w_gate": (num_experts, d_model, d_ff),
-        "w_up": (num_experts, d_model, d_ff),
-        "w_down": (num_experts, d_ff, d_model),
+        "w_gate": (num_stacked, d_model, d_ff),
+        "w_up": (num_stacked, d_model, d_ff),
+        "w_down": (num_stacked, d_ff, d_model),
     }
     for name, shape in expected.items():
-        if expert_params[name].shape != shape:
+        if params[name].shape != shape:
             raise ValueError(
-                f"expert_params[{name!r}]: expected shape {shape} for x of shape {x.shape}, "
-                f"got {expert_params[name].shape}"
+                f"{field}[{name!r}]: expected shape {shape} for x of shape {x.shape}, "
+                f"got {params[name].shape}"
             )
+    return num_stacked
+
+
+def _check_inputs(x: jax.Array, routing: Routing, expert_params: ExpertParams) -> int:
+    """Validates shapes shared by every strategy and returns num_experts."""
+    _check_x(x)
+    num_experts = _check_params(x, expert_params, "expert_params", "experts")
+    num_tokens = x.shape[0]
     if routing.expert_index.ndim != 2 or routing.expert_index.shape[0] != num_tokens:
         raise ValueError(
             f"routing.expert_index: expected [tokens={num_tokens}, top_k], "

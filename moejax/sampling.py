@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -11,8 +12,8 @@ from flax import nnx
 
 
 def generate(
-    graphdef: nnx.GraphDef,
-    params: Any,
+    build_model: Callable[[Any], nnx.Module],
+    variables: Any,
     prompt: bytes,
     *,
     num_bytes: int,
@@ -25,6 +26,8 @@ def generate(
 
     Each step runs the model on a fixed `[1, window]` buffer, so one compilation serves all
     steps; causal attention makes the padding after the last real byte irrelevant.
+    `build_model(variables)` returns the model (e.g. `ModelSpec.merge`, or
+    `lambda params: nnx.merge(graphdef, params)`).
     """
     if not prompt:
         raise ValueError("prompt: must hold at least one byte")
@@ -32,8 +35,8 @@ def generate(
         raise ValueError(f"temperature: got {temperature}; allowed: >= 0 (0 is greedy)")
 
     @jax.jit
-    def next_byte(params, tokens, length, key):
-        logits, _ = nnx.merge(graphdef, params)(tokens, train=False)  # [1, window, vocab]
+    def next_byte(variables, tokens, length, key):
+        logits, _ = build_model(variables)(tokens, train=False)  # [1, window, vocab]
         last = logits[0, length - 1]  # [vocab]
         if temperature == 0:
             return jnp.argmax(last)
@@ -46,5 +49,5 @@ def generate(
         tokens = np.zeros((1, window), np.int32)
         tokens[0, : len(context)] = context
         key, step_key = jax.random.split(key)
-        text.append(int(next_byte(params, tokens, len(context), step_key)))
+        text.append(int(next_byte(variables, tokens, len(context), step_key)))
     return bytes(text)

@@ -484,6 +484,11 @@ def test_every_router_matches_loop_reference_under_both_strategies(name: str) ->
     options = {"rng": jax.random.key(0)} if name in ("noisy_top_k", "selective_sinkhorn") else {}
     if name in ("hash", "random_fixed"):
         options["token_ids"] = jnp.asarray(rng.integers(0, 256, tokens), jnp.int32)
+    if name == "kmeans":
+        options["hidden"] = x
+        options["centroids"] = jnp.asarray(rng.standard_normal((experts, d_model)), jnp.float32)
+    if name == "bias_balanced":
+        options["expert_bias"] = jnp.asarray(rng.standard_normal(experts), jnp.float32)
     routed = _jit(get_router(name), "top_k")(logits, top_k=top_k, **options)
     chex.assert_shape([routed.expert_index, routed.combine_weights], (tokens, top_k))
     chex.assert_type([routed.expert_index, routed.combine_weights], [jnp.int32, jnp.float32])

@@ -17,13 +17,13 @@ CONFIG = load_config_file(Path(__file__).resolve().parents[1] / "configs" / "tin
 def _model():
     model = TransformerLM(CONFIG, rngs=nnx.Rngs(3))
     graphdef, state = nnx.split(model, nnx.Param)
-    return model, graphdef, nnx.to_pure_dict(state)
+    return model, (lambda params: nnx.merge(graphdef, params)), nnx.to_pure_dict(state)
 
 
 def test_greedy_generation_matches_argmax_of_forward():
-    model, graphdef, params = _model()
+    model, build, params = _model()
     prompt = b"To be"
-    out = generate(graphdef, params, prompt, num_bytes=4, window=8, temperature=0.0)
+    out = generate(build, params, prompt, num_bytes=4, window=8, temperature=0.0)
     assert out[: len(prompt)] == prompt and len(out) == len(prompt) + 4
     text = list(prompt)
     for _ in range(4):
@@ -33,10 +33,10 @@ def test_greedy_generation_matches_argmax_of_forward():
 
 
 def test_sampling_is_seeded_and_rejects_bad_input():
-    _, graphdef, params = _model()
-    first = generate(graphdef, params, b"A", num_bytes=5, window=8, seed=1)
-    assert first == generate(graphdef, params, b"A", num_bytes=5, window=8, seed=1)
+    _, build, params = _model()
+    first = generate(build, params, b"A", num_bytes=5, window=8, seed=1)
+    assert first == generate(build, params, b"A", num_bytes=5, window=8, seed=1)
     with pytest.raises(ValueError, match="prompt"):
-        generate(graphdef, params, b"", num_bytes=1, window=8)
+        generate(build, params, b"", num_bytes=1, window=8)
     with pytest.raises(ValueError, match="temperature"):
-        generate(graphdef, params, b"A", num_bytes=1, window=8, temperature=-1.0)
+        generate(build, params, b"A", num_bytes=1, window=8, temperature=-1.0)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import metrics, moe, routing
+from moejax.routers.stateful import STATEFUL_ROUTERS
 from moejax.sharding import constrain, param
 
 
@@ -33,6 +34,11 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) 
     """
     hidden = jax.nn.silu(x @ w_gate) * (x @ w_up)  # [..., f]
     return hidden @ w_down
+
+
+class RouterState(nnx.Variable):
+    """Router state updated outside the gradient (expert biases, k-means centroids); kept in the
+    train state beside the parameters and checkpointed with them."""
 
 
 class RMSNorm(nnx.Module):
@@ -114,6 +120,12 @@ class MoELayer(nnx.Module):
         self.dispatch, self.capacity_factor, self.gmm_impl = dispatch, capacity_factor, gmm_impl
         self.load_balance_weight, self.router_z_weight = load_balance_weight, router_z_weight
         self.dtype = dtype
+        self.state_spec = STATEFUL_ROUTERS.get(router)
+        if self.state_spec is not None:
+            initial = self.state_spec.init(rngs.params(), d_model, num_experts)
+            self.router_state = RouterState(
+                initial, out_sharding=self.state_spec.axes, eager_sharding=False
+            )
         # Router logits decide discrete assignments, so the router starts near uniform.
         self.router = param(
             jax.random.normal(rngs.params(), (d_model, num_experts), param_dtype) * 0.02,
@@ -148,9 +160,14 @@ class MoELayer(nnx.Module):
         if token_ids is not None:
             available["token_ids"] = token_ids.reshape(-1)  # [tokens]
         inputs = {name: available[name] for name in self.router_inputs if name in available}
+        if self.state_spec is not None:
+            inputs.update(self.state_spec.inputs(self.router_state.value, tokens))
         result = self.route(
             router_logits, top_k=self.top_k, renormalize=self.renormalize_top_k, **inputs
         )
+        if self.state_spec is not None and train:
+            new_state = self.state_spec.update(self.router_state.value, tokens, result)
+            self.router_state.value = jax.lax.stop_gradient(new_state)
         dt = self.dtype
         experts = {
             "w_gate": constrain(self.w_gate[...].astype(dt), ("expert", "embed", "expert_mlp")),

@@ -5,7 +5,7 @@ top_k, renormalize=True, **options) -> Routing`, with keyword-only options that 
 defaults.
 """
 
-from moejax.routers import dynamic, hashing, noisy, sinkhorn
+from moejax.routers import dynamic, expert_choice, hashing, noisy, sinkhorn, stateful
 from moejax.routers.dynamic import active_experts, capacity_schedule, top_p_router
 from moejax.routers.hashing import hash_router, random_fixed
 from moejax.routers.noisy import noisy_top_k
@@ -16,6 +16,7 @@ __all__ = [
     "active_experts",
     "capacity_schedule",
     "dynamic",
+    "expert_choice",
     "hash_router",
     "hashing",
     "noisy",
@@ -23,6 +24,7 @@ __all__ = [
     "random_fixed",
     "selective_sinkhorn",
     "sinkhorn",
+    "stateful",
     "sinkhorn_log_plan",
     "sinkhorn_router",
     "top_p_router",

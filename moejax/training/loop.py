@@ -162,7 +162,8 @@ def train(
     )
 
     def run_eval(at_step: int) -> dict[str, Any]:
-        results = evaluation.evaluate(eval_step, state["params"], eval_batches)
+        variables = state_lib.model_variables(state)
+        results = evaluation.evaluate(eval_step, variables, eval_batches)
         writer.write(at_step, "eval", results)
         return results
 

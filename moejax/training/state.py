@@ -18,9 +18,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax import sharding
 from moejax.config import Config, ModelConfig, TrainConfig
+from moejax.models.layers import RouterState
 from moejax.models.transformer import TransformerLM
 
-TrainState = dict[str, Any]  # {"step": int32 [], "params": pure dict, "opt_state": optax state}
+# {"step": int32 [], "params": pure dict, "router_state": pure dict, "opt_state": optax state}
+TrainState = dict[str, Any]
+MODEL_VARIABLES = ("params", "router_state")
+
+
+def model_variables(state: TrainState) -> dict[str, Any]:
+    """The parts of the train state the model is built from (what eval and sampling need)."""
+    return {name: state[name] for name in MODEL_VARIABLES}
 
 
 def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
@@ -56,16 +64,24 @@ class ModelSpec:
     graphdef: nnx.GraphDef
     logical_axes: dict[str, Any]
     abstract_params: dict[str, Any]
+    router_state_axes: dict[str, Any]
+    abstract_router_state: dict[str, Any]
+
+    def merge(self, variables: dict[str, Any]) -> TransformerLM:
+        """The model with `variables` = {"params", "router_state"} (pure dicts)."""
+        return nnx.merge(self.graphdef, variables["params"], variables["router_state"])
 
 
 def model_spec(model_config: ModelConfig) -> ModelSpec:
     """Builds the model abstractly (no memory, no compute) to read its structure."""
     abstract = nnx.eval_shape(lambda: TransformerLM(model_config, rngs=nnx.Rngs(0)))
-    graphdef, params_state = nnx.split(abstract, nnx.Param)
+    graphdef, params_state, router_state = nnx.split(abstract, nnx.Param, RouterState)
     return ModelSpec(
         graphdef=graphdef,
         logical_axes=sharding.logical_axes(params_state),
         abstract_params=nnx.to_pure_dict(params_state),
+        router_state_axes=sharding.logical_axes(router_state),
+        abstract_router_state=nnx.to_pure_dict(router_state),
     )
 
 
@@ -80,9 +96,15 @@ def state_shardings(spec: ModelSpec, optimizer: optax.GradientTransformation, me
     abstract_state = {
         "step": jax.ShapeDtypeStruct((), jnp.int32),
         "params": spec.abstract_params,
+        "router_state": spec.abstract_router_state,
         "opt_state": abstract_opt,
     }
-    shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+    shardings = {
+        "step": replicated,
+        "params": param_shardings,
+        "router_state": sharding.tree_shardings(mesh, spec.router_state_axes),
+        "opt_state": opt_shardings,
+    }
     return abstract_state, shardings
 
 
@@ -126,6 +148,7 @@ def init_state(config: Config, layout: StateLayout) -> TrainState:
         return {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
+            "router_state": nnx.to_pure_dict(nnx.state(model, RouterState)),
             "opt_state": layout.optimizer.init(params),
         }
 

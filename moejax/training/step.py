@@ -12,7 +12,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax import sharding
-from moejax.training.state import ModelSpec, StateLayout, TrainState
+from moejax.models.layers import RouterState
+from moejax.training.state import MODEL_VARIABLES, ModelSpec, StateLayout, TrainState
 
 Batch = dict[str, jax.Array]  # {"inputs": [batch, length] int32, "targets": [batch, length]}
 
@@ -56,13 +57,15 @@ def _moe_metrics(aux_per_layer: list[dict | None]) -> dict[str, jax.Array]:
     return metrics
 
 
-def forward(spec: ModelSpec, params: Any, batch: Batch):
-    """Loss pieces of one batch: (mean cross-entropy, summed aux loss, per-layer aux list)."""
-    model = nnx.merge(spec.graphdef, params)
+def forward(spec: ModelSpec, variables: dict[str, Any], batch: Batch):
+    """Loss pieces of one training batch: (mean cross-entropy, summed aux loss, per-layer aux
+    list, the router state after this batch)."""
+    model = spec.merge(variables)
     logits, aux_per_layer = model(batch["inputs"])
     nll_sum, count = cross_entropy(logits, batch["targets"])
     aux_loss = sum((aux["aux_loss"] for aux in aux_per_layer if aux is not None), jnp.float32(0.0))
-    return nll_sum / count, aux_loss, aux_per_layer
+    router_state = nnx.to_pure_dict(nnx.state(model, RouterState))
+    return nll_sum / count, aux_loss, aux_per_layer, router_state
 
 
 def make_train_step(layout: StateLayout, mesh: Mesh) -> MeshStep:
@@ -71,10 +74,13 @@ def make_train_step(layout: StateLayout, mesh: Mesh) -> MeshStep:
 
     def train_step(state: TrainState, batch: Batch):
         def loss_fn(params):
-            ce, aux_loss, aux_per_layer = forward(spec, params, batch)
-            return ce + aux_loss, (ce, aux_loss, aux_per_layer)
+            variables = {"params": params, "router_state": state["router_state"]}
+            ce, aux_loss, aux_per_layer, router_state = forward(spec, variables, batch)
+            return ce + aux_loss, (ce, aux_loss, aux_per_layer, router_state)
 
-        grads, (ce, aux_loss, aux_per_layer) = jax.grad(loss_fn, has_aux=True)(state["params"])
+        grads, (ce, aux_loss, aux_per_layer, router_state) = jax.grad(loss_fn, has_aux=True)(
+            state["params"]
+        )
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {
@@ -85,7 +91,12 @@ def make_train_step(layout: StateLayout, mesh: Mesh) -> MeshStep:
             "learning_rate": schedule(state["step"]),
             **_moe_metrics(aux_per_layer),
         }
-        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        new_state = {
+            "step": state["step"] + 1,
+            "params": params,
+            "router_state": router_state,
+            "opt_state": opt_state,
+        }
         return new_state, metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -104,11 +115,13 @@ def make_train_step(layout: StateLayout, mesh: Mesh) -> MeshStep:
 
 
 def make_eval_step(layout: StateLayout, mesh: Mesh) -> MeshStep:
-    """`eval_step(params, batch) -> sums` of nll (nats), tokens, and per-layer routing stats."""
-    spec, param_shardings = layout.spec, layout.shardings["params"]
+    """`eval_step(variables, batch) -> sums` of nll (nats), tokens, and per-layer routing stats;
+    `variables` = `state.model_variables(train_state)`."""
+    spec = layout.spec
+    variable_shardings = {name: layout.shardings[name] for name in MODEL_VARIABLES}
 
-    def eval_step(params: Any, batch: Batch):
-        model = nnx.merge(spec.graphdef, params)
+    def eval_step(variables: dict[str, Any], batch: Batch):
+        model = spec.merge(variables)
         logits, aux_per_layer = model(batch["inputs"], train=False)
         nll_sum, count = cross_entropy(logits, batch["targets"])
         return {"nll_sum": nll_sum, "tokens": count, **_moe_metrics(aux_per_layer)}
@@ -119,7 +132,7 @@ def make_eval_step(layout: StateLayout, mesh: Mesh) -> MeshStep:
         "targets": sharding.batch_sharding(mesh),
     }
     jitted = jax.jit(
-        eval_step, in_shardings=(param_shardings, batch_shardings), out_shardings=replicated
+        eval_step, in_shardings=(variable_shardings, batch_shardings), out_shardings=replicated
     )
 
     return MeshStep(jitted, mesh)

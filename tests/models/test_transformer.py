@@ -97,13 +97,15 @@ def test_rms_norm_matches_numpy():
 def test_every_registered_router_trains_inside_the_language_model(router):
     config = dataclasses.replace(SMALL, num_layers=1, router=router)
     model = TransformerLM(config, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params, router_state = nnx.split(model, nnx.Param, ...)
+    # Pure dicts: the merged model must own fresh variables inside the traced function.
+    params, router_state = nnx.to_pure_dict(params), nnx.to_pure_dict(router_state)
     tokens = _tokens(length=16)
 
     @jax.jit
     def loss_and_grads(params):
         def loss(params):
-            logits, aux = nnx.merge(graphdef, params)(tokens)
+            logits, aux = nnx.merge(graphdef, params, router_state)(tokens)
             return jnp.mean(jax.nn.logsumexp(logits, -1)) + aux[0]["aux_loss"]
 
         return jax.value_and_grad(loss)(params)
@@ -111,7 +113,7 @@ def test_every_registered_router_trains_inside_the_language_model(router):
     value, grads = loss_and_grads(params)
     chex.assert_tree_all_finite((value, grads))
     assert float(_global_norm(grads["blocks"][0]["ffn"]["w_up"])) > 0.0
-    logits, aux = nnx.merge(graphdef, params)(tokens, train=False)
+    logits, aux = nnx.merge(graphdef, params, router_state)(tokens, train=False)
     chex.assert_tree_all_finite(logits)
     np.testing.assert_allclose(float(jnp.sum(aux[0]["expert_load"])), 1.0, rtol=1e-5)
 

@@ -1,0 +1,387 @@
+"""Conditional depth: mixture-of-depths, Dr.LLM layer routing, relative-norm halting."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moejax import depth
+
+D_MODEL = 8
+W_BLOCK = np.asarray(
+    jax.random.normal(jax.random.key(42), (D_MODEL, D_MODEL)) * D_MODEL**-0.5, np.float64
+)
+
+
+def _causal_block(h: jax.Array) -> jax.Array:
+    """A causal toy block: tanh of the running mean of `h @ W`; token t sees tokens <= t only."""
+    z = h @ W_BLOCK.astype(h.dtype)  # [batch, n, d]
+    steps = jnp.arange(1, h.shape[1] + 1, dtype=h.dtype)[None, :, None]
+    return jnp.tanh(jnp.cumsum(z, axis=1) / steps)
+
+
+def _causal_block_np(h: np.ndarray) -> np.ndarray:
+    z = h @ W_BLOCK  # [n, d]
+    steps = np.arange(1, h.shape[0] + 1)[:, None]
+    return np.tanh(np.cumsum(z, axis=0) / steps)
+
+
+def _mod_reference(x, scores, selected_mask, activation="identity"):
+    """Float64 loop: each sequence's selected tokens, in order, go through the block."""
+    x, scores = np.asarray(x, np.float64), np.asarray(scores, np.float64)
+    y = x.copy()
+    for b in range(x.shape[0]):
+        index = np.flatnonzero(selected_mask[b])
+        if index.size == 0:
+            continue
+        update = _causal_block_np(x[b, index])
+        weight = scores[b, index]
+        if activation == "sigmoid":
+            weight = 1.0 / (1.0 + np.exp(-weight))
+        y[b, index] += weight[:, None] * update
+    return y
+
+
+def _inputs(batch: int, length: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
+    key_x, key_w = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(key_x, (batch, length, D_MODEL))
+    router_weights = jax.random.normal(key_w, (D_MODEL,))
+    return x, router_weights
+
+
+# ---------------------------------------------------------------------- mixture-of-depths
+
+
+@pytest.mark.parametrize("activation", depth.ROUTER_ACTIVATIONS)
+def test_mod_full_capacity_equals_weighted_block_on_all_tokens(activation: str) -> None:
+    x, w = _inputs(2, 7)
+    y, aux = depth.mixture_of_depths(
+        x, w, _causal_block, capacity_fraction=1.0, router_activation=activation
+    )
+    r = x @ w  # [batch, length]
+    weight = jax.nn.sigmoid(r) if activation == "sigmoid" else r
+    np.testing.assert_allclose(y, x + weight[..., None] * _causal_block(x), rtol=1e-5, atol=1e-5)
+    assert bool(jnp.all(aux["selected_mask"]))
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    length=st.integers(1, 12),
+    fraction=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_mod_selects_numpy_top_c_in_order_and_matches_loop_reference(
+    batch: int, length: int, fraction: float, seed: int
+) -> None:
+    x, w = _inputs(batch, length, seed)
+    # One compiled program per example; eager mode would compile every op separately.
+    mod = jax.jit(
+        lambda h, r: depth.mixture_of_depths(h, r, _causal_block, capacity_fraction=fraction)
+    )
+    y, aux = mod(x, w)
+    capacity = math.ceil(round(fraction * length, 9))
+    scores = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    expected_index = np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :capacity], axis=1)
+    np.testing.assert_array_equal(aux["selected_index"], expected_index)
+    chex.assert_shape(aux["selected_index"], (batch, capacity))
+    chex.assert_type(aux["selected_index"], jnp.int32)
+    np.testing.assert_array_equal(aux["selected_mask"].sum(axis=1), capacity)
+    reference = _mod_reference(x, scores, np.asarray(aux["selected_mask"]))
+    np.testing.assert_allclose(y, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_mod_unselected_tokens_pass_through_exactly() -> None:
+    x, w = _inputs(3, 16, seed=1)
+    y, aux = depth.mixture_of_depths(x, w, _causal_block, capacity_fraction=0.25)
+    skipped = ~np.asarray(aux["selected_mask"])
+    assert skipped.sum() == 3 * 12
+    np.testing.assert_array_equal(np.asarray(y)[skipped], np.asarray(x)[skipped])
+    assert not np.allclose(np.asarray(y)[~skipped], np.asarray(x)[~skipped])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mod_shapes_and_dtypes(dtype: jnp.dtype) -> None:
+    x, w = _inputs(2, 10)
+    predictor = depth.init_causal_predictor(jax.random.key(3), D_MODEL, hidden_dim=4)
+    y, aux = depth.mixture_of_depths(
+        x.astype(dtype), w, _causal_block, capacity_fraction=0.3, predictor_params=predictor
+    )
+    chex.assert_shape(y, (2, 10, D_MODEL))
+    chex.assert_type(y, dtype)
+    chex.assert_shape(aux["router_scores"], (2, 10))
+    chex.assert_type(aux["router_scores"], jnp.float32)
+    chex.assert_shape([aux["predictor_loss"], aux["predictor_accuracy"]], ())
+
+
+def test_mod_gradient_reaches_router_weights() -> None:
+    x, w = _inputs(2, 9, seed=2)
+    fraction = 0.5
+
+    def loss(router_weights: jax.Array) -> jax.Array:
+        y, _ = depth.mixture_of_depths(x, router_weights, _causal_block, capacity_fraction=fraction)
+        return jnp.sum(y)
+
+    grad = jax.grad(loss)(w)
+    # y_i = x_i + (x_i . w) u_i on the selected tokens, so d sum(y) / dw = sum_i sum(u_i) x_i.
+    _, aux = depth.mixture_of_depths(x, w, _causal_block, capacity_fraction=fraction)
+    mask = np.asarray(aux["selected_mask"])
+    expected = np.zeros(D_MODEL)
+    for b in range(2):
+        index = np.flatnonzero(mask[b])
+        update = _causal_block_np(np.asarray(x[b, index], np.float64))
+        expected += (update.sum(axis=1)[:, None] * np.asarray(x[b, index], np.float64)).sum(0)
+    np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-5)
+    assert np.linalg.norm(expected) > 0
+
+
+def test_mod_block_receives_original_positions() -> None:
+    x, w = _inputs(2, 8, seed=4)
+    seen = {}
+
+    def block(h: jax.Array, positions: jax.Array) -> jax.Array:
+        seen["positions"] = positions
+        return jnp.zeros_like(h)
+
+    _, aux = depth.mixture_of_depths(x, w, block, capacity_fraction=0.5, block_takes_positions=True)
+    np.testing.assert_array_equal(seen["positions"], aux["selected_index"])
+
+
+@pytest.mark.parametrize("hidden_dim", [None, 5])
+def test_predictor_loss_and_accuracy_match_numpy_and_train_only_the_predictor(
+    hidden_dim: int | None,
+) -> None:
+    x, w = _inputs(2, 12, seed=5)
+    predictor = depth.init_causal_predictor(jax.random.key(6), D_MODEL, hidden_dim=hidden_dim)
+    _, aux = depth.mixture_of_depths(
+        x, w, _causal_block, capacity_fraction=0.5, predictor_params=predictor
+    )
+    logits = np.asarray(depth.causal_predictor_logits(x, predictor), np.float64)
+    target = np.asarray(aux["selected_mask"], np.float64)
+    prob = 1.0 / (1.0 + np.exp(-logits))
+    bce = -np.mean(target * np.log(prob) + (1 - target) * np.log(1 - prob))
+    np.testing.assert_allclose(aux["predictor_loss"], bce, rtol=1e-5)
+    np.testing.assert_allclose(aux["predictor_accuracy"], np.mean((prob > 0.5) == target))
+
+    def predictor_loss(params, inputs):
+        _, out = depth.mixture_of_depths(
+            inputs, w, _causal_block, capacity_fraction=0.5, predictor_params=params
+        )
+        return out["predictor_loss"]
+
+    grad_params, grad_x = jax.grad(predictor_loss, argnums=(0, 1))(predictor, x)
+    assert any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grad_params))
+    # stop_gradient on the predictor's input: its loss must not shape the residual stream.
+    np.testing.assert_array_equal(grad_x, 0.0)
+
+
+def _predictor_matching_top_c(x: jax.Array, w: jax.Array, capacity: int) -> dict:
+    """A linear predictor whose decision boundary sits between the C-th and (C+1)-th score."""
+    scores = np.sort(np.asarray(x[0] @ w))[::-1]
+    cut = (scores[capacity - 1] + scores[capacity]) / 2
+    return {"w": w, "b": jnp.asarray(-cut, jnp.float32)}
+
+
+def test_causal_decoding_matches_top_c_when_predictor_agrees() -> None:
+    x, w = _inputs(1, 10, seed=7)
+    predictor = _predictor_matching_top_c(x, w, capacity=4)
+    y_train, aux_train = depth.mixture_of_depths(x, w, _causal_block, capacity_fraction=0.4)
+    y_decode, aux_decode = depth.mixture_of_depths_causal(x, w, predictor, _causal_block)
+    np.testing.assert_array_equal(aux_decode["selected_mask"], aux_train["selected_mask"])
+    np.testing.assert_allclose(y_decode, y_train, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(aux_decode["selected_fraction"], 0.4)
+
+
+@pytest.mark.parametrize("activation", depth.ROUTER_ACTIVATIONS)
+def test_causal_decoding_matches_loop_reference(activation: str) -> None:
+    x, w = _inputs(3, 11, seed=8)
+    predictor = depth.init_causal_predictor(jax.random.key(9), D_MODEL)
+    y, aux = depth.mixture_of_depths_causal(
+        x, w, predictor, _causal_block, router_activation=activation
+    )
+    mask = np.asarray(aux["selected_mask"])
+    assert 0 < mask.sum() < mask.size
+    logits = np.asarray(depth.causal_predictor_logits(x, predictor))
+    np.testing.assert_array_equal(mask, logits > 0)
+    reference = _mod_reference(x, np.asarray(x @ w), mask, activation)
+    np.testing.assert_allclose(y, reference, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(y)[~mask], np.asarray(x)[~mask])
+
+
+def test_mod_rejects_bad_options() -> None:
+    x, w = _inputs(1, 4)
+    predictor = depth.init_causal_predictor(jax.random.key(0), D_MODEL)
+    for fraction in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="capacity_fraction"):
+            depth.mixture_of_depths(x, w, _causal_block, capacity_fraction=fraction)
+    with pytest.raises(ValueError, match="router_activation.*identity, sigmoid"):
+        depth.mixture_of_depths(
+            x, w, _causal_block, capacity_fraction=0.5, router_activation="relu"
+        )
+    with pytest.raises(ValueError, match="router_weights"):
+        depth.mixture_of_depths(x, w[:3], _causal_block, capacity_fraction=0.5)
+    with pytest.raises(ValueError, match="block_fn"):
+        depth.mixture_of_depths(x, w, lambda h: h[:, :1], capacity_fraction=0.5)
+    for threshold in (0.0, 1.0):
+        with pytest.raises(ValueError, match="threshold"):
+            depth.mixture_of_depths_causal(x, w, predictor, _causal_block, threshold=threshold)
+    with pytest.raises(ValueError, match="predictor_params"):
+        depth.causal_predictor_logits(x, {"w": w})
+
+
+def test_mod_capacity_is_robust_to_float_noise() -> None:
+    assert depth.mod_capacity(10, 0.7) == 7
+    assert depth.mod_capacity(10, 0.01) == 1
+    assert depth.mod_capacity(3, 1.0) == 3
+
+
+# ---------------------------------------------------------------------- Dr.LLM layer routing
+
+
+def test_routed_block_skip_execute_repeat_apply_the_block_zero_one_two_times() -> None:
+    x, _ = _inputs(3, 6, seed=10)
+    router = depth.init_layer_router(jax.random.key(11), D_MODEL, hidden_dim=4)
+    decision = jnp.asarray([depth.SKIP, depth.EXECUTE, depth.REPEAT])
+    y, out_decision = depth.routed_block(x, router, _causal_block, decision=decision)
+    np.testing.assert_array_equal(out_decision, decision)
+    np.testing.assert_array_equal(y[0], x[0])
+    once = x + _causal_block(x)
+    twice = once + _causal_block(once)
+    np.testing.assert_allclose(y[1], once[1], rtol=1e-6)
+    np.testing.assert_allclose(y[2], twice[2], rtol=1e-6)
+    chex.assert_shape(y, x.shape)
+
+
+def test_routed_block_without_labels_follows_the_router_argmax() -> None:
+    x, _ = _inputs(4, 5, seed=12)
+    router = depth.init_layer_router(jax.random.key(13), D_MODEL, hidden_dim=4)
+    router["w_out"] = jax.random.normal(jax.random.key(14), router["w_out"].shape)
+    logits = depth.layer_router_logits(x, router)
+    chex.assert_shape(logits, (4, 3))
+    _, decision = depth.routed_block(x, router, _causal_block)
+    np.testing.assert_array_equal(decision, np.argmax(np.asarray(logits), axis=-1))
+    chex.assert_type(decision, jnp.int32)
+
+
+def test_layer_router_loss_equals_numpy_cross_entropy() -> None:
+    logits = jax.random.normal(jax.random.key(15), (6, 3)) * 2
+    labels = jnp.asarray([0, 1, 2, 1, 1, 0])
+    lg = np.asarray(logits, np.float64)
+    log_probs = lg - np.log(np.exp(lg).sum(axis=1, keepdims=True))
+    picked = log_probs[np.arange(6), np.asarray(labels)]
+    np.testing.assert_allclose(depth.layer_router_loss(logits, labels), -picked.mean(), rtol=1e-6)
+
+    weights = np.asarray([2.0, 0.5, 1.0])
+    gamma = 2.0
+    focal = -((1 - np.exp(picked)) ** gamma) * picked
+    w = weights[np.asarray(labels)]
+    np.testing.assert_allclose(
+        depth.layer_router_loss(
+            logits, labels, class_weights=jnp.asarray(weights), focal_gamma=gamma
+        ),
+        (w * focal).sum() / w.sum(),
+        rtol=1e-5,
+    )
+
+
+def test_layer_router_loss_trains_the_router() -> None:
+    x, _ = _inputs(4, 5, seed=16)
+    router = depth.init_layer_router(jax.random.key(17), D_MODEL, hidden_dim=4)
+    labels = jnp.asarray([0, 2, 1, 2])
+    grads = jax.grad(lambda p: depth.layer_router_loss(depth.layer_router_logits(x, p), labels))(
+        router
+    )
+    assert float(jnp.abs(grads["w_out"]).sum()) > 0
+
+
+def test_greedy_decisions_pick_the_cheapest_lowest_loss_action() -> None:
+    losses = jnp.asarray([[1.0, 0.5, 0.4], [0.3, 0.5, 0.6], [1.0, 1.0, 1.0], [2.0, 1.0, 0.95]])
+    np.testing.assert_array_equal(depth.greedy_decisions(losses), [2, 0, 0, 2])
+    np.testing.assert_array_equal(depth.greedy_decisions(losses, compute_penalty=0.1), [1, 0, 0, 1])
+
+
+def test_layer_router_rejects_bad_options() -> None:
+    x, _ = _inputs(2, 3)
+    router = depth.init_layer_router(jax.random.key(0), D_MODEL, hidden_dim=2)
+    with pytest.raises(ValueError, match="decision"):
+        depth.routed_block(x, router, _causal_block, decision=jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ValueError, match="router_params"):
+        depth.layer_router_logits(x, {"w_in": router["w_in"]})
+    with pytest.raises(ValueError, match="focal_gamma"):
+        depth.layer_router_loss(jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32), focal_gamma=-1)
+    with pytest.raises(ValueError, match="compute_penalty"):
+        depth.greedy_decisions(jnp.zeros((2, 3)), compute_penalty=-1)
+    with pytest.raises(ValueError, match="hidden_dim"):
+        depth.init_layer_router(jax.random.key(0), D_MODEL, hidden_dim=0)
+
+
+# ---------------------------------------------------------------------- relative-norm halting
+
+
+def test_relative_norm_halting_matches_numpy() -> None:
+    key_x, key_u, key_s = jax.random.split(jax.random.key(18), 3)
+    x = jax.random.normal(key_x, (2, 16, D_MODEL))
+    # Per-token scales spread the relative norms around the threshold.
+    scale = jax.random.uniform(key_s, (2, 16, 1), minval=0.0, maxval=0.6)
+    update = jax.random.normal(key_u, (2, 16, D_MODEL)) * scale
+    threshold = 0.25
+    y, aux = depth.relative_norm_halting(x, update, threshold=threshold)
+
+    xn, un = np.asarray(x, np.float64), np.asarray(update, np.float64)
+    rel = np.linalg.norm(un, axis=-1) / np.linalg.norm(xn, axis=-1)
+    halted = rel < threshold
+    assert 0 < halted.sum() < halted.size
+    np.testing.assert_allclose(aux["relative_norm"], rel, rtol=1e-5)
+    np.testing.assert_allclose(aux["mean_relative_norm"], rel.mean(), rtol=1e-5)
+    np.testing.assert_allclose(aux["halted_fraction"], halted.mean())
+    np.testing.assert_array_equal(np.asarray(y)[halted], np.asarray(x)[halted])
+    np.testing.assert_allclose(np.asarray(y)[~halted], (xn + un)[~halted], rtol=1e-6)
+
+
+def test_halting_mask_from_previous_matches_numpy_and_is_sticky() -> None:
+    prev = jnp.asarray([[0.05, 0.3, 0.1, 0.5]])
+    before = jnp.asarray([[False, False, False, True]])
+    np.testing.assert_array_equal(
+        depth.halting_mask_from_previous(prev, 0.2), np.asarray(prev) < 0.2
+    )
+    np.testing.assert_array_equal(
+        depth.halting_mask_from_previous(prev, 0.2, previously_halted=before),
+        [[True, False, True, True]],
+    )
+
+
+def test_apply_halting_feeds_the_next_layer_decision() -> None:
+    x, _ = _inputs(1, 6, seed=19)
+    update = 0.1 * x
+    halted = jnp.asarray([[True, False, True, False, False, False]])
+    y, aux = depth.apply_halting(x, update, halted)
+    np.testing.assert_array_equal(y[halted], x[halted])
+    np.testing.assert_allclose(aux["relative_norm"], np.where(halted, 0.0, 0.1), rtol=1e-5)
+    np.testing.assert_allclose(aux["halted_fraction"], 2 / 6)
+
+
+def test_moe_flops_saved_fraction_matches_numpy() -> None:
+    halted = np.asarray([0.1, 0.4, 0.25])
+    flops = np.asarray([1.0, 2.0, 1.0])
+    np.testing.assert_allclose(depth.moe_flops_saved_fraction(halted), halted.mean(), rtol=1e-6)
+    np.testing.assert_allclose(
+        depth.moe_flops_saved_fraction(halted, flops),
+        (halted * flops).sum() / flops.sum(),
+        rtol=1e-6,
+    )
+    with pytest.raises(ValueError, match="flops_per_layer"):
+        depth.moe_flops_saved_fraction(halted, flops[:2])
+
+
+def test_halting_rejects_bad_threshold() -> None:
+    x, _ = _inputs(1, 2)
+    for threshold in (-0.1, math.inf, math.nan):
+        with pytest.raises(ValueError, match="threshold"):
+            depth.relative_norm_halting(x, x, threshold=threshold)
+        with pytest.raises(ValueError, match="threshold"):
+            depth.halting_mask_from_previous(jnp.zeros((1, 2)), threshold)
