@@ -48,8 +48,19 @@ class ModelConfig:
     renormalize_top_k: bool = True
     dispatch: str = "dropless"
     capacity_factor: float = 1.25
+    # Capacity factor at evaluation; 0 keeps capacity_factor.
+    eval_capacity_factor: float = 0.0
+    # Which assignments keep their slot when an expert is full: "order" (token order, GShard)
+    # or "score" (highest router weight first: batch-prioritised routing, V-MoE).
+    capacity_priority: str = "order"
     load_balance_weight: float = 0.01
     router_z_weight: float = 0.001
+    # Weights of the ReLU router's activation-sparsity and chunk-sparsity losses (BlockFFN).
+    relu_sparsity_weight: float = 0.0
+    chunk_sparsity_weight: float = 0.0
+    # Always-on experts beside the routed ones (DeepSeekMoE); width 0 means expert_d_ff.
+    num_shared_experts: int = 0
+    shared_expert_d_ff: int = 0
     gmm_impl: str = "auto"
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -242,6 +253,7 @@ def validate_model(model: ModelConfig) -> None:
     """Checks the model fields on their own (no mesh or data)."""
     from kernels_pallas.grouped_matmul.ops import GMM_IMPLS
     from moejax import moe, routing
+    from moejax.routers.learned import LEARNED_ROUTERS
 
     _positive(
         "model",
@@ -287,10 +299,26 @@ def validate_model(model: ModelConfig) -> None:
         model.top_k,
         f"1 <= top_k <= model.num_experts={model.num_experts}",
     )
-    _known_name("model.router", model.router, routing.ROUTER_NAMES)
+    # The recurrent router carries state from layer to layer, which the model does not thread yet.
+    learned = [name for name in LEARNED_ROUTERS if name != "recurrent"]
+    _known_name("model.router", model.router, [*routing.ROUTER_NAMES, *learned])
     _known_name("model.dispatch", model.dispatch, moe.DISPATCH_STRATEGIES)
+    _known_name("model.capacity_priority", model.capacity_priority, moe.CAPACITY_PRIORITIES)
+    _require(
+        model.eval_capacity_factor >= 0,
+        "model.eval_capacity_factor",
+        model.eval_capacity_factor,
+        ">= 0 (0 keeps model.capacity_factor)",
+    )
+    for name in ("num_shared_experts", "shared_expert_d_ff"):
+        _require(getattr(model, name) >= 0, f"model.{name}", getattr(model, name), ">= 0")
     _known_name("model.gmm_impl", model.gmm_impl, GMM_IMPLS)
-    for name in ("load_balance_weight", "router_z_weight"):
+    for name in (
+        "load_balance_weight",
+        "router_z_weight",
+        "relu_sparsity_weight",
+        "chunk_sparsity_weight",
+    ):
         _require(getattr(model, name) >= 0, f"model.{name}", getattr(model, name), ">= 0")
 
 

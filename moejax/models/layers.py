@@ -6,6 +6,7 @@ Each module owns its parameters and calls the pure functions of `moejax.routing`
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import jax
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import metrics, moe, routing
+from moejax.routers.learned import LEARNED_ROUTERS, PARAM_AXES
 from moejax.routers.stateful import STATEFUL_ROUTERS
 from moejax.sharding import constrain, param
 
@@ -86,11 +88,34 @@ class MLP(nnx.Module):
         )
 
 
-class MoELayer(nnx.Module):
-    """Routed SwiGLU experts stored as stacked `[experts, ...]` parameters.
+@dataclasses.dataclass(frozen=True)
+class MoEOptions:
+    """The mixture-of-experts choices of one layer (a subset of `ModelConfig`)."""
 
-    Returns the layer output and a dict of the router's weighted auxiliary loss and routing
-    statistics (expert load, entropy, dropped fraction).
+    router: str = "softmax_top_k"
+    renormalize_top_k: bool = True
+    dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+    # Capacity factor in eval mode; 0 keeps `capacity_factor`.
+    eval_capacity_factor: float = 0.0
+    capacity_priority: str = "order"
+    load_balance_weight: float = 0.01
+    router_z_weight: float = 0.001
+    relu_sparsity_weight: float = 0.0
+    chunk_sparsity_weight: float = 0.0
+    num_shared_experts: int = 0
+    shared_expert_d_ff: int = 0
+    gmm_impl: str = "auto"
+
+
+class MoELayer(nnx.Module):
+    """Routed SwiGLU experts stored as stacked `[experts, ...]` parameters, optionally beside
+    always-on shared experts.
+
+    The router is either a logits router from the registry (`moejax.routing`; a linear map
+    `[d_model, experts]` gives its logits) or a learned router that owns its own parameters
+    (`moejax.routers.learned`: cosine, ReLU+RMSNorm). Returns the layer output and a dict of
+    the weighted auxiliary loss and routing statistics.
     """
 
     def __init__(
@@ -99,38 +124,44 @@ class MoELayer(nnx.Module):
         expert_d_ff: int,
         num_experts: int,
         top_k: int,
+        options: MoEOptions,
         *,
-        router: str,
-        renormalize_top_k: bool,
-        dispatch: str,
-        capacity_factor: float,
-        load_balance_weight: float,
-        router_z_weight: float,
-        gmm_impl: str,
         dtype,
         param_dtype,
         rngs: nnx.Rngs,
     ):
-        self.num_experts, self.top_k = num_experts, top_k
-        self.route = routing.get_router(router)
-        # Routers declare extra inputs (token ids, train/eval mode) as keyword options.
+        self.num_experts, self.top_k, self.options, self.dtype = num_experts, top_k, options, dtype
+        learned = LEARNED_ROUTERS.get(options.router)
+        if learned is None:
+            self.route = routing.get_router(options.router)
+            # Router logits decide discrete assignments, so the router starts near uniform.
+            self.router = param(
+                jax.random.normal(rngs.params(), (d_model, num_experts), param_dtype) * 0.02,
+                ("embed", None),
+            )
+        else:
+            init_fn, self.route = learned
+            axes = PARAM_AXES[options.router]
+            values = init_fn(rngs.params(), d_model, num_experts)
+            self.router_params = nnx.Dict(
+                {
+                    name: param(value.astype(param_dtype), axes[name])
+                    for name, value in values.items()
+                }
+            )
+        # Routers declare extra inputs (token ids, train mode, ...) as keyword options.
         accepted = inspect.signature(self.route).parameters
-        self.router_inputs = tuple(n for n in ("token_ids", "train") if n in accepted)
-        self.renormalize_top_k = renormalize_top_k
-        self.dispatch, self.capacity_factor, self.gmm_impl = dispatch, capacity_factor, gmm_impl
-        self.load_balance_weight, self.router_z_weight = load_balance_weight, router_z_weight
-        self.dtype = dtype
-        self.state_spec = STATEFUL_ROUTERS.get(router)
+        self.router_inputs = tuple(
+            name
+            for name in ("token_ids", "train", "renormalize", "seq_len", "chunk_size")
+            if name in accepted
+        )
+        self.state_spec = STATEFUL_ROUTERS.get(options.router)
         if self.state_spec is not None:
             initial = self.state_spec.init(rngs.params(), d_model, num_experts)
             self.router_state = RouterState(
                 initial, out_sharding=self.state_spec.axes, eager_sharding=False
             )
-        # Router logits decide discrete assignments, so the router starts near uniform.
-        self.router = param(
-            jax.random.normal(rngs.params(), (d_model, num_experts), param_dtype) * 0.02,
-            ("embed", None),
-        )
         shape_in, shape_out = (
             (num_experts, d_model, expert_d_ff),
             (num_experts, expert_d_ff, d_model),
@@ -144,6 +175,38 @@ class MoELayer(nnx.Module):
         self.w_down = param(
             _dense_init(rngs.params(), shape_out, param_dtype, 1), ("expert", "expert_mlp", "embed")
         )
+        if options.num_shared_experts:
+            shared_d_ff = options.shared_expert_d_ff or expert_d_ff
+            shared_in = (options.num_shared_experts, d_model, shared_d_ff)
+            shared_out = (options.num_shared_experts, shared_d_ff, d_model)
+            self.shared_w_gate = param(
+                _dense_init(rngs.params(), shared_in, param_dtype, 1), (None, "embed", "mlp")
+            )
+            self.shared_w_up = param(
+                _dense_init(rngs.params(), shared_in, param_dtype, 1), (None, "embed", "mlp")
+            )
+            self.shared_w_down = param(
+                _dense_init(rngs.params(), shared_out, param_dtype, 1), (None, "mlp", "embed")
+            )
+
+    def _route(self, tokens: jax.Array, token_ids, *, train: bool, length: int):
+        available = {
+            "train": train,
+            "renormalize": self.options.renormalize_top_k,
+            "seq_len": length,
+            "chunk_size": min(8, length),
+        }
+        if token_ids is not None:
+            available["token_ids"] = token_ids.reshape(-1)  # [tokens]
+        inputs = {name: available[name] for name in self.router_inputs if name in available}
+        if self.state_spec is not None:
+            inputs.update(self.state_spec.inputs(self.router_state[...], tokens))
+        hidden = tokens.astype(jnp.float32)  # [tokens, d_model]
+        if hasattr(self, "router_params"):
+            params = {name: value[...] for name, value in self.router_params.items()}
+            return self.route(hidden, params, top_k=self.top_k, **inputs)
+        router_logits = hidden @ self.router[...].astype(jnp.float32)  # [tokens, experts]
+        return self.route(router_logits, top_k=self.top_k, **inputs)
 
     def __call__(
         self, x: jax.Array, token_ids: jax.Array | None = None, *, train: bool = True
@@ -151,41 +214,48 @@ class MoELayer(nnx.Module):
         """`x [batch, length, d_model]` -> (`[batch, length, d_model]`, aux dict).
 
         `token_ids [batch, length]` reach routers that take them (hash routing); `train=False`
-        makes batch-dependent routers (Sinkhorn) route causally, token by token.
+        makes batch-dependent routers (Sinkhorn) route causally and selects the eval capacity.
         """
+        options = self.options
         batch, length, d_model = x.shape
         tokens = x.reshape(batch * length, d_model).astype(self.dtype)  # [tokens, d_model]
-        router_logits = tokens.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
-        available = {"train": train}
-        if token_ids is not None:
-            available["token_ids"] = token_ids.reshape(-1)  # [tokens]
-        inputs = {name: available[name] for name in self.router_inputs if name in available}
-        if self.state_spec is not None:
-            inputs.update(self.state_spec.inputs(self.router_state.value, tokens))
-        result = self.route(
-            router_logits, top_k=self.top_k, renormalize=self.renormalize_top_k, **inputs
-        )
+        result = self._route(tokens, token_ids, train=train, length=length)
         if self.state_spec is not None and train:
-            new_state = self.state_spec.update(self.router_state.value, tokens, result)
-            self.router_state.value = jax.lax.stop_gradient(new_state)
+            new_state = self.state_spec.update(self.router_state[...], tokens, result)
+            self.router_state[...] = jax.lax.stop_gradient(new_state)
         dt = self.dtype
         experts = {
             "w_gate": constrain(self.w_gate[...].astype(dt), ("expert", "embed", "expert_mlp")),
             "w_up": constrain(self.w_up[...].astype(dt), ("expert", "embed", "expert_mlp")),
             "w_down": constrain(self.w_down[...].astype(dt), ("expert", "expert_mlp", "embed")),
         }
+        shared = None
+        if options.num_shared_experts:
+            shared = {
+                "w_gate": self.shared_w_gate[...].astype(dt),
+                "w_up": self.shared_w_up[...].astype(dt),
+                "w_down": self.shared_w_down[...].astype(dt),
+            }
+        capacity_factor = options.capacity_factor
+        if not train and options.eval_capacity_factor:
+            capacity_factor = options.eval_capacity_factor
         out = moe.moe_ffn(
             tokens,
             result,
             experts,
-            strategy=self.dispatch,
-            capacity_factor=self.capacity_factor,
-            gmm_impl=self.gmm_impl,
+            strategy=options.dispatch,
+            capacity_factor=capacity_factor,
+            gmm_impl=options.gmm_impl,
+            priority=options.capacity_priority,
+            shared_params=shared,
         )
         losses = result.aux_losses
+        zero = jnp.float32(0.0)
         aux = {
-            "aux_loss": self.load_balance_weight * losses["load_balance"]
-            + self.router_z_weight * losses["router_z"],
+            "aux_loss": options.load_balance_weight * losses["load_balance"]
+            + options.router_z_weight * losses["router_z"]
+            + options.relu_sparsity_weight * losses.get("relu_sparsity", zero)
+            + options.chunk_sparsity_weight * losses.get("chunk_sparsity_loss", zero),
             "load_balance_loss": losses["load_balance"],
             "router_z_loss": losses["router_z"],
             "dropped_fraction": jnp.asarray(out.dropped_fraction, jnp.float32),

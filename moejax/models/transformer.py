@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moejax.attention import Attention
 from moejax.config import ModelConfig
-from moejax.models.layers import MLP, MoELayer, RMSNorm
+from moejax.models.layers import MLP, MoELayer, MoEOptions, RMSNorm
 from moejax.sharding import constrain, param
 
 ACTIVATION = ("batch", "length", "activation_embed")
@@ -33,18 +35,15 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(config.d_model, param_dtype=param_dtype)
         self.is_moe = config.is_moe_layer(layer)
         if self.is_moe:
+            options = MoEOptions(
+                **{f.name: getattr(config, f.name) for f in dataclasses.fields(MoEOptions)}
+            )
             self.ffn = MoELayer(
                 config.d_model,
                 config.expert_d_ff,
                 config.num_experts,
                 config.top_k,
-                router=config.router,
-                renormalize_top_k=config.renormalize_top_k,
-                dispatch=config.dispatch,
-                capacity_factor=config.capacity_factor,
-                load_balance_weight=config.load_balance_weight,
-                router_z_weight=config.router_z_weight,
-                gmm_impl=config.gmm_impl,
+                options,
                 dtype=dtype,
                 param_dtype=param_dtype,
                 rngs=rngs,

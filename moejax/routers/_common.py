@@ -1,13 +1,43 @@
-"""Checks and losses shared by the router families in this package."""
+"""Checks, losses and constants shared by the router families in this package."""
 
 import jax
 import jax.numpy as jnp
+
+Params = dict[str, jax.Array]
+
+# Router weights start near uniform (std 0.02, as `MoELayer.router` and the BlockFFN and RMoE
+# reference code do): their logits decide discrete assignments.
+ROUTER_INIT_STD = 0.02
 
 
 def require(ok: bool, field: str, value: object, allowed: str) -> None:
     """Raises `ValueError("{field}: got {value}; allowed: {allowed}")` unless `ok`."""
     if not ok:
         raise ValueError(f"{field}: got {value!r}; allowed: {allowed}")
+
+
+def check_hidden(hidden: jax.Array, weight: jax.Array, weight_name: str) -> None:
+    """Validates hidden [tokens, d_model] against a parameter whose first dimension is d_model."""
+    require(hidden.ndim == 2, "hidden", f"shape {hidden.shape}", "[tokens, d_model]")
+    require(
+        hidden.shape[1] == weight.shape[0],
+        "hidden",
+        f"shape {hidden.shape}",
+        f"[tokens, d_model={weight.shape[0]}] to match params[{weight_name!r}] {weight.shape}",
+    )
+
+
+def check_int(value: object, field: str, minimum: int = 1) -> None:
+    require(isinstance(value, int) and value >= minimum, field, value, f"an int >= {minimum}")
+
+
+def check_top_k(top_k: int, num_experts: int) -> None:
+    require(
+        isinstance(top_k, int) and 1 <= top_k <= num_experts,
+        "top_k",
+        top_k,
+        f"an int with 1 <= top_k <= num_experts={num_experts}",
+    )
 
 
 def check_token_ids(token_ids: jax.Array | None, num_tokens: int, router: str) -> jax.Array:

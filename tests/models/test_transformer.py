@@ -93,7 +93,7 @@ def test_rms_norm_matches_numpy():
     )
 
 
-@pytest.mark.parametrize("router", sorted(routing.ROUTER_NAMES))
+@pytest.mark.parametrize("router", [*sorted(routing.ROUTER_NAMES), "cosine", "relu_rmsnorm"])
 def test_every_registered_router_trains_inside_the_language_model(router):
     config = dataclasses.replace(SMALL, num_layers=1, router=router)
     model = TransformerLM(config, rngs=nnx.Rngs(0))
@@ -120,3 +120,22 @@ def test_every_registered_router_trains_inside_the_language_model(router):
 
 def _global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def test_shared_experts_and_eval_capacity_factor():
+    config = dataclasses.replace(
+        SMALL,
+        num_layers=1,
+        num_shared_experts=2,
+        shared_expert_d_ff=16,
+        dispatch="capacity",
+        capacity_factor=0.25,
+        eval_capacity_factor=4.0,
+    )
+    model = TransformerLM(config, rngs=nnx.Rngs(0))
+    chex.assert_shape(model.blocks[0].ffn.shared_w_gate[...], (2, 32, 16))
+    tokens = _tokens(length=16)
+    _, train_aux = model(tokens, train=True)
+    _, eval_aux = model(tokens, train=False)
+    assert float(train_aux[0]["dropped_fraction"]) > 0.3
+    assert float(eval_aux[0]["dropped_fraction"]) == 0.0
