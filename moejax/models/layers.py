@@ -90,22 +90,22 @@ class MLP(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class MoEOptions:
-    """The mixture-of-experts choices of one layer (a subset of `ModelConfig`)."""
+    """The mixture-of-experts choices of one layer: the same-named `ModelConfig` fields, which
+    document them."""
 
-    router: str = "softmax_top_k"
-    renormalize_top_k: bool = True
-    dispatch: str = "dropless"
-    capacity_factor: float = 1.25
-    # Capacity factor in eval mode; 0 keeps `capacity_factor`.
-    eval_capacity_factor: float = 0.0
-    capacity_priority: str = "order"
-    load_balance_weight: float = 0.01
-    router_z_weight: float = 0.001
-    relu_sparsity_weight: float = 0.0
-    chunk_sparsity_weight: float = 0.0
-    num_shared_experts: int = 0
-    shared_expert_d_ff: int = 0
-    gmm_impl: str = "auto"
+    router: str
+    renormalize_top_k: bool
+    dispatch: str
+    capacity_factor: float
+    eval_capacity_factor: float
+    capacity_priority: str
+    load_balance_weight: float
+    router_z_weight: float
+    relu_sparsity_weight: float
+    chunk_sparsity_weight: float
+    num_shared_experts: int
+    shared_expert_d_ff: int
+    gmm_impl: str
 
 
 class MoELayer(nnx.Module):
