@@ -51,6 +51,11 @@ def main(argv: list[str]) -> int:
         f"bits/byte, perplexity {results['perplexity']:.3f} over {results['tokens']:.0f} bytes"
     )
     print(routing_table(results))
+    if "moe_flops_halted" in results:
+        print(
+            f"relative-norm halting: {100 * results['moe_flops_halted']:.1f}% of MoE token "
+            "updates skipped (the share of MoE FLOPs a decide-first version would save)"
+        )
     if "sample" in results:
         print(f"--- sample ({args.sample_bytes} bytes after the prompt) ---\n{results['sample']}")
     out_dir = Path(args.workdir) / "eval"

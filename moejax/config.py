@@ -58,6 +58,9 @@ class ModelConfig:
     # Weights of the ReLU router's activation-sparsity and chunk-sparsity losses (BlockFFN).
     relu_sparsity_weight: float = 0.0
     chunk_sparsity_weight: float = 0.0
+    # Zero-shot relative-norm halting at evaluation (Equifinality): a token skips a MoE layer's
+    # update when ||update|| / ||x|| is below this; 0 turns it off. Training ignores it.
+    halting_threshold: float = 0.0
     # Always-on experts beside the routed ones (DeepSeekMoE); width 0 means expert_d_ff.
     num_shared_experts: int = 0
     shared_expert_d_ff: int = 0
@@ -309,6 +312,12 @@ def validate_model(model: ModelConfig) -> None:
         "model.eval_capacity_factor",
         model.eval_capacity_factor,
         ">= 0 (0 keeps model.capacity_factor)",
+    )
+    _require(
+        model.halting_threshold >= 0,
+        "model.halting_threshold",
+        model.halting_threshold,
+        ">= 0 (0 turns halting off)",
     )
     for name in ("num_shared_experts", "shared_expert_d_ff"):
         _require(getattr(model, name) >= 0, f"model.{name}", getattr(model, name), ">= 0")

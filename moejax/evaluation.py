@@ -38,6 +38,10 @@ def evaluate(eval_step: MeshStep, variables: Any, batches: Iterable[dict[str, np
         "tokens": tokens,
     }
     results.update({name: total / count for name, total in routing_sums.items()})
+    halted = [value for name, value in results.items() if name.endswith("/halted_fraction")]
+    if halted:
+        # Every MoE layer costs the same, so the saved share of MoE FLOPs is the mean halted share.
+        results["moe_flops_halted"] = float(np.mean(halted))
     return results
 
 
@@ -106,9 +110,10 @@ def evaluate_workdir(
     if not config_path.exists():
         raise ValueError(f"--workdir: {workdir} holds no {CONFIG_FILE}; is it a training run?")
     for override in overrides:
-        if not override.startswith(("mesh.", "data.")):
+        if not override.startswith(("mesh.", "data.", "model.halting_threshold=")):
             raise config_lib.ConfigError(
-                f"eval override {override!r}: only mesh.* and data.* fields can change at eval"
+                f"eval override {override!r}: only mesh.*, data.* and model.halting_threshold "
+                "can change at eval"
             )
     config = config_lib.apply_overrides(config_lib.load_json(config_path), overrides)
     devices = list(jax.devices() if devices is None else devices)

@@ -10,6 +10,7 @@ from flax import nnx
 
 from moejax.attention import Attention
 from moejax.config import ModelConfig
+from moejax.depth.halting import relative_norm_halting
 from moejax.models.layers import MLP, MoELayer, MoEOptions, RMSNorm
 from moejax.sharding import constrain, param
 
@@ -34,6 +35,7 @@ class Block(nnx.Module):
         )
         self.ffn_norm = RMSNorm(config.d_model, param_dtype=param_dtype)
         self.is_moe = config.is_moe_layer(layer)
+        self.halting_threshold = config.halting_threshold
         if self.is_moe:
             options = MoEOptions(
                 **{f.name: getattr(config, f.name) for f in dataclasses.fields(MoEOptions)}
@@ -60,6 +62,18 @@ class Block(nnx.Module):
         x = constrain(x, ACTIVATION)
         if self.is_moe:
             update, aux = self.ffn(self.ffn_norm(x), token_ids, train=train)
+            if not train:
+                # Measured at evaluation only: the relative size of the MoE update, and with a
+                # threshold, zero-shot halting of the tokens whose update is small.
+                halted, halting = relative_norm_halting(
+                    x, update.astype(x.dtype), threshold=self.halting_threshold
+                )
+                aux = {
+                    **aux,
+                    "mean_relative_norm": halting["mean_relative_norm"],
+                    "halted_fraction": halting["halted_fraction"],
+                }
+                return constrain(halted, ACTIVATION), aux
         else:
             update, aux = self.ffn(self.ffn_norm(x)), None
         return constrain(x + update.astype(x.dtype), ACTIVATION), aux

@@ -21,14 +21,15 @@ from moejax.config import Config, ModelConfig, TrainConfig
 from moejax.models.layers import RouterState
 from moejax.models.transformer import TransformerLM
 
-# {"step": int32 [], "params": pure dict, "router_state": pure dict, "opt_state": optax state}
+# {"step": int32 [], "params": pure dict, "opt_state": optax state} and, for routers with
+# state (expert biases, centroids), "router_state": pure dict. Models without router state
+# leave the key out, so their checkpoints do not depend on the feature.
 TrainState = dict[str, Any]
-MODEL_VARIABLES = ("params", "router_state")
 
 
 def model_variables(state: TrainState) -> dict[str, Any]:
     """The parts of the train state the model is built from (what eval and sampling need)."""
-    return {name: state[name] for name in MODEL_VARIABLES}
+    return {"params": state["params"], "router_state": state.get("router_state", {})}
 
 
 def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
@@ -96,15 +97,16 @@ def state_shardings(spec: ModelSpec, optimizer: optax.GradientTransformation, me
     abstract_state = {
         "step": jax.ShapeDtypeStruct((), jnp.int32),
         "params": spec.abstract_params,
-        "router_state": spec.abstract_router_state,
         "opt_state": abstract_opt,
     }
     shardings = {
         "step": replicated,
         "params": param_shardings,
-        "router_state": sharding.tree_shardings(mesh, spec.router_state_axes),
         "opt_state": opt_shardings,
     }
+    if spec.abstract_router_state:
+        abstract_state["router_state"] = spec.abstract_router_state
+        shardings["router_state"] = sharding.tree_shardings(mesh, spec.router_state_axes)
     return abstract_state, shardings
 
 
@@ -145,12 +147,14 @@ def init_state(config: Config, layout: StateLayout) -> TrainState:
     def init(key: jax.Array) -> TrainState:
         model = TransformerLM(config.model, rngs=nnx.Rngs(key))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        return {
+        state = {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
-            "router_state": nnx.to_pure_dict(nnx.state(model, RouterState)),
             "opt_state": layout.optimizer.init(params),
         }
+        if layout.spec.abstract_router_state:
+            state["router_state"] = nnx.to_pure_dict(nnx.state(model, RouterState))
+        return state
 
     return jax.jit(init, out_shardings=layout.shardings)(jax.random.key(config.train.seed))
 

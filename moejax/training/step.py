@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax import sharding
 from moejax.models.layers import RouterState
-from moejax.training.state import MODEL_VARIABLES, ModelSpec, StateLayout, TrainState
+from moejax.training.state import ModelSpec, StateLayout, TrainState, model_variables
 
 Batch = dict[str, jax.Array]  # {"inputs": [batch, length] int32, "targets": [batch, length]}
 
@@ -74,7 +74,7 @@ def make_train_step(layout: StateLayout, mesh: Mesh) -> MeshStep:
 
     def train_step(state: TrainState, batch: Batch):
         def loss_fn(params):
-            variables = {"params": params, "router_state": state["router_state"]}
+            variables = {**model_variables(state), "params": params}
             ce, aux_loss, aux_per_layer, router_state = forward(spec, variables, batch)
             return ce + aux_loss, (ce, aux_loss, aux_per_layer, router_state)
 
@@ -94,9 +94,10 @@ def make_train_step(layout: StateLayout, mesh: Mesh) -> MeshStep:
         new_state = {
             "step": state["step"] + 1,
             "params": params,
-            "router_state": router_state,
             "opt_state": opt_state,
         }
+        if "router_state" in state:
+            new_state["router_state"] = router_state
         return new_state, metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -118,7 +119,10 @@ def make_eval_step(layout: StateLayout, mesh: Mesh) -> MeshStep:
     """`eval_step(variables, batch) -> sums` of nll (nats), tokens, and per-layer routing stats;
     `variables` = `state.model_variables(train_state)`."""
     spec = layout.spec
-    variable_shardings = {name: layout.shardings[name] for name in MODEL_VARIABLES}
+    variable_shardings = {
+        "params": layout.shardings["params"],
+        "router_state": layout.shardings.get("router_state", {}),
+    }
 
     def eval_step(variables: dict[str, Any], batch: Batch):
         model = spec.merge(variables)

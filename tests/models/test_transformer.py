@@ -139,3 +139,19 @@ def test_shared_experts_and_eval_capacity_factor():
     _, eval_aux = model(tokens, train=False)
     assert float(train_aux[0]["dropped_fraction"]) > 0.3
     assert float(eval_aux[0]["dropped_fraction"]) == 0.0
+
+
+def test_relative_norm_halting_applies_only_at_evaluation():
+    tokens = _tokens(length=16)
+    never = TransformerLM(dataclasses.replace(SMALL, halting_threshold=0.0), rngs=nnx.Rngs(0))
+    always = TransformerLM(dataclasses.replace(SMALL, halting_threshold=1e9), rngs=nnx.Rngs(0))
+    _, aux_never = never(tokens, train=False)
+    logits_always, aux_always = always(tokens, train=False)
+    assert all(float(a["halted_fraction"]) == 0.0 for a in aux_never)
+    assert all(float(a["halted_fraction"]) == 1.0 for a in aux_always)
+    assert all(float(a["mean_relative_norm"]) > 0.0 for a in aux_never)
+    train_never, _ = never(tokens, train=True)
+    train_always, aux_train = always(tokens, train=True)
+    np.testing.assert_array_equal(train_never, train_always)
+    assert "halted_fraction" not in aux_train[0]
+    assert not np.allclose(logits_always, train_always)

@@ -170,5 +170,5 @@ def test_eval_restores_onto_another_mesh(tiny_config, tmp_path):
         eight["moe/layer0/expert_load"], one["moe/layer0/expert_load"], atol=1e-6
     )
     assert 0.0 < one["bits_per_byte"] < 8.0
-    with pytest.raises(ValueError, match="only mesh.\\* and data.\\* fields"):
+    with pytest.raises(ValueError, match="only mesh.*data.*model.halting_threshold"):
         evaluate_workdir(workdir, overrides=["model.num_experts=8"])

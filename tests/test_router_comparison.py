@@ -1,0 +1,106 @@
+"""The router comparison benchmark, end to end on a tiny model."""
+
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def router_comparison():
+    path = ROOT / "benchmarks" / "router_comparison.py"
+    spec = importlib.util.spec_from_file_location("router_comparison", path)
+    module = importlib.util.module_from_spec(spec)
+    # Its dataclasses look their module up in sys.modules.
+    monkeypatch_modules = pytest.MonkeyPatch()
+    monkeypatch_modules.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    yield module
+    monkeypatch_modules.undo()
+
+
+def test_writes_table_json_and_curves_for_each_router(router_comparison, data_dir, tmp_path):
+    out = tmp_path / "comparison"
+    status = router_comparison.main(
+        [
+            "--config",
+            str(ROOT / "configs" / "tiny.py"),
+            "--override",
+            f"data.data_dir={data_dir}",
+            "--steps",
+            "6",
+            "--seeds",
+            "0",
+            "--routers",
+            "softmax_top_k",
+            "hash",
+            "--out",
+            str(out),
+        ]
+    )
+    assert status == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {row["router"]: row for row in results["rows"]}
+    assert set(rows) == {"softmax_top_k", "hash"}
+    for row in rows.values():
+        assert row["seeds"] == [0] and not row["errors"]
+        assert math.isfinite(row["bits_per_byte_mean"])
+        assert row["curve"][-1][0] == 6
+    assert (
+        "| router | seeds | val bits/byte | vs softmax_top_k |" in (out / "results.md").read_text()
+    )
+    assert (out / "validation_curves.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_dense_variant_matches_active_feed_forward_width(router_comparison):
+    from moejax.config import Config
+
+    base = Config()
+    dense = router_comparison.variant_config(base, "dense", seed=3)
+    assert dense.model.moe_every == 0
+    assert dense.model.d_ff == base.model.top_k * base.model.expert_d_ff
+    assert dense.train.seed == 3 and dense.data.shuffle_seed == 3
+
+
+def test_failed_router_is_reported_and_the_rest_summarised(router_comparison):
+    runs = [
+        {
+            "router": "softmax_top_k",
+            "seed": 0,
+            "bits_per_byte": 2.0,
+            "loss": 1.4,
+            "imbalance": 1.1,
+            "entropy": 0.9,
+            "token_sparsity": 0.5,
+            "chunk_sparsity": 0.1,
+            "tokens_per_second": 100.0,
+            "curve": [[0, 8.0], [10, 2.0]],
+        },
+        {"router": "hash", "seed": 0, "error": "ValueError: boom"},
+    ]
+    rows = router_comparison.summarise(runs, ["softmax_top_k", "hash"])
+    assert rows[0]["vs_softmax_top_k_percent"] == 0.0
+    assert rows[1]["bits_per_byte_mean"] is None and rows[1]["errors"] == [
+        "seed 0: ValueError: boom"
+    ]
+
+
+def test_png_encoder_writes_a_decodable_image(router_comparison, tmp_path):
+    import struct
+    import zlib
+
+    rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    path = tmp_path / "image.png"
+    router_comparison.write_png(rgb, path)
+    data = path.read_bytes()
+    width, height = struct.unpack(">II", data[16:24])
+    length = struct.unpack(">I", data[33:37])[0]
+    raw = np.frombuffer(zlib.decompress(data[41 : 41 + length]), np.uint8).reshape(4, 16)
+    assert (width, height) == (5, 4)
+    np.testing.assert_array_equal(raw[:, 1:].reshape(4, 5, 3), rgb)
