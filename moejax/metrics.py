@@ -9,14 +9,13 @@ Functions whose output shape is static are jit-able, with the integer arguments 
 """
 
 import dataclasses
-import struct
-import zlib
 from os import PathLike
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.plotting import write_png
 from moejax.routing import Routing, routing_statistics
 
 
@@ -431,23 +430,7 @@ def save_load_heatmap(
         raise ValueError(f"vmax: got {vmax}; allowed: > 0")
     cells = load_colors(loads, vmax)  # [layers, experts, 3]
     pixels = np.repeat(np.repeat(cells, cell_size, axis=0), cell_size, axis=1)  # [h, w, 3]
-    height, width = pixels.shape[:2]
-    # Each scanline starts with its filter type; 0 means the bytes are stored as they are.
-    scanlines = np.concatenate([np.zeros((height, 1), np.uint8), pixels.reshape(height, -1)], 1)
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, not interlaced
-    png = (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 9))
-        + _png_chunk(b"IEND", b"")
-    )
-    with open(path, "wb") as f:
-        f.write(png)
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    """A PNG chunk: length, type, data, and the CRC-32 of type and data."""
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    write_png(pixels, path)
 
 
 def _as_sequences(x: jax.Array, seq_len: int | None, name: str) -> jax.Array:

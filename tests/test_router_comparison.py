@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from moejax.plotting import write_png
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -97,7 +99,7 @@ def test_png_encoder_writes_a_decodable_image(router_comparison, tmp_path):
 
     rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
     path = tmp_path / "image.png"
-    router_comparison.write_png(rgb, path)
+    write_png(rgb, path)
     data = path.read_bytes()
     width, height = struct.unpack(">II", data[16:24])
     length = struct.unpack(">I", data[33:37])[0]
