@@ -26,7 +26,7 @@ import numpy as np
 
 from kernels_pallas import gmm
 from kernels_pallas.grouped_matmul.xla_tiled import default_tile_m
-from moejax.moe import moe_ffn
+from moejax.moe import init_expert_params, moe_ffn
 from moejax.routing import Routing, softmax_top_k
 
 # (m, k, n, num_groups)
@@ -111,13 +111,7 @@ def moe_rows(repeats: int) -> list[Row]:
         x = jnp.asarray(rng.standard_normal((tokens, d_model), np.float32))
         logits = jnp.asarray(rng.standard_normal((tokens, num_experts), np.float32))
         routing = softmax_top_k(logits, top_k=top_k)
-        scale_in, scale_out = 1 / np.sqrt(d_model), 1 / np.sqrt(d_ff)
-        params = {
-            "w_gate": rng.standard_normal((num_experts, d_model, d_ff), np.float32) * scale_in,
-            "w_up": rng.standard_normal((num_experts, d_model, d_ff), np.float32) * scale_in,
-            "w_down": rng.standard_normal((num_experts, d_ff, d_model), np.float32) * scale_out,
-        }
-        params = {name: jnp.asarray(value) for name, value in params.items()}
+        params = init_expert_params(jax.random.key(1), num_experts, d_model, d_ff)
         cotangent = jnp.asarray(rng.standard_normal((tokens, d_model), np.float32))
 
         candidates: Candidates = {

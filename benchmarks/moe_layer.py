@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas.grouped_matmul.ops import resolve_impl
-from moejax.moe import ExpertParams, expert_capacity, moe_ffn
+from moejax.moe import ExpertParams, expert_capacity, init_expert_params, moe_ffn
 from moejax.routing import routing_statistics, softmax_top_k
 
 # (tokens, d_model, d_ff, num_experts, top_k); the first is the case the timing targets name.
@@ -220,13 +220,7 @@ def run_case(
     expert_bias = rng.normal(0.0, EXPERT_BIAS_STD, num_experts).astype(np.float32)
     logits = rng.standard_normal((tokens, num_experts), np.float32) + expert_bias
     logits = jnp.asarray(logits)
-    scale_in, scale_out = 1 / np.sqrt(d_model), 1 / np.sqrt(d_ff)
-    params = {
-        "w_gate": rng.standard_normal((num_experts, d_model, d_ff), np.float32) * scale_in,
-        "w_up": rng.standard_normal((num_experts, d_model, d_ff), np.float32) * scale_in,
-        "w_down": rng.standard_normal((num_experts, d_ff, d_model), np.float32) * scale_out,
-    }
-    params = {name: jnp.asarray(value) for name, value in params.items()}
+    params = init_expert_params(jax.random.key(1), num_experts, d_model, d_ff)
     cotangent = jnp.asarray(rng.standard_normal((tokens, d_model), np.float32))
     args = (x, params, logits, cotangent)
 

@@ -47,6 +47,20 @@ class MoEOutput:
     dropped_fraction: jax.Array
 
 
+def init_expert_params(
+    key: jax.Array, num_experts: int, d_model: int, d_ff: int, dtype: jnp.dtype = jnp.float32
+) -> ExpertParams:
+    """Random SwiGLU expert weights, normal with std 1/sqrt(fan_in) (see the module docstring
+    for the shapes); for benchmarks and tests that need experts without a Flax module."""
+    keys = jax.random.split(key, 3)
+    shape_in, shape_out = (num_experts, d_model, d_ff), (num_experts, d_ff, d_model)
+    return {
+        "w_gate": jax.random.normal(keys[0], shape_in, dtype) * d_model**-0.5,
+        "w_up": jax.random.normal(keys[1], shape_in, dtype) * d_model**-0.5,
+        "w_down": jax.random.normal(keys[2], shape_out, dtype) * d_ff**-0.5,
+    }
+
+
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
     """Slots per expert: `ceil(num_tokens * top_k * capacity_factor / num_experts)`, at least 1.
 

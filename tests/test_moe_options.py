@@ -325,3 +325,13 @@ def test_priority_rejects_unknown_value() -> None:
             moe_ffn(x, routing, params, strategy=strategy, priority="random")
     with pytest.raises(ValueError, match=match):
         capacity_dispatch(x, routing, params, capacity=2, priority="random")
+
+
+def test_init_expert_params_shapes_and_fan_in_scale():
+    from moejax.moe import init_expert_params
+
+    params = init_expert_params(jax.random.key(0), 4, 64, 256)
+    chex.assert_shape([params["w_gate"], params["w_up"]], (4, 64, 256))
+    chex.assert_shape(params["w_down"], (4, 256, 64))
+    np.testing.assert_allclose(float(jnp.std(params["w_gate"])), 64**-0.5, rtol=0.05)
+    np.testing.assert_allclose(float(jnp.std(params["w_down"])), 256**-0.5, rtol=0.05)
