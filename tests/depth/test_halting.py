@@ -6,17 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from depth_toy_block import D_MODEL, depth_inputs
 
 from moejax import depth
-
-D_MODEL = 8
-
-
-def _inputs(batch: int, length: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
-    key_x, key_w = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(key_x, (batch, length, D_MODEL))
-    router_weights = jax.random.normal(key_w, (D_MODEL,))
-    return x, router_weights
 
 
 def test_relative_norm_halting_matches_numpy() -> None:
@@ -52,7 +44,7 @@ def test_halting_mask_from_previous_matches_numpy_and_is_sticky() -> None:
 
 
 def test_apply_halting_feeds_the_next_layer_decision() -> None:
-    x, _ = _inputs(1, 6, seed=19)
+    x, _ = depth_inputs(1, 6, seed=19)
     update = 0.1 * x
     halted = jnp.asarray([[True, False, True, False, False, False]])
     y, aux = depth.apply_halting(x, update, halted)
@@ -75,7 +67,7 @@ def test_moe_flops_saved_fraction_matches_numpy() -> None:
 
 
 def test_halting_rejects_bad_threshold() -> None:
-    x, _ = _inputs(1, 2)
+    x, _ = depth_inputs(1, 2)
     for threshold in (-0.1, math.inf, math.nan):
         with pytest.raises(ValueError, match="threshold"):
             depth.relative_norm_halting(x, x, threshold=threshold)

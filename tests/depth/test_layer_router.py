@@ -5,50 +5,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from depth_toy_block import D_MODEL, causal_block, depth_inputs
 
 from moejax import depth
 
-D_MODEL = 8
-W_BLOCK = np.asarray(
-    jax.random.normal(jax.random.key(42), (D_MODEL, D_MODEL)) * D_MODEL**-0.5, np.float64
-)
-
-
-def _causal_block(h: jax.Array) -> jax.Array:
-    """A causal toy block: tanh of the running mean of `h @ W`; token t sees tokens <= t only."""
-    z = h @ W_BLOCK.astype(h.dtype)  # [batch, n, d]
-    steps = jnp.arange(1, h.shape[1] + 1, dtype=h.dtype)[None, :, None]
-    return jnp.tanh(jnp.cumsum(z, axis=1) / steps)
-
-
-def _inputs(batch: int, length: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
-    key_x, key_w = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(key_x, (batch, length, D_MODEL))
-    router_weights = jax.random.normal(key_w, (D_MODEL,))
-    return x, router_weights
-
 
 def test_routed_block_skip_execute_repeat_apply_the_block_zero_one_two_times() -> None:
-    x, _ = _inputs(3, 6, seed=10)
+    x, _ = depth_inputs(3, 6, seed=10)
     router = depth.init_layer_router(jax.random.key(11), D_MODEL, hidden_dim=4)
     decision = jnp.asarray([depth.SKIP, depth.EXECUTE, depth.REPEAT])
-    y, out_decision = depth.routed_block(x, router, _causal_block, decision=decision)
+    y, out_decision = depth.routed_block(x, router, causal_block, decision=decision)
     np.testing.assert_array_equal(out_decision, decision)
     np.testing.assert_array_equal(y[0], x[0])
-    once = x + _causal_block(x)
-    twice = once + _causal_block(once)
+    once = x + causal_block(x)
+    twice = once + causal_block(once)
     np.testing.assert_allclose(y[1], once[1], rtol=1e-6)
     np.testing.assert_allclose(y[2], twice[2], rtol=1e-6)
     chex.assert_shape(y, x.shape)
 
 
 def test_routed_block_without_labels_follows_the_router_argmax() -> None:
-    x, _ = _inputs(4, 5, seed=12)
+    x, _ = depth_inputs(4, 5, seed=12)
     router = depth.init_layer_router(jax.random.key(13), D_MODEL, hidden_dim=4)
     router["w_out"] = jax.random.normal(jax.random.key(14), router["w_out"].shape)
     logits = depth.layer_router_logits(x, router)
     chex.assert_shape(logits, (4, 3))
-    _, decision = depth.routed_block(x, router, _causal_block)
+    _, decision = depth.routed_block(x, router, causal_block)
     np.testing.assert_array_equal(decision, np.argmax(np.asarray(logits), axis=-1))
     chex.assert_type(decision, jnp.int32)
 
@@ -75,7 +57,7 @@ def test_layer_router_loss_equals_numpy_cross_entropy() -> None:
 
 
 def test_layer_router_loss_trains_the_router() -> None:
-    x, _ = _inputs(4, 5, seed=16)
+    x, _ = depth_inputs(4, 5, seed=16)
     router = depth.init_layer_router(jax.random.key(17), D_MODEL, hidden_dim=4)
     labels = jnp.asarray([0, 2, 1, 2])
     grads = jax.grad(lambda p: depth.layer_router_loss(depth.layer_router_logits(x, p), labels))(
@@ -91,10 +73,10 @@ def test_greedy_decisions_pick_the_cheapest_lowest_loss_action() -> None:
 
 
 def test_layer_router_rejects_bad_options() -> None:
-    x, _ = _inputs(2, 3)
+    x, _ = depth_inputs(2, 3)
     router = depth.init_layer_router(jax.random.key(0), D_MODEL, hidden_dim=2)
     with pytest.raises(ValueError, match="decision"):
-        depth.routed_block(x, router, _causal_block, decision=jnp.zeros((3,), jnp.int32))
+        depth.routed_block(x, router, causal_block, decision=jnp.zeros((3,), jnp.int32))
     with pytest.raises(ValueError, match="router_params"):
         depth.layer_router_logits(x, {"w_in": router["w_in"]})
     with pytest.raises(ValueError, match="focal_gamma"):

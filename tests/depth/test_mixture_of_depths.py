@@ -7,22 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from depth_toy_block import D_MODEL, W_BLOCK, causal_block, depth_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moejax import depth
-
-D_MODEL = 8
-W_BLOCK = np.asarray(
-    jax.random.normal(jax.random.key(42), (D_MODEL, D_MODEL)) * D_MODEL**-0.5, np.float64
-)
-
-
-def _causal_block(h: jax.Array) -> jax.Array:
-    """A causal toy block: tanh of the running mean of `h @ W`; token t sees tokens <= t only."""
-    z = h @ W_BLOCK.astype(h.dtype)  # [batch, n, d]
-    steps = jnp.arange(1, h.shape[1] + 1, dtype=h.dtype)[None, :, None]
-    return jnp.tanh(jnp.cumsum(z, axis=1) / steps)
 
 
 def _causal_block_np(h: np.ndarray) -> np.ndarray:
@@ -47,22 +36,15 @@ def _mod_reference(x, scores, selected_mask, activation="identity"):
     return y
 
 
-def _inputs(batch: int, length: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
-    key_x, key_w = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(key_x, (batch, length, D_MODEL))
-    router_weights = jax.random.normal(key_w, (D_MODEL,))
-    return x, router_weights
-
-
 @pytest.mark.parametrize("activation", depth.ROUTER_ACTIVATIONS)
 def test_mod_full_capacity_equals_weighted_block_on_all_tokens(activation: str) -> None:
-    x, w = _inputs(2, 7)
+    x, w = depth_inputs(2, 7)
     y, aux = depth.mixture_of_depths(
-        x, w, _causal_block, capacity_fraction=1.0, router_activation=activation
+        x, w, causal_block, capacity_fraction=1.0, router_activation=activation
     )
     r = x @ w  # [batch, length]
     weight = jax.nn.sigmoid(r) if activation == "sigmoid" else r
-    np.testing.assert_allclose(y, x + weight[..., None] * _causal_block(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, x + weight[..., None] * causal_block(x), rtol=1e-5, atol=1e-5)
     assert bool(jnp.all(aux["selected_mask"]))
 
 
@@ -76,10 +58,10 @@ def test_mod_full_capacity_equals_weighted_block_on_all_tokens(activation: str) 
 def test_mod_selects_numpy_top_c_in_order_and_matches_loop_reference(
     batch: int, length: int, fraction: float, seed: int
 ) -> None:
-    x, w = _inputs(batch, length, seed)
+    x, w = depth_inputs(batch, length, seed)
     # One compiled program per example; eager mode would compile every op separately.
     mod = jax.jit(
-        lambda h, r: depth.mixture_of_depths(h, r, _causal_block, capacity_fraction=fraction)
+        lambda h, r: depth.mixture_of_depths(h, r, causal_block, capacity_fraction=fraction)
     )
     y, aux = mod(x, w)
     capacity = math.ceil(round(fraction * length, 9))
@@ -94,8 +76,8 @@ def test_mod_selects_numpy_top_c_in_order_and_matches_loop_reference(
 
 
 def test_mod_unselected_tokens_pass_through_exactly() -> None:
-    x, w = _inputs(3, 16, seed=1)
-    y, aux = depth.mixture_of_depths(x, w, _causal_block, capacity_fraction=0.25)
+    x, w = depth_inputs(3, 16, seed=1)
+    y, aux = depth.mixture_of_depths(x, w, causal_block, capacity_fraction=0.25)
     skipped = ~np.asarray(aux["selected_mask"])
     assert skipped.sum() == 3 * 12
     np.testing.assert_array_equal(np.asarray(y)[skipped], np.asarray(x)[skipped])
@@ -104,10 +86,10 @@ def test_mod_unselected_tokens_pass_through_exactly() -> None:
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_mod_shapes_and_dtypes(dtype: jnp.dtype) -> None:
-    x, w = _inputs(2, 10)
+    x, w = depth_inputs(2, 10)
     predictor = depth.init_causal_predictor(jax.random.key(3), D_MODEL, hidden_dim=4)
     y, aux = depth.mixture_of_depths(
-        x.astype(dtype), w, _causal_block, capacity_fraction=0.3, predictor_params=predictor
+        x.astype(dtype), w, causal_block, capacity_fraction=0.3, predictor_params=predictor
     )
     chex.assert_shape(y, (2, 10, D_MODEL))
     chex.assert_type(y, dtype)
@@ -117,16 +99,16 @@ def test_mod_shapes_and_dtypes(dtype: jnp.dtype) -> None:
 
 
 def test_mod_gradient_reaches_router_weights() -> None:
-    x, w = _inputs(2, 9, seed=2)
+    x, w = depth_inputs(2, 9, seed=2)
     fraction = 0.5
 
     def loss(router_weights: jax.Array) -> jax.Array:
-        y, _ = depth.mixture_of_depths(x, router_weights, _causal_block, capacity_fraction=fraction)
+        y, _ = depth.mixture_of_depths(x, router_weights, causal_block, capacity_fraction=fraction)
         return jnp.sum(y)
 
     grad = jax.grad(loss)(w)
     # y_i = x_i + (x_i . w) u_i on the selected tokens, so d sum(y) / dw = sum_i sum(u_i) x_i.
-    _, aux = depth.mixture_of_depths(x, w, _causal_block, capacity_fraction=fraction)
+    _, aux = depth.mixture_of_depths(x, w, causal_block, capacity_fraction=fraction)
     mask = np.asarray(aux["selected_mask"])
     expected = np.zeros(D_MODEL)
     for b in range(2):
@@ -138,7 +120,7 @@ def test_mod_gradient_reaches_router_weights() -> None:
 
 
 def test_mod_block_receives_original_positions() -> None:
-    x, w = _inputs(2, 8, seed=4)
+    x, w = depth_inputs(2, 8, seed=4)
     seen = {}
 
     def block(h: jax.Array, positions: jax.Array) -> jax.Array:
@@ -153,10 +135,10 @@ def test_mod_block_receives_original_positions() -> None:
 def test_predictor_loss_and_accuracy_match_numpy_and_train_only_the_predictor(
     hidden_dim: int | None,
 ) -> None:
-    x, w = _inputs(2, 12, seed=5)
+    x, w = depth_inputs(2, 12, seed=5)
     predictor = depth.init_causal_predictor(jax.random.key(6), D_MODEL, hidden_dim=hidden_dim)
     _, aux = depth.mixture_of_depths(
-        x, w, _causal_block, capacity_fraction=0.5, predictor_params=predictor
+        x, w, causal_block, capacity_fraction=0.5, predictor_params=predictor
     )
     logits = np.asarray(depth.causal_predictor_logits(x, predictor), np.float64)
     target = np.asarray(aux["selected_mask"], np.float64)
@@ -167,7 +149,7 @@ def test_predictor_loss_and_accuracy_match_numpy_and_train_only_the_predictor(
 
     def predictor_loss(params, inputs):
         _, out = depth.mixture_of_depths(
-            inputs, w, _causal_block, capacity_fraction=0.5, predictor_params=params
+            inputs, w, causal_block, capacity_fraction=0.5, predictor_params=params
         )
         return out["predictor_loss"]
 
@@ -185,10 +167,10 @@ def _predictor_matching_top_c(x: jax.Array, w: jax.Array, capacity: int) -> dict
 
 
 def test_causal_decoding_matches_top_c_when_predictor_agrees() -> None:
-    x, w = _inputs(1, 10, seed=7)
+    x, w = depth_inputs(1, 10, seed=7)
     predictor = _predictor_matching_top_c(x, w, capacity=4)
-    y_train, aux_train = depth.mixture_of_depths(x, w, _causal_block, capacity_fraction=0.4)
-    y_decode, aux_decode = depth.mixture_of_depths_causal(x, w, predictor, _causal_block)
+    y_train, aux_train = depth.mixture_of_depths(x, w, causal_block, capacity_fraction=0.4)
+    y_decode, aux_decode = depth.mixture_of_depths_causal(x, w, predictor, causal_block)
     np.testing.assert_array_equal(aux_decode["selected_mask"], aux_train["selected_mask"])
     np.testing.assert_allclose(y_decode, y_train, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(aux_decode["selected_fraction"], 0.4)
@@ -196,10 +178,10 @@ def test_causal_decoding_matches_top_c_when_predictor_agrees() -> None:
 
 @pytest.mark.parametrize("activation", depth.ROUTER_ACTIVATIONS)
 def test_causal_decoding_matches_loop_reference(activation: str) -> None:
-    x, w = _inputs(3, 11, seed=8)
+    x, w = depth_inputs(3, 11, seed=8)
     predictor = depth.init_causal_predictor(jax.random.key(9), D_MODEL)
     y, aux = depth.mixture_of_depths_causal(
-        x, w, predictor, _causal_block, router_activation=activation
+        x, w, predictor, causal_block, router_activation=activation
     )
     mask = np.asarray(aux["selected_mask"])
     assert 0 < mask.sum() < mask.size
@@ -211,22 +193,20 @@ def test_causal_decoding_matches_loop_reference(activation: str) -> None:
 
 
 def test_mod_rejects_bad_options() -> None:
-    x, w = _inputs(1, 4)
+    x, w = depth_inputs(1, 4)
     predictor = depth.init_causal_predictor(jax.random.key(0), D_MODEL)
     for fraction in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="capacity_fraction"):
-            depth.mixture_of_depths(x, w, _causal_block, capacity_fraction=fraction)
+            depth.mixture_of_depths(x, w, causal_block, capacity_fraction=fraction)
     with pytest.raises(ValueError, match="router_activation.*identity, sigmoid"):
-        depth.mixture_of_depths(
-            x, w, _causal_block, capacity_fraction=0.5, router_activation="relu"
-        )
+        depth.mixture_of_depths(x, w, causal_block, capacity_fraction=0.5, router_activation="relu")
     with pytest.raises(ValueError, match="router_weights"):
-        depth.mixture_of_depths(x, w[:3], _causal_block, capacity_fraction=0.5)
+        depth.mixture_of_depths(x, w[:3], causal_block, capacity_fraction=0.5)
     with pytest.raises(ValueError, match="block_fn"):
         depth.mixture_of_depths(x, w, lambda h: h[:, :1], capacity_fraction=0.5)
     for threshold in (0.0, 1.0):
         with pytest.raises(ValueError, match="threshold"):
-            depth.mixture_of_depths_causal(x, w, predictor, _causal_block, threshold=threshold)
+            depth.mixture_of_depths_causal(x, w, predictor, causal_block, threshold=threshold)
     with pytest.raises(ValueError, match="predictor_params"):
         depth.causal_predictor_logits(x, {"w": w})
 
