@@ -1,4 +1,9 @@
-"""kernels_pallas.gmm against a loop-over-groups float64 reference."""
+"""kernels_pallas.gmm's XLA paths and its argument checks, against a float64 loop reference.
+
+The Pallas kernels have their own files: test_gmm_pallas*.py.
+"""
+
+import functools
 
 import chex
 import jax
@@ -7,9 +12,18 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import GMM_IMPLS, gmm
-from kernels_pallas.grouped_matmul import gmm_reference, resolve_impl, xla_tiled
+from kernels_pallas.grouped_matmul import (
+    gmm_dense_reference,
+    gmm_reference,
+    resolve_impl,
+    xla_tiled,
+)
+
+# "pallas" compiles for a TPU or GPU; on CPU it is a ValueError (tested below).
+CPU_IMPLS = tuple(impl for impl in GMM_IMPLS if impl != "pallas")
 
 
 @st.composite
@@ -50,16 +64,7 @@ def _operands(
     return lhs, rhs, np.asarray(group_sizes, dtype=np.int32)
 
 
-def _dense_masked_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Every row times every group's matrix, masked to its own group: differentiable, O(g*m*k*n)."""
-    group_ends = jnp.cumsum(group_sizes)
-    group_starts = group_ends - group_sizes
-    rows = jnp.arange(lhs.shape[0])
-    member = (rows >= group_starts[:, None]) & (rows < group_ends[:, None])  # [groups, m]
-    return jnp.einsum("gm,mk,gkn->mn", member.astype(lhs.dtype), lhs, rhs)
-
-
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(gmm_problems())
 def test_ragged_dot_matches_loop_reference_in_float64(problem: tuple) -> None:
     with jax.enable_x64(True):
@@ -72,7 +77,7 @@ def test_ragged_dot_matches_loop_reference_in_float64(problem: tuple) -> None:
         )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(tiled_gmm_problems())
 def test_xla_tiled_matches_loop_reference_in_float64(tiled_problem: tuple) -> None:
     problem, tile_m = tiled_problem
@@ -95,7 +100,7 @@ def test_gmm_rows_past_the_groups_are_zero(impl: str, problem: tuple) -> None:
     np.testing.assert_array_equal(out[int(group_sizes.sum()) :], 0.0)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(gmm_problems())
 def test_ragged_dot_gradients_match_dense_masked_reference(problem: tuple) -> None:
     with jax.enable_x64(True):
@@ -112,14 +117,14 @@ def test_ragged_dot_gradients_match_dense_masked_reference(problem: tuple) -> No
 
         # jit compiles each backward pass once instead of op by op.
         grads = jax.jit(jax.grad(lambda a, b: loss(ragged_dot, a, b), argnums=(0, 1)))(lhs, rhs)
-        expected = jax.jit(jax.grad(lambda a, b: loss(_dense_masked_gmm, a, b), argnums=(0, 1)))(
+        expected = jax.jit(jax.grad(lambda a, b: loss(gmm_dense_reference, a, b), argnums=(0, 1)))(
             lhs, rhs
         )
         for grad, want in zip(grads, expected, strict=True):
             np.testing.assert_allclose(grad, want, rtol=1e-12, atol=1e-12)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(tiled_gmm_problems())
 def test_xla_tiled_gradients_match_dense_masked_reference(tiled_problem: tuple) -> None:
     problem, tile_m = tiled_problem
@@ -136,7 +141,7 @@ def test_xla_tiled_gradients_match_dense_masked_reference(tiled_problem: tuple) 
             return gmm(lhs, rhs, group_sizes, impl="xla_tiled", tile_m=tile_m)
 
         grads = jax.jit(jax.grad(lambda a, b: loss(tiled, a, b), argnums=(0, 1)))(lhs, rhs)
-        expected = jax.jit(jax.grad(lambda a, b: loss(_dense_masked_gmm, a, b), argnums=(0, 1)))(
+        expected = jax.jit(jax.grad(lambda a, b: loss(gmm_dense_reference, a, b), argnums=(0, 1)))(
             lhs, rhs
         )
         for grad, want in zip(grads, expected, strict=True):
@@ -178,11 +183,57 @@ def test_gmm_bf16_gradients_keep_input_dtype_and_match_float32(impl: str) -> Non
         np.testing.assert_allclose(grad.astype(jnp.float32), want, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("impl", GMM_IMPLS)
-def test_gmm_jits_with_traced_group_sizes(impl: str) -> None:
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_gmm_jits_with_traced_group_sizes_and_offset(impl: str) -> None:
     lhs, rhs, group_sizes = _operands([2, 0, 5, 1], 3, 6, 5, seed=2, dtype=np.float32)
     out = jax.jit(lambda a, b, g: gmm(a, b, g, impl=impl))(lhs, rhs, group_sizes)
     np.testing.assert_allclose(out, gmm_reference(lhs, rhs, group_sizes), rtol=1e-5, atol=1e-5)
+    local = jax.jit(lambda a, b, g, o: gmm(a, b, g, impl=impl, group_offset=o))(
+        lhs, rhs[1:3], group_sizes, np.int32(1)
+    )
+    np.testing.assert_allclose(
+        local, gmm_reference(lhs, rhs[1:3], group_sizes, 1), rtol=1e-5, atol=1e-5
+    )
+
+
+@st.composite
+def local_problems(draw: st.DrawFn) -> tuple[list[int], int, int]:
+    """Five group sizes (zeros allowed) within 30 rows, an offset for 3 local groups, a seed."""
+    group_sizes = draw(st.lists(st.integers(0, 6), min_size=5, max_size=5))
+    return group_sizes, draw(st.integers(0, 2)), draw(st.integers(0, 2**31 - 1))
+
+
+@functools.partial(jax.jit, static_argnames="impl")
+def _local_output_and_grads(lhs, rhs, cotangent, group_sizes, group_offset, impl):
+    def loss(lhs, rhs):
+        out = gmm(lhs, rhs, group_sizes, impl=impl, group_offset=group_offset)
+        return jnp.sum(out * cotangent), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(lhs, rhs)
+    return out, grads
+
+
+@pytest.mark.parametrize("impl", ["xla", "xla_tiled"])
+@settings(max_examples=10, deadline=None)
+@given(local_problems())
+def test_xla_paths_with_group_offset_match_reference_and_its_gradients(
+    impl: str, problem: tuple
+) -> None:
+    group_sizes, offset, seed = problem
+    with jax.enable_x64(True):
+        # Fixed shapes (30 rows, 3 of 5 groups local) with traced sizes and offset: one compile.
+        lhs, rhs, sizes = _operands(group_sizes, 30 - sum(group_sizes), 3, 4, seed, np.float64)
+        rhs = rhs[:3]
+        cotangent = np.random.default_rng(seed + 1).standard_normal((30, 4))
+        out, grads = _local_output_and_grads(lhs, rhs, cotangent, sizes, np.int32(offset), impl)
+        np.testing.assert_allclose(
+            out, gmm_reference(lhs, rhs, sizes, offset), rtol=1e-12, atol=1e-12
+        )
+        expected = jax.grad(
+            lambda a, b: jnp.sum(gmm_dense_reference(a, b, sizes, offset) * cotangent), (0, 1)
+        )(lhs, rhs)
+        for grad, want in zip(grads, expected, strict=True):
+            np.testing.assert_allclose(grad, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("group_sizes", [[0, 0, 0], []], ids=["empty-groups", "no-groups"])
@@ -242,9 +293,45 @@ def test_tile_sizes_shrink_to_the_minimum_and_fit_in_m(
 def test_gmm_unknown_impl_names_field_value_and_allowed() -> None:
     lhs, rhs, group_sizes = _operands([2, 2], 0, 3, 3, seed=3, dtype=np.float32)
     with pytest.raises(
-        ValueError, match=r"impl: unknown value 'pallas'; allowed: auto, xla, xla_tiled$"
+        ValueError,
+        match=r"impl: unknown value 'cuda'; allowed: auto, pallas, interpret, xla, xla_tiled$",
+    ):
+        gmm(lhs, rhs, group_sizes, impl="cuda")
+
+
+def test_gmm_pallas_on_cpu_is_a_value_error_pointing_at_interpret() -> None:
+    lhs, rhs, group_sizes = _operands([2, 2], 0, 3, 3, seed=3, dtype=np.float32)
+    with pytest.raises(
+        ValueError, match=r"impl: 'pallas' .* default backend is 'cpu'.*'interpret'"
     ):
         gmm(lhs, rhs, group_sizes, impl="pallas")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(impl="interpret", backend="cuda"), r"backend: unknown value 'cuda'; allowed: tpu"),
+        (dict(impl="xla", backend="tpu"), r"backend, interpret_params: only used by impl"),
+        (dict(impl="interpret", interpret_params=True), r"interpret_params: got True"),
+        (
+            dict(impl="interpret", backend="gpu", interpret_params=pltpu.InterpretParams()),
+            r"interpret_params: the TPU interpreter's settings; got backend 'gpu'",
+        ),
+        (dict(impl="interpret", tiling=(8, 8)), r"tiling: got \(8, 8\); allowed: None or"),
+        (dict(impl="interpret", tiling=(8, 0, 8)), r"tiling: got \(8, 0, 8\)"),
+        (dict(impl="interpret", tiling=(8, 12, 8)), r"gpu kernel's tiles must be powers of two"),
+        (dict(group_offset=2), r"group_offset: got 2; allowed: 0 to 1 for 2 local groups out of 3"),
+        (dict(group_offset=-1), r"group_offset: got -1; allowed: 0 to 1"),
+        (dict(group_offset=np.ones(2, np.int32)), r"group_offset: expected an integer scalar"),
+        (dict(group_offset=0.5), r"group_offset: expected an integer scalar"),
+    ],
+)
+def test_gmm_rejects_bad_kernel_arguments(kwargs: dict, match: str) -> None:
+    lhs, rhs, group_sizes = _operands([2, 2, 1], 0, 3, 3, seed=3, dtype=np.float32)
+    if "group_offset" in kwargs:
+        rhs = rhs[:2]
+    with pytest.raises(ValueError, match=match):
+        gmm(lhs, rhs, group_sizes, **kwargs)
 
 
 @pytest.mark.parametrize("tile_m", [0, -8, 2.5, True])

@@ -1,0 +1,236 @@
+"""Grouped matmul kernels for GPU (Pallas on Triton): gmm and its transpose tgmm.
+
+Triton programs run concurrently with no order between them, so here, unlike the TPU kernels'
+sequential visits, each program owns its output block outright and loops over what it needs:
+
+- gmm: a program per (row tile, output column tile). It loops over the run of groups whose rows
+  the tile holds (`metadata.tile_group_ranges`), computes the tile against each group's matrix
+  over the contracting axis, and keeps each group's rows with a row mask. A tile of no group
+  is written as zeros.
+- tgmm: a program per (group, k tile, n tile) block of the output. It loops over the row tiles
+  its group's rows touch, zeroing foreign rows in both operands, and sums lhs^T dout over them;
+  an empty group loops zero times and writes zeros.
+
+Operands are whole-array references read with dynamic slices of power-of-two tiles, as every
+array a Triton program holds has power-of-two sides; they come in padded to whole tiles
+(`tiling.pad_to_tiles`). `interpret` is passed to `pl.pallas_call`: False compiles with Triton,
+True runs the generic interpreter (on any backend, CPU included). `poison=True` (a testing aid)
+starts from an output full of NaN aliased in, so any element left unwritten shows.
+
+Sums run in float32, or in float64 for float64 operands (which only the interpreter takes).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels_pallas.grouped_matmul import metadata
+from kernels_pallas.grouped_matmul.tiling import Tiling, fit_tile, pad_to_tiles
+
+NUM_METADATA_ARRAYS = 4
+
+
+def gmm(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    group_offset: jax.Array,
+    *,
+    tiling: Tiling,
+    transpose_rhs: bool,
+    out_dtype: jnp.dtype,
+    interpret: bool,
+    poison: bool = False,
+) -> jax.Array:
+    """Grouped matmul of the local groups; rows of other groups and past the groups are zero.
+
+    Args:
+      lhs: [m, c], m >= 1, rows sorted by group.
+      rhs: [g, c, o], or [g, o, c] with `transpose_rhs`; g >= 1 local groups.
+      group_sizes: [num_groups_total] int32.
+      group_offset: [] int32; local group i is global group group_offset + i.
+      tiling: (tm, tc, to), powers of two, fitted to the shape here.
+      transpose_rhs: use each group's matrix transposed (rhs given as [g, o, c]).
+      out_dtype: output dtype; sums run in at least float32.
+      interpret: `pl.pallas_call`'s interpret argument.
+      poison: start from an output full of NaN (testing aid).
+
+    Returns:
+      [m, o] in out_dtype.
+    """
+    m, c = lhs.shape
+    num_groups = rhs.shape[0]
+    o = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    tm, tc, to = (fit_tile(t, size, "gpu") for t, size in zip(tiling, (m, c, o), strict=True))
+    lhs = pad_to_tiles(lhs, (tm, tc))  # [M, C]
+    rhs = pad_to_tiles(rhs, (1, to, tc) if transpose_rhs else (1, tc, to))
+    rows, cols = lhs.shape[0], rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    m_tiles = rows // tm
+    starts, ends = metadata.local_group_bounds(group_sizes, group_offset, num_groups, m)
+    first_group, group_count = metadata.tile_group_ranges(starts, ends, m_tiles, tm)
+    operands = [first_group, group_count, starts, ends, lhs, rhs]
+    in_specs = [_whole(x) for x in operands]
+    out_spec = pl.BlockSpec((tm, to), lambda i, j: (i, j))
+    aliases = {}
+    if poison:
+        in_specs.append(out_spec)
+        operands.append(jnp.full((rows, cols), jnp.nan, out_dtype))
+        aliases = {len(operands) - 1: 0}
+    kernel = functools.partial(
+        _gmm_kernel,
+        tiles=(tm, tc, to),
+        num_c_tiles=lhs.shape[1] // tc,
+        transpose_rhs=transpose_rhs,
+        acc_dtype=jnp.promote_types(lhs.dtype, jnp.float32),
+    )
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((rows, cols), out_dtype),
+        grid=(m_tiles, cols // to),
+        in_specs=in_specs,
+        out_specs=out_spec,
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
+        interpret=interpret,
+        name="moejax_gmm",
+    )(*operands)
+    return out[:m, :o]
+
+
+def _gmm_kernel(
+    first_group_ref,
+    group_count_ref,
+    starts_ref,
+    ends_ref,
+    lhs_ref,
+    rhs_ref,
+    *refs,
+    tiles: Tiling,
+    num_c_tiles: int,
+    transpose_rhs: bool,
+    acc_dtype: jnp.dtype,
+):
+    out_ref = refs[-1]
+    tm, tc, to = tiles
+    tile, col_tile = pl.program_id(0), pl.program_id(1)
+    rows = tile * tm + jnp.arange(tm)  # [tm]
+    first_group = first_group_ref[tile]
+
+    def product(group: jax.Array) -> jax.Array:
+        def step(kk: jax.Array, acc: jax.Array) -> jax.Array:
+            x = lhs_ref[pl.ds(tile * tm, tm), pl.ds(kk * tc, tc)]  # [tm, tc]
+            if transpose_rhs:
+                w = rhs_ref[group, pl.ds(col_tile * to, to), pl.ds(kk * tc, tc)]  # [to, tc]
+            else:
+                w = rhs_ref[group, pl.ds(kk * tc, tc), pl.ds(col_tile * to, to)]  # [tc, to]
+            contracting = (1,) if transpose_rhs else (0,)
+            return acc + jax.lax.dot_general(
+                x, w, (((1,), contracting), ((), ())), preferred_element_type=acc_dtype
+            )
+
+        return jax.lax.fori_loop(0, num_c_tiles, step, jnp.zeros((tm, to), acc_dtype))
+
+    def add_group(i: jax.Array, out: jax.Array) -> jax.Array:
+        group = first_group + i
+        start, end = starts_ref[group], ends_ref[group]
+        mine = ((rows >= start) & (rows < end))[:, None]  # [tm, 1]
+        # An empty group inside the run owns no row: skip its matmul.
+        return jax.lax.cond(end > start, lambda: jnp.where(mine, product(group), out), lambda: out)
+
+    out = jax.lax.fori_loop(
+        0, group_count_ref[tile], add_group, jnp.zeros((tm, to), acc_dtype)
+    )  # [tm, to]
+    out_ref[...] = out.astype(out_ref.dtype)
+
+
+def tgmm(
+    lhs: jax.Array,
+    dout: jax.Array,
+    group_sizes: jax.Array,
+    group_offset: jax.Array,
+    num_groups: int,
+    *,
+    tiling: Tiling,
+    out_dtype: jnp.dtype,
+    interpret: bool,
+    poison: bool = False,
+) -> jax.Array:
+    """Per local group, its rows of lhs transposed times its rows of dout (rhs's gradient).
+
+    Args:
+      lhs: [m, k], m >= 1, rows sorted by group.
+      dout: [m, n].
+      group_sizes: [num_groups_total] int32.
+      group_offset: [] int32; local group i is global group group_offset + i.
+      num_groups: local groups, >= 1.
+      tiling: (tm, tk, tn), powers of two, fitted to the shape here.
+      out_dtype: output dtype; sums run in at least float32.
+      interpret: `pl.pallas_call`'s interpret argument.
+      poison: start from an output full of NaN (testing aid).
+
+    Returns:
+      [num_groups, k, n] in out_dtype; zeros for a group with no rows.
+    """
+    m, k = lhs.shape
+    n = dout.shape[1]
+    tm, tk, tn = (fit_tile(t, size, "gpu") for t, size in zip(tiling, (m, k, n), strict=True))
+    lhs = pad_to_tiles(lhs, (tm, tk))  # [M, K]
+    dout = pad_to_tiles(dout, (tm, tn))  # [M, N]
+    starts, ends = metadata.local_group_bounds(group_sizes, group_offset, num_groups, m)
+    operands = [starts, ends, lhs, dout]
+    in_specs = [_whole(x) for x in operands]
+    out_shape = (num_groups, lhs.shape[1], dout.shape[1])
+    out_spec = pl.BlockSpec((None, tk, tn), lambda g, kk, j: (g, kk, j))
+    aliases = {}
+    if poison:
+        in_specs.append(out_spec)
+        operands.append(jnp.full(out_shape, jnp.nan, out_dtype))
+        aliases = {len(operands) - 1: 0}
+    out = pl.pallas_call(
+        functools.partial(
+            _tgmm_kernel, tiles=(tm, tk, tn), acc_dtype=jnp.promote_types(lhs.dtype, jnp.float32)
+        ),
+        out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
+        grid=(num_groups, out_shape[1] // tk, out_shape[2] // tn),
+        in_specs=in_specs,
+        out_specs=out_spec,
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
+        interpret=interpret,
+        name="moejax_tgmm",
+    )(*operands)
+    return out[:, :k, :n]
+
+
+def _tgmm_kernel(
+    starts_ref, ends_ref, lhs_ref, dout_ref, *refs, tiles: Tiling, acc_dtype: jnp.dtype
+):
+    out_ref = refs[-1]
+    tm, tk, tn = tiles
+    group, k_tile, n_tile = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start, end = starts_ref[group], ends_ref[group]
+    first_tile = start // tm
+    stop_tile = jnp.where(end > start, (end - 1) // tm + 1, first_tile)
+
+    def step(tile: jax.Array, acc: jax.Array) -> jax.Array:
+        rows = tile * tm + jnp.arange(tm)  # [tm]
+        mine = ((rows >= start) & (rows < end))[:, None]  # [tm, 1]
+        x = lhs_ref[pl.ds(tile * tm, tm), pl.ds(k_tile * tk, tk)]  # [tm, tk]
+        y = dout_ref[pl.ds(tile * tm, tm), pl.ds(n_tile * tn, tn)]  # [tm, tn]
+        # Foreign rows are zeroed in both operands: a 0 times an inf there would still be NaN.
+        x = jnp.where(mine, x, jnp.zeros((), x.dtype))
+        y = jnp.where(mine, y, jnp.zeros((), y.dtype))
+        return acc + jax.lax.dot_general(
+            x, y, (((0,), (0,)), ((), ())), preferred_element_type=acc_dtype
+        )
+
+    acc = jax.lax.fori_loop(first_tile, stop_tile, step, jnp.zeros((tk, tn), acc_dtype))
+    out_ref[...] = acc.astype(out_ref.dtype)
+
+
+def _whole(x: jax.Array) -> pl.BlockSpec:
+    """A block spec handing the program the whole array, to be read with dynamic slices."""
+    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
