@@ -22,6 +22,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args, overrides = cli.parse(parser, argv)
     cli.setup_logging()
+    experiment = _experiment_config(args.config)
+    if experiment is not None:
+        return _run_lottery(experiment, overrides, args)
     try:
         config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
         workdir = Path(args.workdir or Path("workdir") / Path(args.config).stem)
@@ -53,6 +56,41 @@ def main(argv: list[str]) -> int:
     print(
         f"checkpoints: {workdir / 'checkpoints'}; metrics: {workdir / 'metrics.jsonl'}; "
         f"TensorBoard: tensorboard --logdir {workdir / 'tensorboard'}"
+    )
+    return 0
+
+
+def _experiment_config(path: str):
+    """The config of a file whose get_config() returns a non-LM experiment config, else None."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.spec_from_file_location(f"moejax_config_{Path(path).stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+    except Exception:
+        return None  # The LM path loads the file again and reports the problem.
+    # Compared by module so that LM runs do not import the pruning stack (jax) this early.
+    return config if type(config).__module__ == "moejax.pruning.lottery" else None
+
+
+def _run_lottery(config, overrides: list[str], args: argparse.Namespace) -> int:
+    """The lottery-ticket experiment (moejax.pruning.lottery) instead of LM training."""
+    from moejax.pruning import lottery
+    from moejax.pruning.lottery_experiment import run_experiment
+
+    try:
+        config = lottery.apply_overrides(config, overrides)
+    except ValueError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir or Path("workdir") / Path(args.config).stem)
+    print(config, file=sys.stderr)
+    run_experiment(config, workdir, log=lambda line: print(line, file=sys.stderr))
+    print(
+        f"results: {workdir / 'results.md'}, {workdir / 'results.json'}, "
+        f"{workdir / 'accuracy_vs_weights.png'}"
     )
     return 0
 

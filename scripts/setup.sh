@@ -57,3 +57,32 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet -e ".[dev]"
   echo "$want" > "$stamp"
 fi
+
+# Fashion-MNIST (the pruning experiments and their tests) from the Debian package
+# dataset-fashion-mnist: installed system-wide when running as root, otherwise unpacked without
+# root into data/debian (gitignored), where moejax.data.fashion_mnist also looks.
+fmnist_files="train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz"
+has_fmnist() {
+  local name
+  for name in $fmnist_files; do [ -f "$1/$name" ] || return 1; done
+}
+fmnist_local=data/debian/usr/share/datasets/fashion-mnist
+if ! has_fmnist "${MOEJAX_FASHION_MNIST_DIR:-/nonexistent}" \
+    && ! has_fmnist /usr/share/datasets/fashion-mnist && ! has_fmnist "$fmnist_local"; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: apt-get install dataset-fashion-mnist" >&2
+    apt-get install -y -q dataset-fashion-mnist >/dev/null \
+      || { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+  else
+    echo "setup: unpacking dataset-fashion-mnist into data/debian (no root)" >&2
+    deb_dir=$(mktemp -d)
+    (cd "$deb_dir" && apt-get download dataset-fashion-mnist >/dev/null)
+    mkdir -p data/debian
+    dpkg -x "$deb_dir"/dataset-fashion-mnist_*.deb data/debian
+    rm -rf "$deb_dir"
+  fi
+  has_fmnist /usr/share/datasets/fashion-mnist || has_fmnist "$fmnist_local" || {
+    echo "setup: Fashion-MNIST is still missing; install dataset-fashion-mnist by hand" >&2
+    exit 1
+  }
+fi

@@ -1,0 +1,190 @@
+"""Sparsity patterns: functions from scores to boolean keep-masks of the same shape.
+
+Every pattern keeps the highest-scoring entries (or groups of entries) and prunes exactly the
+number the pattern asks for: `round(sparsity * count)` entries, blocks, slices or layers. Ties are
+broken by position (the stable sort order), so the count is exact even for constant scores.
+Already-pruned entries should be passed with score `-inf` (`masked_scores`) so that a higher
+sparsity never revives them.
+
+`sparsity` may be a traced scalar (a schedule inside `jit`): ranks are computed by sorting, never
+with a static `top_k`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def _check_sparsity(sparsity: float | jax.Array) -> None:
+    if isinstance(sparsity, int | float) and not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}.")
+
+
+def masked_scores(scores: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """`scores` with the entries that `mask` already prunes set to -inf (shapes equal)."""
+    scores = scores.astype(jnp.float32)
+    if mask is None:
+        return scores
+    return jnp.where(mask.astype(bool), scores, -jnp.inf)
+
+
+def _keep_count(count: int, sparsity: float | jax.Array) -> jax.Array:
+    """How many of `count` entries survive `sparsity`: `count - round(sparsity * count)`."""
+    return count - jnp.round(jnp.asarray(sparsity, jnp.float32) * count).astype(jnp.int32)
+
+
+def _keep_top_rows(scores: jax.Array, keep: jax.Array) -> jax.Array:
+    """Keeps the `keep` highest scores of each row. scores: [rows, n] -> bool [rows, n]."""
+    order = jnp.argsort(-scores, axis=-1, stable=True)  # [rows, n]
+    ranks = jnp.argsort(order, axis=-1, stable=True)  # [rows, n]: 0 = highest score
+    return ranks < keep
+
+
+def unstructured_mask(
+    scores: jax.Array, sparsity: float | jax.Array, *, per_slice_axis: int | None = None
+) -> jax.Array:
+    """Prunes the lowest-scoring single entries.
+
+    scores: any shape -> bool mask of that shape. With `per_slice_axis=None` the whole tensor
+    competes; with an axis, each slice `scores[..., j, ...]` along it loses the same fraction
+    (Wanda's per-output comparison group is the output axis of a kernel).
+    """
+    _check_sparsity(sparsity)
+    return _unstructured_mask(scores, sparsity, per_slice_axis)
+
+
+# Jitted as a whole: op-by-op dispatch of the two sorts is slow for large layers.
+@functools.partial(jax.jit, static_argnums=(2,))
+def _unstructured_mask(scores: jax.Array, sparsity, per_slice_axis: int | None) -> jax.Array:
+    if per_slice_axis is None:
+        flat = scores.reshape(1, -1)  # [1, size]
+        return _keep_top_rows(flat, _keep_count(flat.shape[1], sparsity)).reshape(scores.shape)
+    moved = jnp.moveaxis(scores, per_slice_axis, 0)
+    rows = moved.reshape(moved.shape[0], -1)  # [slices, entries per slice]
+    keep = _keep_top_rows(rows, _keep_count(rows.shape[1], sparsity))
+    return jnp.moveaxis(keep.reshape(moved.shape), 0, per_slice_axis)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
+    """N:M sparsity: in every group of `m` consecutive entries along `axis`, keep the `n` best.
+
+    *Learning N:M Fine-grained Structured Sparse Neural Networks From Scratch.*
+    scores: [..., d, ...] with `d = scores.shape[axis]` a multiple of `m` -> bool, same shape.
+    For a Flax kernel `[d_in, d_out]` the hardware-friendly groups run along `d_in` (axis 0).
+    """
+    if not 0 < n <= m:
+        raise ValueError(f"n must satisfy 0 < n <= m, got n={n}, m={m}.")
+    if scores.ndim == 0:
+        raise ValueError("scores: N:M needs at least one axis, got a scalar.")
+    size = scores.shape[axis]
+    if size % m:
+        raise ValueError(f"axis {axis} has size {size}, which is not a multiple of m={m}.")
+    moved = jnp.moveaxis(scores, axis, -1)
+    groups = moved.reshape(-1, m)  # [groups, m]
+    keep = _keep_top_rows(groups, jnp.int32(n))
+    return jnp.moveaxis(keep.reshape(moved.shape), -1, axis)
+
+
+def _blocks(x: jax.Array, block_shape: tuple[int, int]) -> jax.Array:
+    """x: [..., rows, cols] -> [..., rows/bh, cols/bw, bh, bw]."""
+    bh, bw = block_shape
+    *lead, rows, cols = x.shape
+    if rows % bh or cols % bw:
+        raise ValueError(
+            f"block_shape {block_shape} must divide the last two dims {(rows, cols)} exactly."
+        )
+    x = x.reshape(*lead, rows // bh, bh, cols // bw, bw)
+    return jnp.swapaxes(x, -3, -2)
+
+
+def block_mask(
+    scores: jax.Array, sparsity: float | jax.Array, block_shape: tuple[int, int]
+) -> jax.Array:
+    """Prunes whole `block_shape` tiles of the last two dims, the tiles with the lowest summed
+    score first. scores: [..., rows, cols] (tiles of all leading dims compete) -> bool, same
+    shape; every tile is all kept or all pruned."""
+    _check_sparsity(sparsity)
+    if scores.ndim < 2:
+        raise ValueError(f"scores: block pruning needs >= 2 dims, got shape {scores.shape}.")
+    tiles = _blocks(scores, block_shape)  # [..., rows/bh, cols/bw, bh, bw]
+    tile_scores = tiles.sum(axis=(-2, -1))
+    keep_tiles = unstructured_mask(tile_scores, sparsity)  # [..., rows/bh, cols/bw]
+    keep = jnp.broadcast_to(keep_tiles[..., None, None], tiles.shape)
+    keep = jnp.swapaxes(keep, -3, -2)  # [..., rows/bh, bh, cols/bw, bw]
+    return keep.reshape(scores.shape)
+
+
+def slice_mask(scores: jax.Array, sparsity: float | jax.Array, axis: int) -> jax.Array:
+    """Prunes whole slices along `axis`, lowest summed score first: output neurons (axis -1 of a
+    dense kernel `[d_in, d_out]`), conv channels (axis -1 of `[kh, kw, c_in, c_out]`) or experts
+    (axis 0 of stacked expert weights `[experts, d, f]`). Returns bool, same shape as scores."""
+    _check_sparsity(sparsity)
+    axis = axis % scores.ndim
+    other = tuple(i for i in range(scores.ndim) if i != axis)
+    slice_scores = scores.sum(axis=other)  # [scores.shape[axis]]
+    keep = unstructured_mask(slice_scores, sparsity)
+    shape = [1] * scores.ndim
+    shape[axis] = scores.shape[axis]
+    return jnp.broadcast_to(keep.reshape(shape), scores.shape)
+
+
+def expert_masks(
+    expert_params: dict[str, jax.Array],
+    sparsity: float | jax.Array,
+    expert_scores: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    """Prunes whole experts, the same experts in every weight of the expert MLP.
+
+    expert_params: {"w_gate": [experts, d, f], "w_up": [experts, d, f], "w_down": [experts, f,
+    d]} (any names; all stacked on axis 0). expert_scores: [experts], e.g. routing frequency;
+    None scores each expert by the L2 norm of all its weights. Returns bool masks like the params.
+    """
+    sizes = {name: w.shape[0] for name, w in expert_params.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"expert_params: leading (expert) dims differ: {sizes}.")
+    num_experts = next(iter(sizes.values()))
+    if expert_scores is None:
+        squares = [
+            jnp.sum(jnp.square(w.astype(jnp.float32)).reshape(num_experts, -1), axis=1)
+            for w in expert_params.values()
+        ]
+        expert_scores = jnp.sqrt(sum(squares))  # [experts]
+    if expert_scores.shape != (num_experts,):
+        raise ValueError(
+            f"expert_scores: expected shape ({num_experts},), got {expert_scores.shape}."
+        )
+    keep = unstructured_mask(expert_scores.astype(jnp.float32), sparsity)  # [experts]
+    return {
+        name: jnp.broadcast_to(keep.reshape((num_experts,) + (1,) * (w.ndim - 1)), w.shape)
+        for name, w in expert_params.items()
+    }
+
+
+def global_unstructured_masks(scores: list[jax.Array], sparsity: float | jax.Array):
+    """One threshold over all tensors: the lowest `round(sparsity * total)` entries of the
+    concatenation are pruned, wherever they are. Returns bool masks shaped like `scores`."""
+    _check_sparsity(sparsity)
+    flat = jnp.concatenate([s.reshape(-1).astype(jnp.float32) for s in scores])
+    keep = unstructured_mask(flat, sparsity)
+    offsets = [0]
+    for s in scores:
+        offsets.append(offsets[-1] + math.prod(s.shape))
+    return [
+        keep[start:stop].reshape(s.shape)
+        for s, start, stop in zip(scores, offsets[:-1], offsets[1:], strict=True)
+    ]
+
+
+def layer_masks(scores: list[jax.Array], sparsity: float) -> list[jax.Array]:
+    """Prunes whole tensors (layers): the `round(sparsity * len(scores))` tensors with the lowest
+    mean score are removed entirely (*When Layers Play the Lottery, all Tickets Win at
+    Initialization* prunes layers; the mean score is our ranking). Returns bool masks."""
+    _check_sparsity(sparsity)
+    means = jnp.stack([jnp.mean(s.astype(jnp.float32)) for s in scores])  # [layers]
+    keep = unstructured_mask(means, sparsity)
+    return [jnp.broadcast_to(keep[i], s.shape) for i, s in enumerate(scores)]

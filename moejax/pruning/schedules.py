@@ -1,0 +1,131 @@
+"""Sparsity schedules: the target sparsity at a step and the steps at which masks change.
+
+Both methods take a (possibly traced) int step and return jnp scalars, so the optimizer wrapper
+can evaluate them inside `jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {value}.")
+
+
+def _check_step(name: str, value: int, minimum: int = 0) -> None:
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class OneShot:
+    """All of `target` at once, at `step`."""
+
+    target: float
+    step: int = 0
+
+    def __post_init__(self) -> None:
+        _check_fraction("target", self.target)
+        _check_step("step", self.step)
+
+    def sparsity(self, step: jax.Array | int) -> jax.Array:
+        return jnp.where(jnp.asarray(step) >= self.step, self.target, 0.0).astype(jnp.float32)
+
+    def is_update_step(self, step: jax.Array | int) -> jax.Array:
+        return jnp.asarray(step) == self.step
+
+
+@dataclasses.dataclass(frozen=True)
+class Iterative:
+    """`rounds` prunings `round_steps` apart from `begin`, each removing the same fraction of the
+    remaining weights, so after the last one the sparsity is `target`: after round r (1-based)
+    it is `1 - (1 - target) ** (r / rounds)`."""
+
+    target: float
+    rounds: int
+    round_steps: int
+    begin: int = 0
+
+    def __post_init__(self) -> None:
+        _check_fraction("target", self.target)
+        _check_step("rounds", self.rounds, 1)
+        _check_step("round_steps", self.round_steps, 1)
+        _check_step("begin", self.begin)
+
+    def _rounds_done(self, step: jax.Array | int) -> jax.Array:
+        done = (jnp.asarray(step) - self.begin) // self.round_steps + 1
+        return jnp.clip(done, 0, self.rounds)
+
+    def sparsity(self, step: jax.Array | int) -> jax.Array:
+        fraction = self._rounds_done(step).astype(jnp.float32) / self.rounds
+        return 1.0 - (1.0 - self.target) ** fraction
+
+    def is_update_step(self, step: jax.Array | int) -> jax.Array:
+        offset = jnp.asarray(step) - self.begin
+        return (
+            (offset >= 0)
+            & (offset % self.round_steps == 0)
+            & (offset < self.rounds * self.round_steps)
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Polynomial:
+    """Gradual pruning from `initial` to `target` over [begin, end], masks updated every
+    `frequency` steps: s_t = s_f + (s_i - s_f) * (1 - (t - begin) / (end - begin)) ** power.
+
+    *To prune, or not to prune: exploring the efficacy of pruning for model compression*
+    (Zhu & Gupta, power 3). Between updates the sparsity stays at the last update's value.
+    """
+
+    target: float
+    begin: int
+    end: int
+    frequency: int = 1
+    initial: float = 0.0
+    power: float = 3.0
+
+    def __post_init__(self) -> None:
+        _check_fraction("target", self.target)
+        _check_fraction("initial", self.initial)
+        _check_step("begin", self.begin)
+        if self.end <= self.begin:
+            raise ValueError(f"end must be > begin={self.begin}, got {self.end}.")
+        _check_step("frequency", self.frequency, 1)
+        if self.power <= 0:
+            raise ValueError(f"power must be > 0, got {self.power}.")
+
+    def sparsity(self, step: jax.Array | int) -> jax.Array:
+        step = jnp.asarray(step)
+        last_update = self.begin + (step - self.begin) // self.frequency * self.frequency
+        # The last update lands on `end` even when `end - begin` is not a multiple of frequency.
+        t = jnp.where(step >= self.end, self.end, jnp.clip(last_update, self.begin, self.end))
+        progress = (t - self.begin).astype(jnp.float32) / (self.end - self.begin)
+        value = self.target + (self.initial - self.target) * (1.0 - progress) ** self.power
+        return jnp.where(step >= self.begin, value, 0.0).astype(jnp.float32)
+
+    def is_update_step(self, step: jax.Array | int) -> jax.Array:
+        step = jnp.asarray(step)
+        on_grid = (step - self.begin) % self.frequency == 0
+        return (step >= self.begin) & (step <= self.end) & (on_grid | (step == self.end))
+
+
+@dataclasses.dataclass(frozen=True)
+class NoUpdates:
+    """Masks are never recomputed by the optimizer: they are set from outside (lottery tickets,
+    one-shot post-training methods) and only enforced."""
+
+    def sparsity(self, step: jax.Array | int) -> jax.Array:
+        del step
+        return jnp.float32(0.0)
+
+    def is_update_step(self, step: jax.Array | int) -> jax.Array:
+        return jnp.zeros(jnp.shape(step), bool)
+
+
+Schedule = OneShot | Iterative | Polynomial | NoUpdates
