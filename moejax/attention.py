@@ -22,23 +22,33 @@ def rotary_angles(positions: jax.Array, head_dim: int, base: float) -> jax.Array
 
 
 def apply_rotary(x: jax.Array, angles: jax.Array) -> jax.Array:
-    """Rotates feature pairs (first half, second half) of `x [batch, length, heads, head_dim]`."""
+    """Rotates feature pairs (first half, second half) of `x [batch, length, heads, head_dim]`.
+
+    `angles` is `[length, head_dim // 2]` (shared by the batch) or `[batch, length, head_dim // 2]`.
+    """
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    cos = jnp.cos(angles)[None, :, None, :]  # [1, length, 1, head_dim/2]
-    sin = jnp.sin(angles)[None, :, None, :]
+    if angles.ndim == 2:
+        angles = angles[None]
+    cos = jnp.cos(angles)[:, :, None, :]  # [batch or 1, length, 1, head_dim/2]
+    sin = jnp.sin(angles)[:, :, None, :]
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, return_probs: bool = False
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Causal softmax attention.
 
     Args:
       q: `[batch, length, heads, head_dim]`.
       k, v: `[batch, length, kv_heads, head_dim]`, `heads % kv_heads == 0` (grouped-query).
+      return_probs: also return the attention weights averaged over heads.
 
     Returns:
-      `[batch, length, heads, head_dim]`; logits and softmax in float32.
+      `[batch, length, heads, head_dim]`; logits and softmax in float32. With `return_probs`,
+      also `[batch, length, length]` float32 weights (rows sum to 1), the attention graph that
+      the attention-aware router reads.
     """
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
@@ -47,9 +57,12 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     logits = logits * (head_dim**-0.5)
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))
     logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [b, kv_heads, group, q, k]
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v)
-    return out.reshape(batch, length, heads, head_dim)
+    probs = jax.nn.softmax(logits, axis=-1)  # [b, kv_heads, group, q, k]
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v)
+    out = out.reshape(batch, length, heads, head_dim)
+    if return_probs:
+        return out, jnp.mean(probs, axis=(1, 2))
+    return out
 
 
 class Attention(nnx.Module):
@@ -90,14 +103,29 @@ class Attention(nnx.Module):
             ("heads", "head_dim", "embed"),
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """`x [batch, length, d_model]` -> `[batch, length, d_model]`."""
+    def __call__(
+        self, x: jax.Array, positions: jax.Array | None = None, *, return_probs: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """`x [batch, length, d_model]` -> `[batch, length, d_model]`.
+
+        `positions [batch, length]` int32 are the tokens' places in their sequence for the
+        rotary angles (default 0..length-1; mixture-of-depths passes the selected tokens'
+        original places). `return_probs` also returns the head-averaged attention weights
+        `[batch, length, length]`.
+        """
         x = x.astype(self.dtype)
         q = jnp.einsum("bld,dhk->blhk", x, self.w_q[...].astype(self.dtype))
         k = jnp.einsum("bld,dhk->blhk", x, self.w_k[...].astype(self.dtype))
         v = jnp.einsum("bld,dhk->blhk", x, self.w_v[...].astype(self.dtype))
         q = constrain(q, ("batch", "length", "activation_heads", "head_dim"))
-        angles = rotary_angles(jnp.arange(x.shape[1]), self.head_dim, self.rope_base)
+        if positions is None:
+            angles = rotary_angles(jnp.arange(x.shape[1]), self.head_dim, self.rope_base)
+        else:
+            angles = jax.vmap(lambda p: rotary_angles(p, self.head_dim, self.rope_base))(positions)
         q, k = apply_rotary(q, angles), apply_rotary(k, angles)
-        out = causal_attention(q, k, v)
-        return jnp.einsum("blhk,hkd->bld", out, self.w_o[...].astype(self.dtype))
+        out = causal_attention(q, k, v, return_probs=return_probs)
+        probs = None
+        if return_probs:
+            out, probs = out
+        y = jnp.einsum("blhk,hkd->bld", out, self.w_o[...].astype(self.dtype))
+        return (y, probs) if return_probs else y

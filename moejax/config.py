@@ -61,6 +61,27 @@ class ModelConfig:
     # Zero-shot relative-norm halting at evaluation (Equifinality): a token skips a MoE layer's
     # update when ||update|| / ||x|| is below this; 0 turns it off. Training ignores it.
     halting_threshold: float = 0.0
+    # Cumulative-probability threshold of the "top_p" router (Harder Tasks Need More Experts).
+    top_p: float = 0.4
+    # Weight of the graph term of the "similarity_aware" / "attention_aware" routers (Graph of
+    # Tokens): 1 routes on the graph-averaged distribution, 0 is plain softmax top-k.
+    graph_mix: float = 1.0
+    # Width of the GRU state the "recurrent" router carries over depth (RMoE's default 256).
+    recurrent_state_dim: int = 256
+    # Expert capacity over depth (DynaMoE): "uniform", "descending", "ascending" or "pyramid"
+    # around capacity_factor, within capacity_factor * [1 - spread, 1 + spread].
+    capacity_schedule: str = "uniform"
+    capacity_schedule_spread: float = 0.5
+    # Mixture-of-depths (Raposo et al.): layer i routes only the top mod_capacity share of each
+    # sequence's tokens through the block when (i + 1) % mod_every == 0; 0 turns it off. At
+    # evaluation a causal predictor (trained alongside) picks the tokens instead of top-C.
+    mod_every: int = 0
+    mod_capacity: float = 0.125
+    mod_predictor_weight: float = 0.1
+    # Dr.LLM layer routers (skip / execute / repeat per sequence and block): the bottleneck
+    # width of each router, 0 for none. They are fitted on a frozen model by
+    # `moejax.depth.fit_layer_router` and act at evaluation.
+    layer_router_dim: int = 0
     # Always-on experts beside the routed ones (DeepSeekMoE); width 0 means expert_d_ff.
     num_shared_experts: int = 0
     shared_expert_d_ff: int = 0
@@ -71,6 +92,9 @@ class ModelConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe_every > 0 and (layer + 1) % self.moe_every == 0
+
+    def is_mod_layer(self, layer: int) -> bool:
+        return self.mod_every > 0 and (layer + 1) % self.mod_every == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +280,7 @@ def validate_model(model: ModelConfig) -> None:
     """Checks the model fields on their own (no mesh or data)."""
     from kernels_pallas.grouped_matmul.ops import GMM_IMPLS
     from moejax import moe, routing
+    from moejax.routers.dynamic import CAPACITY_SCHEDULES
     from moejax.routers.learned import LEARNED_ROUTERS
 
     _positive(
@@ -293,6 +318,36 @@ def validate_model(model: ModelConfig) -> None:
     )
     _known_name("model.dtype", model.dtype, DTYPES)
     _known_name("model.param_dtype", model.param_dtype, DTYPES)
+    _require(
+        model.mod_every >= 0,
+        "model.mod_every",
+        model.mod_every,
+        "0 (no mixture-of-depths) or a positive layer interval",
+    )
+    _require(
+        0.0 < model.mod_capacity <= 1.0,
+        "model.mod_capacity",
+        model.mod_capacity,
+        "a share of the tokens in (0, 1]",
+    )
+    _require(
+        model.mod_predictor_weight >= 0,
+        "model.mod_predictor_weight",
+        model.mod_predictor_weight,
+        ">= 0",
+    )
+    _require(
+        model.layer_router_dim >= 0,
+        "model.layer_router_dim",
+        model.layer_router_dim,
+        "0 (no layer routers) or the router's hidden width",
+    )
+    _require(
+        not (model.mod_every and model.layer_router_dim),
+        "model.layer_router_dim",
+        model.layer_router_dim,
+        "0 when model.mod_every is set (a block is routed by one depth router at most)",
+    )
     if model.moe_every == 0:
         return
     _positive("model", model, ["num_experts", "expert_d_ff", "capacity_factor"])
@@ -302,9 +357,31 @@ def validate_model(model: ModelConfig) -> None:
         model.top_k,
         f"1 <= top_k <= model.num_experts={model.num_experts}",
     )
-    # The recurrent router carries state from layer to layer, which the model does not thread yet.
-    learned = [name for name in LEARNED_ROUTERS if name != "recurrent"]
-    _known_name("model.router", model.router, [*routing.ROUTER_NAMES, *learned])
+    _known_name("model.router", model.router, [*routing.ROUTER_NAMES, *LEARNED_ROUTERS])
+    if model.router == "recurrent":
+        # Its GRU state is per token and layer to layer; depth routers change the token set.
+        for name in ("mod_every", "layer_router_dim"):
+            _require(
+                getattr(model, name) == 0,
+                f"model.{name}",
+                getattr(model, name),
+                "0 with model.router='recurrent'",
+            )
+    _require(0.0 < model.top_p <= 1.0, "model.top_p", model.top_p, "in (0, 1]")
+    _require(0.0 <= model.graph_mix <= 1.0, "model.graph_mix", model.graph_mix, "in [0, 1]")
+    _require(
+        model.recurrent_state_dim >= 1,
+        "model.recurrent_state_dim",
+        model.recurrent_state_dim,
+        "an int >= 1",
+    )
+    _known_name("model.capacity_schedule", model.capacity_schedule, CAPACITY_SCHEDULES)
+    _require(
+        0.0 <= model.capacity_schedule_spread < 1.0,
+        "model.capacity_schedule_spread",
+        model.capacity_schedule_spread,
+        "in [0, 1)",
+    )
     _known_name("model.dispatch", model.dispatch, moe.DISPATCH_STRATEGIES)
     _known_name("model.capacity_priority", model.capacity_priority, moe.CAPACITY_PRIORITIES)
     _require(

@@ -59,6 +59,11 @@ def test_every_router_matches_loop_reference_under_both_strategies(name: str) ->
     if name == "kmeans":
         options["hidden"] = x
         options["centroids"] = jnp.asarray(rng.standard_normal((experts, d_model)), jnp.float32)
+    if name == "similarity_aware":
+        options["seq_len"] = 4
+    if name == "attention_aware":
+        scores = jnp.asarray(rng.standard_normal((3, 4, 4)), jnp.float32)
+        options["attention_probs"] = jax.nn.softmax(scores, axis=-1)
     if name == "bias_balanced":
         options["expert_bias"] = jnp.asarray(rng.standard_normal(experts), jnp.float32)
     routed = _jit(get_router(name), "top_k")(logits, top_k=top_k, **options)

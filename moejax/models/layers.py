@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import metrics, moe, routing
-from moejax.routers.learned import LEARNED_ROUTERS, PARAM_AXES
+from moejax.routers.learned import GRU_PARAM_NAMES, LEARNED_ROUTERS, PARAM_AXES
 from moejax.routers.stateful import STATEFUL_ROUTERS
 from moejax.sharding import constrain, param
 
@@ -36,6 +36,41 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) 
     """
     hidden = jax.nn.silu(x @ w_gate) * (x @ w_up)  # [..., f]
     return hidden @ w_down
+
+
+# Inputs a router may declare as keyword arguments; `MoELayer` passes those it accepts.
+ROUTER_INPUTS = (
+    "token_ids",
+    "train",
+    "renormalize",
+    "seq_len",
+    "chunk_size",
+    "top_p",
+    "mix",
+    "rng",
+    "attention_probs",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterContext:
+    """What a MoE layer's router may read besides the hidden states.
+
+    Attributes:
+      token_ids: [batch, length] int32, for token-id routers (hash routing).
+      rng: PRNG key for routers with noise (noisy top-k), or None for no noise.
+      attention_probs: [batch, length, length], the preceding attention block's head-averaged
+        weights (attention-aware routing).
+      recurrent_state: [batch * length, recurrent_state_dim], the previous MoE layer's GRU
+        state (recurrent router), or None at the first MoE layer.
+      shared_router_params: parameters every MoE layer's router shares (RMoE's GRU cell).
+    """
+
+    token_ids: jax.Array | None = None
+    rng: jax.Array | None = None
+    attention_probs: jax.Array | None = None
+    recurrent_state: jax.Array | None = None
+    shared_router_params: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
 
 
 class RouterState(nnx.Variable):
@@ -106,6 +141,9 @@ class MoEOptions:
     num_shared_experts: int
     shared_expert_d_ff: int
     gmm_impl: str
+    top_p: float
+    graph_mix: float
+    recurrent_state_dim: int
 
 
 class MoELayer(nnx.Module):
@@ -131,6 +169,8 @@ class MoELayer(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.num_experts, self.top_k, self.options, self.dtype = num_experts, top_k, options, dtype
+        self.is_recurrent = options.router == "recurrent"
+        self.state_dim = options.recurrent_state_dim
         learned = LEARNED_ROUTERS.get(options.router)
         if learned is None:
             self.route = routing.get_router(options.router)
@@ -142,7 +182,12 @@ class MoELayer(nnx.Module):
         else:
             init_fn, self.route = learned
             axes = PARAM_AXES[options.router]
-            values = init_fn(rngs.params(), d_model, num_experts)
+            if self.is_recurrent:
+                # The GRU cell is shared by all layers (as in RMoE); the model owns it.
+                values = init_fn(rngs.params(), d_model, num_experts, d_state=self.state_dim)
+                values = {k: v for k, v in values.items() if k not in GRU_PARAM_NAMES}
+            else:
+                values = init_fn(rngs.params(), d_model, num_experts)
             self.router_params = nnx.Dict(
                 {
                     name: param(value.astype(param_dtype), axes[name])
@@ -151,11 +196,7 @@ class MoELayer(nnx.Module):
             )
         # Routers declare extra inputs (token ids, train mode, ...) as keyword options.
         accepted = inspect.signature(self.route).parameters
-        self.router_inputs = tuple(
-            name
-            for name in ("token_ids", "train", "renormalize", "seq_len", "chunk_size")
-            if name in accepted
-        )
+        self.router_inputs = tuple(name for name in ROUTER_INPUTS if name in accepted)
         self.state_spec = STATEFUL_ROUTERS.get(options.router)
         if self.state_spec is not None:
             initial = self.state_spec.init(rngs.params(), d_model, num_experts)
@@ -189,37 +230,49 @@ class MoELayer(nnx.Module):
                 _dense_init(rngs.params(), shared_out, param_dtype, 1), (None, "mlp", "embed")
             )
 
-    def _route(self, tokens: jax.Array, token_ids, *, train: bool, length: int):
+    def _route(self, tokens: jax.Array, context: RouterContext, *, train: bool, length: int):
+        """The routing of `tokens [tokens, d_model]`, and the recurrent state it leaves."""
         available = {
             "train": train,
             "renormalize": self.options.renormalize_top_k,
             "seq_len": length,
             "chunk_size": min(8, length),
+            "top_p": self.options.top_p,
+            "mix": self.options.graph_mix,
+            "rng": context.rng,
+            "attention_probs": context.attention_probs,
         }
-        if token_ids is not None:
-            available["token_ids"] = token_ids.reshape(-1)  # [tokens]
-        inputs = {name: available[name] for name in self.router_inputs if name in available}
+        if context.token_ids is not None:
+            available["token_ids"] = context.token_ids.reshape(-1)  # [tokens]
+        inputs = {name: available[name] for name in self.router_inputs}
         if self.state_spec is not None:
             inputs.update(self.state_spec.inputs(self.router_state[...], tokens))
         hidden = tokens.astype(jnp.float32)  # [tokens, d_model]
+        if self.is_recurrent:
+            params = {name: value[...] for name, value in self.router_params.items()}
+            params.update(context.shared_router_params)
+            return self.route(hidden, params, context.recurrent_state, top_k=self.top_k, **inputs)
         if hasattr(self, "router_params"):
             params = {name: value[...] for name, value in self.router_params.items()}
-            return self.route(hidden, params, top_k=self.top_k, **inputs)
+            return self.route(hidden, params, top_k=self.top_k, **inputs), None
         router_logits = hidden @ self.router[...].astype(jnp.float32)  # [tokens, experts]
-        return self.route(router_logits, top_k=self.top_k, **inputs)
+        return self.route(router_logits, top_k=self.top_k, **inputs), None
 
     def __call__(
-        self, x: jax.Array, token_ids: jax.Array | None = None, *, train: bool = True
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """`x [batch, length, d_model]` -> (`[batch, length, d_model]`, aux dict).
+        self, x: jax.Array, context: RouterContext | None = None, *, train: bool = True
+    ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array | None]:
+        """`x [batch, length, d_model]` -> (`[batch, length, d_model]`, aux dict, new state).
 
-        `token_ids [batch, length]` reach routers that take them (hash routing); `train=False`
-        makes batch-dependent routers (Sinkhorn) route causally and selects the eval capacity.
+        `context` carries what some routers read besides the hidden states (token ids, noise
+        key, attention weights, the recurrent state); `train=False` makes batch-dependent
+        routers (Sinkhorn) route causally and selects the eval capacity. The third result is
+        the recurrent router's state for the next MoE layer (None for other routers).
         """
         options = self.options
+        context = RouterContext() if context is None else context
         batch, length, d_model = x.shape
         tokens = x.reshape(batch * length, d_model).astype(self.dtype)  # [tokens, d_model]
-        result = self._route(tokens, token_ids, train=train, length=length)
+        result, recurrent_state = self._route(tokens, context, train=train, length=length)
         if self.state_spec is not None and train:
             new_state = self.state_spec.update(self.router_state[...], tokens, result)
             self.router_state[...] = jax.lax.stop_gradient(new_state)
@@ -264,4 +317,4 @@ class MoELayer(nnx.Module):
                 result, self.num_experts, seq_len=length, chunk_size=min(8, length)
             ),
         }
-        return out.y.reshape(batch, length, d_model), aux
+        return out.y.reshape(batch, length, d_model), aux, recurrent_state

@@ -1,4 +1,10 @@
-"""Decoder-only transformer language model with mixture-of-experts feed-forward layers."""
+"""Decoder-only transformer language model with mixture-of-experts feed-forward layers.
+
+Besides dense and MoE feed-forwards, a block can spend less than one full pass per token:
+mixture-of-depths (only the top share of each sequence's tokens runs the block), a Dr.LLM layer
+router (skip / execute / repeat per sequence, at evaluation) and zero-shot relative-norm halting
+of MoE updates (at evaluation). The math of each lives in `moejax.depth`.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +14,39 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax import depth
 from moejax.attention import Attention
 from moejax.config import ModelConfig
-from moejax.depth.halting import relative_norm_halting
-from moejax.models.layers import MLP, MoELayer, MoEOptions, RMSNorm
+from moejax.models.layers import MLP, MoELayer, MoEOptions, RMSNorm, RouterContext
+from moejax.routers.dynamic import capacity_schedule
+from moejax.routers.learned import init_gru_params
 from moejax.sharding import constrain, param
 
 ACTIVATION = ("batch", "length", "activation_embed")
+# Mixture-of-depths weighs the block output by sigmoid(router score): bounded, so an untrained
+# router neither flips nor blows up the update (the paper's raw score is the "identity" option).
+MOD_ROUTER_ACTIVATION = "sigmoid"
+
+
+def moe_capacity_factors(config: ModelConfig) -> dict[int, float]:
+    """Layer index -> capacity factor of each MoE layer, from `config.capacity_schedule`."""
+    moe_layers = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
+    if not moe_layers:
+        return {}
+    factors = capacity_schedule(
+        len(moe_layers),
+        config.capacity_factor,
+        config.capacity_schedule,
+        config.capacity_schedule_spread,
+    )
+    return dict(zip(moe_layers, factors, strict=True))
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: attention, then a dense or mixture-of-experts feed-forward."""
+    """Pre-norm residual block: attention, then a dense or mixture-of-experts feed-forward,
+    optionally behind a mixture-of-depths router or a Dr.LLM layer router."""
 
-    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer: int, *, capacity_factor: float, rngs: nnx.Rngs):
         dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
         self.attention_norm = RMSNorm(config.d_model, param_dtype=param_dtype)
         self.attention = Attention(
@@ -36,10 +62,12 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(config.d_model, param_dtype=param_dtype)
         self.is_moe = config.is_moe_layer(layer)
         self.halting_threshold = config.halting_threshold
+        self.wants_attention_probs = self.is_moe and config.router == "attention_aware"
         if self.is_moe:
             options = MoEOptions(
                 **{f.name: getattr(config, f.name) for f in dataclasses.fields(MoEOptions)}
             )
+            options = dataclasses.replace(options, capacity_factor=capacity_factor)
             self.ffn = MoELayer(
                 config.d_model,
                 config.expert_d_ff,
@@ -54,36 +82,160 @@ class Block(nnx.Module):
             self.ffn = MLP(
                 config.d_model, config.d_ff, dtype=dtype, param_dtype=param_dtype, rngs=rngs
             )
+        self.is_mod = config.is_mod_layer(layer)
+        if self.is_mod:
+            self.mod_capacity = config.mod_capacity
+            self.mod_predictor_weight = config.mod_predictor_weight
+            self.mod_router = param(
+                jax.random.normal(rngs.params(), (config.d_model,), param_dtype)
+                * config.d_model**-0.5,
+                ("embed",),
+            )
+            self.mod_predictor = nnx.Dict(
+                {
+                    name: param(value, ("embed",) if value.ndim else ())
+                    for name, value in depth.init_causal_predictor(
+                        rngs.params(), config.d_model, dtype=param_dtype
+                    ).items()
+                }
+            )
+        self.has_layer_router = config.layer_router_dim > 0
+        if self.has_layer_router:
+            router = depth.init_layer_router(
+                rngs.params(), config.d_model, config.layer_router_dim, param_dtype
+            )
+            axes = {"w_in": ("embed", None), "b_in": (None,), "w_out": (None, None)}
+            self.layer_router = nnx.Dict(
+                {name: param(value, axes.get(name, (None,))) for name, value in router.items()}
+            )
+
+    def residual_update(
+        self,
+        x: jax.Array,
+        context: RouterContext,
+        *,
+        train: bool,
+        positions: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None, jax.Array | None]:
+        """What the block adds to `x [batch, n, d_model]`: (update, MoE aux, recurrent state).
+
+        `positions [batch, n]` are the tokens' places in the sequence (mixture-of-depths hands
+        the block a subset); None means 0..n-1.
+        """
+        attended = self.attention(self.attention_norm(x), positions, return_probs=True)
+        attention_update, attention_probs = attended
+        h = constrain(x + attention_update.astype(x.dtype), ACTIVATION)
+        if not self.is_moe:
+            return attention_update + self.ffn(self.ffn_norm(h)).astype(x.dtype), None, None
+        if self.wants_attention_probs:
+            context = dataclasses.replace(context, attention_probs=attention_probs)
+        token_ids = context.token_ids
+        if token_ids is not None and positions is not None:
+            context = dataclasses.replace(
+                context, token_ids=jnp.take_along_axis(token_ids, positions, axis=1)
+            )
+        ffn_update, aux, recurrent_state = self.ffn(self.ffn_norm(h), context, train=train)
+        ffn_update = ffn_update.astype(x.dtype)
+        if not train:
+            # Measured at evaluation only: the relative size of the MoE update, and with a
+            # threshold, zero-shot halting of the tokens whose update is small (Equifinality).
+            relative = depth.relative_norm(h, ffn_update)  # [batch, n]
+            halted = relative < self.halting_threshold
+            ffn_update = jnp.where(halted[..., None], 0.0, ffn_update).astype(x.dtype)
+            aux = {
+                **aux,
+                "mean_relative_norm": jnp.mean(relative),
+                "halted_fraction": jnp.mean(halted.astype(jnp.float32)),
+            }
+        return attention_update.astype(x.dtype) + ffn_update, aux, recurrent_state
 
     def __call__(
-        self, x: jax.Array, token_ids: jax.Array, *, train: bool = True
-    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-        x = x + self.attention(self.attention_norm(x)).astype(x.dtype)
-        x = constrain(x, ACTIVATION)
-        if self.is_moe:
-            update, aux = self.ffn(self.ffn_norm(x), token_ids, train=train)
-            if not train:
-                # Measured at evaluation only: the relative size of the MoE update, and with a
-                # threshold, zero-shot halting of the tokens whose update is small.
-                halted, halting = relative_norm_halting(
-                    x, update.astype(x.dtype), threshold=self.halting_threshold
-                )
-                aux = {
-                    **aux,
-                    "mean_relative_norm": halting["mean_relative_norm"],
-                    "halted_fraction": halting["halted_fraction"],
-                }
-                return constrain(halted, ACTIVATION), aux
+        self,
+        x: jax.Array,
+        context: RouterContext,
+        *,
+        train: bool = True,
+        layer_decision: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None, jax.Array | None]:
+        """`x [batch, length, d_model]` -> (new x, aux dict or None, recurrent router state).
+
+        `layer_decision [batch]` (skip / execute / repeat) overrides the layer router, as its
+        teacher labels do while fitting it.
+        """
+        if self.is_mod:
+            return self._mixture_of_depths(x, context, train=train)
+        if self.has_layer_router and (layer_decision is not None or not train):
+            return self._layer_routed(x, context, train=train, decision=layer_decision)
+        update, aux, recurrent_state = self.residual_update(x, context, train=train)
+        return constrain(x + update, ACTIVATION), aux, recurrent_state
+
+    def _mixture_of_depths(self, x: jax.Array, context: RouterContext, *, train: bool):
+        inner_aux = {}
+
+        def block_fn(selected: jax.Array, positions: jax.Array) -> jax.Array:
+            update, aux, _ = self.residual_update(
+                selected, context, train=train, positions=positions
+            )
+            inner_aux["moe"] = aux
+            return update
+
+        router = self.mod_router[...]
+        predictor = {name: value[...] for name, value in self.mod_predictor.items()}
+        if train:
+            y, mod_aux = depth.mixture_of_depths(
+                x,
+                router,
+                block_fn,
+                capacity_fraction=self.mod_capacity,
+                router_activation=MOD_ROUTER_ACTIVATION,
+                predictor_params=predictor,
+                block_takes_positions=True,
+            )
+            stats = {
+                "mod_predictor_loss": mod_aux["predictor_loss"],
+                "mod_predictor_accuracy": mod_aux["predictor_accuracy"],
+                "mod_selected_fraction": jnp.mean(mod_aux["selected_mask"].astype(jnp.float32)),
+            }
         else:
-            update, aux = self.ffn(self.ffn_norm(x)), None
-        return constrain(x + update.astype(x.dtype), ACTIVATION), aux
+            # Top-C looks at the whole sequence; decoding can only use the causal predictor.
+            y, mod_aux = depth.mixture_of_depths_causal(
+                x,
+                router,
+                predictor,
+                block_fn,
+                router_activation=MOD_ROUTER_ACTIVATION,
+                block_takes_positions=True,
+            )
+            stats = {"mod_selected_fraction": mod_aux["selected_fraction"]}
+        aux = {**(inner_aux["moe"] or {}), **stats}
+        aux["aux_loss"] = aux.get("aux_loss", jnp.float32(0.0))
+        if train:
+            # The predictor reads stop_gradient(x), so its loss trains only the predictor.
+            aux["aux_loss"] += self.mod_predictor_weight * stats["mod_predictor_loss"]
+        return constrain(y, ACTIVATION), aux, None
+
+    def _layer_routed(self, x, context: RouterContext, *, train: bool, decision):
+        inner_aux = {}
+
+        def block_fn(inputs: jax.Array) -> jax.Array:
+            update, aux, _ = self.residual_update(inputs, context, train=train)
+            inner_aux["moe"] = aux
+            return update
+
+        router = {name: value[...] for name, value in self.layer_router.items()}
+        y, decision = depth.routed_block(x, router, block_fn, decision=decision)
+        aux = dict(inner_aux["moe"] or {})
+        for index, name in enumerate(depth.LAYER_DECISIONS):
+            aux[f"layer_{name}_fraction"] = jnp.mean((decision == index).astype(jnp.float32))
+        aux.setdefault("aux_loss", jnp.float32(0.0))
+        return constrain(y, ACTIVATION), aux, None
 
 
 class TransformerLM(nnx.Module):
     """Byte- or token-level causal language model.
 
     `__call__(tokens [batch, length] int32)` returns logits `[batch, length, vocab]` (float32)
-    and a list with one aux dict per MoE layer (None for dense layers).
+    and a list with one aux dict per layer (None for dense layers with nothing to report).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -94,7 +246,13 @@ class TransformerLM(nnx.Module):
             * 0.02,
             ("vocab", "embed"),
         )
-        self.blocks = nnx.List([Block(config, i, rngs=rngs) for i in range(config.num_layers)])
+        capacity = moe_capacity_factors(config)
+        self.blocks = nnx.List(
+            [
+                Block(config, i, capacity_factor=capacity.get(i, config.capacity_factor), rngs=rngs)
+                for i in range(config.num_layers)
+            ]
+        )
         self.final_norm = RMSNorm(config.d_model, param_dtype=param_dtype)
         if not config.tie_embeddings:
             self.unembedding = param(
@@ -102,23 +260,71 @@ class TransformerLM(nnx.Module):
                 * config.d_model**-0.5,
                 ("embed", "vocab"),
             )
+        if config.moe_every and config.router == "recurrent":
+            # RMoE shares one GRU cell across the layers; each layer owns its projections.
+            gru = init_gru_params(rngs.params(), config.recurrent_state_dim)
+            self.router_gru = nnx.Dict(
+                {
+                    name: param(value.astype(param_dtype), (None,) * value.ndim)
+                    for name, value in gru.items()
+                }
+            )
 
-    def __call__(
-        self, tokens: jax.Array, *, train: bool = True
-    ) -> tuple[jax.Array, list[dict | None]]:
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """`tokens [batch, length]` -> the residual stream `[batch, length, d_model]`."""
         dtype = jnp.dtype(self.config.dtype)
         x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)  # [batch, length, d]
         # The tied table is small (std 0.02); scaling keeps the residual stream at unit RMS.
         if self.config.tie_embeddings:
             x = x * (self.config.d_model**0.5)
-        x = constrain(x, ACTIVATION)
-        aux_per_layer = []
-        for block in self.blocks:
-            x, aux = block(x, tokens, train=train)
-            aux_per_layer.append(aux)
+        return constrain(x, ACTIVATION)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """The residual stream `[batch, length, d_model]` -> logits `[batch, length, vocab]`."""
         x = self.final_norm(x)
         unembed = self.embedding[...].T if self.config.tie_embeddings else self.unembedding[...]
         logits = jnp.einsum(
-            "bld,dv->blv", x, unembed.astype(dtype), preferred_element_type=jnp.float32
+            "bld,dv->blv",
+            x,
+            unembed.astype(jnp.dtype(self.config.dtype)),
+            preferred_element_type=jnp.float32,
         )
-        return constrain(logits, ("batch", "length", "activation_vocab")), aux_per_layer
+        return constrain(logits, ("batch", "length", "activation_vocab"))
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        train: bool = True,
+        rng: jax.Array | None = None,
+        layer_decisions: jax.Array | None = None,
+    ) -> tuple[jax.Array, list[dict | None]]:
+        """Logits and per-layer aux of `tokens [batch, length]`.
+
+        Args:
+          tokens: [batch, length] int32.
+          train: training mode (routing noise, train capacity, top-C mixture-of-depths) or
+            evaluation (eval capacity, causal predictor, halting, layer routers).
+          rng: key for routers with noise; layer i uses `fold_in(rng, i)`. None: no noise.
+          layer_decisions: optional [num_layers, batch] int teacher decisions for the layer
+            routers (`moejax.depth.SKIP/EXECUTE/REPEAT`), used while fitting them.
+        """
+        x = self.embed(tokens)
+        shared = {}
+        if hasattr(self, "router_gru"):
+            shared = {name: value[...] for name, value in self.router_gru.items()}
+        recurrent_state = None
+        aux_per_layer = []
+        for layer, block in enumerate(self.blocks):
+            context = RouterContext(
+                token_ids=tokens,
+                rng=None if rng is None else jax.random.fold_in(rng, layer),
+                recurrent_state=recurrent_state,
+                shared_router_params=shared,
+            )
+            decision = None if layer_decisions is None else layer_decisions[layer]
+            x, aux, state = block(x, context, train=train, layer_decision=decision)
+            if state is not None:
+                recurrent_state = state
+            aux_per_layer.append(aux)
+        return self.logits(x), aux_per_layer

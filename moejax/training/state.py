@@ -127,6 +127,9 @@ class StateLayout:
     schedule: optax.Schedule
     abstract_state: Any
     shardings: Any
+    # train.seed: with the step it determines the routing-noise key of every step, so the noise
+    # needs no state of its own and a resumed run draws the same noise.
+    seed: int = 0
 
     def restore_target(self) -> Any:
         """The abstract state carrying its shardings: what checkpoints restore onto."""
@@ -138,7 +141,7 @@ def state_layout(config: Config, mesh: Mesh) -> StateLayout:
     optimizer = make_optimizer(config.train)
     abstract_state, shardings = state_shardings(spec, optimizer, mesh)
     schedule = learning_rate_schedule(config.train)
-    return StateLayout(spec, optimizer, schedule, abstract_state, shardings)
+    return StateLayout(spec, optimizer, schedule, abstract_state, shardings, config.train.seed)
 
 
 def init_state(config: Config, layout: StateLayout) -> TrainState:

@@ -57,11 +57,20 @@ def _moe_metrics(aux_per_layer: list[dict | None]) -> dict[str, jax.Array]:
     return metrics
 
 
-def forward(spec: ModelSpec, variables: dict[str, Any], batch: Batch):
+def routing_noise_key(seed: int, step: jax.Array) -> jax.Array:
+    """The key of step `step`'s routing noise: a function of the seed and the step only."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _NOISE_STREAM), step)
+
+
+# Separates the noise stream from the parameter initialisation, which also uses key(seed).
+_NOISE_STREAM = 1
+
+
+def forward(spec: ModelSpec, variables: dict[str, Any], batch: Batch, rng: jax.Array | None = None):
     """Loss pieces of one training batch: (mean cross-entropy, summed aux loss, per-layer aux
-    list, the router state after this batch)."""
+    list, the router state after this batch). `rng` feeds routers with noise."""
     model = spec.merge(variables)
-    logits, aux_per_layer = model(batch["inputs"])
+    logits, aux_per_layer = model(batch["inputs"], rng=rng)
     nll_sum, count = cross_entropy(logits, batch["targets"])
     aux_loss = sum((aux["aux_loss"] for aux in aux_per_layer if aux is not None), jnp.float32(0.0))
     router_state = nnx.to_pure_dict(nnx.state(model, RouterState))
@@ -73,9 +82,11 @@ def make_train_step(layout: StateLayout, mesh: Mesh) -> MeshStep:
     spec, optimizer, schedule = layout.spec, layout.optimizer, layout.schedule
 
     def train_step(state: TrainState, batch: Batch):
+        rng = routing_noise_key(layout.seed, state["step"])
+
         def loss_fn(params):
             variables = {**model_variables(state), "params": params}
-            ce, aux_loss, aux_per_layer, router_state = forward(spec, variables, batch)
+            ce, aux_loss, aux_per_layer, router_state = forward(spec, variables, batch, rng)
             return ce + aux_loss, (ce, aux_loss, aux_per_layer, router_state)
 
         grads, (ce, aux_loss, aux_per_layer, router_state) = jax.grad(loss_fn, has_aux=True)(

@@ -1,0 +1,161 @@
+"""Graph-of-tokens routing: a token's expert distribution mixed with those of related tokens.
+
+Nguyen et al., "Improving Routing in Sparse Mixture of Experts with Graph of Tokens" (2025).
+Softmax gating lets every token pick its experts independently, which the paper links to
+routing fluctuation late in training. Its two routers couple the choices of related tokens:
+
+- Similarity-aware: `P' = S P`, with `S` a row-stochastic similarity between tokens.
+- Attention-aware: `P' = A P`, with `A` the attention matrix of the preceding attention block
+  (averaged over heads), so a token routes like the tokens it attends to.
+
+Both then pick the top-k experts of `P'` and weight them by `P'`. `mix` in [0, 1] interpolates
+`(1 - mix) P + mix P'`; 1 is the paper's router, 0 is plain softmax top-k.
+
+Our reading for a causal language model: `S` and `A` only connect a token to itself and
+earlier tokens of the same sequence. A token's combine weights then depend on no future token, so
+next-token prediction stays causal (the attention matrix of a causal block already is).
+`S_ij = softmax_j(<z_i, z_j> / (temperature * sqrt(num_experts)))` over the router logits z:
+similarity measured in the router's own space, `X W_r W_r^T X^T`, so no new parameters.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from moejax import routing
+from moejax.routers._common import active_load_balance_loss, require
+
+
+def _check_mix(mix: float) -> None:
+    require(0.0 <= mix <= 1.0, "mix", mix, "in [0, 1]")
+
+
+def _route_on_probs(
+    router_logits: jax.Array, mixed_probs: jax.Array, *, top_k: int, renormalize: bool
+) -> routing.Routing:
+    """Top-k of `mixed_probs [tokens, experts]` with its weights; losses of the mixed choice."""
+    combine_weights, expert_index = jax.lax.top_k(mixed_probs, top_k)  # [tokens, top_k]
+    if renormalize:
+        combine_weights = combine_weights / jnp.sum(combine_weights, axis=-1, keepdims=True)
+    expert_index = expert_index.astype(jnp.int32)
+    return routing.Routing(
+        expert_index=expert_index,
+        combine_weights=combine_weights,
+        router_probs=mixed_probs,
+        aux_losses={
+            "load_balance": active_load_balance_loss(mixed_probs, combine_weights, expert_index),
+            "router_z": routing.router_z_loss(router_logits.astype(jnp.float32)),
+        },
+    )
+
+
+def _propagate(probs: jax.Array, graph: jax.Array, seq_len: int, mix: float) -> jax.Array:
+    """`(1 - mix) P + mix G P` per sequence: `probs [tokens, E]`, `graph [batch, L, L]`."""
+    num_experts = probs.shape[-1]
+    per_sequence = probs.reshape(-1, seq_len, num_experts)  # [batch, L, E]
+    neighbours = jnp.einsum("bij,bje->bie", graph, per_sequence).reshape(probs.shape)
+    return (1.0 - mix) * probs + mix * neighbours
+
+
+def token_similarity(router_logits: jax.Array, *, seq_len: int, temperature: float) -> jax.Array:
+    """Causal row-stochastic similarity `[batch, L, L]` of tokens in router-logit space.
+
+    Args:
+      router_logits: [tokens, num_experts], tokens = batch * seq_len in sequence order.
+      seq_len: tokens per sequence.
+      temperature: > 0; lower sharpens the similarity towards each token itself.
+    """
+    require(temperature > 0, "temperature", temperature, "> 0")
+    num_experts = router_logits.shape[-1]
+    z = router_logits.astype(jnp.float32).reshape(-1, seq_len, num_experts)  # [b, L, E]
+    scores = jnp.einsum("bie,bje->bij", z, z) / (temperature * num_experts**0.5)
+    causal = jnp.tril(jnp.ones((seq_len, seq_len), bool))
+    scores = jnp.where(causal, scores, -jnp.inf)  # the diagonal keeps every row finite
+    return jax.nn.softmax(scores, axis=-1)
+
+
+@routing.register_router("similarity_aware")
+def similarity_aware_router(
+    router_logits: jax.Array,
+    *,
+    top_k: int,
+    seq_len: int,
+    renormalize: bool = True,
+    temperature: float = 1.0,
+    mix: float = 1.0,
+) -> routing.Routing:
+    """Top-k of the expert distribution averaged over similar earlier tokens.
+
+    Nguyen et al., "Improving Routing in Sparse Mixture of Experts with Graph of Tokens" (2025),
+    Similarity-Aware MoE, with the causal similarity of `token_similarity`.
+
+    Args:
+      router_logits: [tokens, num_experts], tokens = batch * seq_len in sequence order.
+      top_k: experts per token, in [1, num_experts].
+      seq_len: tokens per sequence (the graph never crosses sequences).
+      renormalize: rescale the k chosen weights to sum to 1 per token.
+      temperature: of the similarity softmax, > 0.
+      mix: weight of the graph term, in [0, 1].
+
+    Returns:
+      A `Routing` whose router_probs are the mixed distribution (they chose the experts), with
+      aux_losses "load_balance" of that choice and "router_z" of the logits.
+    """
+    routing.check_router_inputs(router_logits, top_k)
+    _check_mix(mix)
+    require(
+        router_logits.shape[0] % seq_len == 0,
+        "seq_len",
+        seq_len,
+        f"a divisor of the number of tokens {router_logits.shape[0]}",
+    )
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)  # [tokens, experts]
+    graph = token_similarity(router_logits, seq_len=seq_len, temperature=temperature)
+    mixed = _propagate(probs, graph, seq_len, mix)
+    return _route_on_probs(router_logits, mixed, top_k=top_k, renormalize=renormalize)
+
+
+@routing.register_router("attention_aware")
+def attention_aware_router(
+    router_logits: jax.Array,
+    *,
+    top_k: int,
+    attention_probs: jax.Array | None = None,
+    renormalize: bool = True,
+    mix: float = 1.0,
+) -> routing.Routing:
+    """Top-k of the expert distribution averaged over the tokens the previous attention reads.
+
+    Nguyen et al., "Improving Routing in Sparse Mixture of Experts with Graph of Tokens" (2025),
+    Attention-Aware MoE.
+
+    Args:
+      router_logits: [tokens, num_experts], tokens = batch * L in sequence order.
+      top_k: experts per token, in [1, num_experts].
+      attention_probs: [batch, L, L], rows summing to 1: the preceding attention block's
+        weights averaged over heads (`moejax.attention.Attention` returns them on request).
+      renormalize: rescale the k chosen weights to sum to 1 per token.
+      mix: weight of the graph term, in [0, 1].
+
+    Returns:
+      As `similarity_aware_router`.
+    """
+    routing.check_router_inputs(router_logits, top_k)
+    _check_mix(mix)
+    if attention_probs is None:
+        raise ValueError(
+            "attention_probs: got None; allowed: [batch, L, L] head-averaged attention weights "
+            "(the attention_aware router reads the preceding attention block)"
+        )
+    batch, seq_len = attention_probs.shape[0], attention_probs.shape[1]
+    require(
+        attention_probs.ndim == 3
+        and attention_probs.shape[2] == seq_len
+        and batch * seq_len == router_logits.shape[0],
+        "attention_probs",
+        f"shape {attention_probs.shape}",
+        f"[batch, L, L] with batch * L = tokens = {router_logits.shape[0]}",
+    )
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)  # [tokens, experts]
+    graph = attention_probs.astype(jnp.float32)
+    mixed = _propagate(probs, graph, seq_len, mix)
+    return _route_on_probs(router_logits, mixed, top_k=top_k, renormalize=renormalize)
