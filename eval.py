@@ -27,6 +27,12 @@ def main(argv: list[str]) -> int:
         help="generate this many bytes from the model (0: none)",
     )
     parser.add_argument("--prompt", default="ROMEO:\n", help="text the sample continues")
+    parser.add_argument(
+        "--compare_step",
+        type=int,
+        default=None,
+        help="checkpoint to measure routing fluctuation against (default: the one before)",
+    )
     args, overrides = cli.parse(parser, argv)
     cli.setup_logging()
 
@@ -37,6 +43,7 @@ def main(argv: list[str]) -> int:
         results = evaluate_workdir(
             args.workdir,
             step=args.step,
+            compare_step=args.compare_step,
             overrides=overrides,
             sample_bytes=args.sample_bytes,
             sample_prompt=args.prompt.encode(),
@@ -51,6 +58,12 @@ def main(argv: list[str]) -> int:
         f"bits/byte, perplexity {results['perplexity']:.3f} over {results['tokens']:.0f} bytes"
     )
     print(routing_table(results))
+    if results.get("compare_step") is not None:
+        print(
+            f"fluct.: share of the first validation batch's tokens whose top-1 expert changed "
+            f"since step {results['compare_step']}; affinity: share whose expert is the most "
+            "likely successor of their previous MoE layer's expert"
+        )
     if "moe_flops_halted" in results:
         print(
             f"relative-norm halting: {100 * results['moe_flops_halted']:.1f}% of MoE token "

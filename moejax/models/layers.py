@@ -38,6 +38,9 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) 
     return hidden @ w_down
 
 
+# Per-token entries of a MoE layer's aux dict: read by evaluation, not averaged into metrics.
+ROUTING_TRACE_KEYS = ("top1_expert",)
+
 # Inputs a router may declare as keyword arguments; `MoELayer` passes those it accepts.
 ROUTER_INPUTS = (
     "token_ids",
@@ -312,6 +315,8 @@ class MoELayer(nnx.Module):
             "load_balance_loss": losses["load_balance"],
             "router_z_loss": losses["router_z"],
             "dropped_fraction": jnp.asarray(out.dropped_fraction, jnp.float32),
+            # Per-token, for routing fluctuation and inter-layer affinity at evaluation.
+            "top1_expert": result.expert_index[:, 0],
             # Chunk sparsity over 8 consecutive tokens, as BlockFFN reports it.
             **metrics.layer_metrics(
                 result, self.num_experts, seq_len=length, chunk_size=min(8, length)

@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax import sharding
-from moejax.models.layers import RouterState
+from moejax.models.layers import ROUTING_TRACE_KEYS, RouterState
 from moejax.training.state import ModelSpec, StateLayout, TrainState, model_variables
 
 Batch = dict[str, jax.Array]  # {"inputs": [batch, length] int32, "targets": [batch, length]}
@@ -52,7 +52,7 @@ def _moe_metrics(aux_per_layer: list[dict | None]) -> dict[str, jax.Array]:
         if aux is None:
             continue
         for name, value in aux.items():
-            if name != "aux_loss":
+            if name != "aux_loss" and name not in ROUTING_TRACE_KEYS:
                 metrics[f"moe/layer{layer}/{name}"] = value
     return metrics
 

@@ -170,5 +170,11 @@ def test_eval_restores_onto_another_mesh(tiny_config, tmp_path):
         eight["moe/layer0/expert_load"], one["moe/layer0/expert_load"], atol=1e-6
     )
     assert 0.0 < one["bits_per_byte"] < 8.0
+    # Routing fluctuation since the checkpoint before, on the same fixed batch, on either mesh.
+    assert one["compare_step"] == eight["compare_step"] is not None
+    assert 0.0 <= one["moe/layer0/routing_fluctuation"] <= 1.0
+    np.testing.assert_allclose(
+        eight["moe/layer0/routing_fluctuation"], one["moe/layer0/routing_fluctuation"]
+    )
     with pytest.raises(ValueError, match="only mesh.*data.*model.halting_threshold"):
         evaluate_workdir(workdir, overrides=["model.num_experts=8"])
