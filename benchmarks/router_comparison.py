@@ -252,8 +252,10 @@ def markdown_report(
     ]
     for row in rows:
         mean, std = row["bits_per_byte_mean"], row["bits_per_byte_std"]
-        if mean is None:
+        if mean is None and row["errors"]:
             bits = "failed: " + _cell("; ".join(row["errors"]))[:200]
+        elif mean is None:
+            bits = "not run yet"
         else:
             bits = f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")
         vs = row[f"vs_{BASELINE}_percent"]
