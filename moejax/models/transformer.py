@@ -207,7 +207,10 @@ class Block(nnx.Module):
                 block_takes_positions=True,
             )
             stats = {"mod_selected_fraction": mod_aux["selected_fraction"]}
-        aux = {**(inner_aux["moe"] or {}), **stats}
+        # The block saw a subset (or a reordering) of the tokens, so per-token traces do not line
+        # up with other layers' tokens.
+        aux = {k: v for k, v in (inner_aux["moe"] or {}).items() if k != "top1_expert"}
+        aux.update(stats)
         aux["aux_loss"] = aux.get("aux_loss", jnp.float32(0.0))
         if train:
             # The predictor reads stop_gradient(x), so its loss trains only the predictor.

@@ -114,6 +114,7 @@ def test_mixture_of_depths_selects_its_share_and_trains_the_predictor():
     _, aux = model(tokens)
     assert aux[0] is not None and "mod_selected_fraction" not in aux[0]
     assert float(aux[1]["mod_selected_fraction"]) == 0.25
+    assert "top1_expert" in aux[0] and "top1_expert" not in aux[1]
     assert float(aux[1]["aux_loss"]) > 0.1 * float(aux[1]["mod_predictor_loss"]) - 1e-6
     _, eval_aux = model(tokens, train=False)
     assert 0.0 <= float(eval_aux[1]["mod_selected_fraction"]) <= 1.0
