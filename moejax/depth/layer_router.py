@@ -132,7 +132,12 @@ def layer_router_loss(
         raise ValueError(f"logits: got shape {logits.shape}; allowed: [batch, {num_classes}]")
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     log_p = jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
-    per_example = -((1.0 - jnp.exp(log_p)) ** focal_gamma) * log_p  # [batch]
+    per_example = -log_p  # [batch]
+    if focal_gamma > 0:
+        # (1 - p)^gamma has an infinite derivative at p = 1 for gamma < 1; the floor keeps the
+        # gradient finite once a router is confident (p rounds to 1 in float32).
+        miss = jnp.maximum(-jnp.expm1(log_p), 1e-7)
+        per_example = miss**focal_gamma * per_example
     if class_weights is None:
         return jnp.mean(per_example)
     if class_weights.shape != (num_classes,):

@@ -85,3 +85,11 @@ def test_layer_router_rejects_bad_options() -> None:
         depth.greedy_decisions(jnp.zeros((2, 3)), compute_penalty=-1)
     with pytest.raises(ValueError, match="hidden_dim"):
         depth.init_layer_router(jax.random.key(0), D_MODEL, hidden_dim=0)
+
+
+@pytest.mark.parametrize("focal_gamma", [0.0, 0.5, 2.0])
+def test_layer_router_loss_gradient_stays_finite_for_a_certain_router(focal_gamma):
+    logits = jnp.array([[0.0, 30.0, 0.0], [30.0, 0.0, 0.0]])
+    labels = jnp.array([1, 0])
+    grad = jax.grad(lambda z: depth.layer_router_loss(z, labels, focal_gamma=focal_gamma))(logits)
+    assert bool(jnp.all(jnp.isfinite(grad)))
