@@ -69,6 +69,11 @@ def main(argv: list[str]) -> int:
             f"relative-norm halting: {100 * results['moe_flops_halted']:.1f}% of MoE token "
             "updates skipped (the share of MoE FLOPs a decide-first version would save)"
         )
+    if "sparsity/total" in results:
+        print(
+            f"pruning: {100 * results['sparsity/total']:.1f}% of all weights are zero "
+            f"({100 * results.get('sparsity/prunable', 0.0):.1f}% of the prunable ones)"
+        )
     if "sample" in results:
         print(f"--- sample ({args.sample_bytes} bytes after the prompt) ---\n{results['sample']}")
     out_dir = Path(args.workdir) / "eval"

@@ -1,7 +1,7 @@
 """Typed experiment configuration: frozen dataclasses, CLI overrides, and validation.
 
-A config is four groups (`model`, `data`, `mesh`, `train`). Config files in `configs/` define
-`get_config() -> Config`; the command line overrides single fields with
+A config is five groups (`model`, `data`, `mesh`, `train`, `pruning`). Config files in
+`configs/` define `get_config() -> Config`; the command line overrides single fields with
 `--config.model.num_experts=8`. `validate` checks every field before anything is compiled and
 raises `ConfigError` naming the field, the value and what is allowed.
 """
@@ -16,6 +16,8 @@ import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from moejax.pruning.config import PruningConfig
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 DTYPES = ("float32", "bfloat16")
@@ -153,12 +155,67 @@ class TrainConfig:
     async_checkpointing: bool = True
 
 
+PRUNING_MODES = ("masked", "srste")
+
+
+@dataclasses.dataclass(frozen=True)
+class LMPruningConfig(PruningConfig):
+    """`PruningConfig` (which weights, which pattern, when) plus how the LM's train step uses
+    the masks. method="none" (the default) leaves training and checkpoints as without pruning.
+
+    mode: "masked": the forward pass and every update use the masks of the optimizer state, so
+    pruned weights are exactly zero. "srste": *Learning N:M Fine-grained Structured Sparse
+    Neural Networks From Scratch*: the dense weights train, the forward pass uses their n:m
+    mask recomputed from |W| every step, the gradient goes straight through plus
+    srste_decay * (1 - M) * W; the optimizer state holds the current n:m masks. It needs
+    method="magnitude", pattern="nm" and schedule="none".
+    flow_begin, flow_end, flow_intervals: *Progressive Gradient Flow for Robust N:M Sparsity
+    Training in Transformers*: in "srste" mode the gradient share reaching pruned weights
+    decays from 1 to 0 in `flow_intervals` stairs between these steps; flow_end <= flow_begin
+    (the default) keeps it at 1.
+    """
+
+    mode: str = "masked"
+    srste_decay: float = 2e-4
+    flow_begin: int = 0
+    flow_end: int = 0
+    flow_intervals: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in PRUNING_MODES:
+            raise ValueError(
+                f"pruning.mode={self.mode!r} is not allowed; allowed values: {PRUNING_MODES}."
+            )
+        if self.srste_decay < 0:
+            raise ValueError(f"pruning.srste_decay={self.srste_decay!r} is not allowed; >= 0.")
+        if self.flow_intervals < 1:
+            raise ValueError(
+                f"pruning.flow_intervals={self.flow_intervals!r} is not allowed; it must be >= 1."
+            )
+        if self.mode != "srste" or self.method == "none":
+            return
+        needed = {"method": "magnitude", "pattern": "nm", "schedule": "none"}
+        for name, value in needed.items():
+            if getattr(self, name) != value:
+                raise ValueError(
+                    f"pruning.{name}={getattr(self, name)!r} is not allowed with "
+                    f"pruning.mode='srste'; allowed: {value!r} (SR-STE recomputes the n:m "
+                    "mask from |W| every step)."
+                )
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    pruning: LMPruningConfig = dataclasses.field(default_factory=LMPruningConfig)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -206,7 +263,12 @@ def _parse_value(field: str, text: str, annotation: Any) -> Any:
 
 
 def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
-    """Returns `config` with `group.field=value` overrides applied, values parsed by field type."""
+    """Returns `config` with `group.field=value` overrides applied, values parsed by field type.
+
+    Each group is rebuilt once with all its overrides (a later override of a field wins), so
+    groups that check combinations of fields (`pruning`) accept the overrides in any order.
+    """
+    changes: dict[str, dict[str, Any]] = {}
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r}: expected the form group.field=value")
@@ -219,18 +281,26 @@ def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
                 f"{', '.join(groups)}"
             )
         group_name, name = parts
-        group = getattr(config, group_name)
-        types_of = _field_types(type(group))
+        types_of = _field_types(type(getattr(config, group_name)))
         if name not in types_of:
             raise ConfigError(
                 f"config: unknown field {dotted!r}; allowed fields of {group_name}: "
                 f"{', '.join(types_of)}"
             )
-        value = _parse_value(dotted, text, types_of[name])
-        config = dataclasses.replace(
-            config, **{group_name: dataclasses.replace(group, **{name: value})}
-        )
-    return config
+        changes.setdefault(group_name, {})[name] = _parse_value(dotted, text, types_of[name])
+    rebuilt = {name: _build(getattr(config, name), **fields) for name, fields in changes.items()}
+    return dataclasses.replace(config, **rebuilt)
+
+
+def _build(group: Any, **fields: Any) -> Any:
+    """`dataclasses.replace(group, **fields)`; a group that checks itself on construction
+    (`pruning`) raises ValueError, reported as the ConfigError every bad value gives."""
+    try:
+        return dataclasses.replace(group, **fields)
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def to_dict(config: Config) -> dict[str, dict[str, Any]]:
@@ -246,7 +316,7 @@ def from_dict(data: dict[str, dict[str, Any]]) -> Config:
         unknown = set(values) - set(_field_types(cls))
         if unknown:
             raise ConfigError(f"config: unknown fields {sorted(unknown)} in group {f.name!r}")
-        groups[f.name] = cls(**values)
+        groups[f.name] = _build(cls(), **values)
     return Config(**groups)
 
 
@@ -494,6 +564,15 @@ def validate(config: Config, num_devices: int) -> dict[str, int]:
         value = getattr(train, name)
         _require(0.0 <= value < 1.0, f"train.{name}", value, "a number in [0, 1)")
 
+    pruning = config.pruning
+    if pruning.enabled and pruning.schedule != "none":
+        _require(
+            pruning.begin_step < train.steps,
+            "pruning.begin_step",
+            pruning.begin_step,
+            f"< train.steps={train.steps} (the schedule would never prune)",
+        )
+
     sizes = validate_mesh(config.mesh, num_devices)
     batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     for name in ("global_batch_size", "eval_batch_size"):
@@ -538,6 +617,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "LMPruningConfig",
     "MeshConfig",
     "ModelConfig",
     "TrainConfig",

@@ -99,6 +99,14 @@ def routing_dynamics(
     return results
 
 
+def sparsity_results(config: Any, variables: dict[str, Any]) -> dict[str, float]:
+    """Per-layer and total sparsity (shares of exact zeros) of the restored params of a pruned
+    run: `sparsity/layer{i}`, `sparsity/prunable`, `sparsity/total`; {} when unpruned."""
+    from moejax.pruning.lm import param_sparsity
+
+    return param_sparsity(config.pruning, variables["params"])
+
+
 def moe_layers(results: dict[str, Any]) -> list[str]:
     """Names (`layer{i}`) of the MoE layers reported in `results`, in depth order."""
     layers = {name.split("/")[1] for name in results if name.startswith("moe/")}
@@ -221,6 +229,7 @@ def evaluate_workdir(
     variables = state_lib.model_variables(state)
     results = evaluate(make_eval_step(layout, mesh), variables, batches)
     results.update(step=restored_step, damaged_steps=damaged, mesh=axis_sizes)
+    results.update(sparsity_results(config, variables))
     if config.model.moe_every:
         fixed_batch = batches[0]
         top1 = routing_top1(layout.spec.merge, mesh, variables, fixed_batch)

@@ -25,6 +25,7 @@ from moejax import config as config_lib
 from moejax import evaluation, sharding
 from moejax.config import Config
 from moejax.data import pipeline, shakespeare
+from moejax.pruning.lm import layer_sparsity
 from moejax.training import state as state_lib
 from moejax.training.checkpoint import Checkpointer
 from moejax.training.step import global_batch, make_eval_step, make_train_step
@@ -89,6 +90,15 @@ def prepare_workdir(workdir: Path, config: Config) -> None:
             )
     if jax.process_index() == 0:
         config_lib.save_json(config, path)
+
+
+def _sparsity_text(results: dict[str, Any]) -> str:
+    if "sparsity/prunable" not in results:
+        return ""
+    return (
+        f", sparsity {results['sparsity/prunable']:.3f} of the pruned weights "
+        f"({results['sparsity/total']:.3f} of all)"
+    )
 
 
 def _check_finite(pending: list[tuple[int, dict[str, Any]]]) -> None:
@@ -164,6 +174,10 @@ def train(
     def run_eval(at_step: int) -> dict[str, Any]:
         variables = state_lib.model_variables(state)
         results = evaluation.evaluate(eval_step, variables, eval_batches)
+        if layout.pruning is not None:
+            # Per-layer sparsity of the weights the model evaluates with; at eval time only,
+            # since it reads every parameter back to the host.
+            results.update(layer_sparsity(variables["params"], layout.pruning.prunable))
         writer.write(at_step, "eval", results)
         return results
 
@@ -217,7 +231,7 @@ def train(
                     last_eval = run_eval(step)
                     bar.write(
                         f"step {step}: validation loss {last_eval['loss']:.4f} nats, "
-                        f"{last_eval['bits_per_byte']:.4f} bits/byte"
+                        f"{last_eval['bits_per_byte']:.4f} bits/byte" + _sparsity_text(last_eval)
                     )
                 if due_save or stopping:
                     save(step)

@@ -20,16 +20,24 @@ from moejax import sharding
 from moejax.config import Config, ModelConfig, TrainConfig
 from moejax.models.layers import RouterState
 from moejax.models.transformer import TransformerLM
+from moejax.pruning.config import PruningConfig, wrap_optimizer
+from moejax.pruning.lm import LMPruning, deployed_params
 
 # {"step": int32 [], "params": pure dict, "opt_state": optax state} and, for routers with
 # state (expert biases, centroids), "router_state": pure dict. Models without router state
-# leave the key out, so their checkpoints do not depend on the feature.
+# leave the key out, so their checkpoints do not depend on the feature. A pruned run's
+# opt_state is a `PruneState` holding the masks (like params, sharded like them).
 TrainState = dict[str, Any]
 
 
 def model_variables(state: TrainState) -> dict[str, Any]:
-    """The parts of the train state the model is built from (what eval and sampling need)."""
-    return {"params": state["params"], "router_state": state.get("router_state", {})}
+    """The parts of the train state the model is built from (what eval and sampling need).
+
+    A pruned run's params come with the optimizer-state masks applied: a no-op for masked
+    pruning (pruned weights are zero already), the n:m projection for SR-STE.
+    """
+    params = deployed_params(state["params"], state["opt_state"])
+    return {"params": params, "router_state": state.get("router_state", {})}
 
 
 def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
@@ -43,10 +51,13 @@ def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
     )
 
 
-def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; no weight decay on vectors (norm scales)."""
+def make_optimizer(
+    train: TrainConfig, pruning: PruningConfig | None = None
+) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping; no weight decay on vectors (norm scales). With a
+    `pruning` config that prunes, wrapped by `prune_optax` (masks in the optimizer state)."""
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    return optax.chain(
+    inner = optax.chain(
         optax.clip_by_global_norm(train.grad_clip_norm),
         optax.adamw(
             learning_rate_schedule(train),
@@ -56,6 +67,7 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
             mask=decay_mask,
         ),
     )
+    return inner if pruning is None else wrap_optimizer(inner, pruning)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +142,8 @@ class StateLayout:
     # train.seed: with the step it determines the routing-noise key of every step, so the noise
     # needs no state of its own and a resumed run draws the same noise.
     seed: int = 0
+    # What the train step does with the masks; None when pruning is off.
+    pruning: LMPruning | None = None
 
     def restore_target(self) -> Any:
         """The abstract state carrying its shardings: what checkpoints restore onto."""
@@ -138,10 +152,13 @@ class StateLayout:
 
 def state_layout(config: Config, mesh: Mesh) -> StateLayout:
     spec = model_spec(config.model)
-    optimizer = make_optimizer(config.train)
+    pruning = LMPruning.create(config.pruning, spec.abstract_params)
+    optimizer = make_optimizer(config.train, config.pruning)
     abstract_state, shardings = state_shardings(spec, optimizer, mesh)
     schedule = learning_rate_schedule(config.train)
-    return StateLayout(spec, optimizer, schedule, abstract_state, shardings, config.train.seed)
+    return StateLayout(
+        spec, optimizer, schedule, abstract_state, shardings, config.train.seed, pruning
+    )
 
 
 def init_state(config: Config, layout: StateLayout) -> TrainState:
@@ -150,11 +167,10 @@ def init_state(config: Config, layout: StateLayout) -> TrainState:
     def init(key: jax.Array) -> TrainState:
         model = TransformerLM(config.model, rngs=nnx.Rngs(key))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        state = {
-            "step": jnp.zeros((), jnp.int32),
-            "params": params,
-            "opt_state": layout.optimizer.init(params),
-        }
+        opt_state = layout.optimizer.init(params)
+        if layout.pruning is not None:
+            opt_state = layout.pruning.record(opt_state, params)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
         if layout.spec.abstract_router_state:
             state["router_state"] = nnx.to_pure_dict(nnx.state(model, RouterState))
         return state

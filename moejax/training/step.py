@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax import sharding
 from moejax.models.layers import ROUTING_TRACE_KEYS, RouterState
-from moejax.training.state import ModelSpec, StateLayout, TrainState, model_variables
+from moejax.training.state import ModelSpec, StateLayout, TrainState
 
 Batch = dict[str, jax.Array]  # {"inputs": [batch, length] int32, "targets": [batch, length]}
 
@@ -80,19 +80,27 @@ def forward(spec: ModelSpec, variables: dict[str, Any], batch: Batch, rng: jax.A
 def make_train_step(layout: StateLayout, mesh: Mesh) -> MeshStep:
     """`train_step(state, batch) -> (state, metrics)`, jit-compiled, state donated."""
     spec, optimizer, schedule = layout.spec, layout.optimizer, layout.schedule
+    pruning = layout.pruning
 
     def train_step(state: TrainState, batch: Batch):
         rng = routing_noise_key(layout.seed, state["step"])
 
         def loss_fn(params):
-            variables = {**model_variables(state), "params": params}
+            if pruning is not None:
+                # Masked weights (or SR-STE's n:m projection) in the forward pass; the dense
+                # params stay the differentiated variable.
+                params = pruning.forward_params(params, state["opt_state"], state["step"])
+            variables = {"params": params, "router_state": state.get("router_state", {})}
             ce, aux_loss, aux_per_layer, router_state = forward(spec, variables, batch, rng)
             return ce + aux_loss, (ce, aux_loss, aux_per_layer, router_state)
 
         grads, (ce, aux_loss, aux_per_layer, router_state) = jax.grad(loss_fn, has_aux=True)(
             state["params"]
         )
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        opt_state = state["opt_state"]
+        if pruning is not None:
+            opt_state = pruning.release(opt_state, state["params"])
+        updates, opt_state = optimizer.update(grads, opt_state, state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {
             "loss": ce + aux_loss,
@@ -102,6 +110,9 @@ def make_train_step(layout: StateLayout, mesh: Mesh) -> MeshStep:
             "learning_rate": schedule(state["step"]),
             **_moe_metrics(aux_per_layer),
         }
+        if pruning is not None:
+            opt_state = pruning.record(opt_state, params)
+            metrics.update(pruning.metrics(opt_state))
         new_state = {
             "step": state["step"] + 1,
             "params": params,
