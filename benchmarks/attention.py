@@ -1,0 +1,124 @@
+"""Forward+backward time of causal attention against sequence length on CPU: dense, sliding
+window and MoBA.
+
+    nice -n 10 python benchmarks/attention.py [--lengths 1024 2048 4096 8192 16384] [--repeats 3]
+
+Batch 1, `--heads` heads of dimension 64, float32. Each path is jitted as the gradient of
+`sum(out * cotangent)` with respect to q, k and v:
+  dense:   `moejax.attention.causal_attention` (materialises [length, length] logits);
+  window:  `kernels_pallas.block_sparse_attention(impl="xla")` with the exact sliding-window
+           pattern of `--window` tokens on 64-token blocks;
+  moba:    `moba_select` routing (top-3 of 64-token blocks, own block added) plus the same op.
+Times are medians over `--repeats` runs after a compile-and-run; "x/doubling" is the ratio to
+the previous length (a linear path doubles, a quadratic one quadruples). Peak memory is the
+compiled executable's `memory_analysis()` (arguments + outputs + temporaries) at each length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import kernels_pallas
+from moejax.attention import causal_attention
+from moejax.sparse_attention import masks
+from moejax.sparse_attention.moba import moba_select
+
+BLOCK = 64
+
+
+def dense(q, k, v, window, top_k):
+    return causal_attention(q, k, v)
+
+
+def sliding(q, k, v, window, top_k):
+    pattern = masks.sliding_window(q.shape[1], BLOCK, BLOCK, window)
+    return kernels_pallas.block_sparse_attention(
+        q,
+        k,
+        v,
+        pattern.block_mask[None, None],
+        block_q=BLOCK,
+        block_kv=BLOCK,
+        causal=True,
+        window=window,
+        max_kv_blocks=pattern.max_kv_blocks,
+        impl="xla",
+    )
+
+
+def moba(q, k, v, window, top_k):
+    selection = moba_select(q, k, block_q=BLOCK, block_kv=BLOCK, top_k=top_k)
+    return kernels_pallas.block_sparse_attention(
+        q,
+        k,
+        v,
+        selection.block_mask,
+        block_q=BLOCK,
+        block_kv=BLOCK,
+        causal=True,
+        max_kv_blocks=top_k + 1,
+        impl="xla",
+    )
+
+
+PATHS = {"dense": dense, "window": sliding, "moba": moba}
+
+
+def fwd_bwd(path, window: int, top_k: int):
+    def loss(q, k, v, cotangent):
+        return jnp.sum(path(q, k, v, window, top_k) * cotangent)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def measure(path, length: int, heads: int, window: int, top_k: int, repeats: int):
+    keys = jax.random.split(jax.random.key(length), 4)
+    shape = (1, length, heads, 64)
+    q, k, v, cot = (jax.random.normal(key, shape, jnp.float32) for key in keys)
+    fn = fwd_bwd(path, window, top_k)
+    compiled = fn.lower(q, k, v, cot).compile()
+    stats = compiled.memory_analysis()
+    peak = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+    jax.block_until_ready(compiled(q, k, v, cot))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(q, k, v, cot))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"backend {jax.default_backend()}, batch 1, heads {args.heads}, head_dim 64, float32")
+    results = {name: {} for name in PATHS}
+    header = f"{'length':>7} | " + " | ".join(f"{name:>8} ms  x/doubling  MiB" for name in PATHS)
+    print(header)
+    for length in args.lengths:
+        cells = []
+        for name, path in PATHS.items():
+            seconds, peak = measure(path, length, args.heads, args.window, args.top_k, args.repeats)
+            results[name][length] = (seconds, peak)
+            previous = results[name].get(length // 2)
+            ratio = f"{seconds / previous[0]:10.2f}" if previous else f"{'-':>10}"
+            cells.append(f"{seconds * 1e3:11.1f} {ratio} {peak / 2**20:6.0f}")
+        print(f"{length:>7} | " + " | ".join(cells), flush=True)
+    for name in ("window", "moba"):
+        faster = [n for n in args.lengths if results[name][n][0] < results["dense"][n][0]]
+        crossover = min(faster) if faster else None
+        print(f"{name}: faster than dense from length {crossover}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""MQAR recall of the sparse-attention kinds at one training budget.
+
+Trains the small `moejax.tasks` model once per attention kind (dense, sliding window, MoBA at
+block sizes 128/64/32/16 with the same routed-token budget, with and without the key
+convolution, Routing Transformer, dynamic-mask attention) and writes `results.md` and
+`results.json` to `--out` after every run, so a cut-short sweep still leaves its table.
+
+    nice -n 10 python benchmarks/mqar.py --out workdir/mqar
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+from moejax.sparse_attention import AttentionOptions
+from moejax.tasks.mqar import MQARConfig
+from moejax.tasks.mqar_train import TrainConfig, train_mqar
+
+
+def sweep(routed_tokens: int, window: int, query_block: int) -> dict[str, AttentionOptions]:
+    """The compared kinds; every MoBA variant routes `routed_tokens` keys per query block."""
+    runs = {
+        "dense": AttentionOptions(kind="dense", block_size=64),
+        f"sliding window {window}": AttentionOptions(kind="local", block_size=64, window=window),
+    }
+    for block in (128, 64, 32, 16):
+        top_k = max(routed_tokens // block, 1)
+        for conv in (0, 3):
+            name = f"moba b{block} top{top_k}" + (" +kconv3" if conv else "")
+            runs[name] = AttentionOptions(
+                kind="moba",
+                block_size=block,
+                top_k=top_k,
+                query_block_size=min(query_block, block),
+                key_conv_width=conv,
+            )
+    runs["routing transformer b32"] = AttentionOptions(
+        kind="routing", block_size=32, top_k=routed_tokens // 32, window=32, num_clusters=4
+    )
+    runs["dynamic mask b32"] = AttentionOptions(
+        kind="dynamic_mask", block_size=32, top_k=routed_tokens // 32, window=32
+    )
+    return runs
+
+
+def write_tables(out: pathlib.Path, header: dict, rows: list[dict]) -> None:
+    (out / "results.json").write_text(json.dumps({"setup": header, "runs": rows}, indent=2))
+    lines = [
+        f"MQAR: {header}",
+        "",
+        "| kind | accuracy | routing recall | density | final loss | train s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['accuracy']:.3f} | {r['routing_recall']:.3f} | "
+            f"{r['density']:.3f} | {r['loss']:.3f} | {r['train_seconds']:.0f} |"
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=600, help="total, curriculum included")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--routed-tokens", type=int, default=128)
+    parser.add_argument("--window", type=int, default=192)
+    parser.add_argument("--query-block", type=int, default=16)
+    parser.add_argument("--curriculum-steps", type=int, default=350)
+    parser.add_argument("--curriculum-length", type=int, default=128)
+    parser.add_argument("--keys", type=int, default=32, help="key and value vocabulary sizes")
+    parser.add_argument("--layout", choices=("front", "spread"), default="spread")
+    parser.add_argument("--only", nargs="*", help="run only the kinds whose name starts so")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    task = MQARConfig(
+        length=args.length,
+        num_pairs=args.pairs,
+        num_keys=args.keys,
+        num_values=args.keys,
+        layout=args.layout,
+    )
+    config = TrainConfig(
+        steps=args.steps,
+        batch=args.batch,
+        learning_rate=args.learning_rate,
+        warmup=50,
+        curriculum_steps=args.curriculum_steps,
+        curriculum_length=args.curriculum_length,
+    )
+    header = {
+        "length": args.length,
+        "pairs": args.pairs,
+        "layout": args.layout,
+        "keys": args.keys,
+        "steps": args.steps,
+        "curriculum": f"{args.curriculum_steps} steps at length {args.curriculum_length}",
+        "batch": args.batch,
+        "lr": args.learning_rate,
+        "routed_tokens": args.routed_tokens,
+        "query_block": args.query_block,
+    }
+    rows = []
+    for name, options in sweep(args.routed_tokens, args.window, args.query_block).items():
+        if args.only and not any(name.startswith(prefix) for prefix in args.only):
+            continue
+        result = train_mqar(task, options, config)
+        rows.append({"name": name, **result})
+        print(name, {k: v for k, v in result.items() if k != "history"}, flush=True)
+        write_tables(args.out, header, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Routing Transformer attention: online k-means over queries and keys, attention within
+clusters, combined with local attention.
+
+Efficient Content-Based Sparse Attention with Routing Transformers (Roy et al., 2021).
+
+Queries and keys are unit-normalised and assigned to the nearest of `num_clusters` centroids
+shared by queries and keys (one set per head). The block kernel works on blocks, so routing
+assigns blocks, not tokens: a query block's cluster is that of its mean normalised query, a kv
+block's that of its mean normalised key. A query block attends to its local band (the own block
+and the blocks just before it) and to the `top_k` earlier kv blocks of its own cluster closest
+to its centroid. Centroids move by an exponential moving average of the vectors assigned to them
+(`update_centroids`), outside the gradient, as in the paper's online mini-batch k-means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from moejax.sparse_attention.selection import (
+    BlockSelection,
+    expand_kv_heads,
+    local_band,
+    past_blocks,
+    pool_blocks,
+    select_top_k,
+)
+
+
+def normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Unit L2 norm over the last axis, in float32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ClusterRouting:
+    """Routing Transformer outcome: the `selection`, and the pooled normalised block vectors
+    with their cluster ids, which `update_centroids` consumes.
+
+    `q_vectors [batch, q_blocks, heads, d]`, `q_cluster [batch, q_blocks, heads]` int32;
+    `k_vectors [batch, kv_blocks, heads, d]`, `k_cluster [batch, kv_blocks, heads]` int32.
+    """
+
+    selection: BlockSelection
+    q_vectors: jax.Array
+    q_cluster: jax.Array
+    k_vectors: jax.Array
+    k_cluster: jax.Array
+
+
+def cluster_select(
+    q: jax.Array,
+    k: jax.Array,
+    centroids: jax.Array,
+    *,
+    block: int,
+    top_k: int,
+    num_local: int,
+) -> ClusterRouting:
+    """Block mask from k-means cluster ids.
+
+    Args:
+      q: [batch, length, heads, head_dim].
+      k: [batch, length, kv_heads, head_dim].
+      centroids: [heads, num_clusters, head_dim], unit norm.
+      block: query and kv block size.
+      top_k: routed same-cluster blocks per query block (clamped to the number of blocks).
+      num_local: blocks of the local band, own block included (>= 1).
+
+    Returns:
+      A `ClusterRouting` with per-head masks `[batch, heads, blocks, blocks]`.
+    """
+    heads = q.shape[2]
+    centroids = centroids.astype(jnp.float32)
+    q_vec = normalise(pool_blocks(q, block))  # [b, blocks, heads, d]
+    k_vec = normalise(expand_kv_heads(pool_blocks(k, block), heads))
+    q_sim = jnp.einsum("bihd,hcd->bihc", q_vec, centroids)  # [b, blocks, heads, clusters]
+    k_sim = jnp.einsum("bjhd,hcd->bjhc", k_vec, centroids)
+    q_cluster = jnp.argmax(q_sim, axis=-1).astype(jnp.int32)  # [b, blocks, heads]
+    k_cluster = jnp.argmax(k_sim, axis=-1).astype(jnp.int32)
+    blocks = q_vec.shape[1]
+    same = q_cluster.transpose(0, 2, 1)[..., :, None] == k_cluster.transpose(0, 2, 1)[..., None, :]
+    # Among same-cluster blocks, prefer keys closest to the query block's centroid.
+    q_centroid = jnp.take_along_axis(centroids[None], q_cluster.transpose(0, 2, 1)[..., None], 2)
+    scores = jnp.einsum("bhid,bjhd->bhij", q_centroid, k_vec)  # [b, heads, blocks, blocks]
+    band = local_band(blocks, blocks, block, block, num_local)
+    eligible = same & past_blocks(blocks, blocks, block, block) & ~band
+    selection = select_top_k(scores, eligible, top_k, band)
+    return ClusterRouting(selection, q_vec, q_cluster, k_vec, k_cluster)
+
+
+def update_centroids(
+    centroids: jax.Array, vectors: jax.Array, cluster: jax.Array, *, momentum: float
+) -> jax.Array:
+    """One online k-means step: each centroid moves to `momentum * c + (1 - momentum) * mean`
+    of the unit vectors assigned to it, then back onto the unit sphere; centroids that got no
+    vector stay put (an empty cluster must not collapse).
+
+    Args:
+      centroids: [heads, num_clusters, d].
+      vectors: [n, heads, d] unit vectors (queries and keys of the batch, flattened).
+      cluster: [n, heads] int cluster ids.
+      momentum: in [0, 1).
+
+    Returns:
+      [heads, num_clusters, d] float32.
+    """
+    num_clusters = centroids.shape[1]
+    onehot = jax.nn.one_hot(cluster, num_clusters, dtype=jnp.float32)  # [n, heads, clusters]
+    sums = jnp.einsum("nhc,nhd->hcd", onehot, vectors.astype(jnp.float32))
+    counts = jnp.sum(onehot, axis=0)[..., None]  # [heads, clusters, 1]
+    means = sums / jnp.maximum(counts, 1.0)
+    moved = normalise(momentum * centroids.astype(jnp.float32) + (1.0 - momentum) * means)
+    return jnp.where(counts > 0, moved, centroids.astype(jnp.float32))
+
+
+def routing_centroid_update(
+    centroids: jax.Array, routing: ClusterRouting, *, momentum: float
+) -> jax.Array:
+    """`update_centroids` on the pooled queries and keys of one forward pass (no gradient)."""
+    heads, dim = centroids.shape[0], centroids.shape[-1]
+    vectors = jnp.concatenate(
+        [routing.q_vectors.reshape(-1, heads, dim), routing.k_vectors.reshape(-1, heads, dim)]
+    )
+    cluster = jnp.concatenate(
+        [routing.q_cluster.reshape(-1, heads), routing.k_cluster.reshape(-1, heads)]
+    )
+    return jax.lax.stop_gradient(update_centroids(centroids, vectors, cluster, momentum=momentum))

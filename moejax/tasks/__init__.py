@@ -1,0 +1,1 @@
+"""Synthetic tasks for sparse-attention studies (multi-query associative recall)."""

@@ -1,0 +1,177 @@
+"""SparseAttention: each kind equals float64 dense attention under the mask it selected."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from sparse_reference import causal_conv, expand_block_mask, masked_attention, rotary
+
+from moejax.attention import Attention
+from moejax.sparse_attention import KINDS, AttentionOptions, SparseAttention
+
+D_MODEL, HEADS, KV_HEADS, HEAD_DIM, BASE = 32, 4, 2, 16, 10000.0
+LENGTH = 64
+
+
+def _layer(options: AttentionOptions, seed: int = 0) -> SparseAttention:
+    return SparseAttention(
+        D_MODEL,
+        HEADS,
+        KV_HEADS,
+        HEAD_DIM,
+        BASE,
+        options=options,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs=nnx.Rngs(seed),
+    )
+
+
+def _inputs(batch: int = 2, length: int = LENGTH) -> jax.Array:
+    return jax.random.normal(jax.random.key(7), (batch, length, D_MODEL))
+
+
+def _reference(layer: SparseAttention, x, block_mask, block_q, block_kv):
+    """The layer's output recomputed densely in float64 under the captured block mask."""
+    p = {name: np.asarray(getattr(layer, name)[...], np.float64) for name in ("w_q", "w_k", "w_v")}
+    x = np.asarray(x, np.float64)
+    q = np.einsum("bld,dhk->blhk", x, p["w_q"])
+    k = np.einsum("bld,dhk->blhk", x, p["w_k"])
+    v = np.einsum("bld,dhk->blhk", x, p["w_v"])
+    options = layer.options
+    if options.key_conv_width:
+        k = causal_conv(k, np.asarray(layer.key_conv[...], np.float64))
+    bias = None
+    if options.kind == "dynamic_mask":
+        delta = np.asarray(layer.dma_delta[...], np.float64)
+        gain = np.asarray(layer.dma_gain[...], np.float64)
+        bias = gain * np.logaddexp(0.0, np.einsum("blhd,hd->blh", v, delta))
+    q, k = rotary(q, BASE), rotary(k, BASE)
+    length = x.shape[1]
+    pos = np.arange(length)
+    mask = expand_block_mask(np.asarray(block_mask), block_q, block_kv) & (
+        pos[None] <= pos[:, None]
+    )
+    if options.kind == "local":
+        mask &= pos[None] > pos[:, None] - options.window
+    out = masked_attention(q, k, v, mask, HEAD_DIM**-0.5, bias)
+    return np.einsum("blhk,hkd->bld", out, np.asarray(layer.w_o[...], np.float64))
+
+
+OPTIONS = {
+    "dense": AttentionOptions(kind="dense", block_size=16),
+    "local": AttentionOptions(kind="local", block_size=16, window=20),
+    "global_local": AttentionOptions(kind="global_local", block_size=8, window=16, num_global=8),
+    "moba": AttentionOptions(kind="moba", block_size=16, top_k=1, key_conv_width=3),
+    "moba_small_query_blocks": AttentionOptions(
+        kind="moba", block_size=16, query_block_size=4, top_k=2
+    ),
+    "routing": AttentionOptions(kind="routing", block_size=8, top_k=2, window=8, num_clusters=3),
+    "bilevel": AttentionOptions(kind="bilevel", block_size=8, top_k=2),
+    "dynamic_mask": AttentionOptions(kind="dynamic_mask", block_size=8, top_k=2, window=16),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_output_equals_float64_masked_attention_under_selected_mask(name):
+    options = OPTIONS[name]
+    layer = _layer(options)
+    if options.key_conv_width:  # a non-identity convolution, so the test sees it
+        taps = jax.random.normal(jax.random.key(3), layer.key_conv[...].shape) * 0.5
+        layer.key_conv[...] = taps
+    x = _inputs()
+    forward = nnx.capture(lambda m, x: m(x, train=False, capture=True), nnx.Intermediate)
+    (y, metrics), sown = forward(layer, x)
+    block_mask = nnx.to_pure_dict(sown)["block_mask"][0]
+    expected = _reference(layer, x, block_mask, options.block_q, options.block_size)
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=2e-4, atol=2e-4)
+    density = float(metrics["attention_density"])
+    assert 0.0 < density <= 1.0
+    if name == "dense":
+        assert density == 1.0
+    elif name != "global_local":
+        assert density < 1.0
+
+
+def test_every_kind_is_covered():
+    assert {o.kind for o in OPTIONS.values()} == set(KINDS)
+
+
+def test_moba_with_all_blocks_equals_dense_causal_attention():
+    options = AttentionOptions(kind="moba", block_size=8, top_k=LENGTH // 8)
+    sparse = _layer(options, seed=1)
+    dense = Attention(
+        D_MODEL, HEADS, KV_HEADS, HEAD_DIM, BASE,
+        dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(1),
+    )  # fmt: skip
+    for name in ("w_q", "w_k", "w_v", "w_o"):
+        getattr(dense, name)[...] = getattr(sparse, name)[...]
+    x = _inputs()
+    y, metrics = sparse(x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(dense(x)), rtol=1e-4, atol=1e-4)
+    assert float(metrics["attention_density"]) == 1.0
+
+
+@pytest.mark.parametrize("name", ["moba", "dynamic_mask"])
+def test_gradients_are_finite_and_reach_kind_parameters(name):
+    layer = _layer(OPTIONS[name])
+
+    def loss(model):
+        y, _ = model(_inputs(), train=False)
+        return jnp.mean(jnp.square(y))
+
+    grads = nnx.jit(nnx.grad(loss))(layer)
+    leaves = jax.tree.leaves(grads)
+    assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    if name == "moba":
+        assert float(jnp.abs(grads["key_conv"][...]).sum()) > 0
+    if name == "dynamic_mask":
+        assert float(jnp.abs(grads["dma_delta"][...]).sum()) > 0
+
+
+def test_routing_updates_centroids_only_in_training():
+    layer = _layer(OPTIONS["routing"])
+    before = np.asarray(layer.centroids[...])
+    layer(_inputs(), train=False)
+    np.testing.assert_array_equal(np.asarray(layer.centroids[...]), before)
+    layer(_inputs(), train=True)
+    after = np.asarray(layer.centroids[...])
+    assert not np.allclose(after, before)
+    np.testing.assert_allclose(np.linalg.norm(after, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_flux_router_mixes_dense_and_sparse_per_sequence():
+    options = AttentionOptions(kind="local", block_size=16, window=16, flux_router=True)
+    layer = _layer(options)
+    x = _inputs()
+    y_full, m_full = layer(x, train=False)  # the router starts preferring full attention
+    assert float(m_full["flux_full_share"]) == 1.0
+    assert float(m_full["attention_density"]) == 1.0
+    layer.flux_router.bias[...] = jnp.full((1,), -5.0)
+    y_sparse, m_sparse = layer(x, train=False)
+    assert float(m_sparse["flux_full_share"]) == 0.0
+    assert not np.allclose(np.asarray(y_full), np.asarray(y_sparse))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kind": "strided"}, "kind='strided'"),
+        ({"block_size": 0}, "block_size=0"),
+        ({"top_k": 0}, "top_k=0"),
+        ({"kind": "moba", "query_block_size": 5}, "query_block_size=5"),
+        ({"kind": "local", "key_conv_width": 3}, "key_conv_width=3"),
+        ({"impl": "cuda"}, "impl='cuda'"),
+        ({"centroid_momentum": 1.0}, "centroid_momentum=1.0"),
+    ],
+)
+def test_bad_options_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AttentionOptions(**kwargs)
+
+
+def test_length_not_multiple_of_block_is_rejected():
+    layer = _layer(AttentionOptions(kind="moba", block_size=16))
+    with pytest.raises(ValueError, match="not a multiple of block_size=16"):
+        layer(_inputs(length=40))
