@@ -69,6 +69,16 @@ def main(argv: list[str]) -> int:
             f"relative-norm halting: {100 * results['moe_flops_halted']:.1f}% of MoE token "
             "updates skipped (the share of MoE FLOPs a decide-first version would save)"
         )
+    densities = {
+        name.split("/")[1]: value
+        for name, value in results.items()
+        if name.startswith("attention/") and name.endswith("/attention_density")
+    }
+    if densities:
+        print(
+            "attention density (share of causal key blocks visited): "
+            + ", ".join(f"{layer} {float(value):.3f}" for layer, value in densities.items())
+        )
     if "sparsity/total" in results:
         print(
             f"pruning: {100 * results['sparsity/total']:.1f}% of all weights are zero "

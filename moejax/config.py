@@ -1,6 +1,6 @@
 """Typed experiment configuration: frozen dataclasses, CLI overrides, and validation.
 
-A config is five groups (`model`, `data`, `mesh`, `train`, `pruning`). Config files in
+A config is six groups (`model`, `attention`, `data`, `mesh`, `train`, `pruning`). Config files in
 `configs/` define `get_config() -> Config`; the command line overrides single fields with
 `--config.model.num_experts=8`. `validate` checks every field before anything is compiled and
 raises `ConfigError` naming the field, the value and what is allowed.
@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from moejax.pruning.config import PruningConfig
+from moejax.sharding import MESH_AXES
+from moejax.sparse_attention.options import AttentionOptions
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -212,6 +213,10 @@ class LMPruningConfig(PruningConfig):
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    # The attention of every block: `kind` dense (the default), local, global_local, moba,
+    # routing, bilevel or dynamic_mask, with its block size, top-k, window ... (see
+    # `moejax.sparse_attention.options.AttentionOptions`).
+    attention: AttentionOptions = dataclasses.field(default_factory=AttentionOptions)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -259,6 +264,9 @@ def _parse_value(field: str, text: str, annotation: Any) -> Any:
         return value
     if annotation is str:
         return text
+    optional = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(optional) == 1 and len(typing.get_args(annotation)) == 2:
+        return None if text.strip().lower() == "none" else _parse_value(field, text, optional[0])
     raise ConfigError(f"{field}: cannot be set from the command line (type {annotation})")
 
 
@@ -288,19 +296,25 @@ def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
                 f"{', '.join(types_of)}"
             )
         changes.setdefault(group_name, {})[name] = _parse_value(dotted, text, types_of[name])
-    rebuilt = {name: _build(getattr(config, name), **fields) for name, fields in changes.items()}
+    rebuilt = {
+        name: _build(getattr(config, name), name, **fields) for name, fields in changes.items()
+    }
     return dataclasses.replace(config, **rebuilt)
 
 
-def _build(group: Any, **fields: Any) -> Any:
+def _build(group: Any, group_name: str, **fields: Any) -> Any:
     """`dataclasses.replace(group, **fields)`; a group that checks itself on construction
-    (`pruning`) raises ValueError, reported as the ConfigError every bad value gives."""
+    (`pruning`, `attention`) raises ValueError, reported as the ConfigError every bad value
+    gives, with the group's name in front when the message lacks it."""
     try:
         return dataclasses.replace(group, **fields)
     except ConfigError:
         raise
     except ValueError as error:
-        raise ConfigError(str(error)) from None
+        message = str(error)
+        if not message.startswith(f"{group_name}."):
+            message = f"{group_name}.{message}"
+        raise ConfigError(message) from None
 
 
 def to_dict(config: Config) -> dict[str, dict[str, Any]]:
@@ -316,7 +330,7 @@ def from_dict(data: dict[str, dict[str, Any]]) -> Config:
         unknown = set(values) - set(_field_types(cls))
         if unknown:
             raise ConfigError(f"config: unknown fields {sorted(unknown)} in group {f.name!r}")
-        groups[f.name] = _build(cls(), **values)
+        groups[f.name] = _build(cls(), f.name, **values)
     return Config(**groups)
 
 
@@ -506,6 +520,30 @@ def validate_mesh(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
     return mesh.resolve(num_devices)
 
 
+def validate_attention(attention: AttentionOptions, model: ModelConfig, seq_len: int) -> None:
+    """Checks the attention group against the model and the sequence length."""
+    if attention.kind == "dense" and not attention.flux_router:
+        return
+    described = f"attention.kind={attention.kind!r}"
+    _require(
+        model.mod_every == 0,
+        "model.mod_every",
+        model.mod_every,
+        f"0 with {described} (mixture-of-depths needs the dense attention's token positions)",
+    )
+    _require(
+        model.router != "attention_aware",
+        "model.router",
+        model.router,
+        f"a router other than 'attention_aware' with {described} (it reads dense attention "
+        "weights)",
+    )
+    try:
+        attention.check_length(seq_len)
+    except ValueError as error:
+        raise ConfigError(f"data.seq_len: got {seq_len}; {error}") from None
+
+
 def validate(config: Config, num_devices: int) -> dict[str, int]:
     """Validates the whole config for `num_devices` devices; returns the resolved mesh shape.
 
@@ -514,6 +552,7 @@ def validate(config: Config, num_devices: int) -> dict[str, int]:
     """
     model, data, train = config.model, config.data, config.train
     validate_model(model)
+    validate_attention(config.attention, model, data.seq_len)
     _positive("data", data, ["seq_len", "global_batch_size", "eval_batch_size"])
     _require(data.num_workers >= 0, "data.num_workers", data.num_workers, ">= 0")
     _require(
@@ -629,6 +668,7 @@ __all__ = [
     "save_json",
     "to_dict",
     "validate",
+    "validate_attention",
     "validate_mesh",
     "validate_model",
 ]

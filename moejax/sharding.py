@@ -21,7 +21,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from moejax.config import MESH_AXES
+# The device-mesh axes, in mesh order; `moejax.config.MeshConfig` sizes them.
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 LogicalAxes = tuple[str | None, ...]
 

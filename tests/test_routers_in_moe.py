@@ -66,7 +66,8 @@ def test_every_router_matches_loop_reference_under_both_strategies(name: str) ->
         options["attention_probs"] = jax.nn.softmax(scores, axis=-1)
     if name == "bias_balanced":
         options["expert_bias"] = jnp.asarray(rng.standard_normal(experts), jnp.float32)
-    routed = _jit(get_router(name), "top_k")(logits, top_k=top_k, **options)
+    static = ("top_k", "seq_len") if name == "similarity_aware" else ("top_k",)
+    routed = _jit(get_router(name), *static)(logits, top_k=top_k, **options)
     chex.assert_shape([routed.expert_index, routed.combine_weights], (tokens, top_k))
     chex.assert_type([routed.expert_index, routed.combine_weights], [jnp.int32, jnp.float32])
     assert {"load_balance", "router_z"} <= set(routed.aux_losses)

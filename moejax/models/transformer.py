@@ -21,6 +21,7 @@ from moejax.models.layers import MLP, MoELayer, MoEOptions, RMSNorm, RouterConte
 from moejax.routers.dynamic import capacity_schedule
 from moejax.routers.learned import init_gru_params
 from moejax.sharding import constrain, param
+from moejax.sparse_attention import AttentionOptions, SparseAttention
 
 ACTIVATION = ("batch", "length", "activation_embed")
 # Mixture-of-depths weighs the block output by sigmoid(router score): bounded, so an untrained
@@ -42,14 +43,39 @@ def moe_capacity_factors(config: ModelConfig) -> dict[int, float]:
     return dict(zip(moe_layers, factors, strict=True))
 
 
+def _with_attention_aux(aux: dict | None, attention_aux: dict) -> dict | None:
+    """A block's aux dict with the sparse attention's metrics (`attention_density`, ...) and
+    the Flux router's budget loss added to its auxiliary loss."""
+    if not attention_aux:
+        return aux
+    aux = dict(aux or {})
+    aux.update(attention_aux)
+    budget = attention_aux.get("flux_budget_loss", jnp.float32(0.0))
+    aux["aux_loss"] = aux.get("aux_loss", jnp.float32(0.0)) + budget
+    return aux
+
+
 class Block(nnx.Module):
     """Pre-norm residual block: attention, then a dense or mixture-of-experts feed-forward,
     optionally behind a mixture-of-depths router or a Dr.LLM layer router."""
 
-    def __init__(self, config: ModelConfig, layer: int, *, capacity_factor: float, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: int,
+        *,
+        capacity_factor: float,
+        attention: AttentionOptions,
+        rngs: nnx.Rngs,
+    ):
         dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
         self.attention_norm = RMSNorm(config.d_model, param_dtype=param_dtype)
-        self.attention = Attention(
+        # Dense attention keeps its own module: it takes token positions (mixture-of-depths) and
+        # returns its weights (attention-aware routing), which block-sparse kinds do not.
+        self.is_sparse_attention = attention.kind != "dense" or attention.flux_router
+        attention_class = SparseAttention if self.is_sparse_attention else Attention
+        options = {"options": attention} if self.is_sparse_attention else {}
+        self.attention = attention_class(
             config.d_model,
             config.num_heads,
             config.num_kv_heads,
@@ -58,6 +84,7 @@ class Block(nnx.Module):
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
+            **options,
         )
         self.ffn_norm = RMSNorm(config.d_model, param_dtype=param_dtype)
         self.is_moe = config.is_moe_layer(layer)
@@ -122,11 +149,18 @@ class Block(nnx.Module):
         `positions [batch, n]` are the tokens' places in the sequence (mixture-of-depths hands
         the block a subset); None means 0..n-1.
         """
-        attended = self.attention(self.attention_norm(x), positions, return_probs=True)
-        attention_update, attention_probs = attended
-        h = constrain(x + attention_update.astype(x.dtype), ACTIVATION)
+        attention_aux = {}
+        if self.is_sparse_attention:
+            attention_update, attention_aux = self.attention(self.attention_norm(x), train=train)
+            attention_probs = None
+        else:
+            attended = self.attention(self.attention_norm(x), positions, return_probs=True)
+            attention_update, attention_probs = attended
+        attention_update = attention_update.astype(x.dtype)
+        h = constrain(x + attention_update, ACTIVATION)
         if not self.is_moe:
-            return attention_update + self.ffn(self.ffn_norm(h)).astype(x.dtype), None, None
+            update = attention_update + self.ffn(self.ffn_norm(h)).astype(x.dtype)
+            return update, _with_attention_aux(None, attention_aux), None
         if self.wants_attention_probs:
             context = dataclasses.replace(context, attention_probs=attention_probs)
         token_ids = context.token_ids
@@ -147,7 +181,8 @@ class Block(nnx.Module):
                 "mean_relative_norm": jnp.mean(relative),
                 "halted_fraction": jnp.mean(halted.astype(jnp.float32)),
             }
-        return attention_update.astype(x.dtype) + ffn_update, aux, recurrent_state
+        aux = _with_attention_aux(aux, attention_aux)
+        return attention_update + ffn_update, aux, recurrent_state
 
     def __call__(
         self,
@@ -239,10 +274,19 @@ class TransformerLM(nnx.Module):
 
     `__call__(tokens [batch, length] int32)` returns logits `[batch, length, vocab]` (float32)
     and a list with one aux dict per layer (None for dense layers with nothing to report).
+    `attention` picks every block's attention (dense by default; block-sparse and routed kinds
+    from `moejax.sparse_attention`).
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        attention: AttentionOptions | None = None,
+    ):
         self.config = config
+        attention = AttentionOptions() if attention is None else attention
         param_dtype = jnp.dtype(config.param_dtype)
         self.embedding = param(
             jax.random.normal(rngs.params(), (config.vocab_size, config.d_model), param_dtype)
@@ -252,7 +296,13 @@ class TransformerLM(nnx.Module):
         capacity = moe_capacity_factors(config)
         self.blocks = nnx.List(
             [
-                Block(config, i, capacity_factor=capacity.get(i, config.capacity_factor), rngs=rngs)
+                Block(
+                    config,
+                    i,
+                    capacity_factor=capacity.get(i, config.capacity_factor),
+                    attention=attention,
+                    rngs=rngs,
+                )
                 for i in range(config.num_layers)
             ]
         )

@@ -22,6 +22,7 @@ from moejax.models.layers import RouterState
 from moejax.models.transformer import TransformerLM
 from moejax.pruning.config import PruningConfig, wrap_optimizer
 from moejax.pruning.lm import LMPruning, deployed_params
+from moejax.sparse_attention.options import AttentionOptions
 
 # {"step": int32 [], "params": pure dict, "opt_state": optax state} and, for routers with
 # state (expert biases, centroids), "router_state": pure dict. Models without router state
@@ -85,9 +86,11 @@ class ModelSpec:
         return nnx.merge(self.graphdef, variables["params"], variables["router_state"])
 
 
-def model_spec(model_config: ModelConfig) -> ModelSpec:
+def model_spec(model_config: ModelConfig, attention: AttentionOptions | None = None) -> ModelSpec:
     """Builds the model abstractly (no memory, no compute) to read its structure."""
-    abstract = nnx.eval_shape(lambda: TransformerLM(model_config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(
+        lambda: TransformerLM(model_config, attention=attention, rngs=nnx.Rngs(0))
+    )
     graphdef, params_state, router_state = nnx.split(abstract, nnx.Param, RouterState)
     return ModelSpec(
         graphdef=graphdef,
@@ -151,7 +154,7 @@ class StateLayout:
 
 
 def state_layout(config: Config, mesh: Mesh) -> StateLayout:
-    spec = model_spec(config.model)
+    spec = model_spec(config.model, config.attention)
     pruning = LMPruning.create(config.pruning, spec.abstract_params)
     optimizer = make_optimizer(config.train, config.pruning)
     abstract_state, shardings = state_shardings(spec, optimizer, mesh)
@@ -165,7 +168,7 @@ def init_state(config: Config, layout: StateLayout) -> TrainState:
     """Initialises parameters and optimizer state directly in their sharded layout."""
 
     def init(key: jax.Array) -> TrainState:
-        model = TransformerLM(config.model, rngs=nnx.Rngs(key))
+        model = TransformerLM(config.model, attention=config.attention, rngs=nnx.Rngs(key))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         opt_state = layout.optimizer.init(params)
         if layout.pruning is not None:

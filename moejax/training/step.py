@@ -52,7 +52,11 @@ def _moe_metrics(aux_per_layer: list[dict | None]) -> dict[str, jax.Array]:
         if aux is None:
             continue
         for name, value in aux.items():
-            if name != "aux_loss" and name not in ROUTING_TRACE_KEYS:
+            if name == "aux_loss" or name in ROUTING_TRACE_KEYS:
+                continue
+            if name.startswith(("attention_", "flux_")):
+                metrics[f"attention/layer{layer}/{name}"] = value
+            else:
                 metrics[f"moe/layer{layer}/{name}"] = value
     return metrics
 
