@@ -51,10 +51,14 @@ def visit_lists(block_mask: jax.Array, max_visits: int) -> VisitLists:
 
     A stable sort of the negated mask puts the True columns first, in increasing order; the
     first `max_visits` of them are kept. Works on traced masks; linear in the mask's size
-    times log(cols), which is negligible next to the attention itself.
+    times log(cols), which is negligible next to the attention itself. A concrete mask (numpy,
+    or a jax array that is not a tracer) is sorted in numpy: under jit a sort of a constant
+    would be constant-folded by XLA at compile time, which takes seconds for large masks.
     """
     cols = block_mask.shape[-1]
     max_visits = max(1, min(max_visits, cols))  # a zero-length axis would not index anything
+    if is_concrete(block_mask):
+        return _host_visit_lists(np.asarray(block_mask, dtype=bool), max_visits)
     order = jnp.argsort(~block_mask, axis=-1, stable=True)[..., :max_visits].astype(jnp.int32)
     counts = jnp.minimum(jnp.sum(block_mask, axis=-1, dtype=jnp.int32), max_visits)
     slots = jnp.arange(max_visits, dtype=jnp.int32)
@@ -62,6 +66,17 @@ def visit_lists(block_mask: jax.Array, max_visits: int) -> VisitLists:
     last = jnp.where(counts[..., None] > 0, last, 0)
     indices = jnp.where(slots < counts[..., None], order, last)
     return VisitLists(indices=indices, counts=counts)
+
+
+def _host_visit_lists(block_mask: np.ndarray, max_visits: int) -> VisitLists:
+    """`visit_lists` of a host mask, same layout, computed in numpy."""
+    order = np.argsort(~block_mask, axis=-1, kind="stable")[..., :max_visits].astype(np.int32)
+    counts = np.minimum(block_mask.sum(axis=-1), max_visits).astype(np.int32)
+    last = np.take_along_axis(order, np.maximum(counts - 1, 0)[..., None], axis=-1)
+    last = np.where(counts[..., None] > 0, last, 0)
+    slots = np.arange(max_visits, dtype=np.int32)
+    indices = np.where(slots < counts[..., None], order, last).astype(np.int32)
+    return VisitLists(indices=jnp.asarray(indices), counts=jnp.asarray(counts))
 
 
 def transpose_block_mask(block_mask: jax.Array) -> jax.Array:

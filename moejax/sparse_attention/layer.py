@@ -32,6 +32,8 @@ from moejax.sparse_attention.routing_transformer import (
     cluster_select,
     normalise,
     routing_centroid_update,
+    shared_keys,
+    shift_to_previous,
 )
 from moejax.sparse_attention.selection import causal_density
 
@@ -92,14 +94,15 @@ def _routed_plan(options: AttentionOptions, selection, block_q: int, bound: int)
 class SparseAttention(nnx.Module):
     """Causal grouped-query self-attention with rotary positions over a sparse set of key blocks.
 
-    Same constructor as `moejax.attention.Attention` plus `options`. `__call__(x [batch, length,
-    d_model], *, train=True, capture=False)` returns `(y [batch, length, d_model], metrics)`
-    with float32 scalars: `attention_density` (share of causal block pairs visited; with a Flux
-    router, the expected share after its per-sequence choice), and with a Flux router
-    `flux_full_share`, `flux_budget_loss`. `train=True` updates the k-means centroids of the
-    routing kind. `capture=True` sows the routing diagnostics `block_mask` and `selected`
-    (`AttentionPlan` fields) as `nnx.Intermediate`s, e.g. to measure routing recall: call it
-    through `nnx.capture(fn, nnx.Intermediate)`.
+    Same constructor as `moejax.attention.Attention` plus `options`; with the routing kind and
+    `options.shared_qk` (the default) the keys are the queries and there is no `w_k`.
+    `__call__(x [batch, length, d_model], *, train=True, capture=False)` returns
+    `(y [batch, length, d_model], metrics)` with float32 scalars: `attention_density` (share of
+    causal block pairs visited; with a Flux router, the expected share after its per-sequence
+    choice), and with a Flux router `flux_full_share`, `flux_budget_loss`. `train=True`
+    updates the k-means centroids of the routing kind. `capture=True` sows the routing
+    diagnostics `block_mask` and `selected` (`AttentionPlan` fields) as `nnx.Intermediate`s,
+    e.g. to measure routing recall: call it through `nnx.capture(fn, nnx.Intermediate)`.
     """
 
     def __init__(
@@ -124,10 +127,11 @@ class SparseAttention(nnx.Module):
             init(rngs.params(), (d_model, num_heads, head_dim), param_dtype),
             ("embed", "heads", "head_dim"),
         )
-        self.w_k = param(
-            init(rngs.params(), (d_model, num_kv_heads, head_dim), param_dtype),
-            ("embed", "kv_heads", "head_dim"),
-        )
+        if not self.shares_qk:
+            self.w_k = param(
+                init(rngs.params(), (d_model, num_kv_heads, head_dim), param_dtype),
+                ("embed", "kv_heads", "head_dim"),
+            )
         self.w_v = param(
             init(rngs.params(), (d_model, num_kv_heads, head_dim), param_dtype),
             ("embed", "kv_heads", "head_dim"),
@@ -160,6 +164,11 @@ class SparseAttention(nnx.Module):
                 ROUTER_NAME,
                 FluxRouter(d_model, options.flux_hidden, param_dtype=param_dtype, rngs=rngs),
             )
+
+    @property
+    def shares_qk(self) -> bool:
+        """True when keys are the queries (Routing Transformer with `shared_qk`)."""
+        return self.options.kind == "routing" and self.options.shared_qk
 
     def _plan(self, q_route, k_route, importance, *, train: bool) -> AttentionPlan:
         options, length = self.options, q_route.shape[1]
@@ -222,7 +231,10 @@ class SparseAttention(nnx.Module):
         options.check_length(x.shape[1])
         x = x.astype(self.dtype)
         q = jnp.einsum("bld,dhk->blhk", x, self.w_q[...].astype(self.dtype))
-        k = jnp.einsum("bld,dhk->blhk", x, self.w_k[...].astype(self.dtype))
+        if self.shares_qk:
+            k = shared_keys(q, self.num_kv_heads)
+        else:
+            k = jnp.einsum("bld,dhk->blhk", x, self.w_k[...].astype(self.dtype))
         v = jnp.einsum("bld,dhk->blhk", x, self.w_v[...].astype(self.dtype))
         q = constrain(q, ("batch", "length", "activation_heads", "head_dim"))
         if options.key_conv_width:
@@ -232,9 +244,12 @@ class SparseAttention(nnx.Module):
         bias = None
         if options.kind == "dynamic_mask":
             bias = key_importance(v, self.dma_delta[...], self.dma_gain[...])
-        plan = self._plan(q, k, bias, train=train)
+        k_route = shift_to_previous(k) if self.shares_qk else k
+        plan = self._plan(q, k_route, bias, train=train)
         angles = rotary_angles(jnp.arange(x.shape[1]), self.head_dim, self.rope_base)
         q, k = apply_rotary(q, angles), apply_rotary(k, angles)
+        if self.shares_qk:  # rotated at their own positions, then moved: offsets stay true
+            k, v = shift_to_previous(k), shift_to_previous(v)
         out = self._attend(q, k, v, plan, bias)
         density = causal_density(plan.block_mask, plan.block_q, plan.block_kv)
         metrics = {"attention_density": density}

@@ -28,8 +28,12 @@ class AttentionOptions:
       (so a large `top_k` means every earlier block: dense).
     window: tokens of the local band (local, global_local, routing, dynamic_mask).
     num_global: global tokens (global_local).
-    key_conv_width: taps of the learned causal depthwise key convolution (moba); 0 = none.
+    key_conv_width: taps of the learned causal depthwise key convolution; 0 = none. FlashMoBA
+      adds it to MoBA; any kind accepts it, so a dense baseline can have the same keys.
     num_clusters, centroid_momentum: online k-means (routing).
+    shared_qk: routing only: keys are the (group-averaged) queries, as the Routing Transformer
+      does for causal LMs; the layer then has no key projection. False keeps a separate key
+      projection (routing then stays near chance on MQAR: nothing aligns the two).
     flux_router: add a Flux layer router that runs dense attention instead of the sparse kind
       for the sequences it picks; `flux_hidden` router width, `flux_target_full_share` the
       share of full attention its budget loss aims at.
@@ -45,6 +49,7 @@ class AttentionOptions:
     key_conv_width: int = 0
     num_clusters: int = 4
     centroid_momentum: float = 0.99
+    shared_qk: bool = True
     flux_router: bool = False
     flux_hidden: int = 32
     flux_target_full_share: float = 0.5
@@ -68,10 +73,6 @@ class AttentionOptions:
             )
         if qb is not None and self.kind != "moba":
             raise ValueError(f"query_block_size={qb}: only kind='moba' uses it, got {self.kind!r}")
-        if self.key_conv_width and self.kind != "moba":
-            raise ValueError(
-                f"key_conv_width={self.key_conv_width}: only kind='moba' uses it, got {self.kind!r}"
-            )
         if not 0.0 <= self.centroid_momentum < 1.0:
             raise ValueError(f"centroid_momentum={self.centroid_momentum}: must be in [0, 1)")
         if not 0.0 <= self.flux_target_full_share <= 1.0:

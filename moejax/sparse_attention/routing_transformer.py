@@ -6,10 +6,15 @@ Efficient Content-Based Sparse Attention with Routing Transformers (Roy et al., 
 Queries and keys are unit-normalised and assigned to the nearest of `num_clusters` centroids
 shared by queries and keys (one set per head). The block kernel works on blocks, so routing
 assigns blocks, not tokens: a query block's cluster is that of its mean normalised query, a kv
-block's that of its mean normalised key. A query block attends to its local band (the own block
-and the blocks just before it) and to the `top_k` earlier kv blocks of its own cluster closest
-to its centroid. Centroids move by an exponential moving average of the vectors assigned to them
-(`update_centroids`), outside the gradient, as in the paper's online mini-batch k-means.
+block's that of its mean normalised key. For causal language modelling the paper shares the
+query and key projections (`shared_keys`): with separate projections nothing ties a query's
+cluster to the clusters of the keys it should read (the assignment has no gradient; MQAR
+stayed at chance). Shared keys need the paper's second rule too, no token attends to itself
+(`shift_to_previous`): else `|q|^2` wins every softmax and MQAR stays at chance as well. A
+query block attends to its local band (the own block and the blocks just before it) and to
+the `top_k` earlier kv blocks of its own cluster closest to its centroid. Centroids move by an
+exponential moving average of the vectors assigned to them (`update_centroids`), outside the
+gradient, as in the paper's online mini-batch k-means.
 """
 
 from __future__ import annotations
@@ -76,8 +81,10 @@ def cluster_select(
     """
     heads = q.shape[2]
     centroids = centroids.astype(jnp.float32)
-    q_vec = normalise(pool_blocks(q, block))  # [b, blocks, heads, d]
-    k_vec = normalise(expand_kv_heads(pool_blocks(k, block), heads))
+    # Tokens are normalised before pooling so that a few large vectors do not decide the
+    # direction of a whole block.
+    q_vec = normalise(pool_blocks(normalise(q), block))  # [b, blocks, heads, d]
+    k_vec = normalise(expand_kv_heads(pool_blocks(normalise(k), block), heads))
     q_sim = jnp.einsum("bihd,hcd->bihc", q_vec, centroids)  # [b, blocks, heads, clusters]
     k_sim = jnp.einsum("bjhd,hcd->bjhc", k_vec, centroids)
     q_cluster = jnp.argmax(q_sim, axis=-1).astype(jnp.int32)  # [b, blocks, heads]
@@ -91,6 +98,27 @@ def cluster_select(
     eligible = same & past_blocks(blocks, blocks, block, block) & ~band
     selection = select_top_k(scores, eligible, top_k, band)
     return ClusterRouting(selection, q_vec, q_cluster, k_vec, k_cluster)
+
+
+def shared_keys(q: jax.Array, kv_heads: int) -> jax.Array:
+    """Keys of shared-QK attention: each kv head is the mean of its group's queries (the
+    queries themselves when `kv_heads == heads`).
+
+    `q [batch, length, heads, d]` -> `[batch, length, kv_heads, d]`.
+    """
+    batch, length, heads, dim = q.shape
+    return q.reshape(batch, length, kv_heads, heads // kv_heads, dim).mean(axis=3).astype(q.dtype)
+
+
+def shift_to_previous(x: jax.Array) -> jax.Array:
+    """Slot j holds token j - 1 and slot 0 zeros: `x [batch, length, heads, d]`, same shape.
+
+    With shared queries and keys a token's logit with itself, `|q|^2`, beats every other, so
+    the paper (after Reformer) keeps a token from attending to itself. Shifting keys and values
+    one slot right turns the causal mask into a strictly causal one without an element mask;
+    the zero slot 0 has logit 0 and value 0, a null choice for queries with nothing to read.
+    """
+    return jnp.pad(x, ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :-1]
 
 
 def update_centroids(

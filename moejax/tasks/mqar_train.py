@@ -36,6 +36,7 @@ class TrainConfig:
     seed: int = 0
     curriculum_steps: int = 0
     curriculum_length: int = 128
+    log_every: int = 0  # print step, loss and batch accuracy this often (0: never)
 
 
 def masked_loss(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -48,14 +49,17 @@ def masked_loss(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
     return (nll * mask).sum() / count, (correct * mask).sum() / count
 
 
-def routing_recall(block_mask: jax.Array, batch: dict, block_q: int, block_kv: int) -> jax.Array:
+def routing_recall(
+    block_mask: jax.Array, batch: dict, block_q: int, block_kv: int, key_shift: int = 0
+) -> jax.Array:
     """Share of query positions whose value token lies in a visited block of some head.
 
-    `block_mask [batch or 1, heads or 1, q_blocks, kv_blocks]`."""
+    `block_mask [batch or 1, heads or 1, q_blocks, kv_blocks]`; `key_shift` slots by which
+    the layer moved its keys (1 for shared-QK routing, whose slot j holds token j - 1)."""
     b = batch["inputs"].shape[0]
     mask = jnp.broadcast_to(jnp.any(block_mask, axis=1), (b,) + block_mask.shape[2:])
     positions = jnp.arange(batch["inputs"].shape[1])
-    value_position = jnp.maximum(batch["pair_position"] + 1, 0)
+    value_position = jnp.maximum(batch["pair_position"] + 1 + key_shift, 0)
     hit = mask[jnp.arange(b)[:, None], positions // block_q, value_position // block_kv]
     query = batch["loss_mask"]
     return jnp.sum(hit & query) / jnp.maximum(jnp.sum(query), 1)
@@ -99,7 +103,10 @@ def train_mqar(task: MQARConfig, options: AttentionOptions, config: TrainConfig)
         (logits, metrics), sown = capture(model, batch["inputs"])
         loss, accuracy = masked_loss(logits, batch)
         last = nnx.to_pure_dict(sown)["blocks"][len(model.blocks) - 1]["attention"]
-        recall = routing_recall(last["block_mask"][0], batch, options.block_q, options.block_size)
+        shift = int(options.kind == "routing" and options.shared_qk)
+        recall = routing_recall(
+            last["block_mask"][0], batch, options.block_q, options.block_size, shift
+        )
         density = jnp.mean(jnp.stack([m["attention_density"] for m in metrics]))
         return {"loss": loss, "accuracy": accuracy, "routing_recall": recall, "density": density}
 
@@ -115,6 +122,10 @@ def train_mqar(task: MQARConfig, options: AttentionOptions, config: TrainConfig)
         loss, accuracy = step(model, optimizer, batch)
         if (i + 1) % max(config.steps // 10, 1) == 0:
             history.append((i + 1, float(loss), float(accuracy)))
+        if config.log_every and (i + 1) % config.log_every == 0:
+            print(
+                f"  step {i + 1} loss {float(loss):.3f} accuracy {float(accuracy):.3f}", flush=True
+            )
     train_seconds = time.perf_counter() - start
     eval_rng = np.random.default_rng(10_000 + config.seed)
     results = [

@@ -34,10 +34,14 @@ def _inputs(batch: int = 2, length: int = LENGTH) -> jax.Array:
 
 def _reference(layer: SparseAttention, x, block_mask, block_q, block_kv):
     """The layer's output recomputed densely in float64 under the captured block mask."""
-    p = {name: np.asarray(getattr(layer, name)[...], np.float64) for name in ("w_q", "w_k", "w_v")}
+    names = ("w_q", "w_v") if layer.shares_qk else ("w_q", "w_k", "w_v")
+    p = {name: np.asarray(getattr(layer, name)[...], np.float64) for name in names}
     x = np.asarray(x, np.float64)
     q = np.einsum("bld,dhk->blhk", x, p["w_q"])
-    k = np.einsum("bld,dhk->blhk", x, p["w_k"])
+    if layer.shares_qk:  # each kv head's key is the mean of its group's queries
+        k = q.reshape(q.shape[:2] + (KV_HEADS, HEADS // KV_HEADS, HEAD_DIM)).mean(axis=3)
+    else:
+        k = np.einsum("bld,dhk->blhk", x, p["w_k"])
     v = np.einsum("bld,dhk->blhk", x, p["w_v"])
     options = layer.options
     if options.key_conv_width:
@@ -48,6 +52,9 @@ def _reference(layer: SparseAttention, x, block_mask, block_q, block_kv):
         gain = np.asarray(layer.dma_gain[...], np.float64)
         bias = gain * np.logaddexp(0.0, np.einsum("blhd,hd->blh", v, delta))
     q, k = rotary(q, BASE), rotary(k, BASE)
+    if layer.shares_qk:  # no token attends to itself: keys and values move one slot later
+        k = np.concatenate([np.zeros_like(k[:, :1]), k[:, :-1]], axis=1)
+        v = np.concatenate([np.zeros_like(v[:, :1]), v[:, :-1]], axis=1)
     length = x.shape[1]
     pos = np.arange(length)
     mask = expand_block_mask(np.asarray(block_mask), block_q, block_kv) & (
@@ -68,6 +75,9 @@ OPTIONS = {
         kind="moba", block_size=16, query_block_size=4, top_k=2
     ),
     "routing": AttentionOptions(kind="routing", block_size=8, top_k=2, window=8, num_clusters=3),
+    "routing_separate_keys": AttentionOptions(
+        kind="routing", block_size=8, top_k=2, window=8, num_clusters=3, shared_qk=False
+    ),
     "bilevel": AttentionOptions(kind="bilevel", block_size=8, top_k=2),
     "dynamic_mask": AttentionOptions(kind="dynamic_mask", block_size=8, top_k=2, window=16),
 }
@@ -161,7 +171,7 @@ def test_flux_router_mixes_dense_and_sparse_per_sequence():
         ({"block_size": 0}, "block_size=0"),
         ({"top_k": 0}, "top_k=0"),
         ({"kind": "moba", "query_block_size": 5}, "query_block_size=5"),
-        ({"kind": "local", "key_conv_width": 3}, "key_conv_width=3"),
+        ({"key_conv_width": -1}, "key_conv_width=-1"),
         ({"impl": "cuda"}, "impl='cuda'"),
         ({"centroid_momentum": 1.0}, "centroid_momentum=1.0"),
     ],

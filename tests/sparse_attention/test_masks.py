@@ -1,10 +1,12 @@
 """Block-pattern builders against brute-force element masks."""
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kernels_pallas.block_sparse_attention import mask_info
 from moejax.sparse_attention import masks
 
 LENGTH = 96
@@ -114,3 +116,21 @@ def test_long_sequences_build_without_quadratic_memory():
 def test_bad_arguments_raise(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), max_visits=st.integers(1, 7))
+def test_host_visit_lists_equal_traced_ones(seed, max_visits):
+    """A concrete mask is listed in numpy (no compile-time constant folding of a sort); the
+    lists must be those the traced path computes."""
+    mask = np.random.default_rng(seed).random((2, 1, 5, 6)) < 0.4
+    host = mask_info.visit_lists(mask, max_visits)
+    traced = jax.jit(lambda m: mask_info.visit_lists(m, max_visits))(mask)
+    np.testing.assert_array_equal(np.asarray(host.indices), np.asarray(traced.indices))
+    np.testing.assert_array_equal(np.asarray(host.counts), np.asarray(traced.counts))
+    rows = mask.reshape(-1, 6)
+    all_indices = np.asarray(host.indices).reshape(len(rows), -1)
+    for row, indices, count in zip(rows, all_indices, np.asarray(host.counts).ravel(), strict=True):
+        true_cols = np.flatnonzero(row)
+        assert count == min(len(true_cols), max_visits)
+        np.testing.assert_array_equal(indices[:count], true_cols[:count])

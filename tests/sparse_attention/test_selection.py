@@ -11,6 +11,8 @@ from moejax.sparse_attention.moba import causal_key_conv, moba_select
 from moejax.sparse_attention.routing_transformer import (
     cluster_select,
     normalise,
+    shared_keys,
+    shift_to_previous,
     update_centroids,
 )
 from moejax.sparse_attention.selection import causal_density
@@ -122,3 +124,14 @@ def test_key_bias_folding_adds_bias_to_logits():
     expected = 0.3 * jnp.einsum("bqhd,bkhd->bhqk", q, jnp.repeat(k, 2, 2))
     expected = expected + jnp.repeat(bias, 2, 2).transpose(0, 2, 1)[:, :, None, :]
     np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_shift_to_previous_and_shared_keys():
+    x = np.random.default_rng(0).normal(size=(2, 5, 4, 3)).astype(np.float32)
+    shifted = np.asarray(shift_to_previous(jnp.asarray(x)))
+    np.testing.assert_array_equal(shifted[:, 0], 0.0)
+    np.testing.assert_array_equal(shifted[:, 1:], x[:, :-1])
+    keys = np.asarray(shared_keys(jnp.asarray(x), 2))  # heads 0, 1 -> kv head 0; 2, 3 -> 1
+    np.testing.assert_allclose(keys[:, :, 0], x[:, :, :2].mean(axis=2), rtol=1e-6)
+    np.testing.assert_allclose(keys[:, :, 1], x[:, :, 2:].mean(axis=2), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(shared_keys(jnp.asarray(x), 4)), x)
