@@ -128,7 +128,10 @@ def block_sparse_attention(
         logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
         max_kv_blocks=width,
     )
-    forward = mask_info.visit_lists(block_mask, width)
+    # A host mask is listed in numpy: `jnp.asarray` under jit would make it a constant that XLA
+    # sorts at compile time (seconds at 16k tokens).
+    listed = mask_for_count if mask_info.is_concrete(mask_for_count) else block_mask
+    forward = mask_info.visit_lists(listed, width)
     if kernel == "xla":
         return xla.attention(q, k, v, forward, element_mask, q_segment_ids, kv_segment_ids, spec)
 
