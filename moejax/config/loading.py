@@ -1,0 +1,129 @@
+"""Config files, command-line overrides (`group.field=value`) and JSON round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import typing
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from moejax.config.groups import Config, ConfigError
+
+
+def load_config_file(path: str | Path) -> Config:
+    """Imports a Python config file and returns its `get_config()`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"moejax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config: {str(path)!r} defines no get_config() function")
+    config = module.get_config()
+    if not isinstance(config, Config):
+        raise ConfigError(f"--config: get_config() in {str(path)!r} returned {type(config)}")
+    return config
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _parse_value(field: str, text: str, annotation: Any) -> Any:
+    if annotation is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{field}: value {text!r} is not a boolean; allowed: true, false")
+    if annotation in (int, float):
+        try:
+            value = annotation(text) if annotation is float else int(text, 0)
+        except ValueError:
+            raise ConfigError(
+                f"{field}: value {text!r} is not a valid {annotation.__name__}"
+            ) from None
+        return value
+    if annotation is str:
+        return text
+    optional = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(optional) == 1 and len(typing.get_args(annotation)) == 2:
+        return None if text.strip().lower() == "none" else _parse_value(field, text, optional[0])
+    raise ConfigError(f"{field}: cannot be set from the command line (type {annotation})")
+
+
+def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
+    """Returns `config` with `group.field=value` overrides applied, values parsed by field type.
+
+    Each group is rebuilt once with all its overrides (a later override of a field wins), so
+    groups that check combinations of fields (`pruning`) accept the overrides in any order.
+    """
+    changes: dict[str, dict[str, Any]] = {}
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r}: expected the form group.field=value")
+        dotted, text = override.split("=", 1)
+        parts = dotted.split(".")
+        groups = {f.name: f for f in dataclasses.fields(Config)}
+        if len(parts) != 2 or parts[0] not in groups:
+            raise ConfigError(
+                f"config: unknown field {dotted!r}; fields are group.name with group one of "
+                f"{', '.join(groups)}"
+            )
+        group_name, name = parts
+        types_of = _field_types(type(getattr(config, group_name)))
+        if name not in types_of:
+            raise ConfigError(
+                f"config: unknown field {dotted!r}; allowed fields of {group_name}: "
+                f"{', '.join(types_of)}"
+            )
+        changes.setdefault(group_name, {})[name] = _parse_value(dotted, text, types_of[name])
+    rebuilt = {
+        name: _build(getattr(config, name), name, **fields) for name, fields in changes.items()
+    }
+    return dataclasses.replace(config, **rebuilt)
+
+
+def _build(group: Any, group_name: str, **fields: Any) -> Any:
+    """`dataclasses.replace(group, **fields)`; a group that checks itself on construction
+    (`pruning`, `attention`) raises ValueError, reported as the ConfigError every bad value
+    gives, with the group's name in front when the message lacks it."""
+    try:
+        return dataclasses.replace(group, **fields)
+    except ConfigError:
+        raise
+    except ValueError as error:
+        message = str(error)
+        if not message.startswith(f"{group_name}."):
+            message = f"{group_name}.{message}"
+        raise ConfigError(message) from None
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict[str, dict[str, Any]]) -> Config:
+    """Inverse of `to_dict`; fields unknown to this version are an error, missing ones default."""
+    groups = {}
+    for f in dataclasses.fields(Config):
+        cls = _field_types(Config)[f.name]
+        values = data.get(f.name, {})
+        unknown = set(values) - set(_field_types(cls))
+        if unknown:
+            raise ConfigError(f"config: unknown fields {sorted(unknown)} in group {f.name!r}")
+        groups[f.name] = _build(cls(), f.name, **values)
+    return Config(**groups)
+
+
+def save_json(config: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+
+
+def load_json(path: str | Path) -> Config:
+    return from_dict(json.loads(Path(path).read_text()))
