@@ -65,6 +65,47 @@ def causal_attention(
     return out
 
 
+def init_projections(
+    rngs: nnx.Rngs,
+    d_model: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    param_dtype: jnp.dtype,
+    *,
+    with_keys: bool = True,
+) -> dict[str, nnx.Param]:
+    """The projections of grouped-query attention, drawn in the order q, k, v, o.
+
+    Returns `w_q [d_model, heads, head_dim]`, `w_k` and `w_v [d_model, kv_heads, head_dim]`
+    (no `w_k` with `with_keys=False`, for layers whose keys are their queries) and
+    `w_o [heads, head_dim, d_model]`, fan-in scaled, with their logical axis names.
+    """
+    init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    kv_axes = ("embed", "kv_heads", "head_dim")
+    projections = {
+        "w_q": param(
+            init(rngs.params(), (d_model, num_heads, head_dim), param_dtype),
+            ("embed", "heads", "head_dim"),
+        )
+    }
+    if with_keys:
+        projections["w_k"] = param(
+            init(rngs.params(), (d_model, num_kv_heads, head_dim), param_dtype), kv_axes
+        )
+    projections["w_v"] = param(
+        init(rngs.params(), (d_model, num_kv_heads, head_dim), param_dtype), kv_axes
+    )
+    out_init = jax.nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2
+    )
+    projections["w_o"] = param(
+        out_init(rngs.params(), (num_heads, head_dim, d_model), param_dtype),
+        ("heads", "head_dim", "embed"),
+    )
+    return projections
+
+
 class Attention(nnx.Module):
     """Causal grouped-query self-attention with rotary positions."""
 
@@ -80,28 +121,13 @@ class Attention(nnx.Module):
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
     ):
-        init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_base, self.dtype = rope_base, dtype
-        self.w_q = param(
-            init(rngs.params(), (d_model, num_heads, head_dim), param_dtype),
-            ("embed", "heads", "head_dim"),
+        projections = init_projections(
+            rngs, d_model, num_heads, num_kv_heads, head_dim, param_dtype
         )
-        self.w_k = param(
-            init(rngs.params(), (d_model, num_kv_heads, head_dim), param_dtype),
-            ("embed", "kv_heads", "head_dim"),
-        )
-        self.w_v = param(
-            init(rngs.params(), (d_model, num_kv_heads, head_dim), param_dtype),
-            ("embed", "kv_heads", "head_dim"),
-        )
-        out_init = jax.nn.initializers.variance_scaling(
-            1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2
-        )
-        self.w_o = param(
-            out_init(rngs.params(), (num_heads, head_dim, d_model), param_dtype),
-            ("heads", "head_dim", "embed"),
-        )
+        for name, value in projections.items():
+            setattr(self, name, value)
 
     def __call__(
         self, x: jax.Array, positions: jax.Array | None = None, *, return_probs: bool = False

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 import kernels_pallas
-from moejax.attention import apply_rotary, rotary_angles
+from moejax.attention import apply_rotary, init_projections, rotary_angles
 from moejax.models.layers import RouterState
 from moejax.sharding import constrain, param
 from moejax.sparse_attention import masks
@@ -120,29 +120,19 @@ class SparseAttention(nnx.Module):
     ):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of {num_kv_heads=}")
-        init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_base, self.dtype, self.options = rope_base, dtype, options
-        self.w_q = param(
-            init(rngs.params(), (d_model, num_heads, head_dim), param_dtype),
-            ("embed", "heads", "head_dim"),
+        projections = init_projections(
+            rngs,
+            d_model,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            param_dtype,
+            with_keys=not self.shares_qk,
         )
-        if not self.shares_qk:
-            self.w_k = param(
-                init(rngs.params(), (d_model, num_kv_heads, head_dim), param_dtype),
-                ("embed", "kv_heads", "head_dim"),
-            )
-        self.w_v = param(
-            init(rngs.params(), (d_model, num_kv_heads, head_dim), param_dtype),
-            ("embed", "kv_heads", "head_dim"),
-        )
-        out_init = jax.nn.initializers.variance_scaling(
-            1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2
-        )
-        self.w_o = param(
-            out_init(rngs.params(), (num_heads, head_dim, d_model), param_dtype),
-            ("heads", "head_dim", "embed"),
-        )
+        for name, value in projections.items():
+            setattr(self, name, value)
         if options.key_conv_width:
             # Identity at initialisation (tap 0 = 1): training decides how much to mix in.
             taps = jnp.zeros((options.key_conv_width, num_kv_heads, head_dim), param_dtype)
