@@ -25,6 +25,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import kernels_pallas
 from moejax.attention import causal_attention
@@ -100,6 +101,15 @@ def measure(path, length: int, heads: int, window: int, top_k: int, repeats: int
     return min(times), peak
 
 
+def growth_exponent(timings: dict[int, tuple[float, int]], last: int | None = None) -> float:
+    """Least-squares slope of log(time) against log(length): 1 for a linear path, 2 for a
+    quadratic one. Less sensitive than single doublings to one step that falls out of a cache."""
+    lengths = sorted(timings)[-last:] if last else sorted(timings)
+    x = np.log([float(n) for n in lengths])
+    y = np.log([timings[n][0] for n in lengths])
+    return float(np.polyfit(x, y, 1)[0]) if len(lengths) > 1 else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
@@ -121,6 +131,11 @@ def main() -> None:
             ratio = f"{seconds / previous[0]:10.2f}" if previous else f"{'-':>10}"
             cells.append(f"{seconds * 1e3:11.1f} {ratio} {peak / 2**20:6.0f}")
         print(f"{length:>7} | " + " | ".join(cells), flush=True)
+    for name in PATHS:
+        print(
+            f"{name}: time grows as length^{growth_exponent(results[name]):.2f} (fit over all "
+            f"lengths), length^{growth_exponent(results[name], last=3):.2f} over the last three"
+        )
     for name in ("window", "moba", "moba9"):
         faster = [n for n in args.lengths if results[name][n][0] < results["dense"][n][0]]
         crossover = min(faster) if faster else None

@@ -45,43 +45,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from moejax import config as config_lib  # noqa: E402
-from moejax import depth, sharding  # noqa: E402
+from moejax import depth  # noqa: E402
 from moejax.data import pipeline, shakespeare  # noqa: E402
 from moejax.depth import fit_layer_router as fit  # noqa: E402
-from moejax.models.layers import RouterState  # noqa: E402
 from moejax.models.transformer import TransformerLM  # noqa: E402
-from moejax.training import state as state_lib  # noqa: E402
-from moejax.training.checkpoint import Checkpointer  # noqa: E402
-from moejax.training.loop import CHECKPOINT_DIR, CONFIG_FILE, resolve_data_dir  # noqa: E402
+from moejax.training.loop import resolve_data_dir  # noqa: E402
+from moejax.training.restore import load_trained, restore_run  # noqa: E402
 
 BITS = 1.0 / math.log(2.0)
-
-
-def restore_run(workdir: Path) -> tuple[config_lib.Config, int, dict[str, Any]]:
-    """(config, step, model variables {"params", "router_state"}) of the run's latest good
-    checkpoint, on this process's first device."""
-    config_path = workdir / CONFIG_FILE
-    if not config_path.exists():
-        raise ValueError(f"--workdir: {workdir} holds no {CONFIG_FILE}; is it a training run?")
-    config = config_lib.load_json(config_path)
-    devices = jax.devices()[:1]
-    mesh = sharding.make_mesh(config_lib.validate(config, len(devices)), devices)
-    layout = state_lib.state_layout(config, mesh)
-    checkpointer = Checkpointer(
-        workdir / CHECKPOINT_DIR, keep=config.train.keep_checkpoints, async_save=False
-    )
-    try:
-        restored = checkpointer.restore_latest_good(layout.restore_target())
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise ValueError(f"--workdir: no checkpoint in {workdir / CHECKPOINT_DIR}")
-    step, state, _, _ = restored
-    return config, step, jax.device_get(state_lib.model_variables(state))
-
-
-def _paths(tree: Any) -> set[tuple]:
-    return {path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def routed_model(
@@ -91,18 +62,7 @@ def routed_model(
     model_config = dataclasses.replace(config.model, layer_router_dim=router_dim)
     config_lib.validate_model(model_config)
     model = TransformerLM(model_config, rngs=nnx.Rngs(seed))
-    params = nnx.state(model, nnx.Param)
-    expected = _paths(
-        nnx.to_pure_dict(nnx.state(model, nnx.All(nnx.Param, nnx.Not(fit.ROUTER_PARAMS))))
-    )
-    if _paths(variables["params"]) != expected:
-        raise ValueError("--workdir: the checkpoint's parameters do not match the run's model")
-    nnx.replace_by_pure_dict(params, variables["params"])
-    nnx.update(model, params)
-    if variables["router_state"]:
-        router_state = nnx.state(model, RouterState)
-        nnx.replace_by_pure_dict(router_state, variables["router_state"])
-        nnx.update(model, router_state)
+    load_trained(model, variables, fresh=fit.ROUTER_PARAMS)
     return model
 
 

@@ -1,0 +1,74 @@
+"""A trained run's weights in a model that adds fresh parts to it: layer routers fitted on a
+frozen language model (Dr.LLM), Flux attention routers, and the like.
+
+`restore_run` reads the run's config and latest good checkpoint onto one device;
+`load_trained` copies those weights into a model built with extra parameters, checking that
+everything else matches the checkpoint exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+
+from moejax import config as config_lib
+from moejax import sharding
+from moejax.models.layers import RouterState
+from moejax.training import state as state_lib
+from moejax.training.checkpoint import Checkpointer
+from moejax.training.loop import CHECKPOINT_DIR, CONFIG_FILE
+
+
+def restore_run(workdir: str | Path) -> tuple[config_lib.Config, int, dict[str, Any]]:
+    """(config, step, model variables {"params", "router_state"} as pure dicts) of the run in
+    `workdir` at its latest good checkpoint, on this process's first device."""
+    workdir = Path(workdir)
+    config_path = workdir / CONFIG_FILE
+    if not config_path.exists():
+        raise ValueError(f"--workdir: {workdir} holds no {CONFIG_FILE}; is it a training run?")
+    config = config_lib.load_json(config_path)
+    devices = jax.devices()[:1]
+    mesh = sharding.make_mesh(config_lib.validate(config, len(devices)), devices)
+    layout = state_lib.state_layout(config, mesh)
+    checkpointer = Checkpointer(
+        workdir / CHECKPOINT_DIR, keep=config.train.keep_checkpoints, async_save=False
+    )
+    try:
+        restored = checkpointer.restore_latest_good(layout.restore_target())
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise ValueError(f"--workdir: no checkpoint in {workdir / CHECKPOINT_DIR}")
+    step, state, _, _ = restored
+    return config, step, jax.device_get(state_lib.model_variables(state))
+
+
+def _paths(tree: Any) -> set[tuple]:
+    return {path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def load_trained(model: nnx.Module, variables: dict[str, Any], fresh: nnx.filterlib.Filter) -> None:
+    """Copies a run's `variables` ({"params", "router_state"} pure dicts) into `model` in place.
+
+    The parameters `fresh` selects keep their initial values; every other parameter must be in
+    the checkpoint and the checkpoint must hold nothing else, so a model that differs from the
+    run in more than the fresh parts is refused instead of half-loaded.
+    """
+    params = nnx.state(model, nnx.Param)
+    expected = nnx.to_pure_dict(nnx.state(model, nnx.All(nnx.Param, nnx.Not(fresh))))
+    missing = sorted(map(str, _paths(expected) - _paths(variables["params"])))
+    extra = sorted(map(str, _paths(variables["params"]) - _paths(expected)))
+    if missing or extra:
+        raise ValueError(
+            "the checkpoint's parameters do not match the model: "
+            f"missing from the checkpoint {missing[:5]}, not in the model {extra[:5]}"
+        )
+    nnx.replace_by_pure_dict(params, variables["params"])
+    nnx.update(model, params)
+    if variables.get("router_state"):
+        router_state = nnx.state(model, RouterState)
+        nnx.replace_by_pure_dict(router_state, variables["router_state"])
+        nnx.update(model, router_state)
