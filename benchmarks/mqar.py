@@ -5,7 +5,9 @@ block sizes 128/64/32/16 with the same routed-token budget, with and without the
 convolution, Routing Transformer, dynamic-mask attention) and writes `results.md` and
 `results.json` to `--out` after every run, so a cut-short sweep still leaves its table.
 
-    nice -n 10 python benchmarks/mqar.py --out workdir/mqar [--only "dense +kconv3" ...]
+    nice -n 10 python benchmarks/mqar.py --out workdir/mqar [--only "dense +kconv3" ...] [--seed S]
+    python benchmarks/mqar.py --out DIR --merge SWEEP_A SWEEP_B   # parallel sweeps, one table
+    python benchmarks/mqar.py --out DIR --seeds SEED0 SEED1 SEED2  # mean ± std over seeds
 
 The default task is the "spread" layout (4 pairs scattered over the first 256 of 512 tokens,
 16 keys and values, so the pairs span several blocks and block routing matters), trained 800
@@ -19,6 +21,8 @@ import argparse
 import dataclasses
 import json
 import pathlib
+
+import numpy as np
 
 from moejax.sparse_attention import AttentionOptions
 from moejax.tasks.mqar import MQARConfig
@@ -92,6 +96,39 @@ def merge(out: pathlib.Path, folders: list[pathlib.Path]) -> None:
     write_tables(out, header, rows)
 
 
+def aggregate(out: pathlib.Path, folders: list[pathlib.Path]) -> None:
+    """Mean and standard deviation over sweeps that differ only in their seed: one row per kind
+    run in every folder, in the sweep's order, written to `out/seeds.md`."""
+    setups, runs = [], []
+    for folder in folders:
+        part = json.loads((folder / "results.json").read_text())
+        setups.append({k: v for k, v in part["setup"].items() if k != "seed"})
+        runs.append({row["name"]: row for row in part["runs"]})
+    if any(setup != setups[0] for setup in setups):
+        raise ValueError(f"--seeds {folders}: the setups differ in more than the seed")
+    order = list(sweep(setups[0]["routed_tokens"], 192, setups[0]["query_block"]))
+    order += [name for name in runs[0] if name not in order]
+    seeds = [json.loads((f / "results.json").read_text())["setup"]["seed"] for f in folders]
+    lines = [
+        f"MQAR over seeds {seeds}: {setups[0]}",
+        "",
+        "| kind | accuracy | routing recall | density |",
+        "|---|---|---|---|",
+    ]
+    for name in order:
+        rows = [r[name] for r in runs if name in r]
+        if len(rows) < len(runs):
+            continue
+        cells = []
+        for field in ("accuracy", "routing_recall"):
+            values = np.array([row[field] for row in rows])
+            cells.append(f"{values.mean():.3f} ± {values.std():.3f}")
+        cells.append(f"{np.mean([row['density'] for row in rows]):.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    (out / "seeds.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, required=True)
@@ -116,10 +153,19 @@ def main() -> None:
         nargs="+",
         help="only join the results.json of these folders (parallel sweeps) into --out",
     )
+    parser.add_argument(
+        "--seeds",
+        type=pathlib.Path,
+        nargs="+",
+        help="only write the mean and std over these folders' runs (one seed each) to --out",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.merge:
         merge(args.out, args.merge)
+        return
+    if args.seeds:
+        aggregate(args.out, args.seeds)
         return
     task = MQARConfig(
         length=args.length,
