@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import math
 import sys
@@ -41,12 +40,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from moejax import config as config_lib  # noqa: E402
-from moejax.data import pipeline, shakespeare  # noqa: E402
 from moejax.models.transformer import TransformerLM  # noqa: E402
 from moejax.sparse_attention import flux_fit  # noqa: E402
 from moejax.sparse_attention.flux import router_param_filter  # noqa: E402
-from moejax.training.loop import resolve_data_dir  # noqa: E402
-from moejax.training.restore import load_trained, restore_run  # noqa: E402
+from moejax.training.restore import load_trained, restore_run, run_batches  # noqa: E402
 
 BITS = 1.0 / math.log(2.0)
 
@@ -84,20 +81,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, attention = routed_model(config, variables, args)
     layers = len(flux_fit.flux_layers(model))
 
-    data_dir = resolve_data_dir(config.data.data_dir)
-    shakespeare.prepare(str(data_dir))
-    train_iter = pipeline.make_train_iterator(
-        str(data_dir),
-        seq_len=config.data.seq_len,
-        global_batch_size=config.data.global_batch_size,
-        seed=config.data.shuffle_seed + 1,  # batches the model saw in another order
-    )
-    train_batches = list(itertools.islice(train_iter, args.train_batches))
-    eval_batches = pipeline.make_eval_batches(
-        str(data_dir),
-        seq_len=config.data.seq_len,
-        batch_size=config.data.eval_batch_size,
-        max_batches=args.eval_batches or None,
+    # Batches the model saw, in another order.
+    train_batches, eval_batches = run_batches(
+        config,
+        train_batches=args.train_batches,
+        eval_batches=args.eval_batches,
+        shuffle_offset=1,
     )
 
     def with_gates(shares, salt=0):

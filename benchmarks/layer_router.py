@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import math
 import sys
@@ -46,11 +45,9 @@ if str(ROOT) not in sys.path:
 
 from moejax import config as config_lib  # noqa: E402
 from moejax import depth  # noqa: E402
-from moejax.data import pipeline, shakespeare  # noqa: E402
 from moejax.depth import fit_layer_router as fit  # noqa: E402
 from moejax.models.transformer import TransformerLM  # noqa: E402
-from moejax.training.loop import resolve_data_dir  # noqa: E402
-from moejax.training.restore import load_trained, restore_run  # noqa: E402
+from moejax.training.restore import load_trained, restore_run, run_batches  # noqa: E402
 
 BITS = 1.0 / math.log(2.0)
 
@@ -104,20 +101,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     num_layers = config.model.num_layers
     labelling, decided, routed = compiled(model)
 
-    data_dir = resolve_data_dir(config.data.data_dir)
-    shakespeare.prepare(str(data_dir))
-    train_iter = pipeline.make_train_iterator(
-        str(data_dir),
-        seq_len=config.data.seq_len,
-        global_batch_size=config.data.global_batch_size,
-        seed=config.data.shuffle_seed,
-    )
-    train_batches = list(itertools.islice(train_iter, args.train_batches))
-    eval_batches = pipeline.make_eval_batches(
-        str(data_dir),
-        seq_len=config.data.seq_len,
-        batch_size=config.data.eval_batch_size,
-        max_batches=args.eval_batches or config.data.eval_batches or None,
+    train_batches, eval_batches = run_batches(
+        config,
+        train_batches=args.train_batches,
+        eval_batches=args.eval_batches or config.data.eval_batches,
     )
 
     def label_data(batches):

@@ -8,6 +8,7 @@ everything else matches the checkpoint exactly.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,11 @@ from flax import nnx
 
 from moejax import config as config_lib
 from moejax import sharding
+from moejax.data import pipeline, shakespeare
 from moejax.models.layers import RouterState
 from moejax.training import state as state_lib
 from moejax.training.checkpoint import Checkpointer
-from moejax.training.loop import CHECKPOINT_DIR, CONFIG_FILE
+from moejax.training.loop import CHECKPOINT_DIR, CONFIG_FILE, resolve_data_dir
 
 
 def restore_run(workdir: str | Path) -> tuple[config_lib.Config, int, dict[str, Any]]:
@@ -72,3 +74,27 @@ def load_trained(model: nnx.Module, variables: dict[str, Any], fresh: nnx.filter
         router_state = nnx.state(model, RouterState)
         nnx.replace_by_pure_dict(router_state, variables["router_state"])
         nnx.update(model, router_state)
+
+
+def run_batches(
+    config: config_lib.Config, *, train_batches: int, eval_batches: int, shuffle_offset: int = 0
+) -> tuple[list[dict], list[dict]]:
+    """The run's corpus as (the first `train_batches` training batches, shuffled with the run's
+    seed plus `shuffle_offset`; `eval_batches` validation batches, 0 for the whole split), to fit
+    new parts of a trained model."""
+    data_dir = resolve_data_dir(config.data.data_dir)
+    shakespeare.prepare(str(data_dir))
+    train_iter = pipeline.make_train_iterator(
+        str(data_dir),
+        seq_len=config.data.seq_len,
+        global_batch_size=config.data.global_batch_size,
+        seed=config.data.shuffle_seed + shuffle_offset,
+    )
+    train = list(itertools.islice(train_iter, train_batches))
+    evaluation = pipeline.make_eval_batches(
+        str(data_dir),
+        seq_len=config.data.seq_len,
+        batch_size=config.data.eval_batch_size,
+        max_batches=eval_batches or None,
+    )
+    return train, evaluation
