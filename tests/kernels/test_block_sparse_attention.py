@@ -5,6 +5,7 @@ Pallas kernels' tests (`test_block_sparse_attention_kernels.py`) reuse the probl
 """
 
 import dataclasses
+from unittest import mock
 
 import chex
 import jax
@@ -19,6 +20,7 @@ from kernels_pallas.block_sparse_attention import (
     block_sparse_attention_reference,
     dense_mask,
     mask_info,
+    xla,
 )
 
 
@@ -162,6 +164,17 @@ def test_xla_matches_float64_reference_with_grads(problem: Problem) -> None:
 @given(problems())
 def test_xla_float32_matches_float64_reference(problem: Problem) -> None:
     check_against_reference(problem, "xla", jnp.float32, atol=2e-5)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 3])
+@settings(max_examples=3, deadline=None)
+@given(problem=problems())
+def test_xla_chunked_rows_match_float64_reference(problem: Problem, rows_per_chunk: int) -> None:
+    """Chunks of 1 and 3 rows (3 rarely divides the rows, so padding rows are exercised): the
+    `lax.map` forward and `lax.scan` backward agree with the reference."""
+    chunking = lambda num_rows, _: min(num_rows, rows_per_chunk)
+    with mock.patch.object(xla, "chunk_rows", chunking), jax.enable_x64(True):
+        check_against_reference(problem, "xla", jnp.float64, atol=1e-10)
 
 
 def test_reference_matches_dense_softmax_without_masks() -> None:
