@@ -10,7 +10,9 @@ Batch 1, `--heads` heads of dimension 64, float32. Each path is jitted as the gr
            pattern of `--window` tokens on 64-token blocks;
   moba:    `moba_select` routing (top-3 of 64-token blocks, own block added) plus the same op;
   moba9:   the same with top-8, i.e. 9 visited blocks, as many as the window path visits (a
-           512-token window on 64-token blocks touches 9 blocks), to compare like with like.
+           512-token window on 64-token blocks touches 9 blocks), to compare like with like;
+  moba_attn: moba's attention alone, on the blocks its routing picked for the same q and k
+           (routing scores every kv block per query block: quadratic in blocks, small here).
 Times are minima over `--repeats` runs after a compile-and-run (the minimum is the least
 disturbed by other work on a shared machine; medians once made the window path look 2-17x
 slower than moba, more than its 9 vs 4 blocks explain); "x/doubling" is the ratio to
@@ -21,6 +23,7 @@ compiled executable's `memory_analysis()` (arguments + outputs + temporaries) at
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -74,7 +77,23 @@ def moba9(q, k, v, window, top_k):
     return moba(q, k, v, window, 8)
 
 
-PATHS = {"dense": dense, "window": sliding, "moba": moba, "moba9": moba9}
+def moba_fixed(q, k, v, window, top_k, *, block_mask):
+    """MoBA's attention alone: the blocks its routing picks for these q and k, chosen outside
+    the timed function (MoBA scores every kv block per query block, quadratic in blocks)."""
+    return kernels_pallas.block_sparse_attention(
+        q,
+        k,
+        v,
+        block_mask,
+        block_q=BLOCK,
+        block_kv=BLOCK,
+        causal=True,
+        max_kv_blocks=top_k + 1,
+        impl="xla",
+    )
+
+
+PATHS = {"dense": dense, "window": sliding, "moba": moba, "moba9": moba9, "moba_attn": moba_fixed}
 
 
 def fwd_bwd(path, window: int, top_k: int):
@@ -88,6 +107,9 @@ def measure(path, length: int, heads: int, window: int, top_k: int, repeats: int
     keys = jax.random.split(jax.random.key(length), 4)
     shape = (1, length, heads, 64)
     q, k, v, cot = (jax.random.normal(key, shape, jnp.float32) for key in keys)
+    if path is moba_fixed:
+        routed = jax.jit(lambda q, k: moba_select(q, k, block_q=BLOCK, block_kv=BLOCK, top_k=top_k))
+        path = functools.partial(moba_fixed, block_mask=np.asarray(routed(q, k).block_mask))
     fn = fwd_bwd(path, window, top_k)
     compiled = fn.lower(q, k, v, cot).compile()
     stats = compiled.memory_analysis()
