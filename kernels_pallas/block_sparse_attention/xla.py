@@ -113,16 +113,15 @@ def _rows(q_shape, k_shape, visits, element_mask, q_segment_ids, kv_segment_ids,
         pad = [(0, padded - num_rows)] + [(0, 0)] * (x.ndim - 1)
         return jnp.pad(x, pad, constant_values=fill)
 
+    if visible is not None:
+        visible = jnp.broadcast_to(visible, (batch, heads, q_blocks, bq, width, bk))
+        visible = flat(visible, False).reshape(padded, bq, width * bk)
     return Rows(
         flat_kv=flat(flat_kv, 0).astype(jnp.int32),
         kv_block=flat(index, 0).astype(jnp.int32),
         counts=flat(counts, 0).astype(jnp.int32),  # padding rows see nothing
         q_block=flat(q_block, 0).astype(jnp.int32),
-        visible=None
-        if visible is None
-        else flat(
-            jnp.broadcast_to(visible, (batch, heads, q_blocks, bq, width, bk)), False
-        ).reshape(padded, bq, width * bk),
+        visible=visible,
     )
 
 
@@ -134,6 +133,11 @@ def _row_bytes(spec: AttentionSpec, head_dim: int, width: int) -> int:
 def _padded_rows(num_rows: int, row_bytes: int) -> int:
     chunk = chunk_rows(num_rows, row_bytes)
     return -(-num_rows // chunk) * chunk
+
+
+def _chunk_of(rows: Rows, spec: AttentionSpec, head_dim: int) -> int:
+    """The chunk `_rows` padded for: padding made the rows a multiple of it."""
+    return chunk_rows(rows.counts.shape[0], _row_bytes(spec, head_dim, rows.flat_kv.shape[-1]))
 
 
 def _to_rows(x: jax.Array, block: int, padded: int) -> jax.Array:
@@ -214,7 +218,7 @@ def _forward_chunk(q_rows, k_blocks, v_blocks, rows: Rows, spec: AttentionSpec):
 
 def _run_forward(q, k, v, rows: Rows, spec: AttentionSpec):
     padded = rows.counts.shape[0]
-    chunk = chunk_rows(padded, _row_bytes(spec, q.shape[-1], rows.flat_kv.shape[-1]))
+    chunk = _chunk_of(rows, spec, q.shape[-1])
     q_rows = _to_rows(q, spec.block_q, padded)
     k_blocks, v_blocks = _kv_blocks(k, spec.block_kv), _kv_blocks(v, spec.block_kv)
     step = lambda xs: _forward_chunk(xs[0], k_blocks, v_blocks, xs[1], spec)
@@ -241,7 +245,7 @@ def _flash_backward(spec: AttentionSpec, residuals, dout):
     q, k, v, rows, out, lse = residuals
     padded = rows.counts.shape[0]
     head_dim = q.shape[-1]
-    chunk = chunk_rows(padded, _row_bytes(spec, head_dim, rows.flat_kv.shape[-1]))
+    chunk = _chunk_of(rows, spec, head_dim)
     compute_dtype = out.dtype
     q_rows = _to_rows(q, spec.block_q, padded)
     do_rows = _to_rows(dout, spec.block_q, padded).astype(compute_dtype)
