@@ -170,11 +170,27 @@ def test_xla_float32_matches_float64_reference(problem: Problem) -> None:
 @settings(max_examples=3, deadline=None)
 @given(problem=problems())
 def test_xla_chunked_rows_match_float64_reference(problem: Problem, rows_per_chunk: int) -> None:
-    """Chunks of 1 and 3 rows (3 rarely divides the rows, so padding rows are exercised): the
-    `lax.map` forward and `lax.scan` backward agree with the reference."""
-    chunking = lambda num_rows, _: min(num_rows, rows_per_chunk)
-    with mock.patch.object(xla, "chunk_rows", chunking), jax.enable_x64(True):
+    """Chunks of 1 and 3 rows, padded up to a multiple of the chunk (3 rarely divides the rows,
+    so padding rows are exercised): the `lax.map` forward and `lax.scan` backward agree with
+    the reference."""
+
+    def plan(num_rows, _):
+        chunk = min(num_rows, rows_per_chunk)
+        return chunk, -(-num_rows // chunk) * chunk
+
+    with mock.patch.object(xla, "chunk_plan", plan), jax.enable_x64(True):
         check_against_reference(problem, "xla", jnp.float64, atol=1e-10)
+
+
+def test_xla_chunk_plan_prefers_a_divisor_near_the_budget() -> None:
+    """Rows per chunk: a divisor of the rows above half the budget (no padded copy of q), else
+    the budget with padding rows."""
+    row_bytes = xla.CHUNK_BYTES // 12  # a budget of 12 rows
+    assert xla.chunk_plan(512, row_bytes) == (8, 512)
+    assert xla.chunk_plan(120, row_bytes) == (12, 120)
+    assert xla.chunk_plan(127, row_bytes) == (12, 132)  # 127 is prime
+    assert xla.chunk_plan(5, row_bytes) == (5, 5)
+    assert xla.chunk_plan(3, xla.CHUNK_BYTES * 4) == (1, 3)
 
 
 def test_reference_matches_dense_softmax_without_masks() -> None:
