@@ -132,9 +132,8 @@ def forward(q, k, v, operands, spec: AttentionSpec, *, interpret: bool):
         def body(j, carry):
             kv_block = table_ref[j + 1]
             cols = pl.ds(pl.multiple_of(kv_block * bk, bk), bk)
-            s = km.logits(q_tile, k_ref[cols, :], spec)
-            tiles = _load_masks(mask_refs, operands, slice(None), cols)
-            s = km.masked(s, km.visible(spec, i, kv_block, **tiles))
+            masks = _load_masks(mask_refs, operands, slice(None), cols)
+            s = km.tile_logits(q_tile, k_ref[cols, :], spec, i, kv_block, masks)
             return km.online_update(s, v_ref[cols, :], *carry)
 
         init = (
@@ -184,10 +183,9 @@ def backward_dq(q, k, v, dout, lse, delta, operands, spec: AttentionSpec, *, int
             kv_block = table_ref[j + 1]
             cols = pl.ds(pl.multiple_of(kv_block * bk, bk), bk)
             k_tile = k_ref[cols, :]
-            s = km.logits(q_tile, k_tile, spec)
-            tiles = _load_masks(mask_refs, operands, slice(None), cols)
-            s = km.masked(s, km.visible(spec, i, kv_block, **tiles))
-            _, ds = km.probs_and_dlogits(s, lse_tile, do_tile, v_ref[cols, :], delta_tile, spec)
+            masks = _load_masks(mask_refs, operands, slice(None), cols)
+            tile = (q_tile, k_tile, v_ref[cols, :], do_tile, lse_tile, delta_tile)
+            _, ds = km.tile_backward(*tile, spec, i, kv_block, masks)
             return dq + km.matmul(ds.astype(k_tile.dtype), k_tile)
 
         dq = jax.lax.fori_loop(0, table_ref[0], body, jnp.zeros((bq, d), jnp.float32))
@@ -231,12 +229,9 @@ def backward_dkv(q, k, v, dout, lse, delta, operands, spec: AttentionSpec, *, in
             q_block = table_ref[j + 1]
             rows = pl.ds(pl.multiple_of(q_block * bq, bq), bq)
             q_tile, do_tile = q_ref[rows, :], do_ref[rows, :]
-            s = km.logits(q_tile, k_tile, spec)
-            tiles = _load_masks(mask_refs, operands, rows, slice(None))
-            s = km.masked(s, km.visible(spec, q_block, kv_block, **tiles))
-            p, ds = km.probs_and_dlogits(
-                s, lse_ref[rows, :], do_tile, v_tile, delta_ref[rows, :], spec
-            )
+            masks = _load_masks(mask_refs, operands, rows, slice(None))
+            tile = (q_tile, k_tile, v_tile, do_tile, lse_ref[rows, :], delta_ref[rows, :])
+            p, ds = km.tile_backward(*tile, spec, q_block, kv_block, masks)
             dv = dv + km.matmul(p.astype(do_tile.dtype), do_tile, transpose_a=True)
             dk = dk + km.matmul(ds.astype(q_tile.dtype), q_tile, transpose_a=True)
             return dk, dv

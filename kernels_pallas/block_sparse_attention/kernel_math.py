@@ -71,6 +71,14 @@ def masked(s: jax.Array, mask: jax.Array | None) -> jax.Array:
     return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
 
+def tile_logits(
+    q: jax.Array, k: jax.Array, spec: AttentionSpec, q_block, kv_block, masks: dict
+) -> jax.Array:
+    """Masked logits [bq, bk] of the (q_block, kv_block) tile; `masks` holds the loaded tiles
+    `visible` takes (q_segment, kv_segment, element), any of them absent."""
+    return masked(logits(q, k, spec), visible(spec, q_block, kv_block, **masks))
+
+
 def safe_max(m: jax.Array) -> jax.Array:
     """A row maximum with -inf (nothing visible yet) replaced by 0."""
     return jnp.where(m == -jnp.inf, 0.0, m)
@@ -127,6 +135,23 @@ def probs_and_dlogits(
     # Masked elements have s = -inf; keep the soft-cap factor finite there (p is 0 anyway).
     ds = ds * soft_cap_grad(jnp.where(s == -jnp.inf, 0.0, s), spec)
     return p, ds
+
+
+def tile_backward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    do: jax.Array,
+    lse: jax.Array,
+    delta: jax.Array,
+    spec: AttentionSpec,
+    q_block,
+    kv_block,
+    masks: dict,
+) -> tuple[jax.Array, jax.Array]:
+    """p and ds [bq, bk] of one visited tile: `probs_and_dlogits` of its `tile_logits`."""
+    s = tile_logits(q, k, spec, q_block, kv_block, masks)
+    return probs_and_dlogits(s, lse, do, v, delta, spec)
 
 
 def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False) -> jax.Array:

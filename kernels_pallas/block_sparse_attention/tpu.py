@@ -94,6 +94,15 @@ def _load_masks(refs, operands) -> dict:
     return tiles
 
 
+def _slot_phases(lists: _Lists, counts_ref, b, h, i, j, *, start, visit, finish) -> None:
+    """The three phases of a kernel whose last grid axis walks row (b, h, i)'s visit list:
+    `start` at slot 0, `visit` on every real slot (padding slots skip it), `finish` at the
+    last slot. Each is a function of no arguments that writes refs."""
+    pl.when(j == 0)(start)
+    pl.when(j < counts_ref[lists.row(b, h, i)])(visit)
+    pl.when(j == lists.width - 1)(finish)
+
+
 def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, lists, arrays, interpret):
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
@@ -139,26 +148,25 @@ def forward(q, k, v, operands, spec: AttentionSpec, *, interpret):
         *mask_refs, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
         b, h, i, j = (pl.program_id(axis) for axis in range(4))
 
-        @pl.when(j == 0)
-        def _():
+        def start():
             m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
             l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
             acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-        @pl.when(j < counts_ref[lists.row(b, h, i)])
-        def _():
+        def visit():
             kv_block = lists.index(indices_ref, b, h, i, j)
-            s = km.logits(q_ref[...], k_ref[...], spec)
-            s = km.masked(s, km.visible(spec, i, kv_block, **_load_masks(mask_refs, operands)))
+            masks = _load_masks(mask_refs, operands)
+            s = km.tile_logits(q_ref[...], k_ref[...], spec, i, kv_block, masks)
             m_ref[...], l_ref[...], acc_ref[...] = km.online_update(
                 s, v_ref[...], m_ref[...], l_ref[...], acc_ref[...]
             )
 
-        @pl.when(j == lists.width - 1)
-        def _():
+        def finish():
             out, lse = km.finalize(m_ref[...], l_ref[...], acc_ref[...])
             o_ref[...] = out.astype(o_ref.dtype)
             lse_ref[...] = lse
+
+        _slot_phases(lists, counts_ref, b, h, i, j, start=start, visit=visit, finish=finish)
 
     kv_head = lambda h: h // group
     return _call(
@@ -198,24 +206,20 @@ def backward_dq(q, k, v, dout, lse, delta, operands, spec: AttentionSpec, *, int
         *mask_refs, dq_ref, acc_ref = refs
         b, h, i, j = (pl.program_id(axis) for axis in range(4))
 
-        @pl.when(j == 0)
-        def _():
+        def start():
             acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-        @pl.when(j < counts_ref[lists.row(b, h, i)])
-        def _():
+        def visit():
             kv_block = lists.index(indices_ref, b, h, i, j)
-            k_tile = k_ref[...]
-            s = km.logits(q_ref[...], k_tile, spec)
-            s = km.masked(s, km.visible(spec, i, kv_block, **_load_masks(mask_refs, operands)))
-            _, ds = km.probs_and_dlogits(
-                s, lse_ref[...], do_ref[...], v_ref[...], delta_ref[...], spec
-            )
+            k_tile, masks = k_ref[...], _load_masks(mask_refs, operands)
+            tile = (q_ref[...], k_tile, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...])
+            _, ds = km.tile_backward(*tile, spec, i, kv_block, masks)
             acc_ref[...] += km.matmul(ds.astype(k_tile.dtype), k_tile)
 
-        @pl.when(j == lists.width - 1)
-        def _():
+        def finish():
             dq_ref[...] = acc_ref[...] * spec.scale
+
+        _slot_phases(lists, counts_ref, b, h, i, j, start=start, visit=visit, finish=finish)
 
     kv_head = lambda h: h // group
     return _call(
@@ -251,26 +255,23 @@ def backward_dkv(q, k, v, dout, lse, delta, operands, spec: AttentionSpec, *, in
         *mask_refs, dk_ref, dv_ref, dk_acc, dv_acc = refs
         b, h, kv_block, j = (pl.program_id(axis) for axis in range(4))
 
-        @pl.when(j == 0)
-        def _():
+        def start():
             dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
             dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-        @pl.when(j < counts_ref[lists.row(b, h, kv_block)])
-        def _():
+        def visit():
             q_block = lists.index(indices_ref, b, h, kv_block, j)
-            q_tile, do_tile = q_ref[...], do_ref[...]
-            s = km.logits(q_tile, k_ref[...], spec)
-            tiles = _load_masks(mask_refs, operands)
-            s = km.masked(s, km.visible(spec, q_block, kv_block, **tiles))
-            p, ds = km.probs_and_dlogits(s, lse_ref[...], do_tile, v_ref[...], delta_ref[...], spec)
+            q_tile, do_tile, masks = q_ref[...], do_ref[...], _load_masks(mask_refs, operands)
+            tile = (q_tile, k_ref[...], v_ref[...], do_tile, lse_ref[...], delta_ref[...])
+            p, ds = km.tile_backward(*tile, spec, q_block, kv_block, masks)
             dv_acc[...] += km.matmul(p.astype(do_tile.dtype), do_tile, transpose_a=True)
             dk_acc[...] += km.matmul(ds.astype(q_tile.dtype), q_tile, transpose_a=True)
 
-        @pl.when(j == lists.width - 1)
-        def _():
+        def finish():
             dk_ref[...] = dk_acc[...] * spec.scale
             dv_ref[...] = dv_acc[...]
+
+        _slot_phases(lists, counts_ref, b, h, kv_block, j, start=start, visit=visit, finish=finish)
 
     kv_head = lambda h: h // group
     kv_block_spec = pl.BlockSpec(
