@@ -13,7 +13,7 @@ sequential visits, each program owns its output block outright and loops over wh
 
 Operands are whole-array references read with dynamic slices of power-of-two tiles, as every
 array a Triton program holds has power-of-two sides; they come in padded to whole tiles
-(`tiling.pad_to_tiles`). `interpret` is passed to `pl.pallas_call`: False compiles with Triton,
+(`problem.gmm_problem`). `interpret` is passed to `pl.pallas_call`: False compiles with Triton,
 True runs the generic interpreter (on any backend, CPU included). `poison=True` (a testing aid)
 starts from an output full of NaN aliased in, so any element left unwritten shows.
 
@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas.grouped_matmul import metadata
-from kernels_pallas.grouped_matmul.tiling import Tiling, fit_tile, pad_to_tiles
+from kernels_pallas.grouped_matmul import metadata, problem
+from kernels_pallas.grouped_matmul.tiling import Tiling
 
 NUM_METADATA_ARRAYS = 4
 
@@ -45,51 +45,33 @@ def gmm(
     interpret: bool,
     poison: bool = False,
 ) -> jax.Array:
-    """Grouped matmul of the local groups; rows of other groups and past the groups are zero.
+    """gmm as `problem` states it, one program per (row tile, output column tile).
 
-    Args:
-      lhs: [m, c], m >= 1, rows sorted by group.
-      rhs: [g, c, o], or [g, o, c] with `transpose_rhs`; g >= 1 local groups.
-      group_sizes: [num_groups_total] int32.
-      group_offset: [] int32; local group i is global group group_offset + i.
-      tiling: (tm, tc, to), powers of two, fitted to the shape here.
-      transpose_rhs: use each group's matrix transposed (rhs given as [g, o, c]).
-      out_dtype: output dtype; sums run in at least float32.
-      interpret: `pl.pallas_call`'s interpret argument.
-      poison: start from an output full of NaN (testing aid).
-
-    Returns:
-      [m, o] in out_dtype.
+    Arguments as `problem.gmm_problem` takes them (tiles powers of two), plus `out_dtype` (sums
+    run in at least float32), `interpret` (`pl.pallas_call`'s) and `poison` (start from an
+    output full of NaN, a testing aid). Returns [m, o] in out_dtype.
     """
-    m, c = lhs.shape
-    num_groups = rhs.shape[0]
-    o = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    tm, tc, to = (fit_tile(t, size, "gpu") for t, size in zip(tiling, (m, c, o), strict=True))
-    lhs = pad_to_tiles(lhs, (tm, tc))  # [M, C]
-    rhs = pad_to_tiles(rhs, (1, to, tc) if transpose_rhs else (1, tc, to))
-    rows, cols = lhs.shape[0], rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    m_tiles = rows // tm
-    starts, ends = metadata.local_group_bounds(group_sizes, group_offset, num_groups, m)
-    first_group, group_count = metadata.tile_group_ranges(starts, ends, m_tiles, tm)
-    operands = [first_group, group_count, starts, ends, lhs, rhs]
+    p = problem.gmm_problem(lhs, rhs, group_sizes, group_offset, tiling, transpose_rhs, "gpu")
+    tm, tc, to = p.tiles
+    m_tiles = p.rows // tm
+    first_group, group_count = metadata.tile_group_ranges(p.starts, p.ends, m_tiles, tm)
+    operands = [first_group, group_count, p.starts, p.ends, p.lhs, p.rhs]
     in_specs = [_whole(x) for x in operands]
     out_spec = pl.BlockSpec((tm, to), lambda i, j: (i, j))
     aliases = {}
     if poison:
-        in_specs.append(out_spec)
-        operands.append(jnp.full((rows, cols), jnp.nan, out_dtype))
-        aliases = {len(operands) - 1: 0}
+        aliases = problem.poison_output(in_specs, operands, out_spec, (p.rows, p.cols), out_dtype)
     kernel = functools.partial(
         _gmm_kernel,
         tiles=(tm, tc, to),
-        num_c_tiles=lhs.shape[1] // tc,
+        num_c_tiles=p.lhs.shape[1] // tc,
         transpose_rhs=transpose_rhs,
         acc_dtype=jnp.promote_types(lhs.dtype, jnp.float32),
     )
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((rows, cols), out_dtype),
-        grid=(m_tiles, cols // to),
+        out_shape=jax.ShapeDtypeStruct((p.rows, p.cols), out_dtype),
+        grid=(m_tiles, p.cols // to),
         in_specs=in_specs,
         out_specs=out_spec,
         input_output_aliases=aliases,
@@ -97,7 +79,7 @@ def gmm(
         interpret=interpret,
         name="moejax_gmm",
     )(*operands)
-    return out[:m, :o]
+    return out[: p.m, : p.o]
 
 
 def _gmm_kernel(
@@ -158,43 +140,25 @@ def tgmm(
     interpret: bool,
     poison: bool = False,
 ) -> jax.Array:
-    """Per local group, its rows of lhs transposed times its rows of dout (rhs's gradient).
+    """tgmm as `problem` states it, one program per (group, k tile, n tile) output block.
 
-    Args:
-      lhs: [m, k], m >= 1, rows sorted by group.
-      dout: [m, n].
-      group_sizes: [num_groups_total] int32.
-      group_offset: [] int32; local group i is global group group_offset + i.
-      num_groups: local groups, >= 1.
-      tiling: (tm, tk, tn), powers of two, fitted to the shape here.
-      out_dtype: output dtype; sums run in at least float32.
-      interpret: `pl.pallas_call`'s interpret argument.
-      poison: start from an output full of NaN (testing aid).
-
-    Returns:
-      [num_groups, k, n] in out_dtype; zeros for a group with no rows.
+    Arguments as `problem.tgmm_problem` takes them (tiles powers of two), plus `out_dtype`,
+    `interpret` and `poison` as in `gmm`. Returns [num_groups, k, n] in out_dtype.
     """
-    m, k = lhs.shape
-    n = dout.shape[1]
-    tm, tk, tn = (fit_tile(t, size, "gpu") for t, size in zip(tiling, (m, k, n), strict=True))
-    lhs = pad_to_tiles(lhs, (tm, tk))  # [M, K]
-    dout = pad_to_tiles(dout, (tm, tn))  # [M, N]
-    starts, ends = metadata.local_group_bounds(group_sizes, group_offset, num_groups, m)
-    operands = [starts, ends, lhs, dout]
+    p = problem.tgmm_problem(lhs, dout, group_sizes, group_offset, num_groups, tiling, "gpu")
+    tm, tk, tn = p.tiles
+    operands = [p.starts, p.ends, p.lhs, p.dout]
     in_specs = [_whole(x) for x in operands]
-    out_shape = (num_groups, lhs.shape[1], dout.shape[1])
     out_spec = pl.BlockSpec((None, tk, tn), lambda g, kk, j: (g, kk, j))
     aliases = {}
     if poison:
-        in_specs.append(out_spec)
-        operands.append(jnp.full(out_shape, jnp.nan, out_dtype))
-        aliases = {len(operands) - 1: 0}
+        aliases = problem.poison_output(in_specs, operands, out_spec, p.out_shape, out_dtype)
     out = pl.pallas_call(
         functools.partial(
             _tgmm_kernel, tiles=(tm, tk, tn), acc_dtype=jnp.promote_types(lhs.dtype, jnp.float32)
         ),
-        out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
-        grid=(num_groups, out_shape[1] // tk, out_shape[2] // tn),
+        out_shape=jax.ShapeDtypeStruct(p.out_shape, out_dtype),
+        grid=(num_groups, p.out_shape[1] // tk, p.out_shape[2] // tn),
         in_specs=in_specs,
         out_specs=out_spec,
         input_output_aliases=aliases,
@@ -202,7 +166,7 @@ def tgmm(
         interpret=interpret,
         name="moejax_tgmm",
     )(*operands)
-    return out[:, :k, :n]
+    return out[:, : p.k, : p.n]
 
 
 def _tgmm_kernel(

@@ -7,7 +7,7 @@ axis picks, through it, which row tile of lhs and which group's matrix are fetch
 output block accumulates in a float32 VMEM scratch over the contracting axis (and, in tgmm, over
 a group's visits) and is stored once, in the output dtype.
 
-Operands come in padded to whole tiles (`tiling.pad_to_tiles`) and the result goes out cut back.
+Operands come in padded to whole tiles (`problem.gmm_problem`) and the result goes out cut back.
 `interpret` is passed to `pl.pallas_call`: False compiles with Mosaic, True runs the generic
 interpreter, and a `pltpu.InterpretParams` runs the TPU-faithful interpreter (which can check
 out-of-bounds reads and fill uninitialised memory with NaN).
@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.grouped_matmul import metadata
-from kernels_pallas.grouped_matmul.tiling import Tiling, fit_tile, pad_to_tiles
+from kernels_pallas.grouped_matmul import metadata, problem
+from kernels_pallas.grouped_matmul.tiling import Tiling
 
 NUM_VISIT_ARRAYS = 4  # tile_ids, group_ids, row_starts, row_ends, all scalar-prefetched
 
@@ -44,35 +44,17 @@ def gmm(
     interpret: Any,
     poison: bool = False,
 ) -> jax.Array:
-    """Grouped matmul of the local groups; rows of other groups and past the groups are zero.
+    """gmm as `problem` states it, over a grid of (output column tile, visit, contracting tile).
 
-    Args:
-      lhs: [m, c], m >= 1, rows sorted by group.
-      rhs: [g, c, o], or [g, o, c] with `transpose_rhs` (then each group's matrix is used
-        transposed); g >= 1 local groups.
-      group_sizes: [num_groups_total] int32.
-      group_offset: [] int32; local group i is global group group_offset + i.
-      tiling: (tm, tc, to) for rows, contracting and output columns, fitted to the shape here.
-      transpose_rhs: see rhs.
-      out_dtype: output dtype; sums run in at least float32.
-      interpret: `pl.pallas_call`'s interpret argument.
-      poison: start from an output full of NaN (testing aid, see the module docstring).
-
-    Returns:
-      [m, o] in out_dtype.
+    Arguments as `problem.gmm_problem` takes them, plus `out_dtype` (sums run in at least
+    float32), `interpret` (`pl.pallas_call`'s) and `poison` (start from an output full of NaN,
+    see the module docstring). Returns [m, o] in out_dtype.
     """
-    m, c = lhs.shape
-    num_groups = rhs.shape[0]
-    o = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    tm, tc, to = (fit_tile(t, size, "tpu") for t, size in zip(tiling, (m, c, o), strict=True))
+    p = problem.gmm_problem(lhs, rhs, group_sizes, group_offset, tiling, transpose_rhs, "tpu")
+    tm, tc, to = p.tiles
     acc_dtype = jnp.promote_types(lhs.dtype, jnp.float32)
-    lhs = pad_to_tiles(lhs, (tm, tc))  # [M, C]
-    rhs = pad_to_tiles(rhs, (1, to, tc) if transpose_rhs else (1, tc, to))
-    rows, cols = lhs.shape[0], rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    m_tiles = rows // tm
-    starts, ends = metadata.local_group_bounds(group_sizes, group_offset, num_groups, m)
-    visits = metadata.row_tile_visits(starts, ends, m_tiles, tm)  # 4 x [V]
-    grid = (cols // to, visits[0].shape[0], lhs.shape[1] // tc)
+    visits = metadata.row_tile_visits(p.starts, p.ends, p.rows // tm, tm)  # 4 x [V]
+    grid = (p.cols // to, visits[0].shape[0], p.lhs.shape[1] // tc)
 
     def lhs_index(j, v, kk, tile_ids, group_ids, row_starts, row_ends):
         return tile_ids[v], kk
@@ -85,16 +67,17 @@ def gmm(
 
     rhs_block = (None, to, tc) if transpose_rhs else (None, tc, to)
     in_specs = [pl.BlockSpec((tm, tc), lhs_index), pl.BlockSpec(rhs_block, rhs_index)]
-    operands = [lhs, rhs]
+    operands = [p.lhs, p.rhs]
     out_spec = pl.BlockSpec((tm, to), out_index)
     aliases = {}
     if poison:
-        in_specs.append(out_spec)
-        operands.append(jnp.full((rows, cols), jnp.nan, out_dtype))
-        aliases = {NUM_VISIT_ARRAYS + 2: 0}
+        shape = (p.rows, p.cols)
+        aliases = problem.poison_output(
+            in_specs, operands, out_spec, shape, out_dtype, first_operand=NUM_VISIT_ARRAYS
+        )
     out = pl.pallas_call(
         functools.partial(_gmm_kernel, tm=tm, transpose_rhs=transpose_rhs, poison=poison),
-        out_shape=jax.ShapeDtypeStruct((rows, cols), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((p.rows, p.cols), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=NUM_VISIT_ARRAYS,
             grid=grid,
@@ -110,7 +93,7 @@ def gmm(
         interpret=interpret,
         name="moejax_gmm",
     )(*visits, *operands)
-    return out[:m, :o]
+    return out[: p.m, : p.o]
 
 
 def _gmm_kernel(
@@ -164,33 +147,16 @@ def tgmm(
     interpret: Any,
     poison: bool = False,
 ) -> jax.Array:
-    """Per local group, its rows of lhs transposed times its rows of dout (rhs's gradient).
+    """tgmm as `problem` states it, over a grid of (n tile, k tile, visit).
 
-    Args:
-      lhs: [m, k], m >= 1, rows sorted by group.
-      dout: [m, n].
-      group_sizes: [num_groups_total] int32.
-      group_offset: [] int32; local group i is global group group_offset + i.
-      num_groups: local groups, >= 1.
-      tiling: (tm, tk, tn), fitted to the shape here.
-      out_dtype: output dtype; sums run in at least float32.
-      interpret: `pl.pallas_call`'s interpret argument.
-      poison: start from an output full of NaN (testing aid).
-
-    Returns:
-      [num_groups, k, n] in out_dtype; zeros for a group with no rows.
+    Arguments as `problem.tgmm_problem` takes them, plus `out_dtype`, `interpret` and `poison`
+    as in `gmm`. Returns [num_groups, k, n] in out_dtype.
     """
-    m, k = lhs.shape
-    n = dout.shape[1]
-    tm, tk, tn = (fit_tile(t, size, "tpu") for t, size in zip(tiling, (m, k, n), strict=True))
+    p = problem.tgmm_problem(lhs, dout, group_sizes, group_offset, num_groups, tiling, "tpu")
+    tm, tk, tn = p.tiles
     acc_dtype = jnp.promote_types(lhs.dtype, jnp.float32)
-    lhs = pad_to_tiles(lhs, (tm, tk))  # [M, K]
-    dout = pad_to_tiles(dout, (tm, tn))  # [M, N]
-    m_tiles = lhs.shape[0] // tm
-    starts, ends = metadata.local_group_bounds(group_sizes, group_offset, num_groups, m)
-    visits = metadata.group_tile_visits(starts, ends, m_tiles, tm)  # 4 x [V]
-    out_shape = (num_groups, lhs.shape[1], dout.shape[1])
-    grid = (out_shape[2] // tn, out_shape[1] // tk, visits[0].shape[0])
+    visits = metadata.group_tile_visits(p.starts, p.ends, p.lhs.shape[0] // tm, tm)  # 4 x [V]
+    grid = (p.out_shape[2] // tn, p.out_shape[1] // tk, visits[0].shape[0])
 
     def lhs_index(j, kk, v, tile_ids, group_ids, row_starts, row_ends):
         return tile_ids[v], kk
@@ -202,16 +168,16 @@ def tgmm(
         return group_ids[v], kk, j
 
     in_specs = [pl.BlockSpec((tm, tk), lhs_index), pl.BlockSpec((tm, tn), dout_index)]
-    operands = [lhs, dout]
+    operands = [p.lhs, p.dout]
     out_spec = pl.BlockSpec((None, tk, tn), out_index)
     aliases = {}
     if poison:
-        in_specs.append(out_spec)
-        operands.append(jnp.full(out_shape, jnp.nan, out_dtype))
-        aliases = {NUM_VISIT_ARRAYS + 2: 0}
+        aliases = problem.poison_output(
+            in_specs, operands, out_spec, p.out_shape, out_dtype, first_operand=NUM_VISIT_ARRAYS
+        )
     out = pl.pallas_call(
         functools.partial(_tgmm_kernel, tm=tm, poison=poison),
-        out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
+        out_shape=jax.ShapeDtypeStruct(p.out_shape, out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=NUM_VISIT_ARRAYS,
             grid=grid,
@@ -226,7 +192,7 @@ def tgmm(
         interpret=interpret,
         name="moejax_tgmm",
     )(*visits, *operands)
-    return out[:, :k, :n]
+    return out[:, : p.k, : p.n]
 
 
 def _tgmm_kernel(tile_ids, group_ids, row_starts, row_ends, lhs_ref, dout_ref, *refs, tm, poison):
