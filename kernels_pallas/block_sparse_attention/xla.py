@@ -98,15 +98,17 @@ def attention(
     Returns:
       [batch, q_len, heads, head_dim] in the dtype of q.
     """
-    rows = _rows(q.shape, visits, element_mask, q_segment_ids, kv_segment_ids, spec)
     batch, q_len, heads, head_dim = q.shape
     width = visits.indices.shape[-1]
-    chunk, _ = chunk_plan(batch * q_len // spec.block_q, _row_bytes(spec, heads, head_dim, width))
+    row_bytes = _row_bytes(spec, heads, head_dim, width)
+    chunk, padded = chunk_plan(batch * q_len // spec.block_q, row_bytes)
+    rows = _rows(q.shape, visits, element_mask, q_segment_ids, kv_segment_ids, spec, padded)
     return _flash(q, k, v, rows, spec, chunk)
 
 
-def _rows(q_shape, visits, element_mask, q_segment_ids, kv_segment_ids, spec) -> Rows:
-    batch, q_len, heads, head_dim = q_shape
+def _rows(q_shape, visits, element_mask, q_segment_ids, kv_segment_ids, spec, padded) -> Rows:
+    """The `Rows` of these visit lists and masks, padded to `padded` rows."""
+    batch, q_len, heads, _ = q_shape
     bq, bk = spec.block_q, spec.block_kv
     q_blocks, kv_blocks = q_len // bq, spec.kv_len // bk
     width = visits.indices.shape[-1]
@@ -131,22 +133,20 @@ def _rows(q_shape, visits, element_mask, q_segment_ids, kv_segment_ids, spec) ->
         visible = em if visible is None else visible & em
 
     num_rows = batch * q_blocks
-    _, padded = chunk_plan(num_rows, _row_bytes(spec, heads, head_dim, width))
 
-    def flat(x, fill):
-        # [batch, heads, q_blocks, ...] -> [rows, heads, ...], rows ordered (batch, q block).
-        x = jnp.swapaxes(x, 1, 2).reshape((num_rows, heads) + x.shape[3:])
-        pad = [(0, padded - num_rows)] + [(0, 0)] * (x.ndim - 1)
-        return jnp.pad(x, pad, constant_values=fill)
+    def flat(x):
+        # [batch, heads, q_blocks, ...] -> [rows, heads, ...], rows ordered (batch, q block);
+        # padding rows are zeros (False): a count of 0 means they see nothing.
+        return _padding(jnp.swapaxes(x, 1, 2).reshape((num_rows, heads) + x.shape[3:]), padded)
 
     if visible is not None:
         visible = jnp.broadcast_to(visible, (batch, heads, q_blocks, bq, width, bk))
-        visible = flat(visible, False).reshape(padded, heads, bq, width * bk)
+        visible = flat(visible).reshape(padded, heads, bq, width * bk)
     return Rows(
-        flat_kv=flat(flat_kv, 0).astype(jnp.int32),
-        kv_block=flat(index, 0).astype(jnp.int32),
-        counts=flat(counts, 0).astype(jnp.int32),  # padding rows see nothing
-        q_block=jnp.pad(q_block.reshape(num_rows), (0, padded - num_rows)).astype(jnp.int32),
+        flat_kv=flat(flat_kv).astype(jnp.int32),
+        kv_block=flat(index).astype(jnp.int32),
+        counts=flat(counts).astype(jnp.int32),
+        q_block=_padding(q_block.reshape(num_rows), padded).astype(jnp.int32),
         visible=visible,
     )
 
