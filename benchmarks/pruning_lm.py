@@ -38,12 +38,12 @@ if str(ROOT) not in sys.path:
 from moejax import cli, evaluation, sharding  # noqa: E402
 from moejax import config as config_lib  # noqa: E402
 from moejax.config import Config  # noqa: E402
-from moejax.data import pipeline, shakespeare  # noqa: E402
 from moejax.pruning import apply_masks  # noqa: E402
 from moejax.pruning import lm as prune_lm  # noqa: E402
+from moejax.training import corpus  # noqa: E402
 from moejax.training import state as state_lib  # noqa: E402
 from moejax.training.checkpoint import Checkpointer  # noqa: E402
-from moejax.training.loop import CHECKPOINT_DIR, resolve_data_dir, train  # noqa: E402
+from moejax.training.loop import CHECKPOINT_DIR, train  # noqa: E402
 from moejax.training.step import make_eval_step  # noqa: E402
 
 SRSTE_TOLERANCE = 0.03
@@ -62,14 +62,7 @@ class Evaluator:
 
     def __init__(self, config: Config, eval_batches: int):
         self.mesh = sharding.make_mesh(config_lib.validate(config, jax.device_count()))
-        data_dir = resolve_data_dir(config.data.data_dir)
-        shakespeare.prepare(str(data_dir))
-        self.batches = pipeline.make_eval_batches(
-            str(data_dir),
-            seq_len=config.data.seq_len,
-            batch_size=config.data.eval_batch_size,
-            max_batches=eval_batches or None,
-        )
+        self.batches = corpus.eval_batches(config.data, eval_batches)
 
     def layout(self, config: Config) -> state_lib.StateLayout:
         return state_lib.state_layout(config, self.mesh)
@@ -131,13 +124,7 @@ def srste_experiment(args, evaluator: Evaluator, log) -> dict[str, Any]:
 def _calibration(config: Config, batches: int) -> list[np.ndarray]:
     """`batches` token batches [batch, length] from the training split, in an order other
     than the training runs' (another shuffle seed)."""
-    iterator = pipeline.make_train_iterator(
-        str(resolve_data_dir(config.data.data_dir)),
-        seq_len=config.data.seq_len,
-        global_batch_size=config.data.global_batch_size,
-        seed=config.data.shuffle_seed + 10_007,
-        num_workers=0,
-    )
+    iterator = corpus.train_iterator(config.data, seed_offset=10_007, num_workers=0)
     try:
         return [np.asarray(next(iterator)["inputs"]) for _ in range(batches)]
     finally:
@@ -161,13 +148,7 @@ def _seed_finetune(config: Config, workdir: Path, evaluator: Evaluator, variable
     if "router_state" in layout.abstract_state:
         state["router_state"] = variables["router_state"]
     state = jax.device_put(state, layout.shardings)
-    iterator = pipeline.make_train_iterator(
-        str(resolve_data_dir(config.data.data_dir)),
-        seq_len=config.data.seq_len,
-        global_batch_size=config.data.global_batch_size,
-        seed=config.data.shuffle_seed,
-        num_workers=config.data.num_workers,
-    )
+    iterator = corpus.train_iterator(config.data)
     checkpointer = Checkpointer(workdir / CHECKPOINT_DIR, keep=1, async_save=False)
     try:
         checkpointer.save(0, state, iterator.get_state())

@@ -31,23 +31,15 @@ def measure(config_path: str, overrides: list[str], steps: int) -> dict:
 
     from moejax import config as config_lib
     from moejax import sharding
-    from moejax.data import pipeline, shakespeare
+    from moejax.training import corpus
     from moejax.training import state as state_lib
-    from moejax.training.loop import resolve_data_dir
     from moejax.training.step import global_batch, make_train_step
 
     config = config_lib.apply_overrides(config_lib.load_config_file(config_path), overrides)
     mesh = sharding.make_mesh(config_lib.validate(config, jax.device_count()))
     layout = state_lib.state_layout(config, mesh)
     state = state_lib.init_state(config, layout)
-    data_dir = resolve_data_dir(config.data.data_dir)
-    shakespeare.prepare(str(data_dir))
-    batches = pipeline.make_train_iterator(
-        str(data_dir),
-        seq_len=config.data.seq_len,
-        global_batch_size=config.data.global_batch_size,
-        seed=0,
-    )
+    batches = corpus.train_iterator(config.data, num_workers=0)
     step = make_train_step(layout, mesh)
     batch = global_batch(mesh, next(batches))
     start = time.perf_counter()

@@ -171,10 +171,10 @@ def evaluate_workdir(
     """
     from moejax import config as config_lib
     from moejax import sharding
-    from moejax.data import pipeline, shakespeare
+    from moejax.training import corpus
     from moejax.training import state as state_lib
     from moejax.training.checkpoint import Checkpointer
-    from moejax.training.loop import CHECKPOINT_DIR, CONFIG_FILE, resolve_data_dir
+    from moejax.training.loop import CHECKPOINT_DIR, CONFIG_FILE
     from moejax.training.step import make_eval_step
 
     workdir = Path(workdir).absolute()
@@ -218,14 +218,7 @@ def evaluate_workdir(
     finally:
         checkpointer.close()
 
-    data_dir = resolve_data_dir(config.data.data_dir)
-    shakespeare.prepare(str(data_dir))
-    batches = pipeline.make_eval_batches(
-        str(data_dir),
-        seq_len=config.data.seq_len,
-        batch_size=config.data.eval_batch_size,
-        max_batches=config.data.eval_batches or None,
-    )
+    batches = corpus.eval_batches(config.data)
     variables = state_lib.model_variables(state)
     results = evaluate(make_eval_step(layout, mesh), variables, batches)
     results.update(step=restored_step, damaged_steps=damaged, mesh=axis_sizes)

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from moejax import config as config_lib
 from moejax import evaluation, sharding
 from moejax.config import Config
-from moejax.data import pipeline, shakespeare
 from moejax.pruning.lm import layer_sparsity
+from moejax.training import corpus
 from moejax.training import state as state_lib
 from moejax.training.checkpoint import Checkpointer
 from moejax.training.step import global_batch, make_eval_step, make_train_step
@@ -71,10 +71,6 @@ class _StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def resolve_data_dir(data_dir: str) -> Path:
-    return Path(data_dir).expanduser().absolute()
 
 
 def prepare_workdir(workdir: Path, config: Config) -> None:
@@ -129,21 +125,8 @@ def train(
 
     layout = state_lib.state_layout(config, mesh)
 
-    data_dir = resolve_data_dir(data_cfg.data_dir)
-    shakespeare.prepare(str(data_dir))
-    train_iter = pipeline.make_train_iterator(
-        str(data_dir),
-        seq_len=data_cfg.seq_len,
-        global_batch_size=data_cfg.global_batch_size,
-        seed=data_cfg.shuffle_seed,
-        num_workers=data_cfg.num_workers,
-    )
-    eval_batches = pipeline.make_eval_batches(
-        str(data_dir),
-        seq_len=data_cfg.seq_len,
-        batch_size=data_cfg.eval_batch_size,
-        max_batches=data_cfg.eval_batches or None,
-    )
+    train_iter = corpus.train_iterator(data_cfg)
+    eval_batches = corpus.eval_batches(data_cfg)
 
     checkpointer = Checkpointer(
         workdir / CHECKPOINT_DIR,

@@ -17,11 +17,11 @@ from flax import nnx
 
 from moejax import config as config_lib
 from moejax import sharding
-from moejax.data import pipeline, shakespeare
 from moejax.models.layers import RouterState
+from moejax.training import corpus
 from moejax.training import state as state_lib
 from moejax.training.checkpoint import Checkpointer
-from moejax.training.loop import CHECKPOINT_DIR, CONFIG_FILE, resolve_data_dir
+from moejax.training.loop import CHECKPOINT_DIR, CONFIG_FILE
 
 
 def restore_run(workdir: str | Path) -> tuple[config_lib.Config, int, dict[str, Any]]:
@@ -82,19 +82,6 @@ def run_batches(
     """The run's corpus as (the first `train_batches` training batches, shuffled with the run's
     seed plus `shuffle_offset`; `eval_batches` validation batches, 0 for the whole split), to fit
     new parts of a trained model."""
-    data_dir = resolve_data_dir(config.data.data_dir)
-    shakespeare.prepare(str(data_dir))
-    train_iter = pipeline.make_train_iterator(
-        str(data_dir),
-        seq_len=config.data.seq_len,
-        global_batch_size=config.data.global_batch_size,
-        seed=config.data.shuffle_seed + shuffle_offset,
-    )
+    train_iter = corpus.train_iterator(config.data, seed_offset=shuffle_offset, num_workers=0)
     train = list(itertools.islice(train_iter, train_batches))
-    evaluation = pipeline.make_eval_batches(
-        str(data_dir),
-        seq_len=config.data.seq_len,
-        batch_size=config.data.eval_batch_size,
-        max_batches=eval_batches or None,
-    )
-    return train, evaluation
+    return train, corpus.eval_batches(config.data, eval_batches)
