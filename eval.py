@@ -2,7 +2,9 @@
 
 Restores onto whatever devices are present (any mesh shape that fits them), prints and writes
 validation loss, bits per byte, perplexity and per-layer routing statistics to
-DIR/eval/step_<N>.json.
+DIR/eval/step_<N>.json. It reads checkpoints without taking the training lock (it may run beside
+train.py) and never creates or deletes anything under DIR/checkpoints. A damaged --step N is an
+error, not a substitution.
 """
 
 import argparse
@@ -17,6 +19,10 @@ from moejax import config as config_lib
 
 
 def main(argv: list[str]) -> int:
+    return cli.report_user_errors(lambda: _main(argv), argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="workdir/default", help="a training run directory")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
@@ -33,24 +39,26 @@ def main(argv: list[str]) -> int:
         default=None,
         help="checkpoint to measure routing fluctuation against (default: the one before)",
     )
+    cli.add_debug_flag(parser)
     args, overrides = cli.parse(parser, argv)
     cli.setup_logging()
+    for flag in ("step", "compare_step", "sample_bytes"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            raise config_lib.ConfigError(
+                f"--{flag}: {getattr(args, flag)} is negative; give a step number >= 0"
+            )
 
     from moejax.evaluation import evaluate_workdir, expert_load_matrix, moe_layers, routing_table
     from moejax.metrics import save_load_heatmap
 
-    try:
-        results = evaluate_workdir(
-            args.workdir,
-            step=args.step,
-            compare_step=args.compare_step,
-            overrides=overrides,
-            sample_bytes=args.sample_bytes,
-            sample_prompt=args.prompt.encode(),
-        )
-    except (config_lib.ConfigError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    results = evaluate_workdir(
+        args.workdir,
+        step=args.step,
+        compare_step=args.compare_step,
+        overrides=overrides,
+        sample_bytes=args.sample_bytes,
+        sample_prompt=args.prompt.encode(),
+    )
     step = results["step"]
     print(f"step {step} on mesh {results['mesh']}")
     print(

@@ -1,8 +1,9 @@
 """Train a model: `python train.py [--config configs/NAME.py] [--config.group.field=value ...]
 [--workdir DIR]`. With no arguments it trains configs/default.py into workdir/default.
 
-Starting again in the same workdir resumes from its latest good checkpoint. SIGTERM or
-SIGINT saves a checkpoint and exits with status 0.
+Starting again in the same workdir resumes from its newest usable checkpoint. SIGTERM or
+SIGINT saves the step in progress, waits for the save, and exits with status 0. One train.py
+at a time may use a workdir. Input errors print one paragraph and exit with status 2.
 """
 
 import argparse
@@ -14,39 +15,52 @@ from moejax import config as config_lib
 
 
 def main(argv: list[str]) -> int:
+    return cli.report_user_errors(lambda: _main(argv), argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=cli.DEFAULT_CONFIG, help="a Python config file")
     parser.add_argument(
         "--workdir", default=None, help="run directory (default: workdir/<config name>)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--allow_config_change",
+        action="store_true",
+        help="resume even though data, batch or optimiser fields differ from the run's",
+    )
+    cli.add_debug_flag(parser)
     args, overrides = cli.parse(parser, argv)
     cli.setup_logging()
     experiment = _experiment_config(args.config)
     if experiment is not None:
         return _run_lottery(experiment, overrides, args)
-    try:
+
+    from moejax.training.preemption import StopRequest
+
+    # Installed before anything slow: a stop during start-up is honoured at the first step.
+    with StopRequest() as stop:
         config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
         workdir = Path(args.workdir or Path("workdir") / Path(args.config).stem)
         # Validate before importing the training stack: bad values fail in milliseconds.
         import jax
 
         config_lib.validate(config, jax.device_count())
-    except config_lib.ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
+        from moejax.training.loop import NonFiniteLossError, train
 
-    from moejax.training.loop import NonFiniteLossError, train
-
-    print(config_lib.describe(config), file=sys.stderr)
-    try:
-        result = train(config, workdir, progress=not args.no_progress)
-    except config_lib.ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as error:
-        print(str(error), file=sys.stderr)
-        return 1
+        print(config_lib.describe(config), file=sys.stderr)
+        try:
+            result = train(
+                config,
+                workdir,
+                progress=not args.no_progress,
+                allow_config_change=args.allow_config_change,
+                stop=stop,
+            )
+        except NonFiniteLossError as error:
+            print(str(error), file=sys.stderr)
+            return 1
     print(f"finished at step {result.step} in {workdir}")
     if result.last_eval is not None:
         print(

@@ -43,8 +43,10 @@ from moejax.pruning import lm as prune_lm  # noqa: E402
 from moejax.training import corpus  # noqa: E402
 from moejax.training import state as state_lib  # noqa: E402
 from moejax.training.checkpoint import Checkpointer  # noqa: E402
-from moejax.training.loop import CHECKPOINT_DIR, train  # noqa: E402
+from moejax.training.loop import train  # noqa: E402
+from moejax.training.restore import restore_checkpoint  # noqa: E402
 from moejax.training.step import make_eval_step  # noqa: E402
+from moejax.training.workdir import CHECKPOINT_DIR  # noqa: E402
 
 SRSTE_TOLERANCE = 0.03
 
@@ -68,14 +70,7 @@ class Evaluator:
         return state_lib.state_layout(config, self.mesh)
 
     def restore(self, config: Config, workdir: Path) -> dict[str, Any]:
-        checkpointer = Checkpointer(workdir / CHECKPOINT_DIR, keep=1, async_save=False)
-        try:
-            restored = checkpointer.restore_latest_good(self.layout(config).restore_target())
-        finally:
-            checkpointer.close()
-        if restored is None:
-            raise ValueError(f"no checkpoint in {workdir / CHECKPOINT_DIR}")
-        return restored[1]
+        return restore_checkpoint(workdir, config, self.layout(config).restore_target()).state
 
     def loss(self, config: Config, variables: dict[str, Any]) -> dict[str, float]:
         layout = self.layout(config)

@@ -1,7 +1,8 @@
 """Command-line parsing shared by train.py and eval.py.
 
 `--config PATH` picks a config file, `--config.group.field=value` overrides one field;
-anything else is an error that lists the accepted flags.
+anything else is an error that lists the accepted flags. `report_user_errors` turns every
+`UserError` into one paragraph on stderr and exit status 2 (`--debug` shows the traceback).
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from moejax import config as config_lib
+from moejax.errors import UserError
 
 DEFAULT_CONFIG = "configs/default.py"
 
@@ -46,3 +48,21 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str]):
     """(namespace, overrides); argparse errors for unknown flags."""
     rest, overrides = split_overrides(argv)
     return parser.parse_args(rest), overrides
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an input error too"
+    )
+
+
+def report_user_errors(body: Callable[[], int], argv: Sequence[str]) -> int:
+    """Runs `body`; a `UserError` becomes its message on stderr and exit status 2, unless
+    `--debug` is in `argv` (then it propagates with its traceback)."""
+    try:
+        return body()
+    except UserError as error:
+        if "--debug" in argv:
+            raise
+        print(f"{error.label}: {error}", file=sys.stderr)
+        return 2

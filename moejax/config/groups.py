@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from moejax.errors import UserError
 from moejax.pruning.config import PruningConfig
 from moejax.sharding import MESH_AXES
 from moejax.sparse_attention.options import AttentionOptions
@@ -12,8 +13,10 @@ from moejax.sparse_attention.options import AttentionOptions
 DTYPES = ("float32", "bfloat16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value that cannot work; the message names field, value and the rule."""
+
+    label = "config error"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import traceback
 import typing
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,13 +21,39 @@ def load_config_file(path: str | Path) -> Config:
         raise ConfigError(f"--config: file {str(path)!r} does not exist")
     spec = importlib.util.spec_from_file_location(f"moejax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise ConfigError(
+            f"--config: {str(path)!r} line {error.lineno}: {error.msg}; the file must be valid "
+            "Python defining get_config()"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - whatever the file raises, the user must see it
+        raise ConfigError(
+            f"--config: importing {str(path)!r} raised {_raised_at(error, path)}"
+        ) from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"--config: {str(path)!r} defines no get_config() function")
-    config = module.get_config()
+    try:
+        config = module.get_config()
+    except Exception as error:  # noqa: BLE001
+        raise ConfigError(
+            f"--config: get_config() in {str(path)!r} raised {_raised_at(error, path)}"
+        ) from None
     if not isinstance(config, Config):
         raise ConfigError(f"--config: get_config() in {str(path)!r} returned {type(config)}")
     return config
+
+
+def _raised_at(error: BaseException, path: Path) -> str:
+    """`Type: message (line N)`, N the deepest line of `path` in the error's traceback."""
+    lines = [
+        frame.lineno
+        for frame in traceback.extract_tb(error.__traceback__)
+        if Path(frame.filename).resolve() == path.resolve()
+    ]
+    where = f" (line {lines[-1]})" if lines else ""
+    return f"{type(error).__name__}: {error}{where}"
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -110,10 +137,16 @@ def to_dict(config: Config) -> dict[str, dict[str, Any]]:
 
 def from_dict(data: dict[str, dict[str, Any]]) -> Config:
     """Inverse of `to_dict`; fields unknown to this version are an error, missing ones default."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected an object of groups, got {type(data).__name__}")
     groups = {}
     for f in dataclasses.fields(Config):
         cls = _field_types(Config)[f.name]
         values = data.get(f.name, {})
+        if not isinstance(values, dict):
+            raise ConfigError(
+                f"config: group {f.name!r} must be an object of fields, got {values!r:.80}"
+            )
         unknown = set(values) - set(_field_types(cls))
         if unknown:
             raise ConfigError(f"config: unknown fields {sorted(unknown)} in group {f.name!r}")

@@ -2,38 +2,69 @@
 
 Saves are asynchronous and atomic (Orbax writes into a temporary directory and renames it
 when the save is complete), so a crash mid-save leaves the previous checkpoints untouched.
-Restore goes newest-first and falls back past checkpoints that fail to read (truncated or
-missing files), warning about each.
+Every reader goes through `restore_usable`: newest-first, past checkpoints that fail to read
+or whose state the caller cannot use (a data-iterator state that does not apply), warning
+about each. A read-only `Checkpointer` (evaluation) creates, cleans and deletes nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
+
+from moejax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 STATE, DATA = "state", "data"
 
 
+class CheckpointError(UserError):
+    """No checkpoint can serve the request: the one asked for is damaged, or all are."""
+
+    label = "checkpoint error"
+
+
+@dataclasses.dataclass
+class Restored:
+    """A usable checkpoint: its step, train state, data-iterator state, what the caller's
+    `usable` check returned, and the newer (or skipped) steps found damaged, with the reason."""
+
+    step: int
+    state: Any
+    data_state: dict[str, Any]
+    checked: Any
+    damaged: dict[int, str]
+
+
 class Checkpointer:
     """Keep-last-K checkpoint manager of `{"state": train state, "data": iterator state}`."""
 
-    def __init__(self, directory: str | Path, *, keep: int, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        keep: int,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         self.directory = Path(directory).absolute()
-        self._keep, self._async = keep, async_save
+        self._keep, self._async, self._read_only = keep, async_save, read_only
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=self._keep,
             enable_async_checkpointing=self._async,
-            create=True,
-            cleanup_tmp_directories=True,
+            create=not self._read_only,
+            read_only=self._read_only,
+            # Only the process that holds the workdir lock may remove a half-written save.
+            cleanup_tmp_directories=not self._read_only,
         )
         return ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
 
@@ -57,6 +88,16 @@ class Checkpointer:
         """Blocks until the pending async save is on disk."""
         self._manager.wait_until_finished()
 
+    def is_committed(self, step: int) -> bool:
+        """Whether the save of `step` is complete on disk (renamed out of its temporary name)."""
+        self._manager.reload()
+        return step in self._manager.all_steps() and (self.directory / str(step)).is_dir()
+
+    def reached_preemption(self, step: int) -> bool:
+        """True at the step every process agreed to stop at after a preemption notice (JAX's
+        multihost sync point, through Orbax); always False in a single process."""
+        return self._manager.reached_preemption(step)
+
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restores `step` onto the shardings carried by `abstract_state`'s ShapeDtypeStructs."""
         restored = self._manager.restore(
@@ -67,53 +108,96 @@ class Checkpointer:
         )
         return restored[STATE], restored[DATA]
 
-    def restore_latest_good(
-        self, abstract_state: Any, *, step: int | None = None
-    ) -> tuple[int, Any, dict[str, Any], list[int]] | None:
-        """Restores the newest readable checkpoint at or before `step` (default: the latest).
+    def _try(
+        self, step: int, abstract_state: Any, usable: Callable[[int, Any, Any], Any] | None
+    ) -> tuple[Restored | None, str]:
+        try:
+            state, data_state = self.restore(step, abstract_state)
+        except Exception as error:  # noqa: BLE001 - any read failure means a damaged step
+            first_line = str(error).splitlines()[0][:200] if str(error) else ""
+            return None, f"unreadable: {type(error).__name__}: {first_line}"
+        try:
+            checked = usable(step, state, data_state) if usable is not None else None
+        except ValueError as error:
+            return None, str(error)
+        return Restored(step, state, data_state, checked, {}), ""
 
-        Returns (step, state, data_state, damaged_steps) or None when no checkpoint exists;
-        raises if checkpoints exist but none can be read.
+    def restore_usable(
+        self,
+        abstract_state: Any,
+        *,
+        step: int | None = None,
+        before: int | None = None,
+        usable: Callable[[int, Any, Any], Any] | None = None,
+    ) -> Restored | None:
+        """The checkpoint to continue from or evaluate.
+
+        With `step`, exactly that checkpoint: missing or damaged is a `CheckpointError`, never a
+        substitution. Otherwise the newest usable one (older than `before`, if given), warning
+        about each newer damaged one; None when there is none to try; a `CheckpointError` when
+        every one is damaged. A checkpoint is usable when it restores onto `abstract_state` and
+        `usable(step, state, data_state)` (if given) does not raise ValueError; its return value
+        comes back as `Restored.checked`.
         """
-        candidates = [s for s in reversed(self.all_steps()) if step is None or s <= step]
-        damaged = []
-        for candidate in candidates:
-            try:
-                state, data_state = self.restore(candidate, abstract_state)
-            except Exception as error:  # noqa: BLE001 - any read failure means a damaged step
-                log.warning(
-                    "checkpoint at step %d is unreadable (%s: %s); trying an older one",
-                    candidate,
-                    type(error).__name__,
-                    str(error).splitlines()[0][:200],
+        available = self.all_steps()
+        if step is not None:
+            if step not in available:
+                raise CheckpointError(
+                    f"--step {step}: no checkpoint at that step in {self.directory}; "
+                    f"available: {available}"
                 )
-                damaged.append(candidate)
+            restored, reason = self._try(step, abstract_state, usable)
+            if restored is None:
+                raise CheckpointError(
+                    f"--step {step}: the checkpoint at step {step} in {self.directory} is "
+                    f"damaged ({reason}); usable steps are the others of {available}, newest "
+                    "first: leave --step out to take the newest usable one"
+                )
+            return restored
+        candidates = [s for s in reversed(available) if before is None or s < before]
+        damaged: dict[int, str] = {}
+        for candidate in candidates:
+            restored, reason = self._try(candidate, abstract_state, usable)
+            if restored is None:
+                log.warning(
+                    "checkpoint at step %d is not usable (%s); trying an older one",
+                    candidate,
+                    reason,
+                )
+                damaged[candidate] = reason
                 continue
-            return candidate, state, data_state, damaged
+            restored.damaged = damaged
+            return restored
         if damaged:
-            raise RuntimeError(
-                f"no readable checkpoint in {self.directory}: steps {damaged} are all damaged"
+            listing = "; ".join(f"step {s}: {reason}" for s, reason in damaged.items())
+            raise CheckpointError(
+                f"no usable checkpoint in {self.directory}: every one is damaged ({listing}). "
+                "Nothing was changed. Keep them for inspection and train in a new --workdir, or "
+                "move them aside to start this run over."
             )
         return None
 
     def quarantine(self, steps: list[int]) -> None:
-        """Moves damaged step directories aside (kept for inspection, never deleted) so that
-        training can save those step numbers again."""
-        if not steps:
+        """Moves damaged step directories to `<checkpoints>_damaged/` (kept for inspection,
+        never deleted or overwritten) so that training can save those step numbers again."""
+        if not steps or self._read_only:
             return
         self._manager.close()
         target = self.directory.parent / f"{self.directory.name}_damaged"
         target.mkdir(exist_ok=True)
         for step in steps:
             source = self.directory / str(step)
-            if source.exists():
-                destination = target / str(step)
-                if destination.exists():
-                    shutil.rmtree(destination)
-                source.rename(destination)
-                log.warning("moved damaged checkpoint %s to %s", source, destination)
+            if not source.exists():
+                continue
+            destination, copy = target / str(step), 0
+            while destination.exists():
+                copy += 1
+                destination = target / f"{step}.{copy}"
+            source.rename(destination)
+            log.warning("moved damaged checkpoint %s to %s", source, destination)
         self._manager = self._open()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        if not self._read_only:
+            self._manager.wait_until_finished()
         self._manager.close()

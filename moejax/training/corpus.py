@@ -5,10 +5,11 @@ fitting parts of a trained model and the benchmarks all read the corpus this way
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import grain
 
-from moejax.config.groups import DataConfig
+from moejax.config.groups import ConfigError, DataConfig
 from moejax.data import pipeline, shakespeare
 
 
@@ -18,10 +19,26 @@ def resolve_data_dir(data_dir: str) -> Path:
 
 
 def prepared_data_dir(data: DataConfig) -> str:
-    """The config's dataset directory, built there first if it is not yet (offline)."""
-    data_dir = str(resolve_data_dir(data.data_dir))
-    shakespeare.prepare(data_dir)
-    return data_dir
+    """The config's dataset directory, built there first if it is not yet (offline).
+
+    A path that is not a directory, or one that cannot be written where the dataset is still to
+    be built, is a `ConfigError` naming `data.data_dir`.
+    """
+    path = resolve_data_dir(data.data_dir)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(
+            f"data.data_dir={data.data_dir!r}: {existing} is a file, not a directory; give the "
+            "directory that holds (or will hold) the prepared dataset"
+        )
+    try:
+        shakespeare.prepare(str(path))
+    except OSError as error:
+        raise ConfigError(
+            f"data.data_dir={data.data_dir!r}: cannot build the dataset there "
+            f"({error.strerror or error}); give a writable directory, or one where it is built"
+        ) from None
+    return str(path)
 
 
 def train_iterator(
@@ -48,3 +65,20 @@ def eval_batches(data: DataConfig, max_batches: int | None = None) -> list[pipel
         batch_size=data.eval_batch_size,
         max_batches=limit or None,
     )
+
+
+def resumed_train_iterator(data: DataConfig, data_state: Any) -> grain.DatasetIterator:
+    """`train_iterator(data)` moved to the checkpointed `data_state`; a state that does not
+    apply to it (damaged, or saved by another data layout) is a ValueError saying why."""
+    iterator = train_iterator(data)
+    try:
+        if not isinstance(data_state, dict) or not data_state:
+            raise TypeError(f"expected the saved iterator state, got {data_state!r:.80}")
+        iterator.set_state(data_state)
+    except Exception as error:  # noqa: BLE001 - grain raises many kinds for a foreign state
+        iterator.close()
+        raise ValueError(
+            f"its data-iterator state does not apply ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''})"
+        ) from None
+    return iterator

@@ -2,8 +2,9 @@
 
 Reads like the algorithm: restore or initialise, then repeat {next batch, train step};
 every `log_every` steps check the losses are finite and log them, every `eval_every`
-evaluate, every `checkpoint_every` save (asynchronously). SIGTERM / SIGINT finish the
-current step, save, and return.
+evaluate, every `checkpoint_every` save (asynchronously). A stop request (SIGTERM, SIGINT, a
+multihost preemption notice) is read once per step boundary: that step is saved and the save
+awaited before the run returns. The workdir is locked for the whole run (`workdir.py`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,14 +27,13 @@ from moejax.config import Config
 from moejax.pruning.lm import layer_sparsity
 from moejax.training import corpus
 from moejax.training import state as state_lib
+from moejax.training import workdir as workdir_lib
 from moejax.training.checkpoint import Checkpointer
+from moejax.training.preemption import StopRequest
 from moejax.training.step import global_batch, make_eval_step, make_train_step
 from moejax.training.writers import MetricsWriter
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,43 +48,6 @@ class TrainResult:
     last_train_metrics: dict[str, float]
     last_eval: dict[str, Any] | None
     restored_from: int | None
-
-
-class _StopRequest:
-    """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            # Outside the main thread signals stay with the caller.
-            with contextlib.suppress(ValueError):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal_name = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def prepare_workdir(workdir: Path, config: Config) -> None:
-    """Writes config.json; refuses a workdir that holds a run of a different model."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / CONFIG_FILE
-    if path.exists():
-        saved = config_lib.load_json(path)
-        if saved.model != config.model:
-            raise config_lib.ConfigError(
-                f"--workdir {workdir}: holds a run of a different model "
-                f"(saved {saved.model}, requested {config.model}); use a new --workdir"
-            )
-    if jax.process_index() == 0:
-        config_lib.save_json(config, path)
 
 
 def _sparsity_text(results: dict[str, Any]) -> str:
@@ -114,124 +76,177 @@ def train(
     *,
     devices: Sequence[jax.Device] | None = None,
     progress: bool = True,
+    allow_config_change: bool = False,
+    stop: StopRequest | None = None,
 ) -> TrainResult:
-    """Trains `config` in `workdir`, resuming from its latest good checkpoint if any."""
+    """Trains `config` in `workdir`, resuming from its newest usable checkpoint if any.
+
+    Everything that can refuse the run (the config, the workdir's recorded config, the data
+    directory, another run holding the workdir) is checked before anything in the workdir is
+    written. `stop` is a `StopRequest` the caller has already entered (to catch signals from its
+    own start-up on); by default the run installs one for its duration.
+    """
     devices = list(jax.devices() if devices is None else devices)
     axis_sizes = config_lib.validate(config, len(devices))
     workdir = Path(workdir).absolute()
-    prepare_workdir(workdir, config)
+    workdir_lib.check_resume(workdir, config, allow_config_change=allow_config_change)
+    # A data_dir that cannot work fails here, with the workdir untouched.
+    eval_batches = corpus.eval_batches(config.data)
+    lock = (
+        workdir_lib.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    )
+    with contextlib.ExitStack() as stack:
+        if stop is None:
+            stop = stack.enter_context(StopRequest())
+        stack.enter_context(lock)
+        # Again under the lock: a run that held it until now may have recorded its config.
+        workdir_lib.check_resume(workdir, config, allow_config_change=allow_config_change)
+        return _train_locked(config, workdir, devices, axis_sizes, eval_batches, progress, stop)
+
+
+def _train_locked(
+    config: Config,
+    workdir: Path,
+    devices: list[jax.Device],
+    axis_sizes: dict[str, int],
+    eval_batches: list,
+    progress: bool,
+    stop: StopRequest,
+) -> TrainResult:
     mesh = sharding.make_mesh(axis_sizes, devices)
     train_cfg, data_cfg = config.train, config.data
-
     layout = state_lib.state_layout(config, mesh)
-
-    train_iter = corpus.train_iterator(data_cfg)
-    eval_batches = corpus.eval_batches(data_cfg)
-
     checkpointer = Checkpointer(
-        workdir / CHECKPOINT_DIR,
+        workdir / workdir_lib.CHECKPOINT_DIR,
         keep=train_cfg.keep_checkpoints,
         async_save=train_cfg.async_checkpointing,
     )
-    restored = checkpointer.restore_latest_good(layout.restore_target())
-    if restored is None:
-        state = state_lib.init_state(config, layout)
-        restored_from = None
-    else:
-        restored_from, state, data_state, damaged = restored
-        checkpointer.quarantine(damaged)
-        train_iter.set_state(data_state)
-        log.info("resumed from step %d", restored_from)
-    step = int(jax.device_get(state["step"]))
-
-    train_step = make_train_step(layout, mesh)
-    eval_step = make_eval_step(layout, mesh)
-    writer = MetricsWriter(workdir, process_index=jax.process_index())
-    log.info(
-        "model: %d parameters; mesh %s on %d devices",
-        state_lib.count_params(state["params"]),
-        axis_sizes,
-        len(devices),
-    )
-
-    def run_eval(at_step: int) -> dict[str, Any]:
-        variables = state_lib.model_variables(state)
-        results = evaluation.evaluate(eval_step, variables, eval_batches)
-        if layout.pruning is not None:
-            # Per-layer sparsity of the weights the model evaluates with; at eval time only,
-            # since it reads every parameter back to the host.
-            results.update(layer_sparsity(variables["params"], layout.pruning.prunable))
-        writer.write(at_step, "eval", results)
-        return results
-
-    def save(at_step: int) -> None:
-        checkpointer.save(at_step, state, train_iter.get_state())
-
-    tokens_per_step = data_cfg.global_batch_size * data_cfg.seq_len
-    bar = tqdm(
-        total=train_cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True
-    )
-    pending: list[tuple[int, dict[str, Any]]] = []
-    last_train: dict[str, float] = {}
-    interval_start, interval_steps = time.perf_counter(), 0
+    train_iter = None
+    writer = None
+    bar = None
     try:
+        restored = checkpointer.restore_usable(
+            layout.restore_target(),
+            usable=lambda _, __, data_state: corpus.resumed_train_iterator(data_cfg, data_state),
+        )
+        if restored is None:
+            state = state_lib.init_state(config, layout)
+            train_iter = corpus.train_iterator(data_cfg)
+            restored_from = None
+        else:
+            restored_from, state, train_iter = restored.step, restored.state, restored.checked
+            checkpointer.quarantine(sorted(restored.damaged))
+            log.info("resumed from step %d", restored_from)
+        step = int(jax.device_get(state["step"]))
+        if jax.process_index() == 0:
+            # The run is known to work from here on: only now does it become the workdir's record.
+            workdir_lib.write_config(workdir, config)
+            workdir_lib.trim_metrics(workdir, restored_from)
+
+        train_step = make_train_step(layout, mesh)
+        eval_step = make_eval_step(layout, mesh)
+        writer = MetricsWriter(
+            workdir,
+            process_index=jax.process_index(),
+            purge_step=None if restored_from is None else restored_from + 1,
+        )
+        log.info(
+            "model: %d parameters; mesh %s on %d devices",
+            state_lib.count_params(state["params"]),
+            axis_sizes,
+            len(devices),
+        )
+
+        def run_eval(at_step: int) -> dict[str, Any]:
+            variables = state_lib.model_variables(state)
+            results = evaluation.evaluate(eval_step, variables, eval_batches)
+            if layout.pruning is not None:
+                # Per-layer sparsity of the weights the model evaluates with; at eval time only,
+                # since it reads every parameter back to the host.
+                results.update(layer_sparsity(variables["params"], layout.pruning.prunable))
+            writer.write(at_step, "eval", results)
+            return results
+
+        tokens_per_step = data_cfg.global_batch_size * data_cfg.seq_len
+        bar = tqdm(
+            total=train_cfg.steps,
+            initial=step,
+            disable=not progress,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        pending: list[tuple[int, dict[str, Any]]] = []
+        last_train: dict[str, float] = {}
+        interval_start, interval_steps = time.perf_counter(), 0
+        stopping = False
         # The untrained model's validation loss is the baseline every later one is read against.
         last_eval = None
         if restored_from is None:
             last_eval = run_eval(step)
             bar.write(f"step 0 (untrained): validation {last_eval['bits_per_byte']:.4f} bits/byte")
-        with _StopRequest() as stop:
-            while step < train_cfg.steps and stop.signal_name is None:
-                batch = global_batch(mesh, next(train_iter))
-                state, metrics = train_step(state, batch)
-                step += 1
-                interval_steps += 1
-                pending.append((step, metrics))
-                due_log = step % train_cfg.log_every == 0 or step == train_cfg.steps
-                due_eval = step % train_cfg.eval_every == 0 or step == train_cfg.steps
-                due_save = step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps
-                stopping = stop.signal_name is not None
-                if due_log or due_eval or due_save or stopping:
-                    pending = jax.device_get(pending)
-                    _check_finite(pending)
-                    elapsed = time.perf_counter() - interval_start
-                    tokens_per_second = interval_steps * tokens_per_step / max(elapsed, 1e-9)
-                    loss_mean = sum(float(m["loss"]) for _, m in pending) / len(pending)
-                    last_train = writer.write(
-                        step,
-                        "train",
-                        {
-                            **pending[-1][1],
-                            "loss_mean": loss_mean,
-                            "tokens_per_second": tokens_per_second,
-                        },
-                    )
-                    bar.set_postfix(loss=f"{loss_mean:.3f}", tok_s=f"{tokens_per_second:,.0f}")
-                    bar.update(interval_steps)
-                    pending, interval_steps = [], 0
-                    interval_start = time.perf_counter()
-                if due_eval:
-                    last_eval = run_eval(step)
-                    bar.write(
-                        f"step {step}: validation loss {last_eval['loss']:.4f} nats, "
-                        f"{last_eval['bits_per_byte']:.4f} bits/byte" + _sparsity_text(last_eval)
-                    )
-                if due_save or stopping:
-                    save(step)
-                if due_eval or due_save:
-                    # Evaluation and checkpoint time are not training throughput.
-                    interval_start = time.perf_counter()
-            if stop.signal_name is not None:
-                bar.write(f"{stop.signal_name} received: checkpoint saved at step {step}")
+        while step < train_cfg.steps and not stopping:
+            batch = global_batch(mesh, next(train_iter))
+            state, metrics = train_step(state, batch)
+            step += 1
+            interval_steps += 1
+            pending.append((step, metrics))
+            # The one place a stop is read: a signal that lands after this line (in the logging,
+            # evaluation or save below) is honoured at the next step boundary.
+            stopping = stop.should_stop(step, checkpointer.reached_preemption)
+            due_log = step % train_cfg.log_every == 0 or step == train_cfg.steps
+            due_eval = step % train_cfg.eval_every == 0 or step == train_cfg.steps
+            due_save = step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps
+            if due_log or due_eval or due_save or stopping:
+                pending = jax.device_get(pending)
+                _check_finite(pending)
+                elapsed = time.perf_counter() - interval_start
+                tokens_per_second = interval_steps * tokens_per_step / max(elapsed, 1e-9)
+                loss_mean = sum(float(m["loss"]) for _, m in pending) / len(pending)
+                last_train = writer.write(
+                    step,
+                    "train",
+                    {
+                        **pending[-1][1],
+                        "loss_mean": loss_mean,
+                        "tokens_per_second": tokens_per_second,
+                    },
+                )
+                bar.set_postfix(loss=f"{loss_mean:.3f}", tok_s=f"{tokens_per_second:,.0f}")
+                bar.update(interval_steps)
+                pending, interval_steps = [], 0
+                interval_start = time.perf_counter()
+            if due_eval:
+                last_eval = run_eval(step)
+                bar.write(
+                    f"step {step}: validation loss {last_eval['loss']:.4f} nats, "
+                    f"{last_eval['bits_per_byte']:.4f} bits/byte" + _sparsity_text(last_eval)
+                )
+            if due_save or stopping:
+                checkpointer.save(step, state, train_iter.get_state())
+            if due_eval or due_save:
+                # Evaluation and checkpoint time are not training throughput.
+                interval_start = time.perf_counter()
+        # Awaited here, with the stop handlers still installed: a second signal cannot cut it.
+        checkpointer.wait()
+        if stopping:
+            if not checkpointer.is_committed(step):
+                raise RuntimeError(
+                    f"{stop.signal_name}: the checkpoint of step {step} is not on disk after "
+                    f"its save returned ({checkpointer.directory})"
+                )
+            bar.write(f"{stop.signal_name} received: checkpoint saved at step {step}")
     finally:
-        bar.close()
-        # Stops grain's worker processes, if any, before the interpreter tears down.
-        train_iter.close()
+        if bar is not None:
+            bar.close()
+        if train_iter is not None:
+            # Stops grain's worker processes, if any, before the interpreter tears down.
+            train_iter.close()
         checkpointer.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     return TrainResult(
         step=step,
-        stopped_by_signal=stop.signal_name,
+        stopped_by_signal=stop.signal_name if stopping else None,
         last_train_metrics=last_train,
         last_eval=last_eval,
         restored_from=restored_from,

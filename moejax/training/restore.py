@@ -1,7 +1,9 @@
 """A trained run's weights in a model that adds fresh parts to it: layer routers fitted on a
 frozen language model (Dr.LLM), Flux attention routers, and the like.
 
-`restore_run` reads the run's config and latest good checkpoint onto one device;
+`read_run` and `restore_checkpoint` are how every reader of a finished or running run (eval,
+these fitting drivers, benchmarks) finds its config and newest usable checkpoint, read-only;
+`restore_run` reads the run's config and newest usable checkpoint onto one device;
 `load_trained` copies those weights into a model built with extra parameters, checking that
 everything else matches the checkpoint exactly.
 """
@@ -9,6 +11,7 @@ everything else matches the checkpoint exactly.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,32 +23,71 @@ from moejax import sharding
 from moejax.models.layers import RouterState
 from moejax.training import corpus
 from moejax.training import state as state_lib
-from moejax.training.checkpoint import Checkpointer
-from moejax.training.loop import CHECKPOINT_DIR, CONFIG_FILE
+from moejax.training import workdir as workdir_lib
+from moejax.training.checkpoint import Checkpointer, CheckpointError, Restored
+from moejax.training.workdir import WorkdirError
+
+
+def read_run(workdir: str | Path) -> config_lib.Config:
+    """The recorded config of the training run in `workdir`; `WorkdirError` if it is none."""
+    workdir = Path(workdir).absolute()
+    if not workdir.is_dir():
+        raise WorkdirError(f"--workdir {workdir}: no such directory; give a training run's workdir")
+    config = workdir_lib.read_run_config(workdir)
+    if config is None:
+        raise WorkdirError(
+            f"--workdir {workdir}: holds no {workdir_lib.CONFIG_FILE}; is it a training run?"
+        )
+    return config
+
+
+def iterator_state_applies(run_config: config_lib.Config) -> Callable[[int, Any, Any], None]:
+    """The check that makes a checkpoint usable beyond reading: its data-iterator state applies
+    to the run's training iterator (what a resume would need), whoever reads it."""
+
+    def check(step: int, state: Any, data_state: Any) -> None:
+        corpus.resumed_train_iterator(run_config.data, data_state).close()
+
+    return check
+
+
+def restore_checkpoint(
+    workdir: str | Path,
+    run_config: config_lib.Config,
+    abstract_state: Any,
+    *,
+    step: int | None = None,
+    before: int | None = None,
+) -> Restored:
+    """Reads (never writes) the usable checkpoint of the run in `workdir` that
+    `Checkpointer.restore_usable` picks; no checkpoint at all is a `CheckpointError`."""
+    directory = Path(workdir).absolute() / workdir_lib.CHECKPOINT_DIR
+    if not directory.is_dir():
+        raise CheckpointError(f"--workdir: no checkpoint in {directory}")
+    checkpointer = Checkpointer(
+        directory, keep=run_config.train.keep_checkpoints, async_save=False, read_only=True
+    )
+    try:
+        restored = checkpointer.restore_usable(
+            abstract_state, step=step, before=before, usable=iterator_state_applies(run_config)
+        )
+    finally:
+        checkpointer.close()
+    if restored is None:
+        where = "" if before is None else f" before step {before}"
+        raise CheckpointError(f"--workdir: no checkpoint{where} in {directory}")
+    return restored
 
 
 def restore_run(workdir: str | Path) -> tuple[config_lib.Config, int, dict[str, Any]]:
     """(config, step, model variables {"params", "router_state"} as pure dicts) of the run in
-    `workdir` at its latest good checkpoint, on this process's first device."""
-    workdir = Path(workdir)
-    config_path = workdir / CONFIG_FILE
-    if not config_path.exists():
-        raise ValueError(f"--workdir: {workdir} holds no {CONFIG_FILE}; is it a training run?")
-    config = config_lib.load_json(config_path)
+    `workdir` at its newest usable checkpoint, on this process's first device."""
+    config = read_run(workdir)
     devices = jax.devices()[:1]
     mesh = sharding.make_mesh(config_lib.validate(config, len(devices)), devices)
     layout = state_lib.state_layout(config, mesh)
-    checkpointer = Checkpointer(
-        workdir / CHECKPOINT_DIR, keep=config.train.keep_checkpoints, async_save=False
-    )
-    try:
-        restored = checkpointer.restore_latest_good(layout.restore_target())
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise ValueError(f"--workdir: no checkpoint in {workdir / CHECKPOINT_DIR}")
-    step, state, _, _ = restored
-    return config, step, jax.device_get(state_lib.model_variables(state))
+    restored = restore_checkpoint(workdir, config, layout.restore_target())
+    return config, restored.step, jax.device_get(state_lib.model_variables(restored.state))
 
 
 def _paths(tree: Any) -> set[tuple]:

@@ -27,13 +27,17 @@ def flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 class MetricsWriter:
     """Writes `split/name` scalars to `<workdir>/tensorboard` and `<workdir>/metrics.jsonl`."""
 
-    def __init__(self, workdir: str | Path, *, process_index: int = 0):
+    def __init__(
+        self, workdir: str | Path, *, process_index: int = 0, purge_step: int | None = None
+    ):
+        """`purge_step`: the first step a resumed run writes again; TensorBoard hides the
+        events of the earlier attempt from that step on (the JSONL file is trimmed apart)."""
         self.enabled = process_index == 0
         workdir = Path(workdir)
         self.jsonl_path = workdir / "metrics.jsonl"
         self.tensorboard_dir = workdir / "tensorboard"
         if self.enabled:
-            self._tb = SummaryWriter(logdir=str(self.tensorboard_dir))
+            self._tb = SummaryWriter(logdir=str(self.tensorboard_dir), purge_step=purge_step)
             self._jsonl = self.jsonl_path.open("a")
 
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> dict[str, float]:
