@@ -205,7 +205,8 @@ def evaluate_workdir(
     else:
         try:
             previous = restore_checkpoint(workdir, run_config, target, before=restored_step)
-            previous_state, compare_step = previous.state, previous.step
+            if previous is not None:
+                previous_state, compare_step = previous.state, previous.step
         except CheckpointError as error:
             # Fluctuation is a comparison, not the evaluation: without a usable earlier
             # checkpoint it is left out.

@@ -59,7 +59,9 @@ class Checkpointer:
 
     def _open(self) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=self._keep,
+            # A reader deletes nothing, whatever the run keeps.
+            max_to_keep=None if self._read_only else self._keep,
+            save_interval_steps=0 if self._read_only else 1,
             enable_async_checkpointing=self._async,
             create=not self._read_only,
             read_only=self._read_only,

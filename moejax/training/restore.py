@@ -58,9 +58,10 @@ def restore_checkpoint(
     *,
     step: int | None = None,
     before: int | None = None,
-) -> Restored:
+) -> Restored | None:
     """Reads (never writes) the usable checkpoint of the run in `workdir` that
-    `Checkpointer.restore_usable` picks; no checkpoint at all is a `CheckpointError`."""
+    `Checkpointer.restore_usable` picks. No checkpoint at all is a `CheckpointError`; none
+    before `before` is None."""
     directory = Path(workdir).absolute() / workdir_lib.CHECKPOINT_DIR
     if not directory.is_dir():
         raise CheckpointError(f"--workdir: no checkpoint in {directory}")
@@ -73,9 +74,8 @@ def restore_checkpoint(
         )
     finally:
         checkpointer.close()
-    if restored is None:
-        where = "" if before is None else f" before step {before}"
-        raise CheckpointError(f"--workdir: no checkpoint{where} in {directory}")
+    if restored is None and before is None:
+        raise CheckpointError(f"--workdir: no checkpoint in {directory}")
     return restored
 
 

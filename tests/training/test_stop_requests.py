@@ -1,0 +1,118 @@
+"""Stop requests (SIGTERM, SIGINT) and the workdir lock, against train.py as a process."""
+
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+import run_processes as processes
+
+STEPS = 360
+# Logging and evaluation off the checkpoint grid: a stop lands inside either block often.
+INTERVALS = ("train.log_every=3", "train.eval_every=7", "train.checkpoint_every=10")
+
+
+def _announced_step(stdout: str, signal_name: str) -> int | None:
+    marker = f"{signal_name} received: checkpoint saved at step "
+    lines = [line for line in stdout.splitlines() if line.startswith(marker)]
+    return int(lines[-1].removeprefix(marker)) if lines else None
+
+
+@pytest.mark.slow
+def test_stops_at_random_moments_save_what_they_announce_and_resume_bit_identical(
+    tiny_config, data_dir, tmp_path
+):
+    """Ten stops (SIGTERM and SIGINT) at random moments of one run, each resumed: every
+    announced step is on disk right after the exit, and the run ends bit-identical to an
+    uninterrupted one, with each step's metrics once."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    subprocess.run(
+        processes.train_command(straight, data_dir, STEPS, *INTERVALS),
+        env=processes.env(),
+        check=True,
+        capture_output=True,
+    )
+    chooser = random.Random(0)
+    announced = []
+    for trial in range(10):
+        signal_kind = (signal.SIGTERM, signal.SIGINT)[trial % 2]
+        process, out, err = processes.start(
+            processes.train_command(stopped, data_dir, STEPS, *INTERVALS), tmp_path, f"t{trial}"
+        )
+        # From the first log line on: start-up, compilation, the step-0 evaluation, training.
+        processes.wait_for_text(process, err, "model:")
+        time.sleep(chooser.uniform(0.0, 2.5))
+        if process.poll() is None:
+            process.send_signal(signal_kind)
+        assert process.wait(timeout=180) == 0, err.read_text()[-3000:]
+        step = _announced_step(out.read_text(), signal_kind.name)
+        if step is None:
+            assert f"finished at step {STEPS}" in out.read_text()
+            continue
+        assert step in processes.committed_steps(stopped), (trial, step)
+        assert not list((stopped / "checkpoints").glob("*tmp*")), trial
+        assert f"finished at step {step}" in out.read_text()
+        announced.append(step)
+    assert len(announced) >= 6, announced
+
+    subprocess.run(
+        processes.train_command(stopped, data_dir, STEPS, *INTERVALS),
+        env=processes.env(),
+        check=True,
+        capture_output=True,
+    )
+    config = tiny_config(f"train.steps={STEPS}", "train.warmup_steps=10")
+    processes.assert_same_checkpoint(straight, stopped, config, STEPS)
+    # A stop logs its step off the logging grid; every step the straight run logged is there,
+    # and no step twice.
+    logged = processes.metric_steps(stopped)
+    assert len(logged) == len(set(logged))
+    assert set(processes.metric_steps(straight)) <= set(logged)
+    assert [s for s in logged if s[1] == "eval"] == [
+        s for s in processes.metric_steps(straight) if s[1] == "eval"
+    ]
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_during_the_final_save_does_not_abort_it(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    process, out, err = processes.start(
+        processes.train_command(workdir, data_dir, 100_000, *INTERVALS), tmp_path, "run"
+    )
+    processes.wait_for_text(process, out, "step 7:")
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=180) == 0, err.read_text()[-3000:]
+    step = _announced_step(out.read_text(), "SIGTERM")
+    assert step is not None and step in processes.committed_steps(workdir)
+    assert not list((workdir / "checkpoints").glob("*tmp*"))
+
+
+@pytest.mark.slow
+def test_a_second_train_py_on_a_busy_workdir_is_refused_and_the_first_finishes(
+    tiny_config, data_dir, tmp_path
+):
+    workdir = tmp_path / "run"
+    first, first_out, first_err = processes.start(
+        processes.train_command(workdir, data_dir, 150, *INTERVALS), tmp_path, "first"
+    )
+    processes.wait_for_text(first, first_out, "step 7:")
+    second = subprocess.run(
+        processes.train_command(workdir, data_dir, 150, *INTERVALS),
+        env=processes.env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert second.returncode == 2
+    assert f"another train.py is training there (pid {first.pid} on host" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.wait(timeout=300) == 0, first_err.read_text()[-3000:]
+    assert processes.committed_steps(workdir) == [130, 140, 150]
+    config = tiny_config("train.steps=150", "train.warmup_steps=10")
+    for step in (130, 140, 150):
+        processes.restore(workdir, config, step)
+    steps = processes.metric_steps(workdir)
+    assert len(steps) == len(set(steps))
