@@ -200,7 +200,9 @@ def evaluate_workdir(
     state, restored_step = restored.state, restored.step
     previous_state = None
     if compare_step is not None:
-        previous = restore_checkpoint(workdir, run_config, target, step=compare_step)
+        previous = restore_checkpoint(
+            workdir, run_config, target, step=compare_step, asked_as="--compare_step"
+        )
         previous_state = previous.state
     else:
         try:

@@ -131,6 +131,7 @@ class Checkpointer:
         step: int | None = None,
         before: int | None = None,
         usable: Callable[[int, Any, Any], Any] | None = None,
+        asked_as: str = "--step",
     ) -> Restored | None:
         """The checkpoint to continue from or evaluate.
 
@@ -139,21 +140,22 @@ class Checkpointer:
         about each newer damaged one; None when there is none to try; a `CheckpointError` when
         every one is damaged. A checkpoint is usable when it restores onto `abstract_state` and
         `usable(step, state, data_state)` (if given) does not raise ValueError; its return value
-        comes back as `Restored.checked`.
+        comes back as `Restored.checked`. `asked_as` names the flag `step` came from in
+        messages.
         """
         available = self.all_steps()
         if step is not None:
             if step not in available:
                 raise CheckpointError(
-                    f"--step {step}: no checkpoint at that step in {self.directory}; "
+                    f"{asked_as} {step}: no checkpoint at that step in {self.directory}; "
                     f"available: {available}"
                 )
             restored, reason = self._try(step, abstract_state, usable)
             if restored is None:
                 raise CheckpointError(
-                    f"--step {step}: the checkpoint at step {step} in {self.directory} is "
-                    f"damaged ({reason}); usable steps are the others of {available}, newest "
-                    "first: leave --step out to take the newest usable one"
+                    f"{asked_as} {step}: the checkpoint at step {step} in {self.directory} is "
+                    f"damaged ({reason}); choose another of {available}, or leave {asked_as} out "
+                    "to take the newest usable one"
                 )
             return restored
         candidates = [s for s in reversed(available) if before is None or s < before]

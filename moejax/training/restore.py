@@ -32,7 +32,8 @@ def read_run(workdir: str | Path) -> config_lib.Config:
     """The recorded config of the training run in `workdir`; `WorkdirError` if it is none."""
     workdir = Path(workdir).absolute()
     if not workdir.is_dir():
-        raise WorkdirError(f"--workdir {workdir}: no such directory; give a training run's workdir")
+        what = "is not a directory" if workdir.exists() else "no such directory"
+        raise WorkdirError(f"--workdir {workdir}: {what}; give a training run's workdir")
     config = workdir_lib.read_run_config(workdir)
     if config is None:
         raise WorkdirError(
@@ -58,6 +59,7 @@ def restore_checkpoint(
     *,
     step: int | None = None,
     before: int | None = None,
+    asked_as: str = "--step",
 ) -> Restored | None:
     """Reads (never writes) the usable checkpoint of the run in `workdir` that
     `Checkpointer.restore_usable` picks. No checkpoint at all is a `CheckpointError`; none
@@ -70,7 +72,11 @@ def restore_checkpoint(
     )
     try:
         restored = checkpointer.restore_usable(
-            abstract_state, step=step, before=before, usable=iterator_state_applies(run_config)
+            abstract_state,
+            step=step,
+            before=before,
+            usable=iterator_state_applies(run_config),
+            asked_as=asked_as,
         )
     finally:
         checkpointer.close()
