@@ -251,9 +251,11 @@ def workdir_lock(workdir: Path) -> Iterator[Path]:
         )
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, json.dumps(dataclasses.asdict(holder)).encode(), 0)
-        yield workdir / LOCK_FILE
-        # Empty, so that a reader never takes a finished run for a live holder.
-        os.ftruncate(descriptor, 0)
+        try:
+            yield workdir / LOCK_FILE
+        finally:
+            # Empty, so that a reader never takes a finished run for a live holder.
+            os.ftruncate(descriptor, 0)
     finally:
         # Closing the descriptor releases the lock (and so does the process dying).
         os.close(descriptor)
