@@ -95,12 +95,21 @@ def _main(argv: list[str]) -> int:
     if "sample" in results:
         print(f"--- sample ({args.sample_bytes} bytes after the prompt) ---\n{results['sample']}")
     out_dir = Path(args.workdir) / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / f"step_{step}.json"
     serialisable = {
         k: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v) for k, v in results.items()
     }
-    out_path.write_text(json.dumps(serialisable, indent=2) + "\n")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(serialisable, indent=2) + "\n")
+    except OSError as error:
+        from moejax.training.workdir import WorkdirError
+
+        raise WorkdirError(
+            f"--workdir {args.workdir}: cannot write the results to {out_dir} "
+            f"({error.strerror or error}); the evaluation above is complete, only the files "
+            "were not written"
+        ) from None
     print(f"wrote {out_path}")
     if moe_layers(results):
         png_path = out_dir / f"step_{step}_expert_load.png"

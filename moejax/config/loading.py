@@ -147,11 +147,35 @@ def from_dict(data: dict[str, dict[str, Any]]) -> Config:
             raise ConfigError(
                 f"config: group {f.name!r} must be an object of fields, got {values!r:.80}"
             )
-        unknown = set(values) - set(_field_types(cls))
+        types_of = _field_types(cls)
+        unknown = set(values) - set(types_of)
         if unknown:
             raise ConfigError(f"config: unknown fields {sorted(unknown)} in group {f.name!r}")
+        values = {
+            name: _typed_json_value(f"{f.name}.{name}", value, types_of[name])
+            for name, value in values.items()
+        }
         groups[f.name] = _build(cls(), f.name, **values)
     return Config(**groups)
+
+
+def _typed_json_value(field: str, value: Any, annotation: Any) -> Any:
+    """`value` read from JSON for a field of type `annotation`; the wrong type is a ConfigError
+    (JSON has one number type, so an integer is a valid float)."""
+    options = typing.get_args(annotation) or (annotation,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{field}: value {value!r:.80} is not of type {names}")
 
 
 def save_json(config: Config, path: str | Path) -> None:

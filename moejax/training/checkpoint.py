@@ -177,7 +177,9 @@ class Checkpointer:
             raise CheckpointError(
                 f"no usable checkpoint in {self.directory}: every one is damaged ({listing}). "
                 "Nothing was changed. Keep them for inspection and train in a new --workdir, or "
-                "move them aside to start this run over."
+                "move them aside to start this run over. (When every data-iterator state fails "
+                "to apply after a data.* change made with --allow_config_change, the change is "
+                "the cause: undo it.)"
             )
         return None
 

@@ -1,8 +1,10 @@
 """Small, fast training runs shared by the training tests."""
 
+import shutil
 from pathlib import Path
 
 import pytest
+import run_processes
 
 from moejax import config as config_lib
 
@@ -18,3 +20,28 @@ def tiny_config(data_dir):
         return config_lib.apply_overrides(config, [f"data.data_dir={data_dir}", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, data_dir) -> Path:
+    """A finished run of `run_processes.finished_run_config`, trained once per test process."""
+    import jax
+
+    from moejax.training.loop import train
+
+    workdir = tmp_path_factory.mktemp("finished") / "run"
+    train(
+        run_processes.finished_run_config(data_dir),
+        workdir,
+        devices=jax.devices()[:1],
+        progress=False,
+    )
+    return workdir
+
+
+@pytest.fixture
+def run(finished_run, tmp_path) -> Path:
+    """A fresh copy of `finished_run` for one test to change."""
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    return copy

@@ -1,7 +1,9 @@
-"""train.py / eval.py as subprocesses, the way a user or a cluster scheduler drives them."""
+"""train.py / eval.py as subprocesses, the way a user or a cluster scheduler drives them, or as
+modules whose `main(argv)` runs in the test's process."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from moejax import config as config_lib
 from moejax import sharding
 from moejax.training import state as state_lib
 from moejax.training.checkpoint import Checkpointer
@@ -25,6 +28,14 @@ def env() -> dict[str, str]:
     variables["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     variables["JAX_PLATFORMS"] = "cpu"
     return variables
+
+
+def cli_module(name: str):
+    """`train.py` or `eval.py` (`name` "train" / "eval") as a module, to call its `main(argv)`."""
+    spec = importlib.util.spec_from_file_location(f"moejax_{name}_cli", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def train_command(workdir: Path, data_dir: Path, steps: int, *overrides: str) -> list[str]:
@@ -114,3 +125,9 @@ def snapshot(directory: Path) -> dict[str, bytes | None]:
         str(path.relative_to(directory)): (path.read_bytes() if path.is_file() else None)
         for path in sorted(directory.rglob("*"))
     }
+
+
+def finished_run_config(data_dir: Path) -> config_lib.Config:
+    """configs/tiny.py for 30 steps: checkpoints at 10, 20 and 30."""
+    config = config_lib.load_config_file(ROOT / "configs" / "tiny.py")
+    return config_lib.apply_overrides(config, [f"data.data_dir={data_dir}", "train.steps=30"])

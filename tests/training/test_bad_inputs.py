@@ -1,48 +1,16 @@
 """Every input error of train.py and eval.py: one paragraph naming the file or field, the value
 and what is allowed; exit status 2; no traceback; nothing in the workdir changed."""
 
-import importlib.util
+import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import pytest
 import run_processes as processes
 
-from moejax.training.loop import train
-
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _cli(name: str):
-    spec = importlib.util.spec_from_file_location(f"moejax_{name}_cli", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, data_dir):
-    """A finished tiny run (checkpoints 10, 20, 30), copied fresh for each test."""
-    from moejax import config as config_lib
-
-    config = config_lib.apply_overrides(
-        config_lib.load_config_file(ROOT / "configs/tiny.py"),
-        [f"data.data_dir={data_dir}", "train.steps=30"],
-    )
-    workdir = tmp_path_factory.mktemp("finished") / "run"
-    train(config, workdir, devices=jax.devices()[:1], progress=False)
-    return workdir
-
-
-@pytest.fixture
-def run(finished_run, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(finished_run, copy)
-    return copy
 
 
 def _garbage_config_json(run: Path, tmp_path: Path) -> list[str]:
@@ -52,6 +20,13 @@ def _garbage_config_json(run: Path, tmp_path: Path) -> list[str]:
 
 def _foreign_config_json(run: Path, tmp_path: Path) -> list[str]:
     (run / "config.json").write_text('{"model": {"experts": 4}}')
+    return []
+
+
+def _mistyped_config_json(run: Path, tmp_path: Path) -> list[str]:
+    saved = json.loads((run / "config.json").read_text())
+    saved["model"]["d_model"] = "thirty-two"
+    (run / "config.json").write_text(json.dumps(saved))
     return []
 
 
@@ -81,6 +56,16 @@ def _config_file(text: str):
     return make
 
 
+def _assert_refused(status: int, capsys, expected: list[str], run: Path, before: dict) -> None:
+    """Exit status 2, every expected text in one message without a traceback, `run` as it was."""
+    err = capsys.readouterr().err
+    assert status == 2, err
+    for text in expected:
+        assert text in err, err
+    assert "Traceback" not in err
+    assert processes.snapshot(run) == before
+
+
 # (name, extra argv or a function (run, tmp_path) -> extra argv, substrings of the message)
 TRAIN_CASES = [
     ("syntax error", _config_file("def get_config(:\n    pass\n"), ["broken_config.py", "line 1"]),
@@ -99,6 +84,11 @@ TRAIN_CASES = [
     ),
     ("garbage config.json", _garbage_config_json, ["config.json", "not a readable moejax config"]),
     ("foreign config.json", _foreign_config_json, ["config.json", "experts"]),
+    (
+        "mistyped config.json",
+        _mistyped_config_json,
+        ["config.json", "model.d_model: value 'thirty-two' is not of type int"],
+    ),
     (
         "other model shape",
         ["--config.model.num_experts=8", "--config.model.d_model=64"],
@@ -137,13 +127,7 @@ def test_train_input_errors_exit_2_with_one_message_and_leave_the_workdir_alone(
         "--config.train.steps=30",
         *extra,
     ]
-    status = _cli("train").main(argv)
-    err = capsys.readouterr().err
-    assert status == 2, err
-    for text in expected:
-        assert text in err, err
-    assert "Traceback" not in err
-    assert processes.snapshot(run) == before
+    _assert_refused(processes.cli_module("train").main(argv), capsys, expected, run, before)
     assert not (tmp_path / "new_run").exists()
 
 
@@ -155,6 +139,7 @@ def _damage_step(run: Path, step: int) -> None:
 
 EVAL_CASES = [
     ("garbage config.json", _garbage_config_json, ["config.json", "not a readable"]),
+    ("mistyped config.json", _mistyped_config_json, ["config.json", "model.d_model"]),
     ("missing step", ["--step", "15"], ["--step 15", "available: [10, 20, 30]"]),
     ("negative step", ["--step", "-1"], ["--step", "negative"]),
     ("missing compare step", ["--compare_step", "25"], ["--compare_step 25", "no checkpoint"]),
@@ -180,13 +165,7 @@ def test_eval_input_errors_exit_2_with_one_message_and_leave_the_workdir_alone(
     extra = arguments(run, tmp_path) if callable(arguments) else arguments
     before = processes.snapshot(run)
     argv = ["--workdir", str(run), "--sample_bytes", "0", *extra]
-    status = _cli("eval").main(argv)
-    err = capsys.readouterr().err
-    assert status == 2, err
-    for text in expected:
-        assert text in err, err
-    assert "Traceback" not in err
-    assert processes.snapshot(run) == before
+    _assert_refused(processes.cli_module("eval").main(argv), capsys, expected, run, before)
 
 
 def test_the_exit_status_is_2_in_a_real_process_and_debug_shows_the_traceback(tmp_path):
@@ -233,7 +212,7 @@ def test_a_read_only_workdir_is_an_input_error(read_only_view, data_dir, capsys)
     before = processes.snapshot(read_only_view)
     argv = ["--config", str(ROOT / "configs/tiny.py"), "--workdir", str(read_only_view)]
     argv += ["--no-progress", f"--config.data.data_dir={data_dir}", "--config.train.steps=40"]
-    status = _cli("train").main(argv)
+    status = processes.cli_module("train").main(argv)
     err = capsys.readouterr().err
     assert status == 2, err
     assert f"--workdir {read_only_view}: cannot write there" in err

@@ -1,53 +1,22 @@
-"""Resume, preemption, non-finite losses and damaged checkpoints."""
+"""Resume after SIGKILL, non-finite losses, a damaged newest checkpoint, another mesh."""
 
-import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+import run_processes as processes
 
 from moejax.evaluation import evaluate_workdir
-from moejax.training import state as state_lib
-from moejax.training.checkpoint import Checkpointer
 from moejax.training.loop import NonFiniteLossError, train
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _env():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
-def _train_command(workdir, data_dir, steps):
-    return [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "--config",
-        str(ROOT / "configs/tiny.py"),
-        "--workdir",
-        str(workdir),
-        "--no-progress",
-        f"--config.data.data_dir={data_dir}",
-        f"--config.train.steps={steps}",
-        "--config.train.checkpoint_every=10",
-        f"--config.train.eval_every={steps}",
-        "--config.train.log_every=10",
-        "--config.train.warmup_steps=10",
-    ]
-
-
-def _wait_for_checkpoint(process, checkpoints: Path, timeout=120.0) -> None:
+def _wait_for_checkpoint(process, workdir, timeout=120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+        if processes.committed_steps(workdir):
             return
         if process.poll() is not None:
             raise AssertionError(f"training exited ({process.returncode}) before a checkpoint")
@@ -55,43 +24,30 @@ def _wait_for_checkpoint(process, checkpoints: Path, timeout=120.0) -> None:
     raise AssertionError("no checkpoint appeared")
 
 
-def _restore_params(workdir, config, step):
-    mesh_devices = jax.devices()[:1]
-    from moejax import sharding
-
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}, mesh_devices)
-    layout = state_lib.state_layout(config, mesh)
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=3, async_save=False)
-    try:
-        state, data_state = checkpointer.restore(step, layout.restore_target())
-    finally:
-        checkpointer.close()
-    return state, data_state
-
-
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tiny_config, data_dir, tmp_path):
-    steps = 300
+    steps = 150
     straight, killed = tmp_path / "straight", tmp_path / "killed"
+    command = processes.train_command
     subprocess.run(
-        _train_command(straight, data_dir, steps), env=_env(), check=True, capture_output=True
+        command(straight, data_dir, steps), env=processes.env(), check=True, capture_output=True
     )
 
     process = subprocess.Popen(
-        _train_command(killed, data_dir, steps),
-        env=_env(),
+        command(killed, data_dir, steps),
+        env=processes.env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    _wait_for_checkpoint(process, killed / "checkpoints")
+    _wait_for_checkpoint(process, killed)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    survivors = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+    survivors = processes.committed_steps(killed)
     assert survivors and survivors[-1] < steps, survivors
 
     resumed = subprocess.run(
-        _train_command(killed, data_dir, steps),
-        env=_env(),
+        command(killed, data_dir, steps),
+        env=processes.env(),
         check=True,
         capture_output=True,
         text=True,
@@ -99,29 +55,7 @@ def test_resume_after_sigkill_is_bit_identical(tiny_config, data_dir, tmp_path):
     assert f"resumed from step {survivors[-1]}" in resumed.stderr
 
     config = tiny_config(f"train.steps={steps}", "train.warmup_steps=10")
-    a, a_data = _restore_params(straight, config, steps)
-    b, b_data = _restore_params(killed, config, steps)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert a_data == b_data
-
-
-@pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
-    workdir = tmp_path / "run"
-    command = _train_command(workdir, data_dir, 100_000)
-    process = subprocess.Popen(
-        command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    _wait_for_checkpoint(process, workdir / "checkpoints")
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr[-2000:]
-    message = next(line for line in stdout.splitlines() if "SIGTERM received" in line)
-    saved_step = int(message.rsplit(" ", 1)[-1])
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps[-1] == saved_step
-    assert f"finished at step {saved_step}" in stdout
+    processes.assert_same_checkpoint(straight, killed, config, steps)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):

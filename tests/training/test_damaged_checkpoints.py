@@ -1,6 +1,5 @@
 """Damaged checkpoints: every reader falls back to the newest usable one, and nothing is lost."""
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -8,7 +7,6 @@ import jax
 import pytest
 import run_processes as processes
 
-from moejax import config as config_lib
 from moejax.evaluation import evaluate_workdir
 from moejax.training.checkpoint import Checkpointer, CheckpointError
 from moejax.training.loop import train
@@ -17,27 +15,9 @@ from moejax.training.restore import restore_run
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def config(data_dir):
-    return config_lib.apply_overrides(
-        config_lib.load_config_file(ROOT / "configs/tiny.py"),
-        [f"data.data_dir={data_dir}", "train.steps=30"],
-    )
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, config):
-    workdir = tmp_path_factory.mktemp("finished") / "run"
-    train(config, workdir, devices=jax.devices()[:1], progress=False)
-    assert processes.committed_steps(workdir) == [10, 20, 30]
-    return workdir
-
-
 @pytest.fixture
-def run(finished_run, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(finished_run, copy)
-    return copy
+def config(data_dir):
+    return processes.finished_run_config(data_dir)
 
 
 def _truncate(run: Path, step: int) -> None:
@@ -120,9 +100,7 @@ def test_eval_creates_and_deletes_nothing_under_checkpoints(run):
     shutil.copytree(run / "checkpoints" / "30", in_flight)
     _truncate(run, 30)
     before = processes.snapshot(run / "checkpoints")
-    spec = importlib.util.spec_from_file_location("moejax_eval_cli", ROOT / "eval.py")
-    eval_cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eval_cli)
+    eval_cli = processes.cli_module("eval")
     assert eval_cli.main(["--workdir", str(run), "--sample_bytes", "0"]) == 0
     assert processes.snapshot(run / "checkpoints") == before
     assert not (run / "checkpoints_damaged").exists()
