@@ -61,17 +61,18 @@ def _main(argv: list[str]) -> int:
         except NonFiniteLossError as error:
             print(str(error), file=sys.stderr)
             return 1
-    print(f"finished at step {result.step} in {workdir}")
-    if result.last_eval is not None:
+        # Still under the handlers: a late second signal must not turn a clean stop into -15.
+        print(f"finished at step {result.step} in {workdir}")
+        if result.last_eval is not None:
+            print(
+                f"validation: {result.last_eval['bits_per_byte']:.4f} bits/byte "
+                f"(loss {result.last_eval['loss']:.4f} nats)"
+            )
         print(
-            f"validation: {result.last_eval['bits_per_byte']:.4f} bits/byte "
-            f"(loss {result.last_eval['loss']:.4f} nats)"
+            f"checkpoints: {workdir / 'checkpoints'}; metrics: {workdir / 'metrics.jsonl'}; "
+            f"TensorBoard: tensorboard --logdir {workdir / 'tensorboard'}"
         )
-    print(
-        f"checkpoints: {workdir / 'checkpoints'}; metrics: {workdir / 'metrics.jsonl'}; "
-        f"TensorBoard: tensorboard --logdir {workdir / 'tensorboard'}"
-    )
-    return 0
+        return 0
 
 
 def _experiment_config(path: str):

@@ -1,14 +1,20 @@
 """Stop requests (SIGTERM, SIGINT) and the workdir lock, against train.py as a process."""
 
+import os
 import random
 import signal
 import subprocess
 import time
 
+import jax
 import pytest
 import run_processes as processes
 
-STEPS = 360
+from moejax.training.checkpoint import Checkpointer
+from moejax.training.loop import train
+from moejax.training.preemption import StopRequest
+
+STEPS = 240
 # Logging and evaluation off the checkpoint grid: a stop lands inside either block often.
 INTERVALS = ("train.log_every=3", "train.eval_every=7", "train.checkpoint_every=10")
 
@@ -42,7 +48,7 @@ def test_stops_at_random_moments_save_what_they_announce_and_resume_bit_identica
         )
         # From the first log line on: start-up, compilation, the step-0 evaluation, training.
         processes.wait_for_text(process, err, "model:")
-        time.sleep(chooser.uniform(0.0, 2.5))
+        time.sleep(chooser.uniform(0.0, 1.8))
         if process.poll() is None:
             process.send_signal(signal_kind)
         assert process.wait(timeout=180) == 0, err.read_text()[-3000:]
@@ -116,3 +122,35 @@ def test_a_second_train_py_on_a_busy_workdir_is_refused_and_the_first_finishes(
         processes.restore(workdir, config, step)
     steps = processes.metric_steps(workdir)
     assert len(steps) == len(set(steps))
+
+
+def test_a_stop_request_keeps_the_first_signal_and_restores_the_handlers():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        assert not stop.should_stop(1, lambda step: False)
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.should_stop(2, lambda step: False)
+        assert stop.signal_name == "SIGINT"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_multihost_preemption_sync_point_stops_the_run_and_saves_that_step(
+    tiny_config, tmp_path, monkeypatch
+):
+    """What every process sees when JAX's preemption sync manager agrees on step 7 (Orbax's
+    `reached_preemption`; a single process without jax.distributed never reaches it)."""
+    asked = []
+
+    def reached_preemption(self, step):
+        asked.append(step)
+        return step == 7
+
+    monkeypatch.setattr(Checkpointer, "reached_preemption", reached_preemption)
+    workdir = tmp_path / "run"
+    result = train(
+        tiny_config("train.steps=30"), workdir, devices=jax.devices()[:1], progress=False
+    )
+    assert asked == list(range(1, 8))
+    assert result.step == 7 and result.stopped_by_signal == "preemption notice"
+    assert processes.committed_steps(workdir) == [7]

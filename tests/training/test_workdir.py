@@ -3,11 +3,13 @@
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import jax
 import pytest
 import run_processes as processes
+from tensorboardX.proto import event_pb2
 
 from moejax import config as config_lib
 from moejax.training import workdir as workdir_lib
@@ -105,6 +107,23 @@ def test_a_resume_with_lost_saves_logs_each_step_once(tmp_path, data_dir):
     assert result.restored_from == 10
     assert processes.metric_steps(crashed) == processes.metric_steps(straight)
     processes.assert_same_checkpoint(straight, crashed, config, 30)
+    # TensorBoard is told to hide the first attempt's events from step 11 on.
+    assert _purge_steps(straight / "tensorboard") == []
+    assert _purge_steps(crashed / "tensorboard") == [11]
+
+
+def _purge_steps(directory: Path) -> list[int]:
+    """Steps of the session-start events in the TFRecord event files under `directory`."""
+    steps = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            if event.session_log.status == event_pb2.SessionLog.START:
+                steps.append(event.step)
+    return steps
 
 
 def test_allow_config_change_continues_with_the_new_values_and_records_them(tmp_path, data_dir):
