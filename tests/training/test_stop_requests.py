@@ -3,8 +3,10 @@
 import os
 import random
 import signal
+import socket
 import subprocess
 import time
+from pathlib import Path
 
 import jax
 import pytest
@@ -154,3 +156,23 @@ def test_the_multihost_preemption_sync_point_stops_the_run_and_saves_that_step(
     assert asked == list(range(1, 8))
     assert result.step == 7 and result.stopped_by_signal == "preemption notice"
     assert processes.committed_steps(workdir) == [7]
+
+
+@pytest.mark.slow
+def test_sigterm_under_jax_distributed_goes_through_the_preemption_sync_point(data_dir, tmp_path):
+    """With jax.distributed initialised, JAX's notifier takes SIGTERM and every process stops at
+    the step the sync point agrees on (here one process, a real coordinator on localhost)."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    workdir = tmp_path / "run"
+    command = processes.train_command(workdir, data_dir, 100_000, *INTERVALS)
+    command[1:2] = [str(Path(__file__).with_name("distributed_train.py")), str(port)]
+    process, out, err = processes.start(command, tmp_path, "run")
+    processes.wait_for_text(process, out, "step 7:")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=180) == 0, err.read_text()[-3000:]
+    step = _announced_step(out.read_text(), "preemption notice")
+    assert step is not None and step >= 7, out.read_text()[-2000:]
+    assert step in processes.committed_steps(workdir)
+    assert "Reached preemption sync point" in err.read_text()
