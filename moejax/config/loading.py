@@ -18,7 +18,8 @@ def load_config_file(path: str | Path) -> Config:
     """Imports a Python config file and returns its `get_config()`."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--config: file {str(path)!r} does not exist")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ConfigError(f"--config: {str(path)!r} {what}; give a Python config file")
     spec = importlib.util.spec_from_file_location(f"moejax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:

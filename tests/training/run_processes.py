@@ -27,6 +27,8 @@ def env() -> dict[str, str]:
     variables = dict(os.environ)
     variables["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     variables["JAX_PLATFORMS"] = "cpu"
+    # Lines reach the log files as they are printed, so a test can act on one while it runs.
+    variables["PYTHONUNBUFFERED"] = "1"
     return variables
 
 

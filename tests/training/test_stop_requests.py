@@ -27,6 +27,16 @@ def _announced_step(stdout: str, signal_name: str) -> int | None:
     return int(lines[-1].removeprefix(marker)) if lines else None
 
 
+def _on_disk_when_announced(process, out, workdir, signal_name: str):
+    """(the announced step, the committed steps the moment the announcement was printed), or
+    (None, None) when the process exits without announcing one."""
+    while (step := _announced_step(out.read_text(), signal_name)) is None:
+        if process.poll() is not None and _announced_step(out.read_text(), signal_name) is None:
+            return None, None
+        time.sleep(0.002)
+    return step, processes.committed_steps(workdir)
+
+
 @pytest.mark.slow
 def test_stops_at_random_moments_save_what_they_announce_and_resume_bit_identical(
     tiny_config, data_dir, tmp_path
@@ -53,12 +63,12 @@ def test_stops_at_random_moments_save_what_they_announce_and_resume_bit_identica
         time.sleep(chooser.uniform(0.0, 1.8))
         if process.poll() is None:
             process.send_signal(signal_kind)
+        step, on_disk = _on_disk_when_announced(process, out, stopped, signal_kind.name)
         assert process.wait(timeout=180) == 0, err.read_text()[-3000:]
-        step = _announced_step(out.read_text(), signal_kind.name)
         if step is None:
             assert f"finished at step {STEPS}" in out.read_text()
             continue
-        assert step in processes.committed_steps(stopped), (trial, step)
+        assert step in on_disk, (trial, step, on_disk)
         assert not list((stopped / "checkpoints").glob("*tmp*")), trial
         assert f"finished at step {step}" in out.read_text()
         announced.append(step)
@@ -92,9 +102,9 @@ def test_a_second_sigterm_during_the_final_save_does_not_abort_it(data_dir, tmp_
     process.send_signal(signal.SIGTERM)
     time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
+    step, on_disk = _on_disk_when_announced(process, out, workdir, "SIGTERM")
+    assert step is not None and step in on_disk, (step, on_disk)
     assert process.wait(timeout=180) == 0, err.read_text()[-3000:]
-    step = _announced_step(out.read_text(), "SIGTERM")
-    assert step is not None and step in processes.committed_steps(workdir)
     assert not list((workdir / "checkpoints").glob("*tmp*"))
 
 
