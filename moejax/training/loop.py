@@ -190,6 +190,11 @@ def _train_locked(
             step += 1
             interval_steps += 1
             pending.append((step, metrics))
+            if len(pending) > 1:
+                # At most one step queued behind the one running: with asynchronous dispatch the
+                # loop would otherwise run up to log_every steps ahead of the device and sit in
+                # the next device_get while a stop request waits for all of them.
+                jax.block_until_ready(pending[-2][1]["loss"])
             # The one place a stop is read: a signal that lands after this line (in the logging,
             # evaluation or save below) is honoured at the next step boundary.
             stopping = stop.should_stop(step, checkpointer.reached_preemption)
