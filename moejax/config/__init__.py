@@ -25,6 +25,7 @@ from moejax.config.loading import (
     load_json,
     save_json,
     to_dict,
+    to_json,
 )
 from moejax.config.validation import (
     validate,
@@ -50,6 +51,7 @@ __all__ = [
     "load_json",
     "save_json",
     "to_dict",
+    "to_json",
     "validate",
     "validate_attention",
     "validate_mesh",

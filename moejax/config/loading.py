@@ -179,8 +179,13 @@ def _typed_json_value(field: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(f"{field}: value {value!r:.80} is not of type {names}")
 
 
+def to_json(config: Config) -> str:
+    """The text of a `config.json` (what `load_json` reads back)."""
+    return json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n"
+
+
 def save_json(config: Config, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+    Path(path).write_text(to_json(config))
 
 
 def load_json(path: str | Path) -> Config:

@@ -161,10 +161,7 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def write_config(workdir: Path, config: Config) -> None:
     """Records `config` as the run's `config.json`, atomically."""
-    _write_atomically(
-        workdir / CONFIG_FILE,
-        json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True) + "\n",
-    )
+    _write_atomically(workdir / CONFIG_FILE, config_lib.to_json(config))
 
 
 def trim_metrics(workdir: Path, keep_through_step: int | None) -> int:
