@@ -126,3 +126,18 @@ def constrain(x: jax.Array, names: LogicalAxes) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_mesh(names))
+
+
+def kernel_mesh() -> jax.sharding.AbstractMesh | None:
+    """The ambient mesh when it spans more than one device, else None.
+
+    The compiler cannot partition a `pallas_call` (Mosaic and Triton kernels are opaque to it),
+    so a kernel in a sharded step runs inside `jax.shard_map` over this mesh; with None the
+    kernel is called directly. Axes already manual (inside another shard_map) do not count.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    free = [size for name, size in mesh.shape.items() if name not in mesh.manual_axes]
+    return mesh if int(np.prod(free)) > 1 else None
+

@@ -11,6 +11,7 @@ from jax.typing import ArrayLike
 
 from kernels_pallas.block_sparse_attention import checks, mask_info, xla
 from kernels_pallas.block_sparse_attention.spec import AttentionSpec
+from kernels_pallas.platform import target_platform
 
 # "interpret" interprets the kernel "pallas" would compile on this backend, and the GPU
 # (Triton-style) kernel on CPU; "interpret_tpu" / "interpret_gpu" pick one explicitly.
@@ -160,11 +161,12 @@ def block_sparse_attention(
 
 
 def resolve_impl(impl: str) -> str:
-    """The kernel `impl` names on the default backend: "xla", or (module, mode) as a string
-    "tpu:compiled", "tpu:interpret", "gpu:compiled", "gpu:interpret"."""
+    """The kernel `impl` names on the target platform (`kernels_pallas.platform`): "xla", or
+    (module, mode) as a string "tpu:compiled", "tpu:interpret", "gpu:compiled", "gpu:interpret".
+    """
     if impl not in BSA_IMPLS:
         raise ValueError(f"impl: unknown value {impl!r}; allowed: {', '.join(BSA_IMPLS)}")
-    backend = jax.default_backend()
+    backend = target_platform()
     if impl == "auto":
         impl = "xla" if backend not in ("tpu", "gpu") else "pallas"
     if impl == "xla":

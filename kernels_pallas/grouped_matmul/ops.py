@@ -27,6 +27,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from kernels_pallas.grouped_matmul import ops_pallas, xla_tiled
 from kernels_pallas.grouped_matmul import tiling as tiling_lib
+from kernels_pallas.platform import target_platform
 
 GMM_IMPLS = ("auto", "pallas", "interpret", "xla", "xla_tiled")
 PALLAS_IMPLS = ("pallas", "interpret")
@@ -110,7 +111,8 @@ def gmm(
 
 
 def resolve_impl(impl: str) -> str:
-    """The implementation `impl` names on the default backend: "auto" becomes a concrete one.
+    """The implementation `impl` names on the target platform (`kernels_pallas.platform`):
+    "auto" becomes a concrete one.
 
     XLA:CPU lowers `ragged_dot` to a dense matmul masked per group, num_groups times the useful
     work, and cannot compile Pallas kernels, so "auto" takes "xla_tiled" there; on GPU and TPU
@@ -120,7 +122,7 @@ def resolve_impl(impl: str) -> str:
         raise ValueError(f"impl: unknown value {impl!r}; allowed: {', '.join(GMM_IMPLS)}")
     if impl != "auto":
         return impl
-    return "pallas" if jax.default_backend() in tiling_lib.KERNEL_BACKENDS else "xla_tiled"
+    return "pallas" if target_platform() in tiling_lib.KERNEL_BACKENDS else "xla_tiled"
 
 
 def _kernel_backend(
@@ -141,7 +143,7 @@ def _kernel_backend(
             )
         return None
     if impl == "pallas":
-        platform = jax.default_backend()
+        platform = target_platform()
         if platform not in tiling_lib.KERNEL_BACKENDS:
             raise ValueError(
                 f"impl: 'pallas' compiles a Pallas kernel, which needs a TPU or GPU, but the "
