@@ -140,4 +140,3 @@ def kernel_mesh() -> jax.sharding.AbstractMesh | None:
         return None
     free = [size for name, size in mesh.shape.items() if name not in mesh.manual_axes]
     return mesh if int(np.prod(free)) > 1 else None
-
