@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import kernels_pallas
 from moejax.attention import apply_rotary, init_projections, rotary_angles
 from moejax.models.layers import RouterState
 from moejax.sharding import constrain, param
-from moejax.sparse_attention import masks
+from moejax.sparse_attention import masks, sharded_kernel
 from moejax.sparse_attention.bilevel import bilevel_select
 from moejax.sparse_attention.dynamic_mask import (
     append_key_bias,
@@ -198,7 +197,7 @@ class SparseAttention(nnx.Module):
         scale = self.head_dim**-0.5
         if bias is not None:
             q, k, v = append_key_bias(q, k, v, bias, scale)
-        out = kernels_pallas.block_sparse_attention(
+        out = sharded_kernel.block_sparse_attention(
             q,
             k,
             v,
