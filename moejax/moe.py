@@ -23,11 +23,14 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import gmm
+from moejax import expert_parallel, sharding
 from moejax.routing import Routing
 
 ExpertParams = dict[str, jax.Array]
 
-DISPATCH_STRATEGIES = ("capacity", "dropless")
+# "expert_parallel" is "dropless" with the expert mesh axis exchanging tokens by all-to-all
+# (`moejax.expert_parallel`); "dropless" becomes it when the expert axis is larger than 1.
+DISPATCH_STRATEGIES = ("capacity", "dropless", "expert_parallel")
 # Who gets an expert's buffer slots first when capacity is short: see `capacity_dispatch`.
 CAPACITY_PRIORITIES = ("order", "score")
 
@@ -247,9 +250,12 @@ def moe_ffn(
       x: [tokens, d_model].
       routing: from a router in `moejax.routing` or `moejax.routers`.
       expert_params: see the module docstring.
-      strategy: one of `DISPATCH_STRATEGIES`.
+      strategy: one of `DISPATCH_STRATEGIES`. Traced under a mesh of several devices, "dropless"
+        and "expert_parallel" run inside `jax.shard_map` (`expert_parallel.sharded_dropless`),
+        exchanging tokens over the expert axis when it is larger than 1; otherwise both are
+        `dropless_dispatch`.
       capacity_factor: slots per expert relative to a perfectly balanced load ("capacity" only).
-      gmm_impl: grouped matmul implementation ("dropless" only).
+      gmm_impl: grouped matmul implementation ("dropless" and "expert_parallel").
       priority: who keeps buffer slots when capacity is short, one of `CAPACITY_PRIORITIES`
         ("capacity" only; see `capacity_dispatch`).
       shared_params: shared experts added for every token (see `shared_expert_ffn`), or None.
@@ -269,6 +275,16 @@ def moe_ffn(
         y, dropped_fraction = capacity_dispatch(
             x, routing, expert_params, capacity=capacity, priority=priority
         )
+    elif (mesh := sharding.kernel_mesh()) is not None:
+        y = expert_parallel.sharded_dropless(
+            x,
+            routing.expert_index,
+            routing.combine_weights,
+            _cast_params(expert_params, x.dtype),
+            mesh,
+            gmm_impl=gmm_impl,
+        )
+        dropped_fraction = jnp.zeros((), jnp.float32)
     else:
         y, dropped_fraction = dropless_dispatch(x, routing, expert_params, gmm_impl=gmm_impl)
     if shared_params is not None:

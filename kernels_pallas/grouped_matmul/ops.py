@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 from jax.typing import ArrayLike, DTypeLike
 
+from kernels_pallas import varying
 from kernels_pallas.grouped_matmul import ops_pallas, xla_tiled
 from kernels_pallas.grouped_matmul import tiling as tiling_lib
 from kernels_pallas.platform import target_platform
@@ -86,6 +87,9 @@ def gmm(
     lhs, rhs, group_sizes = jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(group_sizes)
     _check_operands(lhs, rhs, group_sizes, has_offset=group_offset is not None)
     offset = _check_group_offset(group_offset, group_sizes.shape[0], rhs.shape[0])
+    # Inside shard_map: rhs's gradient is summed over the devices sharing it out here, by
+    # autodiff, not inside the kernels' custom_vjp (see `kernels_pallas.varying`).
+    lhs, rhs, group_sizes, offset = varying.vary_together(lhs, rhs, group_sizes, offset)
     out_dtype = jnp.dtype(lhs.dtype if preferred_element_type is None else preferred_element_type)
     if not jnp.issubdtype(out_dtype, jnp.floating):
         raise ValueError(f"preferred_element_type: must be floating, got {out_dtype}")

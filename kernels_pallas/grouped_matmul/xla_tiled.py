@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+from kernels_pallas import varying
+
 MAX_TILE_M = 2048
 MIN_TILE_M = 8
 TILE_SHRINK = 4
@@ -173,7 +175,7 @@ def _grouped_matmul(
         return _fold_tiles(tile_fn, group_start, group_ends[group], tiles, m, out)
 
     out_columns = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    out = jnp.zeros((m, out_columns), out_dtype)
+    out = varying.zeros_varying_like((m, out_columns), out_dtype, lhs, rhs, group_sizes)
     return jax.lax.fori_loop(0, group_sizes.shape[0], group_body, out)  # [m, n]
 
 
@@ -203,7 +205,7 @@ def _transposed_grouped_matmul(
                 rows, douts, (((0,), (0,)), ((), ())), preferred_element_type=accumulate_dtype
             )  # [k, n]
 
-        total = jnp.zeros((k, n), accumulate_dtype)
+        total = varying.zeros_varying_like((k, n), accumulate_dtype, lhs, dout, group_sizes)
         total = _fold_tiles(tile_fn, group_start, group_end, tiles, m, total)
         return carry, total.astype(lhs.dtype)
 
