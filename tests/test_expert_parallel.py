@@ -1,0 +1,208 @@
+"""Dropless MoE over a device mesh (`moejax.expert_parallel`) equals the one-device dispatch.
+
+Eight fake CPU devices (tests/conftest.py). The reference is `moe.dropless_dispatch` traced with
+no mesh, itself checked against float64 references in tests/test_moe.py.
+"""
+
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+
+from moejax import expert_parallel, moe, sharding
+from moejax.routing import Routing
+
+NUM_EXPERTS, D_MODEL, D_FF, TOKENS, TOP_K = 8, 16, 32, 64, 2
+WEIGHT_AXES = {
+    "w_gate": ("expert", "embed", "expert_mlp"),
+    "w_up": ("expert", "embed", "expert_mlp"),
+    "w_down": ("expert", "expert_mlp", "embed"),
+}
+# (data, fsdp, expert, tensor)
+MESHES = [(8, 1, 1, 1), (2, 1, 4, 1), (1, 1, 8, 1), (2, 2, 2, 1), (1, 2, 2, 2)]
+
+
+def _routing(kind: str) -> tuple[jax.Array, jax.Array]:
+    """expert_index and combine_weights [tokens, top_k] of a routing `kind`:
+
+    "balanced": every expert gets the same number of assignments;
+    "skewed": 7 of 8 first choices go to expert 3, and every second choice to the experts of one
+      shard or another at random: one shard receives most of every device's rows;
+    "one_expert": every first choice is expert 0 (one shard receives every first choice).
+    """
+    tokens = jnp.arange(TOKENS)
+    if kind == "balanced":
+        first = tokens % NUM_EXPERTS
+        second = (tokens + 3) % NUM_EXPERTS
+    elif kind == "skewed":
+        first = jnp.where(tokens % 8 == 0, tokens % NUM_EXPERTS, 3)
+        second = jax.random.randint(jax.random.key(5), (TOKENS,), 0, NUM_EXPERTS)
+        second = jnp.where(second == first, (second + 1) % NUM_EXPERTS, second)
+    else:
+        first = jnp.zeros_like(tokens)
+        second = 1 + tokens % (NUM_EXPERTS - 1)
+    index = jnp.stack([first, second], axis=1).astype(jnp.int32)
+    weights = jax.nn.softmax(jax.random.normal(jax.random.key(3), (TOKENS, TOP_K)), axis=-1)
+    return index, weights
+
+
+def _inputs():
+    params = moe.init_expert_params(jax.random.key(0), NUM_EXPERTS, D_MODEL, D_FF)
+    x = jax.random.normal(jax.random.key(1), (TOKENS, D_MODEL))
+    return x, params
+
+
+def _loss(x, params, weights, index, **dispatch):
+    """A scalar that weighs every output element differently, and the output."""
+    routing = Routing(expert_index=index, combine_weights=weights, router_probs=None, aux_losses={})
+    if dispatch:
+        mesh = sharding.kernel_mesh()
+        y = expert_parallel.sharded_dropless(x, index, weights, params, mesh, **dispatch)
+    else:
+        y = moe.moe_ffn(x, routing, params, strategy="dropless").y
+    probe = jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape))
+    return jnp.sum(y * probe), y
+
+
+_value_and_grads = jax.value_and_grad(_loss, argnums=(0, 1, 2), has_aux=True)
+
+
+def _reference(x, params, weights, index):
+    return jax.jit(_value_and_grads)(x, params, weights, index)
+
+
+def _on_mesh(shape, x, params, weights, index, **dispatch):
+    """(value, y), grads of `_loss` jitted under a mesh of `shape` with the step's shardings;
+    and the compiled HLO text."""
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape, strict=True)))
+    tokens = NamedSharding(mesh, sharding.logical_to_mesh(("batch", None)))
+    weight_shardings = {
+        name: NamedSharding(mesh, sharding.logical_to_mesh(axes))
+        for name, axes in WEIGHT_AXES.items()
+    }
+    fn = jax.jit(
+        lambda *args: _value_and_grads(*args, **dispatch),
+        in_shardings=(tokens, weight_shardings, tokens, tokens),
+    )
+    with jax.set_mesh(mesh):
+        result = fn(x, params, weights, index)
+        hlo = fn.lower(x, params, weights, index).compile().as_text()
+    return result, hlo
+
+
+def _assert_close(actual, expected):
+    chex.assert_trees_all_close(actual, expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["balanced", "skewed"])
+def test_sharded_dropless_equals_one_device(shape, kind):
+    x, params = _inputs()
+    index, weights = _routing(kind)
+    expected = _reference(x, params, weights, index)
+    actual, hlo = _on_mesh(shape, x, params, weights, index)
+    _assert_close(actual, expected)
+    has_all_to_all = "all-to-all" in hlo
+    assert has_all_to_all == (shape[2] > 1), "an all-to-all exactly when experts are sharded"
+
+
+def _full_weight_gathers(hlo: str) -> list[str]:
+    """Result shapes of HLO all-gathers that hold every expert's weights ([experts, ...] f32)."""
+    full = {f"f32[{NUM_EXPERTS},{D_MODEL},{D_FF}]", f"f32[{NUM_EXPERTS},{D_FF},{D_MODEL}]"}
+    results = re.findall(r"=\s*(\S+?)(?:\{[^}]*\})?\s+all-gather(?:-start)?\(", hlo)
+    return [shape for shape in results if shape in full]
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 4, 1), (1, 2, 4, 1), (1, 1, 8, 1)])
+def test_expert_weights_are_never_gathered(shape):
+    x, params = _inputs()
+    index, weights = _routing("skewed")
+    _, hlo = _on_mesh(shape, x, params, weights, index)
+    assert "all-to-all" in hlo
+    assert _full_weight_gathers(hlo) == []
+
+
+def test_full_weight_gather_detector_sees_annotation_only_sharding():
+    """The check above can fail: the one-device dropless dispatch traced under the same mesh
+    (sharding annotations only, the code before expert parallelism) gathers the full expert
+    weights to every device."""
+    x, params = _inputs()
+    index, weights = _routing("skewed")
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "expert": 8, "tensor": 1})
+
+    def annotated_only(x, params, weights, index):
+        routing = Routing(index, weights, None, {})
+        return moe.dropless_dispatch(x, routing, params)[0]
+
+    tokens = NamedSharding(mesh, sharding.logical_to_mesh(("batch", None)))
+    weight_shardings = {
+        name: NamedSharding(mesh, sharding.logical_to_mesh(axes))
+        for name, axes in WEIGHT_AXES.items()
+    }
+    fn = jax.jit(annotated_only, in_shardings=(tokens, weight_shardings, tokens, tokens))
+    with jax.set_mesh(mesh):
+        hlo = fn.lower(x, params, weights, index).compile().as_text()
+    assert _full_weight_gathers(hlo), "annotation-only sharding should gather expert weights"
+
+
+def _emulated_ragged_all_to_all(
+    operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name
+):
+    """`jax.lax.ragged_all_to_all` from its documented contract, with all_gathers (XLA:CPU has
+    no ragged all-to-all): source s writes operand_s[input_offsets_s[r]:][:send_sizes_s[r]] at
+    output_r[output_offsets_s[r]:]; this device is r."""
+    me = jax.lax.axis_index(axis_name)
+    operands = jax.lax.all_gather(operand, axis_name)  # [shards, m, d]
+    starts = jax.lax.all_gather(input_offsets, axis_name)[:, me]  # [shards]
+    sizes = jax.lax.all_gather(send_sizes, axis_name)[:, me]
+    places = jax.lax.all_gather(output_offsets, axis_name)[:, me]
+    np.testing.assert_equal(recv_sizes.shape, sizes.shape)
+    position = jnp.arange(output.shape[0])
+    for source in range(operands.shape[0]):
+        inside = (position >= places[source]) & (position < places[source] + sizes[source])
+        row = jnp.clip(starts[source] + position - places[source], 0, operand.shape[0] - 1)
+        output = jnp.where(inside[:, None], operands[source][row], output)
+    return output
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 4, 1), (1, 1, 8, 1), (1, 2, 2, 2)])
+@pytest.mark.parametrize("kind", ["skewed", "one_expert"])
+def test_ragged_exchange_offsets(shape, kind, monkeypatch):
+    """The TPU/GPU exchange's offsets and sizes, run through an emulated ragged_all_to_all."""
+    monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
+    x, params = _inputs()
+    index, weights = _routing(kind)
+    expected = _reference(x, params, weights, index)
+    actual, _ = _on_mesh(shape, x, params, weights, index, exchange="ragged")
+    _assert_close(actual, expected)
+
+
+def test_padded_exchange_on_every_expert_to_one_shard():
+    x, params = _inputs()
+    index, weights = _routing("one_expert")
+    expected = _reference(x, params, weights, index)
+    actual, _ = _on_mesh((1, 1, 8, 1), x, params, weights, index, exchange="padded")
+    _assert_close(actual, expected)
+
+
+def test_auto_exchange_follows_the_mesh_platform():
+    assert expert_parallel.resolve_exchange("auto") == "padded"  # CPU, no mesh
+    assert expert_parallel.resolve_exchange("ragged") == "ragged"
+    with pytest.raises(ValueError, match="exchange: unknown value 'fast'"):
+        expert_parallel.resolve_exchange("fast")
+
+
+def test_experts_not_divisible_by_expert_shards():
+    x, params = _inputs()
+    index, weights = _routing("balanced")
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "expert": 8, "tensor": 1})
+    params = {name: value[:6] for name, value in params.items()}
+    with (
+        jax.set_mesh(mesh),
+        pytest.raises(ValueError, match="num_experts: 6 experts cannot be split"),
+    ):
+        expert_parallel.sharded_dropless(x, index % 6, weights, params, mesh.abstract_mesh)
