@@ -230,6 +230,8 @@ def main(argv: Sequence[str]) -> int:
     import jax
 
     jax.config.update("jax_platforms", "cpu")
+    # An executable compiled without a TPU client cannot be read back from the persistent cache.
+    jax.config.update("jax_enable_compilation_cache", False)
     return cli.report_user_errors(lambda: _main(argv), argv)
 
 

@@ -8,5 +8,19 @@ other programs compiling the same way) must not wait on each other.
 
 import os
 
+import jax
+import pytest
+
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+
+@pytest.fixture(autouse=True)
+def no_persistent_compilation_cache():
+    """An executable compiled for a topology without a TPU client cannot be read back from
+    JAX's persistent cache (tests/conftest.py turns it on): each read would warn and recompile."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", enabled)
