@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv with a Python >= 3.12 and installs moejax (editable) with its test extra.
+# Creates .venv with a Python >= 3.12 and installs moejax (editable) with its test extra and its
+# TPU compiler (libtpu: the ahead-of-time compile tests in tests/aot need it, no TPU does).
 # Re-running it is cheap: the install is skipped while pyproject.toml is unchanged.
 # Set MOEJAX_PYTHON=/path/to/python3.12 to choose the interpreter yourself.
 set -euo pipefail
@@ -54,7 +55,7 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing moejax and its dependencies into .venv" >&2
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[dev]"
+  .venv/bin/python -m pip install --quiet -e ".[dev,tpu]"
   echo "$want" > "$stamp"
 fi
 
