@@ -1,6 +1,7 @@
 """SparseAttention under a device mesh: the kernel runs inside `jax.shard_map`, per batch and
 head shard, and the layer's output and gradients equal the single-device ones (issue 13)."""
 
+import functools
 import importlib.util
 import math
 import os
@@ -12,9 +13,10 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+import kernels_pallas
 from moejax.sharding import logical_axes, logical_to_mesh, make_mesh, tree_shardings
 from moejax.sparse_attention import AttentionOptions, SparseAttention
-from moejax.sparse_attention.sharded_kernel import attention_spec
+from moejax.sparse_attention.sharded_kernel import attention_spec, block_sparse_attention
 
 D_MODEL, HEADS, KV_HEADS, HEAD_DIM, BASE = 16, 8, 4, 8, 10000.0
 BATCH, LENGTH = 8, 32
@@ -134,6 +136,11 @@ def _check_matches_single_device(options: AttentionOptions, mesh_name: str):
     assert float(jnp.abs(grad_x_ref).sum()) > 0
 
 
+def _shard_map_eqn(jaxpr):
+    (eqn,) = [e for e in jaxpr.eqns if e.primitive.name == "shard_map"]
+    return eqn
+
+
 @pytest.mark.parametrize("kind", list(OPTIONS))
 def test_every_kind_matches_single_device_on_batch_and_tensor_mesh(kind):
     _check_matches_single_device(OPTIONS[kind], "data2_tensor4")
@@ -167,8 +174,7 @@ def test_kernel_sees_one_shard_of_batch_and_heads(mesh_name, local_batch, local_
     x = jnp.zeros((BATCH, LENGTH, D_MODEL))
     with jax.set_mesh(_mesh(mesh_name)):
         jaxpr = jax.make_jaxpr(lambda x: layer(x, train=False)[0])(x)
-    (shard_map,) = [e for e in jaxpr.eqns if e.primitive.name == "shard_map"]
-    q, k, v, block_mask = shard_map.params["jaxpr"].invars
+    q, k, v, block_mask = _shard_map_eqn(jaxpr).params["jaxpr"].invars
     local_kv_heads = local_heads * KV_HEADS // HEADS
     assert q.aval.shape == (local_batch, LENGTH, local_heads, HEAD_DIM)
     assert k.aval.shape == v.aval.shape == (local_batch, LENGTH, local_kv_heads, HEAD_DIM)
@@ -182,6 +188,42 @@ def test_attention_spec_follows_the_logical_rules():
     # kv heads 2 on 4 tensor shards would break the query-head -> kv-head grouping.
     assert attention_spec(mesh, 8, 8, 2) == PartitionSpec(batch_axes, None, None, None)
     assert attention_spec(mesh, 1, 8, 4) == PartitionSpec(None, None, "tensor", None)
+
+
+def _kernel_operands():
+    keys = jax.random.split(jax.random.key(3), 3)
+    q = jax.random.normal(keys[0], (BATCH, LENGTH, HEADS, HEAD_DIM))
+    k, v = jax.random.normal(keys[1], (2, BATCH, LENGTH, KV_HEADS, HEAD_DIM))
+    blocks = LENGTH // 8
+    # A host mask that differs per sequence and head: a sharded operand, not closed over.
+    mask = np.random.default_rng(0).random((BATCH, HEADS, blocks, blocks)) < 0.5
+    return q, k, v, mask | np.eye(blocks, dtype=bool)
+
+
+KERNEL_ARGS = {"block_q": 8, "block_kv": 8, "causal": True, "impl": "xla"}
+
+
+def test_per_sequence_host_mask_is_split_with_its_rows():
+    q, k, v, mask = _kernel_operands()
+    expected = kernels_pallas.block_sparse_attention(q, k, v, mask, **KERNEL_ARGS)
+    with jax.set_mesh(_mesh("data2_tensor4")):
+        out = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, mask, **KERNEL_ARGS))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-6, atol=1e-6)
+
+
+def test_inside_an_outer_shard_map_the_kernel_splits_over_the_remaining_axes():
+    q, k, v, mask = _kernel_operands()
+    expected = kernels_pallas.block_sparse_attention(q, k, v, mask, **KERNEL_ARGS)
+    outer = PartitionSpec("expert")
+    attend = functools.partial(block_sparse_attention, **KERNEL_ARGS)
+    with jax.set_mesh(_mesh("batch_axes_2x2x2")):
+        nested = jax.shard_map(attend, in_specs=outer, out_specs=outer, axis_names={"expert"})
+        out = jax.jit(nested)(q, k, v, mask)
+        outer_body = _shard_map_eqn(jax.make_jaxpr(nested)(q, k, v, mask)).params["jaxpr"]
+    # expert is manual already; data and fsdp split the remaining 4 rows into 1 per device.
+    inner_q = _shard_map_eqn(outer_body).params["jaxpr"].invars[0]
+    assert inner_q.aval.shape == (1, LENGTH, HEADS, HEAD_DIM)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-6, atol=1e-6)
 
 
 def test_single_device_calls_the_kernel_directly():
