@@ -52,6 +52,8 @@ class Collective:
         times `executions` (see the module docstring).
     replica_groups: the HLO text of its device groups (`replica_groups=` or, for
         collective-permute, `source_target_pairs=`), "" when absent.
+    op_name: the JAX operation it came from (HLO metadata, e.g. "jit(train_step)/.../ffn/..."),
+        "" when absent; a collective the partitioner inserted names the op it feeds.
     """
 
     kind: str
@@ -61,6 +63,7 @@ class Collective:
     executions: int
     bytes: int
     replica_groups: str
+    op_name: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +83,7 @@ _CALLEES = re.compile(
 )
 _BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
+_OP_NAME = re.compile(r'\bop_name="([^"]*)"')
 _GROUPS = re.compile(r"\b(replica_groups|source_target_pairs)=(mesh\[[^\]]*\]\s*\{[^}]*\}|\S+)")
 
 
@@ -247,6 +251,7 @@ def _as_collective(
         for dtype, dims in _ARRAY.findall(result.shape_text)
     ]
     groups = _GROUPS.search(start.attributes)
+    op_name = _OP_NAME.search(start.attributes)
     return Collective(
         kind=kind,
         name=start.name,
@@ -255,6 +260,7 @@ def _as_collective(
         executions=executions,
         bytes=executions * sum(_array_bytes(dtype, shape) for dtype, shape in arrays),
         replica_groups=groups.group(2).rstrip(",") if groups else "",
+        op_name=op_name.group(1) if op_name else "",
     )
 
 

@@ -79,6 +79,7 @@ def test_result_shapes_and_bytes_are_the_per_chip_results(one_of_each):
 def test_replica_groups_and_permutation_pairs_are_kept(one_of_each):
     by_kind = {collective.kind: collective for collective in one_of_each}
     assert "x" in by_kind["all-gather"].replica_groups
+    assert by_kind["all-gather"].op_name.endswith("shard_map/all_gather")
     pairs = by_kind["collective-permute"].replica_groups
     assert pairs.startswith("{{0,1},{1,2}") and pairs.endswith("{7,0}}")
 
