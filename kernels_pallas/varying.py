@@ -34,3 +34,16 @@ def zeros_varying_like(shape: tuple[int, ...], dtype: DTypeLike, *arrays: jax.Ar
 def _vary(array: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     missing = tuple(axis for axis in axes if axis not in jax.typeof(array).manual_axis_type.varying)
     return jax.lax.pcast(array, missing, to="varying") if missing else array
+
+
+def out_struct(shape: tuple[int, ...], dtype: DTypeLike, *operands: jax.Array):
+    """A `pallas_call` output of `shape` varying over the axes `operands` vary over.
+
+    Inside a `jax.shard_map` that checks varying axes, a kernel must declare how its output
+    varies; it varies as its inputs do.
+    """
+    axes = varying_axes(*operands)
+    if not axes:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    like = next(op for op in operands if set(axes) <= jax.typeof(op).manual_axis_type.varying)
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels_pallas import varying
 from kernels_pallas.grouped_matmul import metadata, problem
 from kernels_pallas.grouped_matmul.tiling import Tiling
 
@@ -70,7 +71,7 @@ def gmm(
     )
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((p.rows, p.cols), out_dtype),
+        out_shape=varying.out_struct((p.rows, p.cols), out_dtype, *operands),
         grid=(m_tiles, p.cols // to),
         in_specs=in_specs,
         out_specs=out_spec,
@@ -157,7 +158,7 @@ def tgmm(
         functools.partial(
             _tgmm_kernel, tiles=(tm, tk, tn), acc_dtype=jnp.promote_types(lhs.dtype, jnp.float32)
         ),
-        out_shape=jax.ShapeDtypeStruct(p.out_shape, out_dtype),
+        out_shape=varying.out_struct(p.out_shape, out_dtype, *operands),
         grid=(num_groups, p.out_shape[1] // tk, p.out_shape[2] // tn),
         in_specs=in_specs,
         out_specs=out_spec,

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels_pallas import varying
 from kernels_pallas.grouped_matmul import metadata, problem
 from kernels_pallas.grouped_matmul.tiling import Tiling
 
@@ -77,7 +78,7 @@ def gmm(
         )
     out = pl.pallas_call(
         functools.partial(_gmm_kernel, tm=tm, transpose_rhs=transpose_rhs, poison=poison),
-        out_shape=jax.ShapeDtypeStruct((p.rows, p.cols), out_dtype),
+        out_shape=varying.out_struct((p.rows, p.cols), out_dtype, *operands),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=NUM_VISIT_ARRAYS,
             grid=grid,
@@ -177,7 +178,7 @@ def tgmm(
         )
     out = pl.pallas_call(
         functools.partial(_tgmm_kernel, tm=tm, poison=poison),
-        out_shape=jax.ShapeDtypeStruct(p.out_shape, out_dtype),
+        out_shape=varying.out_struct(p.out_shape, out_dtype, *operands),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=NUM_VISIT_ARRAYS,
             grid=grid,
