@@ -1,5 +1,6 @@
 """`SparseAttention`: a drop-in for `moejax.attention.Attention` whose key blocks are chosen by a
-static pattern or by content routing, and attended with `kernels_pallas.block_sparse_attention`.
+static pattern or by content routing, and attended with `kernels_pallas.block_sparse_attention`
+(per batch and head shard inside `jax.shard_map` under a multi-device mesh: `sharded_kernel`).
 
 The module owns the projections and the per-kind parameters (key convolution, DMA importance
 projection, k-means centroids, Flux router); the routing math lives in the sibling modules.
