@@ -35,7 +35,14 @@ KINDS = (
     "all-reduce",
     "collective-permute",
 )
-_ASYNC_KINDS = ("all-gather", "all-reduce", "collective-permute", "all-to-all", "reduce-scatter")
+_ASYNC_KINDS = (
+    "all-gather",
+    "all-reduce",
+    "collective-permute",
+    "all-to-all",
+    "ragged-all-to-all",
+    "reduce-scatter",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +107,31 @@ def collectives(hlo_text: str) -> list[Collective]:
         by_name = {instruction.name: instruction for instruction in instructions}
         for instruction in instructions:
             collective = _as_collective(instruction, by_name, count)
-            if collective is not None:
+            # A collective over groups of one device moves nothing: XLA:CPU keeps those (a psum
+            # over a mesh axis of size 1) where the TPU compiler removes them.
+            if collective is not None and group_size(collective.replica_groups) != 1:
                 found.append(collective)
     return found
+
+
+def group_size(replica_groups: str) -> int | None:
+    """Devices per group of a `replica_groups` attribute text, None when it does not say.
+
+    Three spellings: `mesh['data'=2,'expert'=4] {'expert'}` (the product of the named axes'
+    sizes), `{{0,1},{2,3}}` (the first group's length) and `[2,4]<=[8]` (an iota: the last
+    dimension of the group array).
+    """
+    named = re.fullmatch(r"mesh\[([^\]]*)\]\s*\{([^}]*)\}", replica_groups)
+    if named:
+        sizes = {name: int(size) for name, size in re.findall(r"'([^']+)'=(\d+)", named[1])}
+        return math.prod(sizes[name] for name in re.findall(r"'([^']+)'", named[2]))
+    listed = re.match(r"\{\{([^}]*)\}", replica_groups)
+    if listed:
+        return len([device for device in listed[1].split(",") if device.strip()])
+    iota = re.match(r"\[([\d,]+)\]<=", replica_groups)
+    if iota:
+        return int(iota[1].split(",")[-1])
+    return None
 
 
 def bytes_by_kind(found: Iterable[Collective]) -> dict[str, int]:

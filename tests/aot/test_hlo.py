@@ -159,3 +159,32 @@ def test_tpu_async_pairs_count_once_with_the_done_shape_in_bf16():
     assert permute.dtypes == ("bf16",)
     assert permute.bytes == 8 * 1024 * 2
     assert by_kind["all-gather"].bytes == 64 * 1024 * 2
+
+
+@pytest.mark.parametrize(
+    ("groups", "size"),
+    [
+        ("mesh['data'=2,'fsdp'=1,'expert'=4,'tensor'=1] {'expert'}", 4),
+        ("mesh['data'=2,'fsdp'=1,'expert'=4,'tensor'=1] {'data','expert'}", 8),
+        ("mesh['data'=1,'fsdp'=1,'expert'=8,'tensor'=1] {'tensor'}", 1),
+        ("{{0,1,2},{3,4,5}}", 3),
+        ("[2,4]<=[8]", 4),
+        ("", None),
+    ],
+)
+def test_group_size_reads_every_replica_group_spelling(groups, size):
+    assert hlo.group_size(groups) == size
+
+
+def test_collectives_over_one_device_groups_are_left_out():
+    """A psum over a mesh axis of size 1 stays in XLA:CPU's HLO but moves nothing."""
+    mesh = jax.make_mesh((8, 1), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
+
+    def body(a):
+        return jax.lax.psum(a, "y"), jax.lax.psum(a, "x")
+
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("x"), out_specs=(P("x"), P())))
+    text = fn.lower(jnp.ones((8, 4))).compile().as_text()
+    found = hlo.collectives(text)
+    assert [c.kind for c in found] == ["all-reduce"]
+    assert hlo.group_size(found[0].replica_groups) == 8
