@@ -40,6 +40,9 @@ class ModelConfig:
     expert_d_ff: int = 256
     router: str = "softmax_top_k"
     renormalize_top_k: bool = True
+    # "capacity" (fixed expert buffers, overflow dropped), "dropless" (grouped matmuls, nothing
+    # dropped) or "expert_parallel"; with mesh.expert > 1, "dropless" is expert_parallel: each
+    # device holds num_experts / mesh.expert experts and tokens travel to them by all-to-all.
     dispatch: str = "dropless"
     capacity_factor: float = 1.25
     # Capacity factor at evaluation; 0 keeps capacity_factor.
