@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 # The device-mesh axes, in mesh order; `moejax.config.MeshConfig` sizes them.
@@ -75,9 +76,14 @@ def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None =
     if int(np.prod(shape)) != len(devices):
         sizes = dict(zip(MESH_AXES, shape, strict=True))
         raise ValueError(f"mesh shape {sizes} needs {np.prod(shape)} devices, got {len(devices)}")
-    return jax.make_mesh(
-        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:
+        # A mesh axis that is no product of whole torus axes (expert=8 on a v5p 4x4x4): split
+        # physical axes, as jax.make_mesh itself does on v5e only.
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_axes(model_state: nnx.State) -> dict[str, Any]:
