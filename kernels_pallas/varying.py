@@ -47,3 +47,8 @@ def out_struct(shape: tuple[int, ...], dtype: DTypeLike, *operands: jax.Array):
         return jax.ShapeDtypeStruct(shape, dtype)
     like = next(op for op in operands if set(axes) <= jax.typeof(op).manual_axis_type.varying)
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
+
+
+def out_structs(out_shape, *operands: jax.Array):
+    """`out_struct` for each ShapeDtypeStruct of a `pallas_call`'s `out_shape` (one or a list)."""
+    return jax.tree.map(lambda struct: out_struct(struct.shape, struct.dtype, *operands), out_shape)

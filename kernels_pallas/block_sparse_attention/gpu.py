@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels_pallas import varying
 from kernels_pallas.block_sparse_attention import kernel_math as km
 from kernels_pallas.block_sparse_attention.spec import AttentionSpec
 
@@ -42,18 +43,18 @@ def _broadcast_index(size: int, index):
     return index if size > 1 else 0
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool):
+def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool, arrays):
     return pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
-        out_shape=out_shape,
+        out_shape=varying.out_structs(out_shape, *arrays),
         interpret=interpret,
         compiler_params=None
         if interpret
         else plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
-    )
+    )(*arrays)
 
 
 def _mask_specs(operands, spec: AttentionSpec, *, by_q_block: bool):
@@ -162,7 +163,8 @@ def forward(q, k, v, operands, spec: AttentionSpec, *, interpret: bool):
             jax.ShapeDtypeStruct((batch, heads, q_len, 1), jnp.float32),
         ],
         interpret,
-    )(table, q, k, v, *mask_arrays)
+        [table, q, k, v, *mask_arrays],
+    )
 
 
 def backward_dq(q, k, v, dout, lse, delta, operands, spec: AttentionSpec, *, interpret: bool):
@@ -208,7 +210,8 @@ def backward_dq(q, k, v, dout, lse, delta, operands, spec: AttentionSpec, *, int
         _rows(bq, d),
         jax.ShapeDtypeStruct(q.shape, jnp.float32),
         interpret,
-    )(table, q, k, v, dout, lse, delta, *mask_arrays)
+        [table, q, k, v, dout, lse, delta, *mask_arrays],
+    )
 
 
 def backward_dkv(q, k, v, dout, lse, delta, operands, spec: AttentionSpec, *, interpret: bool):
@@ -259,4 +262,5 @@ def backward_dkv(q, k, v, dout, lse, delta, operands, spec: AttentionSpec, *, in
         [_rows(bk, d), _rows(bk, d)],
         [kv_shape, kv_shape],
         interpret,
-    )(table, q, k, v, dout, lse, delta, *mask_arrays)
+        [table, q, k, v, dout, lse, delta, *mask_arrays],
+    )

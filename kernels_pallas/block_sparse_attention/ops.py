@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from kernels_pallas import varying
 from kernels_pallas.block_sparse_attention import checks, mask_info, xla
 from kernels_pallas.block_sparse_attention.spec import AttentionSpec
 from kernels_pallas.platform import target_platform
@@ -148,6 +149,9 @@ def block_sparse_attention(
         q_segment_ids=None if q_segment_ids is None else q_segment_ids[:, :, None],
         kv_segment_ids=None if kv_segment_ids is None else kv_segment_ids[:, None, :],
     )
+    # Inside shard_map: the custom_vjp's cotangents vary over the axes its inputs vary over, so
+    # q, k, v enter varying over the same ones (see `kernels_pallas.varying`).
+    q, k, v = varying.vary_together(q, k, v)
     # Kernels read heads-major [batch, heads, length, head_dim] blocks.
     out = _attention(
         q.transpose(0, 2, 1, 3),

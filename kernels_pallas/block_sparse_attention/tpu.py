@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels_pallas import varying
 from kernels_pallas.block_sparse_attention import kernel_math as km
 from kernels_pallas.block_sparse_attention.spec import AttentionSpec
 
@@ -114,7 +115,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, lists, arrays, 
     return pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=out_shape,
+        out_shape=varying.out_structs(out_shape, lists.indices, lists.counts, *arrays),
         interpret=_interpret(interpret),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")

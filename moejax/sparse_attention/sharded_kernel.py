@@ -85,8 +85,9 @@ def block_sparse_attention(
         return kernel(q, k, v, block_mask)
     spec = attention_spec(mesh, q.shape[0], q.shape[2], k.shape[2])
     free = frozenset(name for name in mesh.axis_names if name not in mesh.manual_axes)
-    # check_vma=False: the kernels' `pallas_call`s declare no varying-axes types for their
-    # outputs. Nothing is lost: the body has no collectives and its output is split like q.
+    # check_vma=False: the compiled kernels declare how their outputs vary, but JAX's Pallas
+    # interpreter (impl "interpret", the CPU tests) does not propagate varying axes. Nothing is
+    # lost: the body has no collectives and its output is split like q.
     shard = functools.partial(
         jax.shard_map, mesh=mesh, out_specs=spec, axis_names=free, check_vma=False
     )
