@@ -46,6 +46,8 @@ def _gathered_shapes(hlo: str) -> list[str]:
     "mesh_sizes",
     [
         {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1},
+        {"data": 1, "fsdp": 1, "expert": 8, "tensor": 1},
+        {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1},
         {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1},
         {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2},
     ],
