@@ -24,7 +24,8 @@ What fake-device times show and do not: the 8 "devices" are threads of one proce
 machine's cores, and a collective is a memory copy, so the times compare the compute and copying
 each path does (how much work the compiler's choice of collectives adds), not network time. The
 bytes are what a real interconnect would carry under the same partitioning, up to the padded
-exchange's factor (on TPU/GPU the ragged exchange sends only the rows).
+exchange's factor: on TPU/GPU the ragged exchange sends only the rows, and the "ragged MiB" column
+gives those (the rows the busiest device sends to other expert shards, four exchanges).
 """
 
 import os
@@ -75,6 +76,22 @@ def shard_load(index: np.ndarray, shards: int) -> float:
     per_expert = np.bincount(index.reshape(-1), minlength=NUM_EXPERTS)
     per_shard = per_expert.reshape(shards, -1).sum(axis=1)
     return float(per_shard.max() / per_shard.mean())
+
+
+def ragged_bytes(index: np.ndarray, mesh_shape) -> int:
+    """Bytes the ragged exchange (TPU/GPU) would send from the busiest device per step: its rows
+    bound for other expert shards, d_model float32 each, four exchanges (to the experts and back,
+    forward and backward)."""
+    data, fsdp, shards, _ = mesh_shape
+    devices = data * fsdp * shards
+    experts_per_shard = NUM_EXPERTS // shards
+    busiest = 0
+    # The batch axes are (data, fsdp, expert) in mesh order: device i holds the i-th slice of
+    # tokens and is expert shard i % shards.
+    for device, rows in enumerate(np.split(index, devices)):
+        leaving = int(np.sum(rows // experts_per_shard != device % shards))
+        busiest = max(busiest, leaving)
+    return 4 * busiest * D_MODEL * 4
 
 
 def step_fn(path: str):
@@ -133,7 +150,8 @@ def main() -> None:
     )
     header = (
         f"{'mesh d,f,e,t':>12} {'routing':>8} {'shard load':>10} {'path':>16} "
-        f"{'MiB moved':>10} {'step ms':>8} {'bytes vs ann.':>13} {'time vs ann.':>12}"
+        f"{'MiB moved':>10} {'ragged MiB':>10} {'step ms':>8} {'bytes vs ann.':>13} "
+        f"{'time vs ann.':>12}"
     )
     print(header)
     for mesh_shape in MESHES:
@@ -145,10 +163,12 @@ def main() -> None:
                 for path in ("annotation", "expert_parallel")
             }
             base = rows["annotation"]
+            ragged = ragged_bytes(index, mesh_shape) / 2**20
             for path, row in rows.items():
+                ragged_text = f"{ragged:>10.2f}" if path == "expert_parallel" else f"{'':>10}"
                 print(
                     f"{','.join(map(str, mesh_shape)):>12} {kind:>8} {load:>10.2f} {path:>16} "
-                    f"{row['bytes'] / 2**20:>10.2f} {row['time'] * 1e3:>8.1f} "
+                    f"{row['bytes'] / 2**20:>10.2f} {ragged_text} {row['time'] * 1e3:>8.1f} "
                     f"{row['bytes'] / base['bytes']:>13.2f} {row['time'] / base['time']:>12.2f}"
                     f"   {row['by_kind']}"
                 )
