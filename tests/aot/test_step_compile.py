@@ -1,4 +1,4 @@
-"""The default model's train step compiles for a v5p-8 (v5p:2x2x2) on four meshes, with the
+"""The default model's train step compiles for a v5p-8 (v5p:2x2x2) on five meshes, with the
 communication each mesh calls for.
 
 Compiled ahead of time on this CPU machine with libtpu (`moejax.aot.compile_step`), Pallas
@@ -30,8 +30,9 @@ STEPS = {
     "data2_expert4": ("mesh.data=2", "mesh.expert=4"),
     "fsdp2_expert4": ("mesh.data=1", "mesh.fsdp=2", "mesh.expert=4"),
     "moba_data8": ("mesh.data=8", "attention.kind=moba"),
+    "data2_expert2_tensor2": ("mesh.data=2", "mesh.expert=2", "mesh.tensor=2"),
 }
-EXPERT_SHARDED = ("data2_expert4", "fsdp2_expert4")
+EXPERT_SHARDED = ("data2_expert4", "fsdp2_expert4", "data2_expert2_tensor2")
 
 
 def _config(name: str) -> Config:
