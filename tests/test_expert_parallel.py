@@ -4,8 +4,6 @@ Eight fake CPU devices (tests/conftest.py). The reference is `moe.dropless_dispa
 no mesh, itself checked against float64 references in tests/test_moe.py.
 """
 
-import re
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from moejax import expert_parallel, moe, sharding
+from moejax import expert_parallel, hlo, moe, sharding
 from moejax.routing import Routing
 
 NUM_EXPERTS, D_MODEL, D_FF, TOKENS, TOP_K = 8, 16, 32, 64, 2
@@ -90,8 +88,8 @@ def _on_mesh(shape, x, params, weights, index, **dispatch):
     )
     with jax.set_mesh(mesh):
         result = fn(x, params, weights, index)
-        hlo = fn.lower(x, params, weights, index).compile().as_text()
-    return result, hlo
+        text = fn.lower(x, params, weights, index).compile().as_text()
+    return result, text
 
 
 def _assert_close(actual, expected):
@@ -104,26 +102,27 @@ def test_sharded_dropless_equals_one_device(shape, kind):
     x, params = _inputs()
     index, weights = _routing(kind)
     expected = _reference(x, params, weights, index)
-    actual, hlo = _on_mesh(shape, x, params, weights, index)
+    actual, text = _on_mesh(shape, x, params, weights, index)
     _assert_close(actual, expected)
-    has_all_to_all = "all-to-all" in hlo
+    has_all_to_all = "all-to-all" in text
     assert has_all_to_all == (shape[2] > 1), "an all-to-all exactly when experts are sharded"
 
 
-def _full_weight_gathers(hlo: str) -> list[str]:
-    """Result shapes of HLO all-gathers that hold every expert's weights ([experts, ...] f32)."""
-    full = {f"f32[{NUM_EXPERTS},{D_MODEL},{D_FF}]", f"f32[{NUM_EXPERTS},{D_FF},{D_MODEL}]"}
-    results = re.findall(r"=\s*(\S+?)(?:\{[^}]*\})?\s+all-gather(?:-start)?\(", hlo)
-    return [shape for shape in results if shape in full]
+def _full_weight_gathers(hlo_text: str) -> list[hlo.Collective]:
+    """All-gathers whose result holds every expert's weights ([experts, ...])."""
+    found = hlo.collectives(hlo_text)
+    return hlo.gathers_of(found, (NUM_EXPERTS, D_MODEL, D_FF)) + hlo.gathers_of(
+        found, (NUM_EXPERTS, D_FF, D_MODEL)
+    )
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 4, 1), (1, 2, 4, 1), (1, 1, 8, 1)])
 def test_expert_weights_are_never_gathered(shape):
     x, params = _inputs()
     index, weights = _routing("skewed")
-    _, hlo = _on_mesh(shape, x, params, weights, index)
-    assert "all-to-all" in hlo
-    assert _full_weight_gathers(hlo) == []
+    _, text = _on_mesh(shape, x, params, weights, index)
+    assert "all-to-all" in text
+    assert _full_weight_gathers(text) == []
 
 
 def test_full_weight_gather_detector_sees_annotation_only_sharding():
@@ -145,8 +144,8 @@ def test_full_weight_gather_detector_sees_annotation_only_sharding():
     }
     fn = jax.jit(annotated_only, in_shardings=(tokens, weight_shardings, tokens, tokens))
     with jax.set_mesh(mesh):
-        hlo = fn.lower(x, params, weights, index).compile().as_text()
-    assert _full_weight_gathers(hlo), "annotation-only sharding should gather expert weights"
+        text = fn.lower(x, params, weights, index).compile().as_text()
+    assert _full_weight_gathers(text), "annotation-only sharding should gather expert weights"
 
 
 def _emulated_ragged_all_to_all(
