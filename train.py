@@ -1,6 +1,8 @@
 """Train a model: `python train.py [--config configs/NAME.py] [--config.group.field=value ...]
 [--workdir DIR]`. With no arguments it trains configs/default.py into workdir/default.
 
+Several processes (a multi-host TPU slice, a SLURM job, or `--coordinator_address HOST:PORT
+--num_processes N --process_id I` on each) train one run together: see moejax/distributed.py.
 Starting again in the same workdir resumes from its newest usable checkpoint. SIGTERM or
 SIGINT saves the step in progress, waits for the save, and exits with status 0. One train.py
 at a time may use a workdir. Input errors print one paragraph and exit with status 2.
@@ -10,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from moejax import cli
+from moejax import cli, distributed
 from moejax import config as config_lib
 
 
@@ -30,9 +32,13 @@ def _main(argv: list[str]) -> int:
         action="store_true",
         help="resume even though data, batch or optimiser fields differ from the run's",
     )
+    distributed.add_flags(parser)
     cli.add_debug_flag(parser)
     args, overrides = cli.parse(parser, argv)
     cli.setup_logging()
+    # Before anything asks JAX for devices, and before the stop handlers: with several
+    # processes JAX's preemption notifier owns SIGTERM.
+    distributed.initialize_from_flags(args)
     experiment = _experiment_config(args.config)
     if experiment is not None:
         return _run_lottery(experiment, overrides, args)

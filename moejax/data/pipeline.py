@@ -1,10 +1,14 @@
 """Byte-level language-model batches from the Shakespeare dataset, built with grain.
 
-Training: this process's records → seeded shuffle, reshuffled every epoch, repeated forever →
+Training: the train records → seeded shuffle, reshuffled every epoch, repeated forever →
 concatenate-then-split packing into rows of `seq_len + 1` bytes (rows may span documents; no
-padding) → `inputs = row[:-1]`, `targets = row[1:]` → batches of `global_batch_size //
-process_count` rows → optional worker processes. The same seed gives the same batches, and the
-iterator's state restores exactly after a JSON round trip.
+padding) → `inputs = row[:-1]`, `targets = row[1:]` → global batches of `global_batch_size`
+rows → this process's contiguous block of `global_batch_size // process_count` rows → optional
+worker processes. Every process walks the same global stream and keeps its block, so the global
+batches, and the iterator state a checkpoint saves, are the same whatever the number of
+processes: a run resumed on another process count (or compared with a one-process run) sees the
+same data in the same order. The cost is that each process packs whole global batches, a few
+bytes per token of host work, against a step that costs millions of FLOPs per token.
 
 Evaluation: the validation split in file order, cut into consecutive rows of `seq_len + 1`
 bytes; every process evaluates its block of each global batch, so the union over processes is
@@ -55,28 +59,18 @@ def _process_layout(process_index: int | None, process_count: int | None) -> tup
     )
 
 
-def train_documents(
-    data_dir: str | pathlib.Path, *, seed: int, process_index: int, process_count: int
-) -> grain.MapDataset:
-    """Returns this process's train records, shuffled per epoch and repeated forever.
+def train_documents(data_dir: str | pathlib.Path, *, seed: int) -> grain.MapDataset:
+    """Returns the train records, shuffled per epoch and repeated forever.
 
-    Process `p` keeps records `p, p + process_count, ...`, so processes see disjoint records.
     Epoch `e` is the slice `[e * n, (e + 1) * n)` of the result, a permutation of the `n`
-    records that differs from epoch to epoch.
+    records that differs from epoch to epoch. Every process reads the same sequence.
     """
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}.")
-    _check_process_layout(process_index, process_count)
     records = grain.MapDataset.source(shakespeare.data_source(data_dir, "train"))
-    if process_count > len(records):
-        raise ValueError(
-            f"process_count={process_count} exceeds the {len(records)} train records, so some"
-            " processes would get none."
-        )
-    documents = records[process_index::process_count]
     # `.seed()` hashes the seed. An explicit `shuffle(seed)` would shuffle epoch e with seed + e,
     # so runs with seeds s and s + 1 would see the same orders one epoch apart.
-    return documents.seed(seed).shuffle().repeat()
+    return records.seed(seed).shuffle().repeat()
 
 
 def _document_bytes(record: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -86,6 +80,16 @@ def _document_bytes(record: dict[str, Any]) -> dict[str, np.ndarray]:
 def _shift_row(packed: dict[str, np.ndarray]) -> Batch:
     row = packed["row"].astype(np.int32)  # [seq_len + 1]
     return {"inputs": row[:-1], "targets": row[1:]}
+
+
+class _ProcessBlock:
+    """This process's rows `[index * rows, (index + 1) * rows)` of a global batch."""
+
+    def __init__(self, process_index: int, local_rows: int):
+        self._start, self._stop = process_index * local_rows, (process_index + 1) * local_rows
+
+    def __call__(self, batch: Batch) -> Batch:
+        return {name: value[self._start : self._stop] for name, value in batch.items()}
 
 
 class _JsonStateIterator(grain.DatasetIterator):
@@ -138,8 +142,12 @@ def make_train_iterator(
     seq_len]}` with `local_batch = global_batch_size // process_count`, byte values in [0, 256)
     and `targets[:, t] == inputs[:, t + 1]` for `t < seq_len - 1`.
 
-    `get_state()` returns plain JSON (save it with orbax `JsonSave`); `set_state()` on an iterator
-    built with the same arguments resumes with exactly the batches the saved one would have
+    Process `p`'s batch is rows `[p * local_batch, (p + 1) * local_batch)` of the global batch a
+    single process would get, so the global batches do not depend on `process_count`.
+
+    `get_state()` returns plain JSON (save it with orbax `JsonSave`), the same on every process
+    and for every `process_count`; `set_state()` on an iterator built with the same data
+    arguments (any process layout) resumes with exactly the batches the saved one would have
     given next. The state's layout depends on `num_workers`, and so do the batches when
     `num_workers > 1`, since each worker packs its own slice of the document stream.
 
@@ -158,14 +166,14 @@ def make_train_iterator(
     process_index, process_count = _process_layout(process_index, process_count)
     _check_process_layout(process_index, process_count)
     local_batch = _local_batch_size("global_batch_size", global_batch_size, process_count)
-    documents = train_documents(
-        data_dir, seed=seed, process_index=process_index, process_count=process_count
-    )
+    documents = train_documents(data_dir, seed=seed)
     rows = grain.experimental.ConcatThenSplitIterDataset(
         documents.map(_document_bytes).to_iter_dataset(),
         length_struct={"row": seq_len + 1},
     )
-    batches = rows.map(_shift_row).batch(local_batch, drop_remainder=True)
+    batches = rows.map(_shift_row).batch(global_batch_size, drop_remainder=True)
+    if process_count > 1:
+        batches = batches.map(_ProcessBlock(process_index, local_batch))
     if num_workers:
         if not flags.FLAGS.is_parsed():
             # Starting a worker reads grain's absl flags, which raises in programs that did not
