@@ -36,9 +36,11 @@ from jax.sharding import PartitionSpec
 
 from kernels_pallas import gmm
 from kernels_pallas.platform import target_platform
-from moejax import sharding
+from moejax import llep, sharding
 
 EXCHANGES = ("auto", "ragged", "padded")
+# "none": plain expert parallelism; "llep": Least-Loaded Expert Parallelism (`moejax.llep`).
+EXPERT_BALANCES = ("none", "llep")
 EXPERT_AXIS = "expert"
 TENSOR_AXIS = "tensor"
 
@@ -61,6 +63,9 @@ def sharded_dropless(
     *,
     gmm_impl: str = "auto",
     exchange: str = "auto",
+    expert_balance: str = "none",
+    llep_margin: float = 0.1,
+    llep_max_foreign: int = 2,
 ) -> jax.Array:
     """Dropless dispatch of batch-sharded tokens inside `jax.shard_map` over `mesh`.
 
@@ -72,6 +77,11 @@ def sharded_dropless(
       mesh: the mesh the step is traced under (`sharding.kernel_mesh()`).
       gmm_impl: `impl` of `kernels_pallas.gmm`.
       exchange: one of `EXCHANGES` (see the module docstring).
+      expert_balance: one of `EXPERT_BALANCES`; "llep" moves the excess rows of overloaded
+        expert shards, with their experts' weights, to shards with spare capacity
+        (`moejax.llep`); the result is the same.
+      llep_margin: the load cap's slack over the mean shard load ("llep").
+      llep_max_foreign: experts one shard can borrow per step, a static bound ("llep").
 
     Returns:
       y: [tokens, d_model] in x's dtype, sharded like x: sum over k of
@@ -84,6 +94,7 @@ def sharded_dropless(
             f"num_experts: {num_experts} experts cannot be split over mesh axis "
             f"{EXPERT_AXIS!r} of size {shards}; allowed: a multiple of {shards}"
         )
+    check_balance(expert_balance, llep_margin, llep_max_foreign)
     tokens = sharding.logical_to_mesh(("batch", None))
     weight_in = PartitionSpec(EXPERT_AXIS, None, TENSOR_AXIS)
     weight_out = PartitionSpec(EXPERT_AXIS, TENSOR_AXIS, None)
@@ -92,6 +103,7 @@ def sharded_dropless(
         num_experts=num_experts,
         gmm_impl=gmm_impl,
         exchange=resolve_exchange(exchange),
+        balance=(expert_balance, llep_margin, llep_max_foreign),
     )
     run = jax.shard_map(
         local,
@@ -109,6 +121,54 @@ def sharded_dropless(
     )
 
 
+def shard_loads(
+    expert_index: jax.Array,
+    num_experts: int,
+    mesh: jax.sharding.AbstractMesh,
+    *,
+    expert_balance: str = "none",
+    llep_margin: float = 0.1,
+    llep_max_foreign: int = 2,
+) -> jax.Array:
+    """The rows each expert shard's grouped matmuls compute in `sharded_dropless` with the same
+    arguments, from the same count matrix and plan.
+
+    Args:
+      expert_index: [tokens, top_k], sharded like `sharded_dropless`'s.
+
+    Returns:
+      [data * fsdp, expert shards] int32: per group of devices that exchange rows among
+      themselves, the load of each of its expert shards.
+    """
+    check_balance(expert_balance, llep_margin, llep_max_foreign)
+
+    def local(index: jax.Array) -> jax.Array:
+        counts = jnp.bincount(index.reshape(-1), length=num_experts).astype(jnp.int32)
+        all_counts = _count_matrix(counts)  # [shards, experts]
+        if expert_balance == "llep":
+            plan = llep.llep_plan(all_counts, margin=llep_margin, max_foreign=llep_max_foreign)
+            return plan.loads[None]
+        return llep.plain_loads(all_counts)[None]  # [1, shards]
+
+    batch = sharding.logical_to_mesh(("batch", None))
+    loads = jax.shard_map(local, mesh=mesh, in_specs=batch, out_specs=batch)(expert_index)
+    # Every expert shard of a group computed the same row; keep one per group.
+    return loads[:: mesh.shape[EXPERT_AXIS]]
+
+
+def check_balance(expert_balance: str, llep_margin: float, llep_max_foreign: int) -> None:
+    """ValueError naming the argument unless the balance options can work."""
+    if expert_balance not in EXPERT_BALANCES:
+        raise ValueError(
+            f"expert_balance: unknown value {expert_balance!r}; allowed: "
+            f"{', '.join(EXPERT_BALANCES)}"
+        )
+    if llep_margin < 0:
+        raise ValueError(f"llep_margin: got {llep_margin!r}; allowed: >= 0")
+    if llep_max_foreign < 1:
+        raise ValueError(f"llep_max_foreign: got {llep_max_foreign!r}; allowed: an int >= 1")
+
+
 def _local_dispatch(
     x: jax.Array,
     expert_index: jax.Array,
@@ -120,31 +180,105 @@ def _local_dispatch(
     num_experts: int,
     gmm_impl: str,
     exchange: str,
+    balance: tuple[str, float, int],
 ) -> jax.Array:
     """One device's part: its tokens `x [t, d]` and its experts `w_* [experts / n, ...]`."""
     num_tokens, top_k = expert_index.shape
     flat_expert = expert_index.reshape(-1)  # [t*k], token-major
     # Stable: each expert's rows keep token order, so results do not depend on sort ties.
     order = jnp.argsort(flat_expert, stable=True)  # [t*k]
-    rows = x[order // top_k]  # [t*k, d], grouped by expert, hence by destination shard
     counts = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)  # [experts]
+    weights = (w_gate, w_up, w_down)
 
     if jax.lax.axis_size(EXPERT_AXIS) == 1:
-        outputs = _experts(rows, counts, w_gate, w_up, w_down, gmm_impl)  # [t*k, d]
+        outputs = _experts(x[order // top_k], counts, *weights, gmm_impl)  # [t*k, d]
     else:
+        all_counts = _count_matrix(counts)  # [shards, experts]
+        expert_balance, margin, max_foreign = balance
+        if expert_balance == "llep":
+            plan = llep.llep_plan(all_counts, margin=margin, max_foreign=max_foreign)
+            # Rows grouped by destination shard, then by group there.
+            order = order[_llep_order(flat_expert[order], counts, plan)]
+            weights = _borrow_experts(plan.borrowed_expert, weights)  # [local + F, ...] each
+            traffic = plan.traffic  # [shards, shards, local + F]
+        else:
+            shards = all_counts.shape[0]
+            traffic = all_counts.reshape(shards, shards, -1)  # [shards, shards, local]
         send = _exchange_ragged if exchange == "ragged" else _exchange_padded
-        outputs = send(rows, counts, lambda r, c: _experts(r, c, w_gate, w_up, w_down, gmm_impl))
+        outputs = send(x[order // top_k], traffic, lambda r, c: _experts(r, c, *weights, gmm_impl))
 
     # Unsorting by gathering with the inverse permutation turns the sum over a token's experts
     # into a reshape and a reduction: deterministic, unlike a scatter-add.
     per_choice = outputs[jnp.argsort(order)].reshape(num_tokens, top_k, -1)  # [t, k, d]
-    weights = combine_weights.astype(x.dtype)
     accumulate = jnp.promote_types(x.dtype, jnp.float32)
-    y = jnp.einsum("tkd,tk->td", per_choice, weights, preferred_element_type=accumulate)
+    y = jnp.einsum(
+        "tkd,tk->td", per_choice, combine_weights.astype(x.dtype), preferred_element_type=accumulate
+    )
     # Each tensor shard holds part of d_ff, so its w_down product is a partial sum (with one
     # shard the sum is free, and it still tells shard_map the result is the same on each).
     y = jax.lax.psum(y, TENSOR_AXIS)
     return y.astype(x.dtype)  # [t, d]
+
+
+def _llep_order(sorted_expert: jax.Array, counts: jax.Array, plan: llep.LLEPPlan) -> jax.Array:
+    """The permutation of this shard's rows, sorted by expert, that groups them as the plan's
+    traffic says: by destination shard, then by group there (own experts, then borrowed slots),
+    token order within a group.
+
+    Args:
+      sorted_expert: [m] the expert of each row, ascending.
+      counts: [experts] this shard's rows per expert.
+    """
+    shards, num_experts = plan.slot.shape
+    local = num_experts // shards
+    max_foreign = plan.borrowed_expert.shape[1]
+    me = jax.lax.axis_index(EXPERT_AXIS)
+    first_row = jnp.cumsum(counts) - counts  # [experts]
+    # A row's place in its expert's stream (by source shard, then token order).
+    rank = jnp.arange(sorted_expert.shape[0]) - first_row[sorted_expert]  # [m]
+    position = plan.stream_start[me][sorted_expert] + rank  # [m]
+    inside = (plan.segment_start[:, sorted_expert] <= position) & (
+        position < plan.segment_end[:, sorted_expert]
+    )  # [shards, m]
+    worker = jnp.argmax(inside, axis=0)  # [m]
+    borrowed = jnp.any(inside, axis=0)
+    destination = jnp.where(borrowed, worker, sorted_expert // local)
+    group = jnp.where(borrowed, local + plan.slot[worker, sorted_expert], sorted_expert % local)
+    return jnp.argsort(destination * (local + max_foreign) + group, stable=True)
+
+
+def _borrow_experts(
+    borrowed_expert: jax.Array, weights: tuple[jax.Array, ...]
+) -> tuple[jax.Array, ...]:
+    """Each shard's local expert weights followed by the weights of the experts it borrows.
+
+    Every owner sends each borrower the slices of its borrowed experts with one `all_to_all`
+    per weight over a static [shards, max_foreign, ...] buffer (zero where the slot's expert is
+    not this owner's), so the owner receives their gradients back by the transposed all_to_all.
+    On TPU/GPU the same transfer fits a `ragged_all_to_all` of only the borrowed slices (or
+    a collective permute per slot); the dense buffer is what XLA:CPU runs.
+
+    Args:
+      borrowed_expert: [shards, max_foreign] the plan's expert per slot, experts when empty.
+      weights: [local, ...] arrays.
+
+    Returns:
+      the same arrays, [local + max_foreign, ...]: slot j holds expert borrowed_expert[me, j]
+      (zeros for an empty slot, which gets no rows).
+    """
+    shards, max_foreign = borrowed_expert.shape
+    local = weights[0].shape[0]
+    me = jax.lax.axis_index(EXPERT_AXIS)
+    owns = borrowed_expert // local == me  # [shards, max_foreign]
+    source = jnp.clip(borrowed_expert - me * local, 0, local - 1)  # [shards, max_foreign]
+    owner = jnp.minimum(borrowed_expert[me] // local, shards - 1)  # [max_foreign]
+    extended = []
+    for w in weights:
+        mask = owns.reshape(owns.shape + (1,) * (w.ndim - 1))
+        outgoing = jnp.where(mask, w[source], 0)  # [shards, max_foreign, ...]
+        incoming = jax.lax.all_to_all(outgoing, EXPERT_AXIS, 0, 0, tiled=True)  # [owners, F, ...]
+        extended.append(jnp.concatenate([w, incoming[owner, jnp.arange(max_foreign)]]))
+    return tuple(extended)
 
 
 def _experts(
@@ -167,39 +301,33 @@ def _count_matrix(counts: jax.Array) -> jax.Array:
     return jax.lax.all_gather(counts, EXPERT_AXIS)
 
 
-def _arrivals(all_counts: jax.Array) -> jax.Array:
-    """What each source sends to this shard, per local expert: [shards, local experts]."""
-    shards, num_experts = all_counts.shape
-    local = num_experts // shards
-    me = jax.lax.axis_index(EXPERT_AXIS)
-    return jax.lax.dynamic_slice_in_dim(all_counts, me * local, local, axis=1)
-
-
 def _run_local_experts(received: jax.Array, local_expert: jax.Array, arrivals, run_experts):
-    """Regroups `received [m, d]` rows by `local_expert [m]` (padding rows carry the number of
-    local experts, so they sort last), runs the experts, and puts the results back in the
-    received order."""
+    """Regroups `received [m, d]` rows by `local_expert [m]`, their group (padding rows carry
+    the number of groups, so they sort last), runs the experts, and puts the results back in
+    the received order."""
     regroup = jnp.argsort(local_expert, stable=True)  # [m]
     group_sizes = jnp.sum(arrivals, axis=0).astype(jnp.int32)  # [local experts]
     outputs = run_experts(received[regroup], group_sizes)  # [m, d]
     return outputs[jnp.argsort(regroup)]
 
 
-def _exchange_padded(rows: jax.Array, counts: jax.Array, run_experts) -> jax.Array:
+def _exchange_padded(rows: jax.Array, traffic: jax.Array, run_experts) -> jax.Array:
     """Rows to their shards and back with `all_to_all` over one [rows, d] buffer per shard.
 
     Args:
-      rows: [m, d], this device's assignments sorted by expert (m = tokens * top_k).
-      counts: [experts] int32, this device's assignments per expert.
-      run_experts: (rows grouped by local expert, group sizes) -> outputs, same shape.
+      rows: [m, d], this device's assignments grouped by destination shard, then by group
+        there (m = tokens * top_k).
+      traffic: [shards (source), shards (destination), groups] int32, the rows every source
+        sends to every group of every shard (the same on each shard).
+      run_experts: (rows grouped by group, group sizes) -> outputs, same shape.
 
     Returns:
       [m, d]: the expert output of each row of `rows`.
     """
     m, _ = rows.shape
     shards = jax.lax.axis_size(EXPERT_AXIS)
-    all_counts = _count_matrix(counts)  # [shards, experts]
-    send_counts = counts.reshape(shards, -1).sum(axis=1)  # [shards]
+    me = jax.lax.axis_index(EXPERT_AXIS)
+    send_counts = jnp.sum(traffic[me], axis=1)  # [shards]
     send_start = jnp.cumsum(send_counts) - send_counts  # [shards]
     slot = jnp.arange(m)  # position inside a destination's buffer
 
@@ -209,10 +337,9 @@ def _exchange_padded(rows: jax.Array, counts: jax.Array, run_experts) -> jax.Arr
     buffers = jnp.where(valid[..., None], rows[jnp.minimum(source_row, m - 1)], 0)
     received = jax.lax.all_to_all(buffers, EXPERT_AXIS, 0, 0, tiled=True)  # [shards, m, d]
 
-    # Within each source's buffer, rows come grouped by local expert: the count of inclusive
-    # group ends at or below a position is its local expert (the number of local experts for
-    # padding).
-    arrivals = _arrivals(all_counts)  # [shards, local experts]
+    # Within each source's buffer, rows come grouped by group: the count of inclusive group
+    # ends at or below a position is its group (the number of groups for padding).
+    arrivals = traffic[:, me, :]  # [shards, groups]
     group_ends = jnp.cumsum(arrivals, axis=1)  # [shards, local experts]
     local_expert = jax.vmap(lambda ends: jnp.searchsorted(ends, slot, side="right"))(group_ends)
     outputs = _run_local_experts(
@@ -228,7 +355,7 @@ def _exchange_padded(rows: jax.Array, counts: jax.Array, run_experts) -> jax.Arr
     return returned[destination, slot - send_start[destination]]
 
 
-def _exchange_ragged(rows: jax.Array, counts: jax.Array, run_experts) -> jax.Array:
+def _exchange_ragged(rows: jax.Array, traffic: jax.Array, run_experts) -> jax.Array:
     """Rows to their shards and back with `ragged_all_to_all`: each shard gets only its rows.
 
     Same contract as `_exchange_padded`. The receive buffer holds, one source after another,
@@ -237,9 +364,7 @@ def _exchange_ragged(rows: jax.Array, counts: jax.Array, run_experts) -> jax.Arr
     m, _ = rows.shape
     shards = jax.lax.axis_size(EXPERT_AXIS)
     me = jax.lax.axis_index(EXPERT_AXIS)
-    all_counts = _count_matrix(counts)  # [shards, experts]
-    # sent[s, r]: rows shard s sends to shard r.
-    sent = all_counts.reshape(shards, shards, -1).sum(axis=2)  # [shards, shards]
+    sent = jnp.sum(traffic, axis=2)  # [shards, shards]: rows shard s sends to shard r
     before_source = jnp.cumsum(sent, axis=0) - sent  # rows of earlier sources, per receiver
     before_receiver = jnp.cumsum(sent, axis=1) - sent  # a source's rows for earlier receivers
     send_counts, recv_counts = sent[me], sent[:, me]  # [shards] each
@@ -255,15 +380,13 @@ def _exchange_ragged(rows: jax.Array, counts: jax.Array, run_experts) -> jax.Arr
         axis_name=EXPERT_AXIS,
     )  # [shards * m, d]
 
-    arrivals = _arrivals(all_counts)  # [shards, local experts]
-    # The receive buffer is [source, local expert]-major: a position's local expert is its
-    # flat group (inclusive ends) modulo the local experts; past every group, padding.
-    group_ends = jnp.cumsum(arrivals.reshape(-1))  # [shards * local experts]
+    arrivals = traffic[:, me, :]  # [shards, groups]
+    # The receive buffer is [source, group]-major: a position's group is its flat group
+    # (inclusive ends) modulo the groups; past every group, padding.
+    group_ends = jnp.cumsum(arrivals.reshape(-1))  # [shards * groups]
     flat_group = jnp.searchsorted(group_ends, jnp.arange(shards * m), side="right")
-    local_experts = arrivals.shape[1]
-    local_expert = jnp.where(
-        flat_group < group_ends.shape[0], flat_group % local_experts, local_experts
-    )
+    groups = arrivals.shape[1]
+    local_expert = jnp.where(flat_group < group_ends.shape[0], flat_group % groups, groups)
     outputs = _run_local_experts(received, local_expert, arrivals, run_experts)
     return jax.lax.ragged_all_to_all(
         outputs,
