@@ -241,6 +241,9 @@ def moe_ffn(
     strategy: str,
     capacity_factor: float = 1.25,
     gmm_impl: str = "auto",
+    expert_balance: str = "none",
+    llep_margin: float = 0.1,
+    llep_max_foreign: int = 2,
     priority: str = "order",
     shared_params: ExpertParams | None = None,
 ) -> MoEOutput:
@@ -256,6 +259,9 @@ def moe_ffn(
         `dropless_dispatch`.
       capacity_factor: slots per expert relative to a perfectly balanced load ("capacity" only).
       gmm_impl: grouped matmul implementation ("dropless" and "expert_parallel").
+      expert_balance, llep_margin, llep_max_foreign: load balancing over expert shards, one of
+        `expert_parallel.EXPERT_BALANCES` ("dropless" and "expert_parallel" with more than one
+        expert shard; see `expert_parallel.sharded_dropless`). Outputs do not depend on them.
       priority: who keeps buffer slots when capacity is short, one of `CAPACITY_PRIORITIES`
         ("capacity" only; see `capacity_dispatch`).
       shared_params: shared experts added for every token (see `shared_expert_ffn`), or None.
@@ -268,6 +274,7 @@ def moe_ffn(
             f"strategy: unknown value {strategy!r}; allowed: {', '.join(DISPATCH_STRATEGIES)}"
         )
     _check_priority(priority)
+    expert_parallel.check_balance(expert_balance, llep_margin, llep_max_foreign)
     num_experts = _check_inputs(x, routing, expert_params)
     if strategy == "capacity":
         num_tokens, top_k = routing.expert_index.shape
@@ -283,6 +290,9 @@ def moe_ffn(
             _cast_params(expert_params, x.dtype),
             mesh,
             gmm_impl=gmm_impl,
+            expert_balance=expert_balance,
+            llep_margin=llep_margin,
+            llep_max_foreign=llep_max_foreign,
         )
         dropped_fraction = jnp.zeros((), jnp.float32)
     else:

@@ -7,19 +7,13 @@ no mesh, itself checked against float64 references in tests/test_moe.py.
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from jax.sharding import NamedSharding
+from expert_mesh import emulated_ragged_all_to_all, mesh_of, step_shardings
 
 from moejax import expert_parallel, hlo, moe, sharding
 from moejax.routing import Routing
 
 NUM_EXPERTS, D_MODEL, D_FF, TOKENS, TOP_K = 8, 16, 32, 64, 2
-WEIGHT_AXES = {
-    "w_gate": ("expert", "embed", "expert_mlp"),
-    "w_up": ("expert", "embed", "expert_mlp"),
-    "w_down": ("expert", "expert_mlp", "embed"),
-}
 # (data, fsdp, expert, tensor)
 MESHES = [(8, 1, 1, 1), (2, 1, 4, 1), (1, 1, 8, 1), (2, 2, 2, 1), (1, 2, 2, 2)]
 
@@ -76,12 +70,8 @@ def _reference(x, params, weights, index):
 def _on_mesh(shape, x, params, weights, index, **dispatch):
     """(value, y), grads of `_loss` jitted under a mesh of `shape` with the step's shardings;
     and the compiled HLO text."""
-    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape, strict=True)))
-    tokens = NamedSharding(mesh, sharding.logical_to_mesh(("batch", None)))
-    weight_shardings = {
-        name: NamedSharding(mesh, sharding.logical_to_mesh(axes))
-        for name, axes in WEIGHT_AXES.items()
-    }
+    mesh = mesh_of(shape)
+    tokens, weight_shardings = step_shardings(mesh)
     fn = jax.jit(
         lambda *args: _value_and_grads(*args, **dispatch),
         in_shardings=(tokens, weight_shardings, tokens, tokens),
@@ -137,42 +127,18 @@ def test_full_weight_gather_detector_sees_annotation_only_sharding():
         routing = Routing(index, weights, None, {})
         return moe.dropless_dispatch(x, routing, params)[0]
 
-    tokens = NamedSharding(mesh, sharding.logical_to_mesh(("batch", None)))
-    weight_shardings = {
-        name: NamedSharding(mesh, sharding.logical_to_mesh(axes))
-        for name, axes in WEIGHT_AXES.items()
-    }
+    tokens, weight_shardings = step_shardings(mesh)
     fn = jax.jit(annotated_only, in_shardings=(tokens, weight_shardings, tokens, tokens))
     with jax.set_mesh(mesh):
         text = fn.lower(x, params, weights, index).compile().as_text()
     assert _full_weight_gathers(text), "annotation-only sharding should gather expert weights"
 
 
-def _emulated_ragged_all_to_all(
-    operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name
-):
-    """`jax.lax.ragged_all_to_all` from its documented contract, with all_gathers (XLA:CPU has
-    no ragged all-to-all): source s writes operand_s[input_offsets_s[r]:][:send_sizes_s[r]] at
-    output_r[output_offsets_s[r]:]; this device is r."""
-    me = jax.lax.axis_index(axis_name)
-    operands = jax.lax.all_gather(operand, axis_name)  # [shards, m, d]
-    starts = jax.lax.all_gather(input_offsets, axis_name)[:, me]  # [shards]
-    sizes = jax.lax.all_gather(send_sizes, axis_name)[:, me]
-    places = jax.lax.all_gather(output_offsets, axis_name)[:, me]
-    np.testing.assert_equal(recv_sizes.shape, sizes.shape)
-    position = jnp.arange(output.shape[0])
-    for source in range(operands.shape[0]):
-        inside = (position >= places[source]) & (position < places[source] + sizes[source])
-        row = jnp.clip(starts[source] + position - places[source], 0, operand.shape[0] - 1)
-        output = jnp.where(inside[:, None], operands[source][row], output)
-    return output
-
-
 @pytest.mark.parametrize("shape", [(2, 1, 4, 1), (1, 1, 8, 1), (1, 2, 2, 2)])
 @pytest.mark.parametrize("kind", ["skewed", "one_expert"])
 def test_ragged_exchange_offsets(shape, kind, monkeypatch):
     """The TPU/GPU exchange's offsets and sizes, run through an emulated ragged_all_to_all."""
-    monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
+    monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
     x, params = _inputs()
     index, weights = _routing(kind)
     expected = _reference(x, params, weights, index)

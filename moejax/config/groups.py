@@ -83,6 +83,13 @@ class ModelConfig:
     num_shared_experts: int = 0
     shared_expert_d_ff: int = 0
     gmm_impl: str = "auto"
+    # With expert-parallel dispatch: "llep" moves the excess rows of overloaded expert shards,
+    # with their experts' weights, to shards below the cap ceil((1 + llep_margin) * mean load),
+    # at most llep_max_foreign borrowed experts per shard (Least-Loaded Expert Parallelism; see
+    # moejax.llep). Outputs are those of "none", plain expert parallelism.
+    expert_balance: str = "none"
+    llep_margin: float = 0.1
+    llep_max_foreign: int = 2
     dtype: str = "float32"
     param_dtype: str = "float32"
     tie_embeddings: bool = True

@@ -29,7 +29,7 @@ def _known_name(field: str, value: str, allowed: Sequence[str]) -> None:
 def validate_model(model: ModelConfig) -> None:
     """Checks the model fields on their own (no mesh or data)."""
     from kernels_pallas.grouped_matmul.ops import GMM_IMPLS
-    from moejax import moe, routing
+    from moejax import expert_parallel, moe, routing
     from moejax.routers.dynamic import CAPACITY_SCHEDULES
     from moejax.routers.learned import LEARNED_ROUTERS
 
@@ -149,6 +149,14 @@ def validate_model(model: ModelConfig) -> None:
     for name in ("num_shared_experts", "shared_expert_d_ff"):
         _require(getattr(model, name) >= 0, f"model.{name}", getattr(model, name), ">= 0")
     _known_name("model.gmm_impl", model.gmm_impl, GMM_IMPLS)
+    _known_name("model.expert_balance", model.expert_balance, expert_parallel.EXPERT_BALANCES)
+    _require(model.llep_margin >= 0, "model.llep_margin", model.llep_margin, ">= 0")
+    _require(
+        model.llep_max_foreign >= 1,
+        "model.llep_max_foreign",
+        model.llep_max_foreign,
+        "an int >= 1",
+    )
     for name in (
         "load_balance_weight",
         "router_z_weight",

@@ -144,6 +144,9 @@ class MoEOptions:
     num_shared_experts: int
     shared_expert_d_ff: int
     gmm_impl: str
+    expert_balance: str
+    llep_margin: float
+    llep_max_foreign: int
     top_p: float
     graph_mix: float
     recurrent_state_dim: int
@@ -302,6 +305,9 @@ class MoELayer(nnx.Module):
             strategy=options.dispatch,
             capacity_factor=capacity_factor,
             gmm_impl=options.gmm_impl,
+            expert_balance=options.expert_balance,
+            llep_margin=options.llep_margin,
+            llep_max_foreign=options.llep_max_foreign,
             priority=options.capacity_priority,
             shared_params=shared,
         )

@@ -1,0 +1,350 @@
+"""Least-Loaded Expert Parallelism (`moejax.llep`, `sharded_dropless(expert_balance="llep")`).
+
+The plan is checked against a token-by-token Python planner on hypothesis-drawn count matrices;
+the dispatch, on eight fake CPU devices (tests/conftest.py), against plain expert parallelism
+(outputs and gradients, float32, rtol = atol = 2e-5) and a dense float64 reference (outputs,
+rtol = atol = 1e-4), under routing skewed enough that plain expert parallelism loads one shard
+with several times the mean.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from expert_mesh import emulated_ragged_all_to_all, mesh_of, step_shardings
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moejax import expert_parallel, llep, moe, sharding
+from moejax.config.groups import ConfigError, ModelConfig
+from moejax.config.validation import validate_model
+from moejax.routing import Routing
+
+NUM_EXPERTS, D_MODEL, D_FF, TOKENS, TOP_K = 16, 16, 32, 256, 2
+MARGIN = 0.1
+# (data, fsdp, expert, tensor)
+MESHES = [(1, 1, 8, 1), (2, 1, 4, 1), (2, 1, 2, 2), (1, 2, 4, 1)]
+
+
+# The plan against a token-by-token planner.
+
+
+def _reference_plan(counts: np.ndarray, margin: float, max_foreign: int):
+    """Follows the rule of `moejax.llep` one row at a time.
+
+    Returns:
+      cap; worker: {(expert, source, rank among the source's rows of the expert): shard};
+      borrowed: per shard, the experts of its slots in order; whether some run spanned more than
+      max_foreign experts.
+    """
+    shards, num_experts = counts.shape
+    local = num_experts // shards
+    total = int(counts.sum())
+    slack = np.floor(np.float32(margin) * np.float32(total) / np.float32(shards))
+    cap = -(-total // shards) + int(slack)
+    worker, excess, load = {}, [], [0] * shards
+    for owner in range(shards):
+        for expert in range(owner * local, (owner + 1) * local):
+            for source in range(shards):
+                for rank in range(counts[source, expert]):
+                    row = (expert, source, rank)
+                    if load[owner] < cap:
+                        worker[row] = owner
+                        load[owner] += 1
+                    else:
+                        excess.append(row)
+    borrowed, overflow, taken = [], False, 0
+    for shard in range(shards):
+        spare = max(cap - load[shard], 0)
+        run = excess[taken : taken + spare]
+        taken += spare
+        experts = list(dict.fromkeys(expert for expert, _, _ in run))
+        overflow |= len(experts) > max_foreign
+        borrowed.append(experts[:max_foreign])
+        for row in run:
+            worker[row] = shard if row[0] in borrowed[shard] else row[0] // local
+    assert taken >= len(excess), "the runs cover the excess"
+    return cap, worker, borrowed, overflow
+
+
+def _plan_workers(plan: llep.LLEPPlan, counts: np.ndarray) -> dict:
+    """{(expert, source, rank): shard} read from the plan's segments; asserts that no row lies
+    in two segments."""
+    shards, num_experts = counts.shape
+    start, end = np.asarray(plan.segment_start), np.asarray(plan.segment_end)
+    stream_start = np.asarray(plan.stream_start)
+    worker = {}
+    for expert in range(num_experts):
+        for source in range(shards):
+            for rank in range(counts[source, expert]):
+                position = stream_start[source, expert] + rank
+                inside = np.flatnonzero(
+                    (start[:, expert] <= position) & (position < end[:, expert])
+                )
+                assert len(inside) <= 1, f"row {position} of expert {expert} in two segments"
+                owner = expert // (num_experts // shards)
+                worker[(expert, source, rank)] = int(inside[0]) if len(inside) else owner
+    return worker
+
+
+@st.composite
+def _count_matrices(draw):
+    shards = draw(st.sampled_from([1, 2, 3, 4, 8]))
+    local = draw(st.integers(1, 3))
+    num_experts = shards * local
+    counts = np.array(
+        draw(
+            st.lists(
+                st.integers(0, 6), min_size=shards * num_experts, max_size=shards * num_experts
+            )
+        ),
+        np.int32,
+    ).reshape(shards, num_experts)
+    # A few hot experts, as under skewed routing.
+    for expert in draw(st.lists(st.integers(0, num_experts - 1), max_size=3)):
+        counts[:, expert] += draw(st.integers(0, 40))
+    return counts
+
+
+@functools.partial(jax.jit, static_argnames=("margin", "max_foreign"))
+def _jit_plan(counts, *, margin, max_foreign):
+    return llep.llep_plan(counts, margin=margin, max_foreign=max_foreign)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    counts=_count_matrices(),
+    margin=st.sampled_from([0.0, 0.05, 0.1, 0.5]),
+    max_foreign=st.sampled_from([1, 2, 3, 24]),
+)
+def test_plan_matches_row_by_row_reference(counts, margin, max_foreign):
+    shards, num_experts = counts.shape
+    local = num_experts // shards
+    plan = jax.tree.map(np.asarray, _jit_plan(counts, margin=margin, max_foreign=max_foreign))
+    cap, worker, borrowed, overflow = _reference_plan(counts, margin, max_foreign)
+
+    assert int(plan.cap) == cap
+    assert cap <= np.ceil((1 + margin) * counts.sum() / shards - 1e-9) or counts.sum() == 0
+    assert _plan_workers(plan, counts) == worker
+    for shard in range(shards):
+        slots = list(borrowed[shard]) + [num_experts] * (max_foreign - len(borrowed[shard]))
+        assert plan.borrowed_expert[shard].tolist() == slots
+
+    traffic = np.zeros((shards, shards, local + max_foreign), np.int64)
+    for (expert, source, _), shard in worker.items():
+        owner = expert // local
+        group = expert % local if shard == owner else local + borrowed[shard].index(expert)
+        traffic[source, shard, group] += 1
+    np.testing.assert_array_equal(plan.traffic, traffic)
+
+    loads = plan.traffic.sum(axis=(0, 2))
+    plain = np.asarray(llep.plain_loads(counts))
+    assert loads.sum() == counts.sum(), "every row is computed once"
+    np.testing.assert_array_equal(plan.traffic.sum(axis=(1, 2)), counts.sum(axis=1))
+    assert np.all(loads <= np.maximum(cap, plain)), "no shard computes more than without LLEP"
+    borrowers = (plan.borrowed_expert < num_experts).any(axis=1)
+    assert np.all(loads[borrowers] <= cap)
+    if not overflow:
+        assert np.all(loads <= cap)
+
+
+def test_enough_slots_keep_every_load_within_the_cap():
+    """max_foreign >= experts - experts per shard: no run can overflow its slots."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        counts = rng.zipf(1.5, size=(4, 12)).clip(0, 500).astype(np.int32)
+        plan = _jit_plan(counts, margin=0.0, max_foreign=12 - 3)
+        assert int(plan.loads.max()) <= int(plan.cap) == -(-int(counts.sum()) // 4)
+
+
+# The dispatch on a mesh.
+
+
+def _routing(kind: str, seed: int = 0, zipf_s: float = 1.2) -> tuple[np.ndarray, np.ndarray]:
+    """expert_index and combine_weights [tokens, top_k], distinct experts per token:
+
+    "one_shard": every choice is expert 0 or 1 (both on the first expert shard whenever shards
+      hold two or more experts);
+    "zipf": experts drawn from a Zipf law with exponent `zipf_s` (0 is uniform).
+    """
+    rng = np.random.default_rng(seed)
+    if kind == "one_shard":
+        first = rng.integers(0, 2, TOKENS)
+        index = np.stack([first, 1 - first], axis=1)
+    else:
+        probs = 1.0 / np.arange(1, NUM_EXPERTS + 1) ** zipf_s
+        index = np.stack(
+            [
+                rng.choice(NUM_EXPERTS, TOP_K, replace=False, p=probs / probs.sum())
+                for _ in range(TOKENS)
+            ]
+        )
+    weights = rng.dirichlet(np.ones(TOP_K), TOKENS)
+    return index.astype(np.int32), weights.astype(np.float32)
+
+
+def _inputs():
+    params = moe.init_expert_params(jax.random.key(0), NUM_EXPERTS, D_MODEL, D_FF)
+    x = jax.random.normal(jax.random.key(1), (TOKENS, D_MODEL))
+    return x, params
+
+
+def _dense_reference(x, params, weights, index) -> np.ndarray:
+    """y [tokens, d_model] in float64, every assignment's expert applied row by row."""
+    x = np.asarray(x, np.float64)
+    w = {name: np.asarray(value, np.float64) for name, value in params.items()}
+    y = np.zeros_like(x)
+    for k in range(TOP_K):
+        expert = index[:, k]
+        gate = np.einsum("td,tdf->tf", x, w["w_gate"][expert])
+        up = np.einsum("td,tdf->tf", x, w["w_up"][expert])
+        hidden = gate / (1 + np.exp(-gate)) * up
+        y += weights[:, k, None] * np.einsum("tf,tfd->td", hidden, w["w_down"][expert])
+    return y
+
+
+def _loss(x, params, weights, index, dispatch):
+    y = expert_parallel.sharded_dropless(
+        x, index, weights, params, sharding.kernel_mesh(), **dispatch
+    )
+    probe = jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape))
+    return jnp.sum(y * probe), y
+
+
+@functools.cache
+def _compiled(shape, dispatch: tuple):
+    """`value_and_grad` of `_loss` in x, the expert weights and the combine weights, jitted with
+    the step's shardings under a mesh of `shape`; and the mesh."""
+    mesh = mesh_of(shape)
+    tokens, weight_shardings = step_shardings(mesh)
+    step = jax.value_and_grad(
+        functools.partial(_loss, dispatch=dict(dispatch)), argnums=(0, 1, 2), has_aux=True
+    )
+    return jax.jit(step, in_shardings=(tokens, weight_shardings, tokens, tokens)), mesh
+
+
+def _run(shape, x, params, weights, index, **dispatch):
+    fn, mesh = _compiled(shape, tuple(sorted(dispatch.items())))
+    with jax.set_mesh(mesh):
+        return fn(x, params, weights, index)
+
+
+@functools.cache
+def _loads_fn(shape, balance: tuple):
+    mesh = mesh_of(shape)
+    count = functools.partial(
+        expert_parallel.shard_loads, num_experts=NUM_EXPERTS, mesh=mesh, **dict(balance)
+    )
+    return jax.jit(count), mesh
+
+
+def _loads(shape, index, **balance) -> np.ndarray:
+    """[data * fsdp, shards]: the rows each expert shard computes."""
+    fn, mesh = _loads_fn(shape, tuple(sorted(balance.items())))
+    with jax.set_mesh(mesh):
+        return np.asarray(fn(jnp.asarray(index)))
+
+
+def _assert_same_as_plain(actual, expected):
+    chex.assert_trees_all_close(actual, expected, rtol=2e-5, atol=2e-5)
+
+
+def _check_llep(shape, index, weights, *, max_foreign, exchange="padded"):
+    """LLEP equals plain expert parallelism and the float64 reference; returns the loads of
+    both, [data * fsdp, shards] each."""
+    x, params = _inputs()
+    llep_options = {
+        "expert_balance": "llep",
+        "llep_margin": MARGIN,
+        "llep_max_foreign": max_foreign,
+    }
+    expected = _run(shape, x, params, weights, index, exchange=exchange)
+    actual = _run(shape, x, params, weights, index, exchange=exchange, **llep_options)
+    _assert_same_as_plain(actual, expected)
+    (_, y), _ = actual
+    np.testing.assert_allclose(y, _dense_reference(x, params, weights, index), rtol=1e-4, atol=1e-4)
+    return _loads(shape, index, **llep_options), _loads(shape, index)
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["one_shard", "zipf"])
+def test_llep_equals_plain_expert_parallelism_and_balances(shape, kind):
+    index, weights = _routing(kind)
+    shards = shape[2]
+    loads, plain = _check_llep(shape, index, weights, max_foreign=NUM_EXPERTS)
+    mean = plain.sum(axis=1, keepdims=True) / shards
+    assert np.all(plain.max(axis=1) >= 1.5 * mean[:, 0]), "the routing must be skewed"
+    np.testing.assert_array_equal(loads.sum(axis=1), plain.sum(axis=1))
+    assert np.all(loads <= np.ceil((1 + MARGIN) * mean)), (loads, plain)
+
+
+def test_too_few_slots_fall_back_to_the_owner():
+    """With one slot a run that spans two experts leaves the second with its owner: loads above
+    the cap, but never above plain expert parallelism's, and the same outputs."""
+    shape = (1, 1, 8, 1)
+    index, weights = _routing("zipf", seed=3, zipf_s=2.5)
+    loads, plain = _check_llep(shape, index, weights, max_foreign=1)
+    cap = llep.load_cap(TOKENS * TOP_K, 8, MARGIN)
+    assert loads.max() > cap, "this routing should need more than one slot somewhere"
+    assert loads.max() < plain.max()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 8, 1), (2, 1, 2, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_llep_ragged_exchange_offsets(shape, monkeypatch):
+    """The TPU/GPU exchange with LLEP's traffic, through an emulated ragged_all_to_all."""
+    monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
+    _compiled.cache_clear()
+    index, weights = _routing("zipf", seed=1)
+    _check_llep(shape, index, weights, max_foreign=2, exchange="ragged")
+    _compiled.cache_clear()
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), zipf_s=st.sampled_from([0.0, 1.2, 2.0, 3.0]))
+def test_llep_equals_plain_on_drawn_routing(seed, zipf_s):
+    index, weights = _routing("zipf", seed=seed, zipf_s=zipf_s)
+    loads, plain = _check_llep((1, 1, 8, 1), index, weights, max_foreign=4)
+    assert loads.max() <= max(int(llep.load_cap(TOKENS * TOP_K, 8, MARGIN)), plain.max())
+
+
+def test_moe_ffn_passes_the_balance_options():
+    x, params = _inputs()
+    index, weights = _routing("one_shard")
+    routing = Routing(jnp.asarray(index), jnp.asarray(weights), None, {})
+    mesh = mesh_of((1, 1, 8, 1))
+    ffn = jax.jit(
+        moe.moe_ffn,
+        static_argnames=("strategy", "expert_balance", "llep_margin", "llep_max_foreign"),
+    )
+    with jax.set_mesh(mesh):
+        plain = ffn(x, routing, params, strategy="dropless").y
+        balanced = ffn(x, routing, params, strategy="dropless", expert_balance="llep").y
+    np.testing.assert_allclose(balanced, plain, rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="expert_balance: unknown value 'fast'"):
+        moe.moe_ffn(x, routing, params, strategy="dropless", expert_balance="fast")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("expert_balance", "fast", "model.expert_balance: got 'fast'; allowed: none, llep"),
+        ("llep_margin", -0.5, "model.llep_margin: got -0.5; allowed: >= 0"),
+        ("llep_max_foreign", 0, "model.llep_max_foreign: got 0; allowed: an int >= 1"),
+    ],
+)
+def test_config_rejects_bad_balance_options(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_model(ModelConfig(**{field: value}))
+
+
+def test_sharded_dropless_rejects_bad_balance_options():
+    x, params = _inputs()
+    index, weights = _routing("one_shard")
+    mesh = mesh_of((1, 1, 8, 1))
+    with pytest.raises(ValueError, match="llep_max_foreign: got 0; allowed: an int >= 1"):
+        expert_parallel.sharded_dropless(
+            x, index, weights, params, mesh, expert_balance="llep", llep_max_foreign=0
+        )
