@@ -1,6 +1,6 @@
-"""Expert-parallel dispatch against annotation-only sharding, on 8 fake CPU devices.
+"""Expert-parallel dispatch against annotation-only sharding, and with LLEP, on 8 fake CPU devices.
 
-    python benchmarks/expert_parallel.py [--repeats 5]
+    python benchmarks/expert_parallel.py [--repeats 5] [--llep-margin 0.1] [--llep-max-foreign 4]
 
 Each row compiles one training step of the MoE feed-forward block, `jax.value_and_grad` of
 `sum(y * cotangent)` with respect to x and the expert weights, under a mesh of 8 host devices
@@ -11,21 +11,32 @@ and the weights expert-sharded as the train step lays them out:
       annotations are all the compiler gets, and it picks the collectives (what moejax did before
       `moejax.expert_parallel`);
   expert_parallel: `moe.moe_ffn(strategy="dropless")`, which runs `expert_parallel.sharded_dropless`
-      (all-to-all of tokens; the padded exchange, as XLA:CPU has no ragged all-to-all).
+      (all-to-all of tokens; the padded exchange, as XLA:CPU has no ragged all-to-all);
+  llep: the same with `expert_balance="llep"` (Least-Loaded Expert Parallelism, `moejax.llep`):
+      the excess rows of overloaded expert shards, and their experts' weights, go to shards below
+      the cap ceil((1 + margin) * mean load); the outputs are expert_parallel's.
 
 Routing: "uniform" draws every assignment's expert uniformly; "zipf" draws it from a Zipf law
 (s = 1.2) over the experts, so expert 0's shard receives most rows. Top-k experts are distinct per
 token; nothing is dropped on either path. Per row: bytes the collectives produce per step on one
 device (`moejax.hlo.bytes_by_kind`, summed; see there what a byte counts), the step time (median
 of `--repeats` after a warm-up), and the load of the expert shards: the max over shards of the
-rows a shard's experts receive, over the mean.
+rows a shard's grouped matmuls compute (`expert_parallel.shard_loads`, the same plan the step
+runs), over the mean; the worst group of devices that exchange among themselves. The
+annotation path has no expert shards of its own; its row shows plain expert parallelism's load.
 
 What fake-device times show and do not: the 8 "devices" are threads of one process on this
 machine's cores, and a collective is a memory copy, so the times compare the compute and copying
 each path does (how much work the compiler's choice of collectives adds), not network time. The
 bytes are what a real interconnect would carry under the same partitioning, up to the padded
 exchange's factor: on TPU/GPU the ragged exchange sends only the rows, and the "ragged MiB" column
-gives those (the rows the busiest device sends to other expert shards, four exchanges).
+gives those (the rows the busiest device sends to other expert shards, four exchanges; for LLEP
+plus the borrowed experts' weights it sends, and their gradients coming back). LLEP's load
+balance does not show in these times: the padded exchange and the grouped matmuls run over
+worst-case buffers whatever the routing, and the fake devices share the same cores, so a shard
+with less work frees no time for the others; on TPU/GPU with the ragged exchange a step waits for
+its busiest shard, which is what the load column measures. LLEP's planning, reordering and
+weight transfer do show, as the time and bytes it adds.
 """
 
 import os
@@ -44,7 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from moejax import hlo, moe, sharding  # noqa: E402
+from moejax import expert_parallel, hlo, llep, moe, sharding  # noqa: E402
 from moejax.routing import Routing  # noqa: E402
 
 TOKENS, D_MODEL, D_FF, NUM_EXPERTS, TOP_K = 4096, 256, 512, 16, 2
@@ -56,6 +67,7 @@ WEIGHT_AXES = {
 }
 # (data, fsdp, expert, tensor)
 MESHES = ((1, 1, 8, 1), (2, 1, 4, 1))
+PATHS = ("annotation", "expert_parallel", "llep")
 
 
 def expert_choices(kind: str, seed: int = 0) -> np.ndarray:
@@ -71,42 +83,68 @@ def expert_choices(kind: str, seed: int = 0) -> np.ndarray:
     ).astype(np.int32)
 
 
-def shard_load(index: np.ndarray, shards: int) -> float:
-    """max / mean over expert shards of the assignments their experts receive."""
-    per_expert = np.bincount(index.reshape(-1), minlength=NUM_EXPERTS)
-    per_shard = per_expert.reshape(shards, -1).sum(axis=1)
-    return float(per_shard.max() / per_shard.mean())
+def shard_load(index: np.ndarray, mesh_shape, balance: dict) -> float:
+    """max / mean over expert shards of the rows their grouped matmuls compute, worst group."""
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape, strict=True)))
+    tokens = NamedSharding(mesh, sharding.logical_to_mesh(("batch", None)))
+    with jax.set_mesh(mesh):
+        loads = np.asarray(
+            expert_parallel.shard_loads(
+                jax.device_put(jnp.asarray(index), tokens), NUM_EXPERTS, mesh, **balance
+            )
+        )  # [groups, shards]
+    return float(np.max(loads.max(axis=1) / loads.mean(axis=1)))
 
 
-def ragged_bytes(index: np.ndarray, mesh_shape) -> int:
+def ragged_bytes(index: np.ndarray, mesh_shape, balance: dict) -> int:
     """Bytes the ragged exchange (TPU/GPU) would send from the busiest device per step: its rows
     bound for other expert shards, d_model float32 each, four exchanges (to the experts and back,
-    forward and backward)."""
+    forward and backward), and with LLEP the weights of the experts it lends (forward) and their
+    gradients (backward)."""
     data, fsdp, shards, _ = mesh_shape
-    devices = data * fsdp * shards
     experts_per_shard = NUM_EXPERTS // shards
+    expert_bytes = (3 * D_MODEL * D_FF) * 4
     busiest = 0
     # The batch axes are (data, fsdp, expert) in mesh order: device i holds the i-th slice of
-    # tokens and is expert shard i % shards.
-    for device, rows in enumerate(np.split(index, devices)):
-        leaving = int(np.sum(rows // experts_per_shard != device % shards))
-        busiest = max(busiest, leaving)
-    return 4 * busiest * D_MODEL * 4
+    # tokens and is expert shard i % shards; each run of `shards` devices exchanges rows.
+    for group in np.split(index, data * fsdp):
+        counts = np.stack(
+            [
+                np.bincount(rows.reshape(-1), minlength=NUM_EXPERTS)
+                for rows in np.split(group, shards)
+            ]
+        ).astype(np.int32)  # [shards, experts]
+        lent = np.zeros(shards, np.int64)
+        if balance.get("expert_balance") == "llep":
+            plan = llep.llep_plan(
+                counts, margin=balance["llep_margin"], max_foreign=balance["llep_max_foreign"]
+            )
+            traffic = np.asarray(plan.traffic)  # [shards, shards, groups]
+            borrowed = np.asarray(plan.borrowed_expert)
+            owners = borrowed[borrowed < NUM_EXPERTS] // experts_per_shard
+            lent = np.bincount(owners, minlength=shards)
+        else:
+            traffic = counts.reshape(shards, shards, experts_per_shard)
+        sent = traffic.sum(axis=2)  # [shards, shards]
+        leaving = sent.sum(axis=1) - np.diag(sent)
+        moved = 4 * leaving * D_MODEL * 4 + 2 * lent * expert_bytes
+        busiest = max(busiest, int(moved.max()))
+    return busiest
 
 
-def step_fn(path: str):
+def step_fn(path: str, balance: dict):
     def loss(x, params, weights, index, cotangent):
         routing = Routing(index, weights, None, {})
         if path == "annotation":
             y, _ = moe.dropless_dispatch(x, routing, params)
         else:
-            y = moe.moe_ffn(x, routing, params, strategy="dropless").y
+            y = moe.moe_ffn(x, routing, params, strategy="dropless", **balance).y
         return jnp.sum(y * cotangent)
 
     return jax.value_and_grad(loss, argnums=(0, 1))
 
 
-def measure(path: str, mesh_shape, index: np.ndarray, repeats: int) -> dict:
+def measure(path: str, mesh_shape, index: np.ndarray, repeats: int, balance: dict) -> dict:
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape, strict=True)))
     tokens = NamedSharding(mesh, sharding.logical_to_mesh(("batch", None)))
     weights_sharding = {
@@ -123,7 +161,7 @@ def measure(path: str, mesh_shape, index: np.ndarray, repeats: int) -> dict:
         (tokens, weights_sharding, tokens, tokens, tokens),
     )
     with jax.set_mesh(mesh):
-        compiled = jax.jit(step_fn(path)).lower(*args).compile()
+        compiled = jax.jit(step_fn(path, balance)).lower(*args).compile()
         found = hlo.collectives(compiled.as_text())
         jax.block_until_ready(compiled(*args))  # warm-up
         times = []
@@ -142,36 +180,68 @@ def measure(path: str, mesh_shape, index: np.ndarray, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--llep-margin", type=float, default=0.1)
+    parser.add_argument("--llep-max-foreign", type=int, default=4)
     args = parser.parse_args()
+    llep_balance = {
+        "expert_balance": "llep",
+        "llep_margin": args.llep_margin,
+        "llep_max_foreign": args.llep_max_foreign,
+    }
     print(
         f"jax {jax.__version__}, {jax.device_count()} fake CPU devices on {os.cpu_count()} cores; "
         f"tokens {TOKENS}, d_model {D_MODEL}, d_ff {D_FF}, experts {NUM_EXPERTS}, top_k {TOP_K}, "
-        f"float32, forward+backward"
+        f"float32, forward+backward; LLEP margin {args.llep_margin}, "
+        f"max_foreign {args.llep_max_foreign}"
     )
-    header = (
-        f"{'mesh d,f,e,t':>12} {'routing':>8} {'shard load':>10} {'path':>16} "
-        f"{'MiB moved':>10} {'ragged MiB':>10} {'step ms':>8} {'bytes vs ann.':>13} "
-        f"{'time vs ann.':>12}"
+    columns = (
+        "mesh d,f,e,t",
+        "routing",
+        "path",
+        "load max/mean",
+        "MiB moved",
+        "ragged MiB",
+        "step ms",
+        "bytes vs ann.",
+        "time vs ann.",
+        "collectives MiB",
     )
-    print(header)
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for mesh_shape in MESHES:
         for kind in ("uniform", "zipf"):
             index = expert_choices(kind)
-            load = shard_load(index, mesh_shape[2])
+            balances = {
+                "annotation": {},
+                "expert_parallel": {},
+                "llep": llep_balance,
+            }
             rows = {
-                path: measure(path, mesh_shape, index, args.repeats)
-                for path in ("annotation", "expert_parallel")
+                path: measure(path, mesh_shape, index, args.repeats, balances[path])
+                for path in PATHS
             }
             base = rows["annotation"]
-            ragged = ragged_bytes(index, mesh_shape) / 2**20
             for path, row in rows.items():
-                ragged_text = f"{ragged:>10.2f}" if path == "expert_parallel" else f"{'':>10}"
-                print(
-                    f"{','.join(map(str, mesh_shape)):>12} {kind:>8} {load:>10.2f} {path:>16} "
-                    f"{row['bytes'] / 2**20:>10.2f} {ragged_text} {row['time'] * 1e3:>8.1f} "
-                    f"{row['bytes'] / base['bytes']:>13.2f} {row['time'] / base['time']:>12.2f}"
-                    f"   {row['by_kind']}"
+                balance = balances[path]
+                ragged = (
+                    ""
+                    if path == "annotation"
+                    else f"{ragged_bytes(index, mesh_shape, balance) / 2**20:.2f}"
                 )
+                kinds = ", ".join(f"{k} {n / 2**20:.2f}" for k, n in row["by_kind"].items())
+                cells = (
+                    ",".join(map(str, mesh_shape)),
+                    kind,
+                    path,
+                    f"{shard_load(index, mesh_shape, balance):.2f}",
+                    f"{row['bytes'] / 2**20:.2f}",
+                    ragged,
+                    f"{row['time'] * 1e3:.1f}",
+                    f"{row['bytes'] / base['bytes']:.2f}",
+                    f"{row['time'] / base['time']:.2f}",
+                    kinds,
+                )
+                print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

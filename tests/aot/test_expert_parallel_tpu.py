@@ -45,7 +45,8 @@ def _compiled_hlo(mesh_sizes: dict[str, int], **dispatch) -> str:
 
     def loss(x, params, combine, index):
         routing = Routing(index, combine, None, {})
-        return jnp.sum(moe.moe_ffn(x, routing, params, strategy="dropless").y.astype(jnp.float32))
+        y = moe.moe_ffn(x, routing, params, strategy="dropless", **dispatch).y
+        return jnp.sum(y.astype(jnp.float32))
 
     with jax.set_mesh(mesh):
         step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
@@ -75,6 +76,25 @@ def test_tpu_expert_parallel_uses_ragged_all_to_all_and_the_gmm_kernel(mesh_size
     # What a shard's experts receive is its ragged buffer: every row of its group's tokens.
     local_rows = TOKENS * TOP_K // (mesh_sizes["data"] * mesh_sizes["fsdp"] * shards)
     assert {c.shapes[0][0] for c in ragged} == {local_rows, local_rows * shards}
+
+
+def test_tpu_llep_sends_rows_ragged_and_lends_weights_by_all_to_all():
+    """LLEP on TPU: the same four ragged row exchanges, plus one all-to-all per expert weight
+    lending the borrowed slots ([shards, max_foreign, ...]) and three carrying their gradients
+    back to the owners; still no gather of the expert weights."""
+    sizes = {"data": 1, "fsdp": 1, "expert": 8, "tensor": 1}
+    text = _compiled_hlo(sizes, expert_balance="llep", llep_max_foreign=2)
+    found = hlo.collectives(text)
+    assert len(hlo.of_kind(found, "ragged-all-to-all")) == 4
+    lent = [
+        c
+        for c in hlo.of_kind(found, "all-to-all")
+        if c.shapes[0] in {(8, 2, D_MODEL, D_FF), (8, 2, D_FF, D_MODEL)}
+    ]
+    assert len(lent) == 6, [(c.name, c.shapes) for c in lent]
+    assert 'custom_call_target="tpu_custom_call"' in text
+    for shape in ((NUM_EXPERTS, D_MODEL, D_FF), (NUM_EXPERTS, D_FF, D_MODEL)):
+        assert not hlo.gathers_of(found, shape)
 
 
 def test_auto_exchange_is_ragged_under_a_tpu_mesh():
