@@ -4,7 +4,8 @@ Restores onto whatever devices are present (any mesh shape that fits them), prin
 validation loss, bits per byte, perplexity and per-layer routing statistics to
 DIR/eval/step_<N>.json. It reads checkpoints without taking the training lock (it may run beside
 train.py) and never creates or deletes anything under DIR/checkpoints. A damaged --step N is an
-error, not a substitution.
+error, not a substitution. Several processes evaluate together as they train together (the
+flags of moejax/distributed.py); process 0 prints and writes.
 """
 
 import argparse
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moejax import cli
+from moejax import cli, distributed
 from moejax import config as config_lib
 
 
@@ -39,6 +40,7 @@ def _main(argv: list[str]) -> int:
         default=None,
         help="checkpoint to measure routing fluctuation against (default: the one before)",
     )
+    distributed.add_flags(parser)
     cli.add_debug_flag(parser)
     args, overrides = cli.parse(parser, argv)
     cli.setup_logging()
@@ -47,6 +49,9 @@ def _main(argv: list[str]) -> int:
             raise config_lib.ConfigError(
                 f"--{flag}: {getattr(args, flag)} is negative; give a step number >= 0"
             )
+
+    distributed.initialize_from_flags(args)
+    import jax
 
     from moejax.evaluation import evaluate_workdir, expert_load_matrix, moe_layers, routing_table
     from moejax.metrics import save_load_heatmap
@@ -59,6 +64,8 @@ def _main(argv: list[str]) -> int:
         sample_bytes=args.sample_bytes,
         sample_prompt=args.prompt.encode(),
     )
+    if jax.process_index() != 0:
+        return 0  # Every process evaluated its share; process 0 reports and writes for all.
     step = results["step"]
     print(f"step {step} on mesh {results['mesh']}")
     print(

@@ -55,7 +55,9 @@ def _main(argv: list[str]) -> int:
         config_lib.validate(config, jax.device_count())
         from moejax.training.loop import NonFiniteLossError, train
 
-        print(config_lib.describe(config), file=sys.stderr)
+        primary = jax.process_index() == 0
+        if primary:
+            print(config_lib.describe(config), file=sys.stderr)
         try:
             result = train(
                 config,
@@ -68,6 +70,8 @@ def _main(argv: list[str]) -> int:
             print(str(error), file=sys.stderr)
             return 1
         # Still under the handlers: a late second signal must not turn a clean stop into -15.
+        if not primary:
+            return 0
         print(f"finished at step {result.step} in {workdir}")
         if result.last_eval is not None:
             print(

@@ -163,3 +163,42 @@ def initialize_from_flags(args) -> Launch:
     )
     initialize(launch)
     return launch
+
+
+def all_processes(flag: bool) -> bool:
+    """Whether `flag` holds on every process (a collective: every process must call it);
+    `flag` itself in a single process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier `name` (nothing in a single process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def all_processes_equal(text: str) -> bool:
+    """Whether every process passed the same `text` (a collective, by digest)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return True
+    import hashlib
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint32)  # [8]
+    digests = multihost_utils.process_allgather(digest)  # [processes, 8]
+    return bool(np.all(digests == digests[:1]))

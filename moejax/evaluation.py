@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax import metrics
 from moejax.training.step import MeshStep, global_batch
@@ -65,7 +66,8 @@ def routing_top1(
             if aux is not None and "top1_expert" in aux
         }
 
-    step = MeshStep(jax.jit(run), mesh)
+    # Replicated, so that every process can read all of it back.
+    step = MeshStep(jax.jit(run, out_shardings=NamedSharding(mesh, PartitionSpec())), mesh)
     inputs = global_batch(mesh, {"inputs": batch["inputs"]})["inputs"]
     return {
         layer: np.asarray(index) for layer, index in jax.device_get(step(variables, inputs)).items()
@@ -233,7 +235,7 @@ def evaluate_workdir(
 
         sample = generate(
             layout.spec.merge,
-            jax.device_get(variables),
+            sharding.to_host(variables),
             sample_prompt,
             num_bytes=sample_bytes,
             window=config.data.seq_len,

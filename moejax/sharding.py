@@ -126,6 +126,40 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_mesh(("batch", "length")))
 
 
+def process_batch_block(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
+    """(block index, block count): this process's devices hold rows `[index * size, (index + 1)
+    * size)` of a `[global_batch_size, length]` batch sharded by `batch_sharding(mesh)`, with
+    `size = global_batch_size // count`. What the input pipeline must feed this process.
+
+    The mesh decides which rows land on which process, and it need not follow the process index
+    (a TPU mesh follows the torus); devices that replicate the batch (the tensor axis) make
+    processes share a block. A process whose rows are not one aligned block cannot be fed from
+    contiguous rows, which is a ValueError.
+    """
+    indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size, 1))
+    rows = sorted({index[0].indices(global_batch_size)[:2] for index in indices.values()})
+    start, stop = rows[0][0], rows[-1][1]
+    contiguous = all(a[1] == b[0] for a, b in zip(rows, rows[1:], strict=False))
+    size = stop - start
+    if not contiguous or start % size or global_batch_size % size:
+        raise ValueError(
+            f"mesh {dict(mesh.shape)}: process {jax.process_index()}'s devices hold batch rows "
+            f"{rows}, not one aligned block of the {global_batch_size}-row batch; order the "
+            "devices so that each process's devices are consecutive along the batch axes"
+        )
+    return start // size, global_batch_size // size
+
+
+def to_host(tree: Any) -> Any:
+    """`tree`'s arrays as numpy arrays on this process, whole, even where they are sharded over
+    devices of other processes (there `jax.device_get` refuses: it reads only local shards)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def constrain(x: jax.Array, names: LogicalAxes) -> jax.Array:
     """`with_sharding_constraint` by logical names; a no-op outside a mesh context."""
     mesh = jax.sharding.get_abstract_mesh()

@@ -5,18 +5,27 @@ when the save is complete), so a crash mid-save leaves the previous checkpoints 
 Every reader goes through `restore_usable`: newest-first, past checkpoints that fail to read
 or whose state the caller cannot use (a data-iterator state that does not apply), warning
 about each. A read-only `Checkpointer` (evaluation) creates, cleans and deletes nothing.
+
+With several processes every process calls every method at the same point (Orbax's saves and
+restores are collective): each writes and reads its own shards of the state into one shared
+directory, and process 0 writes the data-iterator state, which is the same on every process
+(`data.pipeline`). Whether a checkpoint is usable is agreed by all processes, so they never
+resume from different steps, and only process 0 moves damaged steps aside.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
+from moejax import distributed
 from moejax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -78,6 +87,14 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict[str, Any] | None) -> None:
         """Starts an (async) save of `state` and the JSON-able `data_state` at `step`."""
+        # Only process 0's copy is written: a process whose iterator had drifted would resume
+        # on process 0's data without a trace.
+        agreed = distributed.all_processes_equal(json.dumps(data_state or {}, sort_keys=True))
+        if not agreed:
+            raise RuntimeError(
+                f"step {step}: the processes' data-iterator states differ; not saving a "
+                "checkpoint that would resume them on different data"
+            )
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -111,6 +128,19 @@ class Checkpointer:
         return restored[STATE], restored[DATA]
 
     def _try(
+        self, step: int, abstract_state: Any, usable: Callable[[int, Any, Any], Any] | None
+    ) -> tuple[Restored | None, str]:
+        restored, reason = self._try_here(step, abstract_state, usable)
+        # A shard only one process reads may be the damaged one: every process must skip it.
+        if not distributed.all_processes(restored is not None):
+            if restored is not None and restored.checked is not None:
+                close = getattr(restored.checked, "close", None)
+                if close is not None:
+                    close()
+            return None, reason or "unreadable on another process (see its log)"
+        return restored, ""
+
+    def _try_here(
         self, step: int, abstract_state: Any, usable: Callable[[int, Any, Any], Any] | None
     ) -> tuple[Restored | None, str]:
         try:
@@ -189,6 +219,12 @@ class Checkpointer:
         if not steps or self._read_only:
             return
         self._manager.close()
+        if jax.process_index() == 0:
+            self._move_aside(steps)
+        distributed.barrier("moejax_checkpoint_quarantine")
+        self._manager = self._open()
+
+    def _move_aside(self, steps: list[int]) -> None:
         target = self.directory.parent / f"{self.directory.name}_damaged"
         target.mkdir(exist_ok=True)
         for step in steps:
@@ -201,7 +237,6 @@ class Checkpointer:
                 destination = target / f"{step}.{copy}"
             source.rename(destination)
             log.warning("moved damaged checkpoint %s to %s", source, destination)
-        self._manager = self._open()
 
     def close(self) -> None:
         if not self._read_only:

@@ -41,36 +41,57 @@ def prepared_data_dir(data: DataConfig) -> str:
     return str(path)
 
 
+# (index, count): this process's block of each global batch, as `sharding.process_batch_block`
+# gives it; None takes block `jax.process_index()` of `jax.process_count()`.
+Block = tuple[int, int] | None
+
+
 def train_iterator(
-    data: DataConfig, *, seed_offset: int = 0, num_workers: int | None = None
+    data: DataConfig,
+    *,
+    seed_offset: int = 0,
+    num_workers: int | None = None,
+    block: Block = None,
 ) -> grain.DatasetIterator:
-    """Training batches of the config's shape, shuffled with `shuffle_seed + seed_offset`;
-    `num_workers` None takes the config's."""
+    """This process's block of the training batches of the config's shape, shuffled with
+    `shuffle_seed + seed_offset`; `num_workers` None takes the config's."""
+    index, count = block if block is not None else (None, None)
     return pipeline.make_train_iterator(
         prepared_data_dir(data),
         seq_len=data.seq_len,
         global_batch_size=data.global_batch_size,
         seed=data.shuffle_seed + seed_offset,
         num_workers=data.num_workers if num_workers is None else num_workers,
+        process_index=index,
+        process_count=count,
     )
 
 
-def eval_batches(data: DataConfig, max_batches: int | None = None) -> list[pipeline.Batch]:
-    """Validation batches of the config's shape: the first `max_batches` (None takes the
-    config's `eval_batches`; 0 there, or here, means the whole split)."""
+def eval_batches(
+    data: DataConfig, max_batches: int | None = None, *, block: Block = None
+) -> list[pipeline.Batch]:
+    """This process's block of the validation batches of the config's shape: the first
+    `max_batches` (None takes the config's `eval_batches`; 0 there, or here, means the whole
+    split)."""
     limit = data.eval_batches if max_batches is None else max_batches
+    index, count = block if block is not None else (None, None)
     return pipeline.make_eval_batches(
         prepared_data_dir(data),
         seq_len=data.seq_len,
         batch_size=data.eval_batch_size,
         max_batches=limit or None,
+        process_index=index,
+        process_count=count,
     )
 
 
-def resumed_train_iterator(data: DataConfig, data_state: Any) -> grain.DatasetIterator:
-    """`train_iterator(data)` moved to the checkpointed `data_state`; a state that does not
-    apply to it (damaged, or saved by another data layout) is a ValueError saying why."""
-    iterator = train_iterator(data)
+def resumed_train_iterator(
+    data: DataConfig, data_state: Any, *, block: Block = None
+) -> grain.DatasetIterator:
+    """`train_iterator(data, block=block)` moved to the checkpointed `data_state` (saved by any
+    process layout); a state that does not apply to it (damaged, or saved by another data
+    layout) is a ValueError saying why."""
+    iterator = train_iterator(data, block=block)
     try:
         if not isinstance(data_state, dict) or not data_state:
             raise TypeError(f"expected the saved iterator state, got {data_state!r:.80}")

@@ -22,7 +22,7 @@ import jax
 from tqdm import tqdm
 
 from moejax import config as config_lib
-from moejax import evaluation, sharding
+from moejax import distributed, evaluation, sharding
 from moejax.config import Config
 from moejax.pruning.lm import layer_sparsity
 from moejax.training import corpus
@@ -90,31 +90,48 @@ def train(
     axis_sizes = config_lib.validate(config, len(devices))
     workdir = Path(workdir).absolute()
     workdir_lib.check_resume(workdir, config, allow_config_change=allow_config_change)
+    mesh = sharding.make_mesh(axis_sizes, devices)
     # A data_dir that cannot work fails here, with the workdir untouched.
-    eval_batches = corpus.eval_batches(config.data)
-    lock = (
-        workdir_lib.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    eval_batches = corpus.eval_batches(
+        config.data, block=sharding.process_batch_block(mesh, config.data.eval_batch_size)
     )
     with contextlib.ExitStack() as stack:
         if stop is None:
             stop = stack.enter_context(StopRequest())
-        stack.enter_context(lock)
+        _hold_lock(stack, workdir)
         # Again under the lock: a run that held it until now may have recorded its config.
         workdir_lib.check_resume(workdir, config, allow_config_change=allow_config_change)
-        return _train_locked(config, workdir, devices, axis_sizes, eval_batches, progress, stop)
+        return _train_locked(config, workdir, mesh, axis_sizes, eval_batches, progress, stop)
+
+
+def _hold_lock(stack: contextlib.ExitStack, workdir: Path) -> None:
+    """Process 0 takes the workdir lock for the run; every process fails if it cannot."""
+    refusal = None
+    if jax.process_index() == 0:
+        try:
+            stack.enter_context(workdir_lib.workdir_lock(workdir))
+        except workdir_lib.WorkdirError as error:
+            refusal = error
+    # Without the agreement the other processes would wait for process 0 in their first
+    # collective until the distributed system's heartbeat timed out.
+    if not distributed.all_processes(refusal is None):
+        raise refusal or workdir_lib.WorkdirError(
+            f"--workdir {workdir}: process 0 could not take the workdir lock; its log says why"
+        )
 
 
 def _train_locked(
     config: Config,
     workdir: Path,
-    devices: list[jax.Device],
+    mesh: jax.sharding.Mesh,
     axis_sizes: dict[str, int],
     eval_batches: list,
     progress: bool,
     stop: StopRequest,
 ) -> TrainResult:
-    mesh = sharding.make_mesh(axis_sizes, devices)
     train_cfg, data_cfg = config.train, config.data
+    block = sharding.process_batch_block(mesh, data_cfg.global_batch_size)
+    primary = jax.process_index() == 0
     layout = state_lib.state_layout(config, mesh)
     checkpointer = Checkpointer(
         workdir / workdir_lib.CHECKPOINT_DIR,
@@ -127,18 +144,20 @@ def _train_locked(
     try:
         restored = checkpointer.restore_usable(
             layout.restore_target(),
-            usable=lambda _, __, data_state: corpus.resumed_train_iterator(data_cfg, data_state),
+            usable=lambda _, __, data_state: corpus.resumed_train_iterator(
+                data_cfg, data_state, block=block
+            ),
         )
         if restored is None:
             state = state_lib.init_state(config, layout)
-            train_iter = corpus.train_iterator(data_cfg)
+            train_iter = corpus.train_iterator(data_cfg, block=block)
             restored_from = None
         else:
             restored_from, state, train_iter = restored.step, restored.state, restored.checked
             checkpointer.quarantine(sorted(restored.damaged))
             log.info("resumed from step %d", restored_from)
         step = int(jax.device_get(state["step"]))
-        if jax.process_index() == 0:
+        if primary:
             # The run is known to work from here on: only now does it become the workdir's record.
             workdir_lib.write_config(workdir, config)
             workdir_lib.trim_metrics(workdir, restored_from)
@@ -154,7 +173,7 @@ def _train_locked(
             "model: %d parameters; mesh %s on %d devices",
             state_lib.count_params(state["params"]),
             axis_sizes,
-            len(devices),
+            mesh.size,
         )
 
         def run_eval(at_step: int) -> dict[str, Any]:
@@ -171,10 +190,12 @@ def _train_locked(
         bar = tqdm(
             total=train_cfg.steps,
             initial=step,
-            disable=not progress,
+            disable=not (progress and primary),
             unit="step",
             dynamic_ncols=True,
         )
+        # One process speaks for the run; the others' lines would repeat it.
+        say = bar.write if primary else lambda _: None
         pending: list[tuple[int, dict[str, Any]]] = []
         last_train: dict[str, float] = {}
         interval_start, interval_steps = time.perf_counter(), 0
@@ -183,7 +204,7 @@ def _train_locked(
         last_eval = None
         if restored_from is None:
             last_eval = run_eval(step)
-            bar.write(f"step 0 (untrained): validation {last_eval['bits_per_byte']:.4f} bits/byte")
+            say(f"step 0 (untrained): validation {last_eval['bits_per_byte']:.4f} bits/byte")
         while step < train_cfg.steps and not stopping:
             batch = global_batch(mesh, next(train_iter))
             state, metrics = train_step(state, batch)
@@ -222,7 +243,7 @@ def _train_locked(
                 interval_start = time.perf_counter()
             if due_eval:
                 last_eval = run_eval(step)
-                bar.write(
+                say(
                     f"step {step}: validation loss {last_eval['loss']:.4f} nats, "
                     f"{last_eval['bits_per_byte']:.4f} bits/byte" + _sparsity_text(last_eval)
                 )
@@ -239,7 +260,7 @@ def _train_locked(
                     f"{stop.signal_name}: the checkpoint of step {step} is not on disk after "
                     f"its save returned ({checkpointer.directory})"
                 )
-            bar.write(f"{stop.signal_name} received: checkpoint saved at step {step}")
+            say(f"{stop.signal_name} received: checkpoint saved at step {step}")
     finally:
         if bar is not None:
             bar.close()

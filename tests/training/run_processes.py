@@ -22,10 +22,11 @@ from moejax.training.checkpoint import Checkpointer
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def env() -> dict[str, str]:
-    """One CPU device, so a subprocess's run matches a 1-device run in any other process."""
+def env(devices: int = 1) -> dict[str, str]:
+    """`devices` CPU devices (by default one, so a subprocess's run matches a 1-device run in
+    any other process)."""
     variables = dict(os.environ)
-    variables["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    variables["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     variables["JAX_PLATFORMS"] = "cpu"
     # Lines reach the log files as they are printed, so a test can act on one while it runs.
     variables["PYTHONUNBUFFERED"] = "1"
@@ -65,11 +66,14 @@ def train_command(workdir: Path, data_dir: Path, steps: int, *overrides: str) ->
     ]
 
 
-def start(command: list[str], log_dir: Path, name: str) -> tuple[subprocess.Popen, Path, Path]:
-    """Starts `command` with stdout and stderr in files under `log_dir` (read while it runs)."""
+def start(
+    command: list[str], log_dir: Path, name: str, devices: int = 1
+) -> tuple[subprocess.Popen, Path, Path]:
+    """Starts `command` on `devices` CPU devices with stdout and stderr in files under `log_dir`
+    (read while it runs)."""
     stdout, stderr = log_dir / f"{name}.out", log_dir / f"{name}.err"
     with stdout.open("w") as out, stderr.open("w") as err:
-        process = subprocess.Popen(command, env=env(), stdout=out, stderr=err)
+        process = subprocess.Popen(command, env=env(devices), stdout=out, stderr=err)
     return process, stdout, stderr
 
 

@@ -113,25 +113,29 @@ def test_a_second_train_py_on_a_busy_workdir_is_refused_and_the_first_finishes(
     tiny_config, data_dir, tmp_path
 ):
     workdir = tmp_path / "run"
+    # Endless, so that the first run still holds the lock however slowly the second starts.
     first, first_out, first_err = processes.start(
-        processes.train_command(workdir, data_dir, 150, *INTERVALS), tmp_path, "first"
+        processes.train_command(workdir, data_dir, 100_000, *INTERVALS), tmp_path, "first"
     )
     processes.wait_for_text(first, first_out, "step 7:")
     second = subprocess.run(
-        processes.train_command(workdir, data_dir, 150, *INTERVALS),
+        processes.train_command(workdir, data_dir, 100_000, *INTERVALS),
         env=processes.env(),
         capture_output=True,
         text=True,
         timeout=180,
     )
+    assert first.poll() is None, first_err.read_text()[-3000:]
     assert second.returncode == 2
     assert f"another train.py is training there (pid {first.pid} on host" in second.stderr
     assert "Traceback" not in second.stderr
+    first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=300) == 0, first_err.read_text()[-3000:]
-    assert processes.committed_steps(workdir) == [130, 140, 150]
-    config = tiny_config("train.steps=150", "train.warmup_steps=10")
-    for step in (130, 140, 150):
-        processes.restore(workdir, config, step)
+    step = _announced_step(first_out.read_text(), "SIGTERM")
+    assert step is not None and step == processes.committed_steps(workdir)[-1]
+    config = tiny_config("train.steps=100000", "train.warmup_steps=10")
+    for saved in processes.committed_steps(workdir):
+        processes.restore(workdir, config, saved)
     steps = processes.metric_steps(workdir)
     assert len(steps) == len(set(steps))
 

@@ -1,0 +1,111 @@
+"""train.py as two processes on localhost (4 CPU devices each, gloo collectives) against one
+process on 8 devices: the same run, the same data order, stopped by SIGTERM and resumed."""
+
+import json
+import signal
+import socket
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import run_processes as processes
+
+from moejax.training.loop import train
+
+STEPS = 80
+SETTINGS = (
+    "mesh.expert=4",  # experts over shards of both processes: the all-to-all crosses them
+    "train.checkpoint_every=20",
+    "train.log_every=10",
+    f"train.eval_every={STEPS}",
+    "train.warmup_steps=10",
+)
+# float32 parameters after 80 Adam steps: the two layouts sum gradients over the 8 devices in
+# different orders (gloo across processes, in-process reductions within one), so they agree to
+# float32 rounding, amplified a little by training; measured 5e-7 of each tensor's largest
+# entry after 20 steps.
+RELATIVE_TOLERANCE = 1e-4
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def _start_two(workdir: Path, data_dir: Path, log_dir: Path, name: str):
+    port = _free_port()
+    command = processes.train_command(workdir, data_dir, STEPS, *SETTINGS)
+    started = []
+    for process_id in range(2):
+        flags = [f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+        flags.append(f"--process_id={process_id}")
+        started.append(
+            processes.start([*command, *flags], log_dir, f"{name}{process_id}", devices=4)
+        )
+    return started
+
+
+def _wait_all(started, timeout: float = 300.0) -> None:
+    for process, _, err in started:
+        assert process.wait(timeout=timeout) == 0, err.read_text()[-3000:]
+
+
+def _train_losses(workdir: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    # The loss of the logged step itself: the mean over the interval since the last log changes
+    # where a stop and resume split an interval.
+    return {line["step"]: line["loss"] for line in lines if line["split"] == "train"}
+
+
+@pytest.mark.slow
+def test_two_processes_stopped_and_resumed_match_one_process(data_dir, tmp_path, tiny_config):
+    reference = tmp_path / "one_process"
+    train(
+        tiny_config(f"train.steps={STEPS}", *SETTINGS), reference, progress=False
+    )  # the 8 devices of the test process
+
+    workdir = tmp_path / "two_processes"
+    started = _start_two(workdir, data_dir, tmp_path, "first")
+    (first, first_out, _), (second, _, second_err) = started
+    processes.wait_for_text(first, first_out, "step 0 (untrained)")
+    while 20 not in processes.committed_steps(workdir):
+        assert first.poll() is None, first_out.read_text()[-2000:]
+        time.sleep(0.05)
+    # To one process only: JAX's notifier tells the other, and both stop at the agreed step.
+    second.send_signal(signal.SIGTERM)
+    _wait_all(started)
+    marker = "preemption notice received: checkpoint saved at step "
+    stopped = [
+        int(line.removeprefix(marker))
+        for line in first_out.read_text().splitlines()
+        if line.startswith(marker)
+    ]
+    assert stopped and 20 <= stopped[0] < STEPS, first_out.read_text()[-2000:]
+    assert "Reached preemption sync point" in second_err.read_text()
+    assert processes.committed_steps(workdir)[-1] == stopped[0]
+
+    _wait_all(_start_two(workdir, data_dir, tmp_path, "resumed"))
+    assert STEPS in processes.committed_steps(workdir)
+
+    config = tiny_config(f"train.steps={STEPS}")
+    state, data_state = processes.restore(workdir, config, STEPS)
+    expected_state, expected_data_state = processes.restore(reference, config, STEPS)
+    assert data_state == expected_data_state  # the same batches, in the same order
+    for (path, got), want in zip(
+        jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(expected_state), strict=True
+    ):
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        scale = max(float(np.max(np.abs(want))), 1e-30)
+        np.testing.assert_allclose(
+            got, want, rtol=0, atol=RELATIVE_TOLERANCE * scale, err_msg=jax.tree_util.keystr(path)
+        )
+    # The stop logged its own step too; every other logged step matches.
+    losses, expected_losses = _train_losses(workdir), _train_losses(reference)
+    assert losses.keys() - expected_losses.keys() <= {stopped[0]}
+    logged = sorted(expected_losses)
+    np.testing.assert_allclose(
+        [losses[s] for s in logged], [expected_losses[s] for s in logged], rtol=1e-4
+    )
