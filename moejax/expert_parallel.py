@@ -19,6 +19,14 @@ a device's assignments go to one shard. Two exchanges, one contract:
   device's assignments, so n times the bytes of "ragged". It runs where ragged_all_to_all is not
   implemented (XLA:CPU), which is what the CPU tests exercise.
 
+With `expert_balance="llep"` (Least-Loaded Expert Parallelism, `moejax.llep`), every expert
+shard computes the same plan from the gathered count matrix: the excess rows of overloaded
+shards go to shards with spare capacity instead of to their expert's owner, and each owner sends
+the borrowed experts' weights along (`_borrow_experts`); a shard runs its own experts and its
+borrowed slots in one grouped matmul. Both exchanges take the plan's traffic matrix (rows from
+every source to every group of every shard), so they serve plain and balanced dispatch alike;
+results come back to the rows' source shards as without it.
+
 The other mesh axes: tokens are split over (data, fsdp, expert) as everywhere (the "batch" rule),
 each (data, fsdp) group of devices exchanging among its own expert shards; the fsdp-sharded
 d_model axis of the weights is gathered at the shard_map boundary (FSDP gathers weights for use,
@@ -36,6 +44,7 @@ from jax.sharding import PartitionSpec
 
 from kernels_pallas import gmm
 from kernels_pallas.platform import target_platform
+from kernels_pallas.varying import vary_together
 from moejax import llep, sharding
 
 EXCHANGES = ("auto", "ragged", "padded")
@@ -274,6 +283,9 @@ def _borrow_experts(
     owner = jnp.minimum(borrowed_expert[me] // local, shards - 1)  # [max_foreign]
     extended = []
     for w in weights:
+        # One cast to the plan's varying axes for both uses of w, so the backward pass sums its
+        # gradient over the batch axes once.
+        w, _ = vary_together(w, borrowed_expert)
         mask = owns.reshape(owns.shape + (1,) * (w.ndim - 1))
         outgoing = jnp.where(mask, w[source], 0)  # [shards, max_foreign, ...]
         incoming = jax.lax.all_to_all(outgoing, EXPERT_AXIS, 0, 0, tiled=True)  # [owners, F, ...]
