@@ -1,5 +1,5 @@
 """One process of a 2-process restore: joins the distributed system, restores a run's checkpoint
-onto an 8-device mesh spanning both processes, and (process 0) writes every leaf, gathered whole,
+onto an 8-device mesh whose expert shards are on different processes, and (process 0) writes every leaf, gathered whole,
 to an .npz file.
 
 Usage: python restore_worker.py PORT PROCESS_ID WORKDIR STEP OUT.npz [mesh.axis=size ...]
@@ -23,13 +23,20 @@ if __name__ == "__main__":
     from moejax.training.restore import read_run, restore_checkpoint
 
     config = config_lib.apply_overrides(read_run(workdir), sys.argv[6:])
-    mesh = sharding.make_mesh(config_lib.validate(config, jax.device_count()), jax.devices())
+    # Devices interleaved by process, so that the innermost mesh axis (the experts, here) pairs a
+    # device of process 0 with one of process 1: no process restores the whole checkpoint.
+    per_process = [[d for d in jax.devices() if d.process_index == p] for p in range(2)]
+    devices = [device for pair in zip(*per_process, strict=True) for device in pair]
+    mesh = sharding.make_mesh(config_lib.validate(config, len(devices)), devices)
     layout = state_lib.state_layout(config, mesh)
     target = layout.restore_target()
     state = restore_checkpoint(workdir, config, target, step=int(step)).state
+    split = 0  # leaves no process holds whole
     for leaf, wanted in zip(jax.tree.leaves(state), jax.tree.leaves(target), strict=True):
         assert leaf.sharding.is_equivalent_to(wanted.sharding, leaf.ndim), (leaf.sharding, wanted)
-        assert not leaf.is_fully_addressable or leaf.sharding.is_fully_replicated
+        held = sum(shard.data.size for shard in leaf.addressable_shards if shard.replica_id == 0)
+        split += 0 < held < leaf.size
+    assert split, "the mesh put a whole copy of the state on each process"
     whole = sharding.to_host(state)
     if jax.process_index() == 0:
         leaves = jax.tree_util.tree_leaves_with_path(whole)

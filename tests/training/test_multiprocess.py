@@ -16,7 +16,11 @@ from moejax.training.loop import train
 
 STEPS = 80
 SETTINGS = (
-    "mesh.expert=4",  # experts over shards of both processes: the all-to-all crosses them
+    # The expert axis outermost: process 0 holds experts 0-1, process 1 experts 2-3, so the
+    # all-to-all crosses processes; tensor=2 splits each expert within a process.
+    "mesh.data=1",
+    "mesh.expert=4",
+    "mesh.tensor=2",
     "train.checkpoint_every=20",
     "train.log_every=10",
     f"train.eval_every={STEPS}",

@@ -1,6 +1,7 @@
 """A checkpoint saved with the experts over 4 devices restores onto other layouts (experts over
 2, one device, two processes) with every leaf bit-identical and laid out as the new mesh says."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -137,3 +138,60 @@ def test_restore_across_two_processes_is_bit_identical(saved_run, saved_values, 
         assert process.returncode == 0, output[-3000:]
     with np.load(out) as restored:
         _assert_bit_identical(dict(restored), saved_values)
+
+
+@pytest.mark.slow
+def test_eval_py_on_two_processes_matches_one_process(saved_run, tmp_path):
+    """eval.py joined by two processes (experts over 2 devices of each): the same validation
+    numbers and sample as one process, written once, by process 0."""
+    from moejax.evaluation import evaluate_workdir
+
+    expected = evaluate_workdir(
+        saved_run,
+        step=STEP,
+        overrides=["mesh.data=1", "mesh.expert=1"],
+        devices=jax.devices()[:1],
+        sample_bytes=16,
+        sample_prompt=b"ROMEO:\n",  # eval.py's default prompt
+    )
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable,
+        str(processes.ROOT / "eval.py"),
+        "--workdir",
+        str(saved_run),
+        "--step",
+        str(STEP),
+        "--sample_bytes",
+        "16",
+        # fsdp outermost: each process holds half of every weight matrix.
+        "--config.mesh.data=1",
+        "--config.mesh.fsdp=2",
+        "--config.mesh.expert=2",
+        "--config.mesh.tensor=2",
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+    ]
+    launched = [
+        subprocess.Popen(
+            [*command, f"--process_id={process_id}"],
+            env=processes.env(devices=4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for process_id in range(2)
+    ]
+    outputs = [process.communicate(timeout=300) for process in launched]
+    for process, (_, err) in zip(launched, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
+    assert "wrote" in outputs[0][0]
+    # Only gloo's connection lines: process 1 neither prints results nor writes files.
+    assert "validation loss" not in outputs[1][0] and "wrote" not in outputs[1][0]
+    written = json.loads((saved_run / "eval" / f"step_{STEP}.json").read_text())
+    assert written["mesh"] == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
+    np.testing.assert_allclose(written["loss"], expected["loss"], rtol=1e-5)
+    assert written["tokens"] == expected["tokens"]
+    assert written["sample"] == expected["sample"]
