@@ -1,6 +1,6 @@
 """One process of a 2-process restore: joins the distributed system, restores a run's checkpoint
-onto an 8-device mesh whose expert shards are on different processes, and (process 0) writes every leaf, gathered whole,
-to an .npz file.
+onto an 8-device mesh whose expert shards are on different processes, and (process 0) writes
+every leaf, gathered whole, to an .npz file.
 
 Usage: python restore_worker.py PORT PROCESS_ID WORKDIR STEP OUT.npz [mesh.axis=size ...]
 """
