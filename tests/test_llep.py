@@ -7,7 +7,9 @@ rtol = atol = 1e-4), under routing skewed enough that plain expert parallelism l
 with several times the mean.
 """
 
+import dataclasses
 import functools
+from pathlib import Path
 
 import chex
 import jax
@@ -15,12 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from expert_mesh import emulated_ragged_all_to_all, mesh_of, step_shardings
+from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moejax import expert_parallel, llep, moe, sharding
+from moejax.config import load_config_file
 from moejax.config.groups import ConfigError, ModelConfig
 from moejax.config.validation import validate_model
+from moejax.models.transformer import TransformerLM
 from moejax.routing import Routing
 
 NUM_EXPERTS, D_MODEL, D_FF, TOKENS, TOP_K = 16, 16, 32, 256, 2
@@ -348,3 +353,33 @@ def test_sharded_dropless_rejects_bad_balance_options():
         expert_parallel.sharded_dropless(
             x, index, weights, params, mesh, expert_balance="llep", llep_max_foreign=0
         )
+
+
+def test_model_config_reaches_the_dispatch(monkeypatch):
+    """`ModelConfig.expert_balance` and the llep fields reach `sharded_dropless` from the
+    language model, whose logits are those of plain expert parallelism."""
+    seen = []
+    dispatch = expert_parallel.sharded_dropless
+    balance_fields = ("expert_balance", "llep_margin", "llep_max_foreign")
+
+    def recording(*args, **kwargs):
+        seen.append({name: kwargs[name] for name in balance_fields})
+        return dispatch(*args, **kwargs)
+
+    monkeypatch.setattr(expert_parallel, "sharded_dropless", recording)
+    tiny = load_config_file(Path(__file__).resolve().parents[1] / "configs" / "tiny.py").model
+    tokens = jax.random.randint(jax.random.key(0), (8, 16), 0, 256, jnp.int32)
+    logits = {}
+    for balance in ("none", "llep"):
+        config = dataclasses.replace(
+            tiny, num_layers=1, expert_balance=balance, llep_margin=0.25, llep_max_foreign=3
+        )
+        graph, state = nnx.split(TransformerLM(config, rngs=nnx.Rngs(0)))
+        forward = jax.jit(lambda state, tokens, graph=graph: nnx.merge(graph, state)(tokens)[0])
+        with jax.set_mesh(mesh_of((2, 1, 4, 1))):
+            logits[balance] = forward(state, tokens)
+    assert seen == [
+        {"expert_balance": "none", "llep_margin": 0.25, "llep_max_foreign": 3},
+        {"expert_balance": "llep", "llep_margin": 0.25, "llep_max_foreign": 3},
+    ]
+    np.testing.assert_allclose(logits["llep"], logits["none"], rtol=2e-5, atol=2e-5)
