@@ -264,8 +264,9 @@ def _borrow_experts(
     Every owner sends each borrower the slices of its borrowed experts with one `all_to_all`
     per weight over a static [shards, max_foreign, ...] buffer (zero where the slot's expert is
     not this owner's), so the owner receives their gradients back by the transposed all_to_all.
-    On TPU/GPU the same transfer fits a `ragged_all_to_all` of only the borrowed slices (or
-    a collective permute per slot); the dense buffer is what XLA:CPU runs.
+    That buffer is sent on every platform (XLA:CPU has no ragged all-to-all); it carries
+    shards * max_foreign slices per owner, mostly zeros. On TPU/GPU a `ragged_all_to_all` of
+    only the lent slices (owners know from the plan which and to whom) would send just those.
 
     Args:
       borrowed_expert: [shards, max_foreign] the plan's expert per slot, experts when empty.
