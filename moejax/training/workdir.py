@@ -47,6 +47,10 @@ FREE_ON_RESUME = frozenset(
         "data.eval_batch_size",
         "model.halting_threshold",
         "model.gmm_impl",
+        # Where the expert FFNs run, not what they compute: LLEP's outputs are plain EP's.
+        "model.expert_balance",
+        "model.llep_margin",
+        "model.llep_max_foreign",
     }
 )
 # Groups that define the trained state (parameter shapes, optimizer and mask state): a run

@@ -38,6 +38,19 @@ def test_free_fields_and_the_mesh_may_change_on_resume(recorded):
     assert workdir_lib.check_resume(recorded, requested) == _tiny()
 
 
+def test_where_the_experts_run_may_change_on_resume(recorded):
+    # LLEP computes what plain expert parallelism does: a preempted run may turn it on.
+    requested = _tiny(
+        "model.expert_balance=llep",
+        "model.llep_margin=0.2",
+        "model.llep_max_foreign=3",
+        "model.gmm_impl=xla",
+    )
+    workdir_lib.check_resume(recorded, requested)
+    with pytest.raises(WorkdirError, match="model.num_experts"):
+        workdir_lib.check_resume(recorded, _tiny("model.num_experts=8"))
+
+
 def test_a_model_change_names_every_field_and_no_flag_allows_it(recorded):
     requested = _tiny("model.num_experts=8", "attention.kind=local", "train.learning_rate=1.0")
     for allow in (False, True):
