@@ -1,0 +1,116 @@
+"""Stateful routers inside the MoE layer: the state follows its documented update rule and
+stays outside the gradient (no gradient reaches or leaves it, and the step's gradient is the
+same with or without the update)."""
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moejax.config import load_config_file
+from moejax.models.layers import MoELayer, MoEOptions, RouterState
+from moejax.routers import stateful
+
+ROUTERS = ["bias_balanced", "kmeans"]
+TOKENS, D_MODEL, EXPERTS, TOP_K = 24, 8, 4, 2
+
+
+def _layer(router: str, seed: int = 0) -> MoELayer:
+    model = load_config_file(Path(__file__).resolve().parents[2] / "configs" / "tiny.py").model
+    options = MoEOptions(**{f.name: getattr(model, f.name) for f in dataclasses.fields(MoEOptions)})
+    options = dataclasses.replace(options, router=router, dispatch="dropless")
+    layer = MoELayer(
+        D_MODEL, 16, EXPERTS, TOP_K, options,
+        dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(seed),
+    )  # fmt: skip
+    if router == "bias_balanced":
+        # A bias that changes the choice, so routing with a stale or updated bias would show.
+        layer.router_state[...] = jnp.array([0.3, -0.2, 0.05, -0.1], jnp.float32)
+    return layer
+
+
+def _hidden(seed: int = 1) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), (2, TOKENS // 2, D_MODEL))
+
+
+def _expected_state(router: str, layer: MoELayer, x: jax.Array) -> np.ndarray:
+    """One update by hand, in float64, from the state before the step."""
+    tokens = np.asarray(x, np.float64).reshape(-1, D_MODEL)
+    state = np.asarray(layer.router_state[...], np.float64)
+    if router == "bias_balanced":
+        probs = np.asarray(jax.nn.softmax(jnp.asarray(tokens, jnp.float32) @ layer.router[...]))
+        chosen = np.argsort(-(probs + state), axis=-1, kind="stable")[:, :TOP_K]
+        counts = np.bincount(chosen.ravel(), minlength=EXPERTS).astype(np.float64)
+        return state + stateful.BIAS_UPDATE_RATE * np.sign(counts.mean() - counts)
+    unit = tokens / np.linalg.norm(tokens, axis=-1, keepdims=True)
+    centroids = state / np.linalg.norm(state, axis=-1, keepdims=True)
+    top1 = np.argmax(unit @ centroids.T, axis=-1)
+    momentum = stateful.CENTROID_MOMENTUM
+    want = state.copy()
+    for e in range(EXPERTS):
+        if np.any(top1 == e):
+            want[e] = momentum * state[e] + (1 - momentum) * unit[top1 == e].mean(axis=0)
+    return want
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_training_call_updates_router_state_by_the_documented_rule(router: str) -> None:
+    layer, x = _layer(router), _hidden()
+    want = _expected_state(router, layer, x)
+    assert not np.allclose(want, np.asarray(layer.router_state[...]))
+    layer(x, train=True)
+    np.testing.assert_allclose(layer.router_state[...], want, rtol=1e-5, atol=1e-6)
+    before = np.asarray(layer.router_state[...])
+    layer(x, train=False)
+    np.testing.assert_array_equal(layer.router_state[...], before)
+
+
+def _split(router: str):
+    graphdef, params, state = nnx.split(_layer(router), nnx.Param, RouterState)
+    params, state = nnx.to_pure_dict(params), nnx.to_pure_dict(state)
+    assert "router_state" not in params and "router_state" in state
+    return graphdef, params, state
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_no_gradient_reaches_the_updated_router_state(router: str) -> None:
+    graphdef, params, state = _split(router)
+    weights = jax.random.normal(jax.random.key(2), state["router_state"].shape)
+
+    def weighted_new_state(params, x, state):
+        layer = nnx.merge(graphdef, params, state)
+        layer(x, train=True)
+        return jnp.sum(weights * layer.router_state[...])
+
+    grads = jax.grad(weighted_new_state, argnums=(0, 1))(params, _hidden(), state)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
+        np.testing.assert_array_equal(leaf, 0.0, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_state_update_leaves_the_steps_loss_and_gradient_unchanged(router: str) -> None:
+    weights = jax.random.normal(jax.random.key(3), (2, TOKENS // 2, D_MODEL))
+
+    def loss_and_grad(update: bool):
+        spec = stateful.STATEFUL_ROUTERS[router]
+        if not update:
+            spec = dataclasses.replace(spec, update=lambda state, hidden, routing: state)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(stateful.STATEFUL_ROUTERS, router, spec)
+            graphdef, params, state = _split(router)
+
+        def loss(params, state):
+            out, aux, _ = nnx.merge(graphdef, params, state)(_hidden(), train=True)
+            return jnp.sum(weights * out) + aux["aux_loss"]
+
+        return jax.value_and_grad(loss)(params, state)
+
+    (value, grads), (value_frozen, grads_frozen) = loss_and_grad(True), loss_and_grad(False)
+    np.testing.assert_array_equal(value, value_frozen)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_frozen), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads))
