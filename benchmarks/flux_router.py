@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from moejax import config as config_lib  # noqa: E402
+from moejax import stats  # noqa: E402
 from moejax.models.transformer import TransformerLM  # noqa: E402
 from moejax.sparse_attention import flux_fit  # noqa: E402
 from moejax.sparse_attention.flux import router_param_filter  # noqa: E402
@@ -143,11 +144,12 @@ def report(results: dict[str, Any]) -> str:
         f"| every layer full | 1.000 | {results['full_bits_per_byte']:.4f} |",
         f"| Flux routers | {mean_share:.3f} | {results['routed_bits_per_byte']:.4f} |",
         f"| coins at the routers' per-layer shares ({len(coins)} draws) | {mean_share:.3f} | "
-        f"{coins.mean():.4f} ± {coins.std():.4f} |",
+        f"{stats.mean_and_spread(coins, digits=4)} |",
         f"| coins at the routers' mean share in every layer | {mean_share:.3f} | "
-        f"{uniform.mean():.4f} ± {uniform.std():.4f} |",
+        f"{stats.mean_and_spread(uniform, digits=4)} |",
         f"| every layer sparse | 0.000 | {results['sparse_bits_per_byte']:.4f} |",
         "",
+        "Coins: mean ± sample standard deviation (ddof=1) over the draws.",
         "Per-layer share of full attention: " + ", ".join(f"{s:.3f}" for s in shares),
     ]
     return "\n".join(lines)

@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from moejax import config as config_lib  # noqa: E402
-from moejax import depth  # noqa: E402
+from moejax import depth, stats  # noqa: E402
 from moejax.depth import fit_layer_router as fit  # noqa: E402
 from moejax.models.transformer import TransformerLM  # noqa: E402
 from moejax.training.restore import load_trained, restore_run, run_batches  # noqa: E402
@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "oracle_bits_per_byte": decided_bits(eval_labels),
                 "routed_bits_per_byte": float(np.mean(np.concatenate(routed_losses))) * BITS,
                 "blind_bits_per_byte": float(np.mean(blind_bits)),
-                "blind_bits_per_byte_std": float(np.std(blind_bits)),
+                "blind_bits_per_byte_std": stats.sample_std(blind_bits),
                 "blind_blocks": float(np.mean(blind_blocks)),
                 "oracle_blocks": float(np.mean(np.asarray(fit.block_applications(eval_labels)))),
                 "routed_blocks": float(np.sum(routed_share * np.arange(3))),
@@ -235,10 +235,10 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for row in results["penalties"]:
         mean = lambda key, row=row: 100 * float(np.mean(row[key]))
+        blind = stats.format_spread(row["blind_bits_per_byte"], row["blind_bits_per_byte_std"], 4)
         lines.append(
             f"| {row['penalty']:g} | {row['routed_bits_per_byte']:.4f} | "
-            f"{row['routed_blocks']:.2f} | {row['blind_bits_per_byte']:.4f} ± "
-            f"{row['blind_bits_per_byte_std']:.4f} | "
+            f"{row['routed_blocks']:.2f} | {blind} | "
             f"{row['blind_blocks']:.2f} | {row['oracle_bits_per_byte']:.4f} | "
             f"{row['oracle_blocks']:.2f} | {mean('train_accuracy'):.1f}% | "
             f"{mean('eval_accuracy'):.1f}% | {mean('majority_accuracy'):.1f}% |"
@@ -247,7 +247,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "routed: each router's argmax on the stream its predecessors produced; blind: random "
         "decisions drawn per sequence with the routed shares of each layer (same expected "
-        f"compute, blind to the input; mean ± std over {results['blind_draws']} draws); "
+        f"compute, blind to the input; mean ± sample std, ddof=1, over {results['blind_draws']} "
+        "draws); "
         "oracle: every layer follows its own greedy label.",
         "",
         "Per layer, validation: skip/execute/repeat shares in % of the oracle labels and of the "

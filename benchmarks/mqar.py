@@ -24,6 +24,7 @@ import pathlib
 
 import numpy as np
 
+from moejax import stats
 from moejax.sparse_attention import AttentionOptions
 from moejax.tasks.mqar import MQARConfig
 from moejax.tasks.mqar_train import TrainConfig, train_mqar
@@ -97,8 +98,9 @@ def merge(out: pathlib.Path, folders: list[pathlib.Path]) -> None:
 
 
 def aggregate(out: pathlib.Path, folders: list[pathlib.Path]) -> None:
-    """Mean and standard deviation over sweeps that differ only in their seed: one row per kind
-    run in every folder, in the sweep's order, written to `out/seeds.md`."""
+    """Mean and sample standard deviation (`ddof=1`) over sweeps that differ only in their
+    seed: one row per kind run in every folder, in the sweep's order, written to
+    `out/seeds.md`."""
     setups, runs = [], []
     for folder in folders:
         part = json.loads((folder / "results.json").read_text())
@@ -110,7 +112,7 @@ def aggregate(out: pathlib.Path, folders: list[pathlib.Path]) -> None:
     order += [name for name in runs[0] if name not in order]
     seeds = [json.loads((f / "results.json").read_text())["setup"]["seed"] for f in folders]
     lines = [
-        f"MQAR over seeds {seeds}: {setups[0]}",
+        f"MQAR over seeds {seeds} (mean ± sample std, ddof=1): {setups[0]}",
         "",
         "| kind | accuracy | routing recall | density |",
         "|---|---|---|---|",
@@ -121,8 +123,7 @@ def aggregate(out: pathlib.Path, folders: list[pathlib.Path]) -> None:
             continue
         cells = []
         for field in ("accuracy", "routing_recall"):
-            values = np.array([row[field] for row in rows])
-            cells.append(f"{values.mean():.3f} ± {values.std():.3f}")
+            cells.append(stats.mean_and_spread([row[field] for row in rows], digits=3))
         cells.append(f"{np.mean([row['density'] for row in rows]):.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     (out / "seeds.md").write_text("\n".join(lines) + "\n")

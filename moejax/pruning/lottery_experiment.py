@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from moejax import plotting
+from moejax import plotting, stats
 from moejax.data import fashion_mnist
 from moejax.pruning.lottery import ARMS, LotteryConfig, run_seed
 
@@ -30,7 +30,8 @@ def load_data(config: LotteryConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (round, arm): remaining fraction, mean and std of test accuracy over seeds."""
+    """One row per (round, arm): remaining fraction, mean and sample standard deviation
+    (`ddof=1`; None for one seed) of test accuracy over seeds."""
     rows = []
     rounds = sorted({r["round"] for r in records})
     for round_index in rounds:
@@ -45,7 +46,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "arm": arm,
                     "remaining": float(np.mean([r["remaining"] for r in group])),
                     "accuracy_mean": float(accuracy.mean()),
-                    "accuracy_std": float(accuracy.std()),
+                    "accuracy_std": stats.sample_std(accuracy),
                     "seeds": len(group),
                 }
             )
@@ -61,8 +62,8 @@ def _markdown(config: LotteryConfig, rows: list[dict[str, Any]], seconds: float)
         f"weights (output layer {100 * config.output_prune_rate:g}%), {config.epochs} epochs "
         f"per round, Adam lr {config.learning_rate:g}, batch {config.batch_size}, rewind to "
         f"step {config.rewind_step}, seeds {config.seeds}; {seconds:.0f} s in all.",
-        "Test accuracy (mean ± std over seeds) after the last epoch of each round; "
-        "`remaining` counts the weight matrices (biases are never pruned).",
+        "Test accuracy (mean ± sample std, ddof=1, over seeds) after the last epoch of each "
+        "round; `remaining` counts the weight matrices (biases are never pruned).",
         "",
         "| round | remaining % | ticket | reinit | random |",
         "|---:|---:|---:|---:|---:|",
@@ -72,7 +73,7 @@ def _markdown(config: LotteryConfig, rows: list[dict[str, Any]], seconds: float)
         by_round.setdefault(row["round"], {})[row["arm"]] = row
     for round_index, arms in sorted(by_round.items()):
         cells = [
-            f"{100 * arms[a]['accuracy_mean']:.2f} ± {100 * arms[a]['accuracy_std']:.2f}"
+            stats.format_spread(arms[a]["accuracy_mean"], arms[a]["accuracy_std"], 2, scale=100)
             if a in arms
             else "—"
             for a in ARMS
