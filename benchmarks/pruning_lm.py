@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from moejax import cli, evaluation, sharding  # noqa: E402
+from moejax import cli, sharding  # noqa: E402
 from moejax import config as config_lib  # noqa: E402
 from moejax.config import Config  # noqa: E402
 from moejax.pruning import apply_masks  # noqa: E402
@@ -43,6 +43,7 @@ from moejax.pruning import lm as prune_lm  # noqa: E402
 from moejax.training import corpus  # noqa: E402
 from moejax.training import state as state_lib  # noqa: E402
 from moejax.training.checkpoint import Checkpointer  # noqa: E402
+from moejax.training.evaluate import evaluate  # noqa: E402
 from moejax.training.loop import train  # noqa: E402
 from moejax.training.restore import restore_checkpoint  # noqa: E402
 from moejax.training.step import make_eval_step  # noqa: E402
@@ -81,7 +82,7 @@ class Evaluator:
                 "router_state": layout.shardings.get("router_state", {}),
             },
         )
-        results = evaluation.evaluate(make_eval_step(layout, self.mesh), variables, self.batches)
+        results = evaluate(make_eval_step(layout, self.mesh), variables, self.batches)
         return {"loss": results["loss"], "bits_per_byte": results["bits_per_byte"]}
 
 

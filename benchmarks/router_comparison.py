@@ -83,7 +83,7 @@ ROUTER_VARIANTS: dict[str, Callable[[ModelConfig], dict[str, Any]]] = {
     "dense": lambda model: {"moe_every": 0, "d_ff": model.top_k * model.expert_d_ff},
 }
 
-# Per-layer routing statistics of `evaluation.evaluate`, reported as means over MoE layers.
+# Per-layer routing statistics of `moejax.training.evaluate`, reported as means over MoE layers.
 ROUTING_METRICS = {
     "imbalance": "load_max_over_mean",
     "entropy": "routing_entropy",

@@ -1,10 +1,16 @@
-"""Validation loss, bits per byte and per-layer routing statistics of a set of parameters."""
+"""Evaluation of a saved run and its reports: restore a workdir's checkpoint and measure its
+validation loss, bits per byte, routing statistics, routing fluctuation against an earlier
+checkpoint, inter-layer expert affinity and sparsity (what `eval.py` prints), and the text
+tables of those results.
+
+The loss and routing statistics themselves are `moejax.training.evaluate`, the evaluation the
+training loop runs; this module imports from `moejax.training` and nothing there imports it.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,41 +19,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax import metrics
+from moejax.training.evaluate import evaluate
 from moejax.training.step import MeshStep, global_batch
 
 log = logging.getLogger(__name__)
-
-
-def evaluate(eval_step: MeshStep, variables: Any, batches: Iterable[dict[str, np.ndarray]]):
-    """Runs `eval_step` over `batches`; returns a dict of floats and per-expert arrays.
-
-    `loss` is the mean next-byte negative log-likelihood in nats, `bits_per_byte` the same in
-    bits (the corpus is byte-level, one token per byte), `perplexity` exp(loss); routing
-    statistics (`moe/layer{i}/...`) are averaged over batches.
-    """
-    nll, tokens, routing_sums, count = 0.0, 0.0, {}, 0
-    for batch in batches:
-        out = jax.device_get(eval_step(variables, global_batch(eval_step.mesh, batch)))
-        nll += float(out.pop("nll_sum"))
-        tokens += float(out.pop("tokens"))
-        for name, value in out.items():
-            routing_sums[name] = routing_sums.get(name, 0.0) + np.asarray(value, np.float64)
-        count += 1
-    if count == 0:
-        raise ValueError("evaluate: no validation batches (is the validation split empty?)")
-    loss = nll / tokens
-    results: dict[str, Any] = {
-        "loss": loss,
-        "bits_per_byte": loss / math.log(2.0),
-        "perplexity": math.exp(loss),
-        "tokens": tokens,
-    }
-    results.update({name: total / count for name, total in routing_sums.items()})
-    halted = [value for name, value in results.items() if name.endswith("/halted_fraction")]
-    if halted:
-        # Every MoE layer costs the same, so the saved share of MoE FLOPs is the mean halted share.
-        results["moe_flops_halted"] = float(np.mean(halted))
-    return results
 
 
 def routing_top1(

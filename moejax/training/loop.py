@@ -22,13 +22,14 @@ import jax
 from tqdm import tqdm
 
 from moejax import config as config_lib
-from moejax import distributed, evaluation, sharding
+from moejax import distributed, sharding
 from moejax.config import Config
 from moejax.pruning.lm import layer_sparsity
 from moejax.training import corpus
 from moejax.training import state as state_lib
 from moejax.training import workdir as workdir_lib
 from moejax.training.checkpoint import Checkpointer
+from moejax.training.evaluate import evaluate
 from moejax.training.preemption import StopRequest
 from moejax.training.step import global_batch, make_eval_step, make_train_step
 from moejax.training.writers import MetricsWriter
@@ -178,7 +179,7 @@ def _train_locked(
 
         def run_eval(at_step: int) -> dict[str, Any]:
             variables = state_lib.model_variables(state)
-            results = evaluation.evaluate(eval_step, variables, eval_batches)
+            results = evaluate(eval_step, variables, eval_batches)
             if layout.pruning is not None:
                 # Per-layer sparsity of the weights the model evaluates with; at eval time only,
                 # since it reads every parameter back to the host.
