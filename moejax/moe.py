@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from kernels_pallas import gmm
 from moejax import expert_parallel, sharding
-from moejax.routing import Routing
+from moejax.routers.base import Routing
 
 ExpertParams = dict[str, jax.Array]
 

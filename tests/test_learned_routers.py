@@ -1,15 +1,16 @@
 """Routers with parameters (`moejax.routers.learned`): each one's defining property."""
 
+import types
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moejax.routers.base import ROUTERS
 from moejax.routers.learned import (
     GRU_PARAM_NAMES,
-    LEARNED_ROUTERS,
-    PARAM_AXES,
     activation_distribution,
     chunk_sparsification_loss,
     cosine_logits,
@@ -33,9 +34,23 @@ def _hidden(tokens: int, d_model: int = D_MODEL, seed: int = 0) -> jax.Array:
     return jnp.asarray(rng.standard_normal((tokens, d_model)), jnp.float32)
 
 
+# The routers that own parameters, and the options their inits read.
+LEARNED_ROUTERS = sorted(name for name, spec in ROUTERS.items() if spec.init_params is not None)
+OPTIONS = types.SimpleNamespace(recurrent_state_dim=32)
+
+
+def _init(name: str, key: jax.Array) -> dict:
+    """A layer's parameters, plus those the layers share (the recurrent router's GRU cell)."""
+    spec = ROUTERS[name]
+    params = spec.init_params(key, D_MODEL, EXPERTS, OPTIONS)
+    if spec.init_shared_params is not None:
+        params |= spec.init_shared_params(jax.random.fold_in(key, 1), OPTIONS)
+    return params
+
+
 def _route(name: str, hidden: jax.Array, params: dict, top_k: int):
     """Any learned router's Routing; the recurrent one starts from a zero state."""
-    route = LEARNED_ROUTERS[name][1]
+    route = ROUTERS[name].route
     if name == "recurrent":
         return route(hidden, params, None, top_k=top_k)[0]
     return route(hidden, params, top_k=top_k)
@@ -44,24 +59,22 @@ def _route(name: str, hidden: jax.Array, params: dict, top_k: int):
 # ------------------------------------------------------------------------ shared contract
 
 
-@pytest.mark.parametrize("name", sorted(LEARNED_ROUTERS))
+@pytest.mark.parametrize("name", LEARNED_ROUTERS)
 def test_params_match_declared_axes(name):
-    init, _ = LEARNED_ROUTERS[name]
-    params = init(jax.random.key(0), D_MODEL, EXPERTS)
-    assert set(params) == set(PARAM_AXES[name])
+    params = _init(name, jax.random.key(0))
+    assert set(params) == set(ROUTERS[name].param_axes)
     for key, value in params.items():
-        assert value.ndim == len(PARAM_AXES[name][key]), key
+        assert value.ndim == len(ROUTERS[name].param_axes[key]), key
         assert value.dtype == jnp.float32, key
     # The only parameter with a d_model dimension is the one named "embed", and it is first.
-    embed_params = [k for k, axes in PARAM_AXES[name].items() if "embed" in axes]
+    embed_params = [k for k, axes in ROUTERS[name].param_axes.items() if "embed" in axes]
     assert len(embed_params) == 1
     assert params[embed_params[0]].shape[0] == D_MODEL
 
 
-@pytest.mark.parametrize("name", sorted(LEARNED_ROUTERS))
+@pytest.mark.parametrize("name", LEARNED_ROUTERS)
 def test_routing_contract(name):
-    init, _ = LEARNED_ROUTERS[name]
-    params = init(jax.random.key(1), D_MODEL, EXPERTS)
+    params = _init(name, jax.random.key(1))
     top_k = 3
     result = jax.jit(lambda h, p: _route(name, h, p, top_k))(
         _hidden(24).astype(jnp.bfloat16), params
@@ -81,10 +94,9 @@ def test_routing_contract(name):
     assert all(len(set(row)) == top_k for row in index)
 
 
-@pytest.mark.parametrize("name", sorted(LEARNED_ROUTERS))
+@pytest.mark.parametrize("name", LEARNED_ROUTERS)
 def test_bad_top_k_names_the_field(name):
-    init, _ = LEARNED_ROUTERS[name]
-    params = init(jax.random.key(0), D_MODEL, EXPERTS)
+    params = _init(name, jax.random.key(0))
     with pytest.raises(ValueError, match="top_k: got 7"):
         _route(name, _hidden(4), params, top_k=EXPERTS + 1)
     with pytest.raises(ValueError, match="hidden: got"):

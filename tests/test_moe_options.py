@@ -15,8 +15,9 @@ from moejax.moe import (
     moe_ffn,
     shared_expert_ffn,
 )
+from moejax.routers.base import ROUTERS
 from moejax.routers.expert_choice import expert_choice, expert_choice_capacity
-from moejax.routing import ROUTER_NAMES, Routing, get_router, softmax_top_k
+from moejax.routing import Routing, get_router, softmax_top_k
 
 jit_moe_ffn = jax.jit(
     moe_ffn, static_argnames=("strategy", "capacity_factor", "gmm_impl", "priority")
@@ -77,7 +78,7 @@ def _active_pairs(result: Routing, num_experts: int) -> np.ndarray:
 
 
 def test_expert_choice_is_registered() -> None:
-    assert "expert_choice" in ROUTER_NAMES
+    assert "expert_choice" in ROUTERS
     assert get_router("expert_choice") is expert_choice
 
 

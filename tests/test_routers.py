@@ -20,8 +20,9 @@ from moejax.routers import (
     sinkhorn_router,
     top_p_router,
 )
+from moejax.routers.base import ROUTERS
 from moejax.routers.hashing import hash_expert_index
-from moejax.routing import ROUTER_NAMES, get_router, load_balance_loss, softmax_top_k
+from moejax.routing import get_router, load_balance_loss, softmax_top_k
 
 NEW_ROUTERS = ("noisy_top_k", "sinkhorn", "selective_sinkhorn", "hash", "random_fixed", "top_p")
 jit_moe_ffn = jax.jit(moe_ffn, static_argnames=("strategy", "capacity_factor", "gmm_impl"))
@@ -48,8 +49,8 @@ def _assert_same_routing(a, b, exact: bool = True) -> None:
 
 
 def test_new_routers_are_registered_after_softmax_top_k() -> None:
-    assert list(ROUTER_NAMES)[0] == "softmax_top_k"
-    assert set(NEW_ROUTERS) <= set(ROUTER_NAMES)
+    assert list(ROUTERS)[0] == "softmax_top_k"
+    assert set(NEW_ROUTERS) <= set(ROUTERS)
     with pytest.raises(ValueError, match=r"allowed: softmax_top_k, .*top_p"):
         get_router("nope")
 

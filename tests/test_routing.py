@@ -8,12 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moejax.routers.base import ROUTERS, RouterSpec, register
 from moejax.routing import (
-    ROUTER_NAMES,
     Routing,
     get_router,
     load_balance_loss,
-    register_router,
     router_z_loss,
     routing_statistics,
     softmax_top_k,
@@ -116,7 +115,7 @@ def test_softmax_top_k_rejects_top_k_out_of_range(top_k: int) -> None:
 
 
 def test_softmax_top_k_is_registered_and_jits() -> None:
-    assert "softmax_top_k" in ROUTER_NAMES
+    assert "softmax_top_k" in ROUTERS
     router = get_router("softmax_top_k")
     assert router is softmax_top_k
     routing = jax.jit(router, static_argnames="top_k")(_logits(5, 4), top_k=2)
@@ -125,13 +124,15 @@ def test_softmax_top_k_is_registered_and_jits() -> None:
 
 
 def test_get_router_names_unknown_router_and_allowed() -> None:
-    with pytest.raises(ValueError, match=r"router: unknown name 'foo'; allowed: softmax_top_k"):
+    with pytest.raises(ValueError, match=r"router: got 'foo'; allowed: softmax_top_k, "):
         get_router("foo")
 
 
-def test_register_router_rejects_duplicate_names() -> None:
-    with pytest.raises(ValueError, match="router: name 'softmax_top_k' is already registered"):
-        register_router("softmax_top_k")(softmax_top_k)
+def test_register_rejects_duplicate_names() -> None:
+    with pytest.raises(
+        ValueError, match="router: got 'softmax_top_k'; allowed: a name not already"
+    ):
+        register(RouterSpec("softmax_top_k", softmax_top_k))
 
 
 def test_routing_statistics_loads_sum_to_one() -> None:

@@ -8,12 +8,8 @@ from flax import nnx
 
 from moejax import sharding
 from moejax.config import apply_overrides, load_config_file
-from moejax.routers.stateful import (
-    bias_balanced_top_k,
-    kmeans_router,
-    update_centroids,
-    update_expert_bias,
-)
+from moejax.routers.bias_balanced import bias_balanced_top_k, update_expert_bias
+from moejax.routers.kmeans import kmeans_router, update_centroids
 from moejax.routing import softmax_top_k
 from moejax.training import state as state_lib
 from moejax.training.step import global_batch, make_train_step

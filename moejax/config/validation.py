@@ -29,9 +29,8 @@ def _known_name(field: str, value: str, allowed: Sequence[str]) -> None:
 def validate_model(model: ModelConfig) -> None:
     """Checks the model fields on their own (no mesh or data)."""
     from kernels_pallas.grouped_matmul.ops import GMM_IMPLS
-    from moejax import expert_parallel, moe, routing
+    from moejax import expert_parallel, moe, routers
     from moejax.routers.dynamic import CAPACITY_SCHEDULES
-    from moejax.routers.learned import LEARNED_ROUTERS
 
     _positive(
         "model",
@@ -107,15 +106,15 @@ def validate_model(model: ModelConfig) -> None:
         model.top_k,
         f"1 <= top_k <= model.num_experts={model.num_experts}",
     )
-    _known_name("model.router", model.router, [*routing.ROUTER_NAMES, *LEARNED_ROUTERS])
-    if model.router == "recurrent":
-        # Its GRU state is per token and layer to layer; depth routers change the token set.
+    _known_name("model.router", model.router, list(routers.ROUTERS))
+    if "state_prev" in routers.get(model.router).needs:
+        # Its state is per token and layer to layer; depth routers change the token set.
         for name in ("mod_every", "layer_router_dim"):
             _require(
                 getattr(model, name) == 0,
                 f"model.{name}",
                 getattr(model, name),
-                "0 with model.router='recurrent'",
+                f"0 with model.router={model.router!r} (it carries a state from layer to layer)",
             )
     _require(0.0 < model.top_p <= 1.0, "model.top_p", model.top_p, "in (0, 1]")
     _require(0.0 <= model.graph_mix <= 1.0, "model.graph_mix", model.graph_mix, "in [0, 1]")
@@ -205,12 +204,14 @@ def validate_attention(attention: AttentionOptions, model: ModelConfig, seq_len:
         model.mod_every,
         f"0 with {described} (mixture-of-depths needs the dense attention's token positions)",
     )
+    from moejax import routers
+
     _require(
-        model.router != "attention_aware",
+        not model.moe_every or "attention_probs" not in routers.get(model.router).needs,
         "model.router",
         model.router,
-        f"a router other than 'attention_aware' with {described} (it reads dense attention "
-        "weights)",
+        f"a router that does not read attention weights with {described} (only dense "
+        "attention provides them)",
     )
     try:
         attention.check_length(seq_len)

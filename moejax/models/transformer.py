@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import depth
+from moejax import depth, routers
 from moejax.attention import Attention
 from moejax.config import ModelConfig
-from moejax.models.layers import MLP, MoELayer, MoEOptions, RMSNorm, RouterContext
+from moejax.models.layers import MLP, RMSNorm
+from moejax.models.moe_layer import MoELayer, MoEOptions, RouterContext
 from moejax.routers.dynamic import capacity_schedule
-from moejax.routers.learned import init_gru_params
 from moejax.sharding import constrain, param
 from moejax.sparse_attention import AttentionOptions, SparseAttention
 
@@ -89,12 +89,11 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(config.d_model, param_dtype=param_dtype)
         self.is_moe = config.is_moe_layer(layer)
         self.halting_threshold = config.halting_threshold
-        self.wants_attention_probs = self.is_moe and config.router == "attention_aware"
+        self.wants_attention_probs = (
+            self.is_moe and "attention_probs" in routers.get(config.router).needs
+        )
         if self.is_moe:
-            options = MoEOptions(
-                **{f.name: getattr(config, f.name) for f in dataclasses.fields(MoEOptions)}
-            )
-            options = dataclasses.replace(options, capacity_factor=capacity_factor)
+            options = MoEOptions.from_config(config, capacity_factor=capacity_factor)
             self.ffn = MoELayer(
                 config.d_model,
                 config.expert_d_ff,
@@ -313,13 +312,14 @@ class TransformerLM(nnx.Module):
                 * config.d_model**-0.5,
                 ("embed", "vocab"),
             )
-        if config.moe_every and config.router == "recurrent":
-            # RMoE shares one GRU cell across the layers; each layer owns its projections.
-            gru = init_gru_params(rngs.params(), config.recurrent_state_dim)
+        spec = routers.get(config.router) if config.moe_every else None
+        if spec is not None and spec.init_shared_params is not None:
+            # Parameters all MoE layers' routers share (RMoE's GRU cell); each layer owns the rest.
+            shared = spec.init_shared_params(rngs.params(), config)
             self.router_gru = nnx.Dict(
                 {
-                    name: param(value.astype(param_dtype), (None,) * value.ndim)
-                    for name, value in gru.items()
+                    name: param(value.astype(param_dtype), spec.param_axes[name])
+                    for name, value in shared.items()
                 }
             )
 

@@ -1,35 +1,62 @@
-"""Router families beyond softmax top-k; importing this package registers each by name.
+"""Routers: one file per router, each registering its `RouterSpec` when imported.
 
-Every router keeps the contract of `moejax.routing`: `fn(router_logits [tokens, experts], *,
-top_k, renormalize=True, **options) -> Routing`, with keyword-only options that all have
-defaults.
+The registry (`ROUTERS`, `register`, `get`) and the contract live in `moejax.routers.base`, the
+auxiliary losses in `moejax.routers.losses`. Adding a router is one file that calls
+`register(RouterSpec(...))` and one import line below; the first import stays softmax_top_k, the
+default, so error messages list it first.
 """
 
-from moejax.routers import dynamic, expert_choice, graph, hashing, noisy, sinkhorn, stateful
-from moejax.routers.dynamic import active_experts, capacity_schedule, top_p_router
+from moejax.routers import softmax_top_k  # isort: skip  (first: the default router)
+from moejax.routers import (
+    bias_balanced,
+    cosine,
+    expert_choice,
+    graph,
+    hashing,
+    kmeans,
+    noisy,
+    recurrent,
+    relu,
+    sinkhorn,
+    top_p,
+)
+from moejax.routers.base import ROUTERS, RouterSpec, RouterStateSpec, Routing, get, register
+from moejax.routers.dynamic import capacity_schedule
 from moejax.routers.graph import attention_aware_router, similarity_aware_router
 from moejax.routers.hashing import hash_router, random_fixed
 from moejax.routers.noisy import noisy_top_k
 from moejax.routers.sinkhorn import selective_sinkhorn, sinkhorn_log_plan
 from moejax.routers.sinkhorn import sinkhorn as sinkhorn_router
+from moejax.routers.top_p import active_experts, top_p_router
 
 __all__ = [
+    "ROUTERS",
+    "RouterSpec",
+    "RouterStateSpec",
+    "Routing",
     "active_experts",
     "attention_aware_router",
+    "bias_balanced",
     "capacity_schedule",
-    "dynamic",
+    "cosine",
     "expert_choice",
+    "get",
     "graph",
     "hash_router",
     "hashing",
+    "kmeans",
     "noisy",
     "noisy_top_k",
     "random_fixed",
+    "recurrent",
+    "register",
+    "relu",
     "selective_sinkhorn",
     "similarity_aware_router",
     "sinkhorn",
-    "stateful",
     "sinkhorn_log_plan",
     "sinkhorn_router",
+    "softmax_top_k",
+    "top_p",
     "top_p_router",
 ]

@@ -10,8 +10,17 @@ import math
 import jax
 import jax.numpy as jnp
 
-from moejax import routing
-from moejax.routers._common import Params, check_hidden, check_int, check_top_k, require
+from moejax.routers.base import (
+    Params,
+    RouterSpec,
+    Routing,
+    check_hidden,
+    check_int,
+    check_top_k,
+    register,
+    require,
+)
+from moejax.routers.softmax_top_k import softmax_top_k
 
 # X-MoE initialises its learned temperature at 0.07 (the constant TEMPERATURE_FOR_L_UAX of its
 # torchscale code; CLIP's value). The clamp keeps 1/temperature <= 100, as CLIP clamps its logit
@@ -117,7 +126,7 @@ def cosine_router(
     renormalize: bool = True,
     min_temperature: float = COSINE_MIN_TEMPERATURE,
     max_temperature: float = COSINE_MAX_TEMPERATURE,
-) -> routing.Routing:
+) -> Routing:
     """Softmax top-k over cosine logits to learned expert centroids.
 
     Chi et al., "On the Representation Collapse of Sparse Mixture of Experts" (X-MoE, 2022);
@@ -138,4 +147,19 @@ def cosine_router(
     logits = cosine_logits(
         hidden, params, min_temperature=min_temperature, max_temperature=max_temperature
     )  # [tokens, experts]
-    return routing.softmax_top_k(logits, top_k=top_k, renormalize=renormalize)
+    return softmax_top_k(logits, top_k=top_k, renormalize=renormalize)
+
+
+def _init_layer_params(key: jax.Array, d_model: int, num_experts: int, options) -> Params:
+    return init_cosine_router_params(key, d_model, num_experts)
+
+
+SPEC = register(
+    RouterSpec(
+        "cosine",
+        cosine_router,
+        needs=("hidden", "params", "renormalize"),
+        init_params=_init_layer_params,
+        param_axes={"w_proj": ("embed", None), "centroids": (None, None), "log_temperature": ()},
+    )
+)

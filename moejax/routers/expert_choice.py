@@ -27,9 +27,9 @@ has a slot per token, i.e. `capacity_factor >= num_experts / max_slots` in `moe_
 import jax
 import jax.numpy as jnp
 
-from moejax import routing
 from moejax.moe import expert_capacity
-from moejax.routers._common import require
+from moejax.routers.base import RouterSpec, Routing, check_router_inputs, register, require
+from moejax.routers.losses import router_z_loss
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
@@ -42,7 +42,6 @@ def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: f
     return min(num_tokens, expert_capacity(num_tokens, num_experts, 1, capacity_factor))
 
 
-@routing.register_router("expert_choice")
 def expert_choice(
     router_logits: jax.Array,
     *,
@@ -50,7 +49,7 @@ def expert_choice(
     renormalize: bool = True,
     capacity_factor: float | None = None,
     max_slots: int | None = None,
-) -> routing.Routing:
+) -> Routing:
     """Every expert takes its `C` most probable tokens (see `expert_choice_capacity`).
 
     Zhou et al., "Mixture-of-Experts with Expert Choice Routing" (2022). Ties go to the earlier
@@ -77,7 +76,7 @@ def expert_choice(
       "router_z", and, for monitoring only (never weight it as a loss), "truncated_fraction":
       the share of the experts' choices lost to `max_slots`.
     """
-    num_experts = routing.check_router_inputs(router_logits, top_k)
+    num_experts = check_router_inputs(router_logits, top_k)
     num_tokens = router_logits.shape[0]
     if capacity_factor is None:
         capacity_factor = float(top_k)
@@ -113,13 +112,16 @@ def expert_choice(
         # Unchosen tokens have total 0: the inner where keeps their gradient finite, not NaN.
         safe_total = jnp.where(total > 0, total, 1.0)
         combine_weights = jnp.where(total > 0, combine_weights / safe_total, 0.0)
-    return routing.Routing(
+    return Routing(
         expert_index=expert_index.astype(jnp.int32),
         combine_weights=combine_weights,
         router_probs=router_probs,
         aux_losses={
             "load_balance": jnp.zeros((), jnp.float32),
-            "router_z": routing.router_z_loss(logits),
+            "router_z": router_z_loss(logits),
             "truncated_fraction": truncated_fraction,
         },
     )
+
+
+SPEC = register(RouterSpec("expert_choice", expert_choice))

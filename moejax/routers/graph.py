@@ -21,8 +21,8 @@ similarity measured in the router's own space, `X W_r W_r^T X^T`, so no new para
 import jax
 import jax.numpy as jnp
 
-from moejax import routing
-from moejax.routers._common import active_load_balance_loss, require
+from moejax.routers.base import RouterSpec, Routing, check_router_inputs, register, require
+from moejax.routers.losses import active_load_balance_loss, router_z_loss
 
 
 def _check_mix(mix: float) -> None:
@@ -31,19 +31,19 @@ def _check_mix(mix: float) -> None:
 
 def _route_on_probs(
     router_logits: jax.Array, mixed_probs: jax.Array, *, top_k: int, renormalize: bool
-) -> routing.Routing:
+) -> Routing:
     """Top-k of `mixed_probs [tokens, experts]` with its weights; losses of the mixed choice."""
     combine_weights, expert_index = jax.lax.top_k(mixed_probs, top_k)  # [tokens, top_k]
     if renormalize:
         combine_weights = combine_weights / jnp.sum(combine_weights, axis=-1, keepdims=True)
     expert_index = expert_index.astype(jnp.int32)
-    return routing.Routing(
+    return Routing(
         expert_index=expert_index,
         combine_weights=combine_weights,
         router_probs=mixed_probs,
         aux_losses={
             "load_balance": active_load_balance_loss(mixed_probs, combine_weights, expert_index),
-            "router_z": routing.router_z_loss(router_logits.astype(jnp.float32)),
+            "router_z": router_z_loss(router_logits.astype(jnp.float32)),
         },
     )
 
@@ -73,7 +73,6 @@ def token_similarity(router_logits: jax.Array, *, seq_len: int, temperature: flo
     return jax.nn.softmax(scores, axis=-1)
 
 
-@routing.register_router("similarity_aware")
 def similarity_aware_router(
     router_logits: jax.Array,
     *,
@@ -82,7 +81,7 @@ def similarity_aware_router(
     renormalize: bool = True,
     temperature: float = 1.0,
     mix: float = 1.0,
-) -> routing.Routing:
+) -> Routing:
     """Top-k of the expert distribution averaged over similar earlier tokens.
 
     Nguyen et al., "Improving Routing in Sparse Mixture of Experts with Graph of Tokens" (2025),
@@ -100,7 +99,7 @@ def similarity_aware_router(
       A `Routing` whose router_probs are the mixed distribution (they chose the experts), with
       aux_losses "load_balance" of that choice and "router_z" of the logits.
     """
-    routing.check_router_inputs(router_logits, top_k)
+    check_router_inputs(router_logits, top_k)
     _check_mix(mix)
     require(
         router_logits.shape[0] % seq_len == 0,
@@ -114,7 +113,6 @@ def similarity_aware_router(
     return _route_on_probs(router_logits, mixed, top_k=top_k, renormalize=renormalize)
 
 
-@routing.register_router("attention_aware")
 def attention_aware_router(
     router_logits: jax.Array,
     *,
@@ -122,7 +120,7 @@ def attention_aware_router(
     attention_probs: jax.Array | None = None,
     renormalize: bool = True,
     mix: float = 1.0,
-) -> routing.Routing:
+) -> Routing:
     """Top-k of the expert distribution averaged over the tokens the previous attention reads.
 
     Nguyen et al., "Improving Routing in Sparse Mixture of Experts with Graph of Tokens" (2025),
@@ -139,7 +137,7 @@ def attention_aware_router(
     Returns:
       As `similarity_aware_router`.
     """
-    routing.check_router_inputs(router_logits, top_k)
+    check_router_inputs(router_logits, top_k)
     _check_mix(mix)
     if attention_probs is None:
         raise ValueError(
@@ -159,3 +157,20 @@ def attention_aware_router(
     graph = attention_probs.astype(jnp.float32)
     mixed = _propagate(probs, graph, seq_len, mix)
     return _route_on_probs(router_logits, mixed, top_k=top_k, renormalize=renormalize)
+
+
+SIMILARITY_AWARE_SPEC = register(
+    RouterSpec(
+        "similarity_aware",
+        similarity_aware_router,
+        needs=("router_logits", "renormalize", "seq_len", "mix"),
+    )
+)
+
+ATTENTION_AWARE_SPEC = register(
+    RouterSpec(
+        "attention_aware",
+        attention_aware_router,
+        needs=("router_logits", "renormalize", "attention_probs", "mix"),
+    )
+)

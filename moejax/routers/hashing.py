@@ -10,8 +10,15 @@ Quality".
 import jax
 import jax.numpy as jnp
 
-from moejax import routing
-from moejax.routers._common import check_token_ids, require
+from moejax.routers.base import (
+    RouterSpec,
+    Routing,
+    check_router_inputs,
+    check_token_ids,
+    register,
+    require,
+)
+from moejax.routers.losses import load_balance_loss, router_z_loss
 
 GATES = ("uniform", "softmax")
 
@@ -69,7 +76,6 @@ def random_fixed_table(vocab_size: int, num_experts: int, top_k: int, table_seed
     return table.astype(jnp.int32)
 
 
-@routing.register_router("hash")
 def hash_router(
     router_logits: jax.Array,
     *,
@@ -78,7 +84,7 @@ def hash_router(
     token_ids: jax.Array | None = None,
     hash_seed: int = 0,
     gate: str = "uniform",
-) -> routing.Routing:
+) -> Routing:
     """Experts chosen by a fixed hash of the token id (see `hash_expert_index`).
 
     Roller et al., "Hash Layers For Large Sparse Models" (2021). The paper's hash layer has no
@@ -99,14 +105,13 @@ def hash_router(
       A `Routing` with aux_losses "load_balance" (0.0: the choice cannot be balanced by a
       loss), "load_balance_unweighted" and "router_z".
     """
-    num_experts = routing.check_router_inputs(router_logits, top_k)
+    num_experts = check_router_inputs(router_logits, top_k)
     token_ids = check_token_ids(token_ids, router_logits.shape[0], "hash")
     require(isinstance(hash_seed, int), "hash_seed", hash_seed, "an int")
     expert_index = hash_expert_index(token_ids, num_experts, top_k, hash_seed)
     return _fixed_routing(router_logits, expert_index, renormalize=renormalize, gate=gate)
 
 
-@routing.register_router("random_fixed")
 def random_fixed(
     router_logits: jax.Array,
     *,
@@ -116,7 +121,7 @@ def random_fixed(
     table_seed: int = 0,
     vocab_size: int = 256,
     gate: str = "uniform",
-) -> routing.Routing:
+) -> Routing:
     """Experts looked up in a random [vocab_size, top_k] table drawn once from `table_seed`.
 
     The "random-fixed" baseline of "Equifinality in Mixture of Experts: Routing Topology Does
@@ -138,7 +143,7 @@ def random_fixed(
       A `Routing` with aux_losses "load_balance" (0.0), "load_balance_unweighted" and
       "router_z".
     """
-    num_experts = routing.check_router_inputs(router_logits, top_k)
+    num_experts = check_router_inputs(router_logits, top_k)
     token_ids = check_token_ids(token_ids, router_logits.shape[0], "random_fixed")
     require(isinstance(table_seed, int), "table_seed", table_seed, "an int")
     require(
@@ -151,7 +156,7 @@ def random_fixed(
 
 def _fixed_routing(
     router_logits: jax.Array, expert_index: jax.Array, *, renormalize: bool, gate: str
-) -> routing.Routing:
+) -> Routing:
     """A `Routing` for experts chosen without the logits: [tokens, top_k] index -> gates."""
     require(gate in GATES, "gate", gate, ", ".join(GATES))
     logits = router_logits.astype(jnp.float32)
@@ -163,13 +168,22 @@ def _fixed_routing(
         combine_weights = jax.nn.softmax(chosen, axis=-1)
     else:
         combine_weights = jnp.take_along_axis(router_probs, expert_index, axis=-1)
-    return routing.Routing(
+    return Routing(
         expert_index=expert_index,
         combine_weights=combine_weights,
         router_probs=router_probs,
         aux_losses={
             "load_balance": jnp.zeros((), jnp.float32),
-            "load_balance_unweighted": routing.load_balance_loss(router_probs, expert_index),
-            "router_z": routing.router_z_loss(logits),
+            "load_balance_unweighted": load_balance_loss(router_probs, expert_index),
+            "router_z": router_z_loss(logits),
         },
     )
+
+
+HASH_SPEC = register(
+    RouterSpec("hash", hash_router, needs=("router_logits", "renormalize", "token_ids"))
+)
+
+RANDOM_FIXED_SPEC = register(
+    RouterSpec("random_fixed", random_fixed, needs=("router_logits", "renormalize", "token_ids"))
+)

@@ -13,16 +13,14 @@ Three families, each an `init_<name>_params(key, d_model, num_experts, **options
   (RMoE); it also takes and returns the recurrent state, so its signature has one more argument
   and one more result.
 
-`LEARNED_ROUTERS` maps each name to `(init_fn, route_fn)` and `PARAM_AXES` gives the logical axis
-names of every parameter, so an NNX layer can wrap each array as
-`moejax.sharding.param(params[name], PARAM_AXES[router][name])`. The expert dimension of router
-parameters stays unsharded (None), like `MoELayer.router`: every shard needs all logits for top-k.
-All routing math runs in float32, whatever the dtype of the hidden states or parameters.
+This module only re-exports their functions; each router's `RouterSpec` (in its own file) gives
+its parameter init and the logical axis names of every parameter (`spec.param_axes`). The expert
+dimension of router parameters stays unsharded (None), like `MoELayer.router`: every shard needs
+all logits for top-k. All routing math runs in float32, whatever the dtype of the hidden states or
+parameters.
 """
 
-from collections.abc import Callable
-
-from moejax.routers._common import Params
+from moejax.routers.base import Params
 from moejax.routers.cosine import (
     COSINE_INIT_TEMPERATURE,
     COSINE_MAX_TEMPERATURE,
@@ -52,9 +50,6 @@ __all__ = [
     "COSINE_MAX_TEMPERATURE",
     "COSINE_MIN_TEMPERATURE",
     "GRU_PARAM_NAMES",
-    "LEARNED_ROUTERS",
-    "PARAM_AXES",
-    "LearnedRouter",
     "Params",
     "activation_distribution",
     "chunk_sparsification_loss",
@@ -70,24 +65,3 @@ __all__ = [
     "relu_router",
     "relu_router_activations",
 ]
-
-LearnedRouter = tuple[Callable[..., Params], Callable[..., object]]
-
-LEARNED_ROUTERS: dict[str, LearnedRouter] = {
-    "cosine": (init_cosine_router_params, cosine_router),
-    "relu_rmsnorm": (init_relu_router_params, relu_router),
-    "recurrent": (init_recurrent_router_params, recurrent_router),
-}
-
-_GRU_AXES: dict[str, tuple[str | None, ...]] = {
-    "gru_w_x": (None, None),
-    "gru_w_h": (None, None),
-    "gru_b_x": (None,),
-    "gru_b_h": (None,),
-}
-
-PARAM_AXES: dict[str, dict[str, tuple[str | None, ...]]] = {
-    "cosine": {"w_proj": ("embed", None), "centroids": (None, None), "log_temperature": ()},
-    "relu_rmsnorm": {"w_router": ("embed", None), "norm_scale": (None,)},
-    "recurrent": {"w_proj": ("embed", None), "w_out": (None, None), **_GRU_AXES},
-}

@@ -10,11 +10,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-from moejax import routing
-from moejax.routers._common import require
+from moejax.routers.base import RouterSpec, Routing, check_router_inputs, register, require
+from moejax.routers.losses import router_z_loss
+from moejax.routers.softmax_top_k import softmax_top_k
 
 
-@routing.register_router("noisy_top_k")
 def noisy_top_k(
     router_logits: jax.Array,
     *,
@@ -24,7 +24,7 @@ def noisy_top_k(
     train: bool = True,
     noise_std: float | jax.Array | None = None,
     noise_logits: jax.Array | None = None,
-) -> routing.Routing:
+) -> Routing:
     """Softmax top-k of `logits + noise_scale * N(0, 1)`; exactly `softmax_top_k` without noise.
 
     Shazeer et al., "Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts
@@ -38,7 +38,7 @@ def noisy_top_k(
     Args:
       router_logits: [tokens, num_experts], any floating dtype; the math runs in float32.
       top_k: experts per token, in [1, num_experts].
-      renormalize: see `moejax.routing.softmax_top_k`.
+      renormalize: see `moejax.softmax_top_k`.
       rng: key for the noise; None gives no noise (a deterministic router).
       train: noise is added only while training (and only with `rng`).
       noise_std: fixed noise scale, >= 0, a number or scalar array; default 1 / num_experts.
@@ -50,7 +50,7 @@ def noisy_top_k(
       experts), with aux_losses "load_balance" (of the noisy choice) and "router_z" (of the
       clean logits, which the z-loss is meant to keep small).
     """
-    num_experts = routing.check_router_inputs(router_logits, top_k)
+    num_experts = check_router_inputs(router_logits, top_k)
     if noise_std is None:
         noise_std = 1.0 / num_experts
     if isinstance(noise_std, int | float):  # a traced scale (an annealing schedule) is unchecked
@@ -73,10 +73,15 @@ def noisy_top_k(
             scale = jax.nn.softplus(noise_logits.astype(jnp.float32))  # [tokens, experts]
         noise = jax.random.normal(rng, logits.shape, jnp.float32)  # [tokens, experts]
         noisy_logits = logits + scale * noise
-    result = routing.softmax_top_k(noisy_logits, top_k=top_k, renormalize=renormalize)
-    return routing.Routing(
+    result = softmax_top_k(noisy_logits, top_k=top_k, renormalize=renormalize)
+    return Routing(
         expert_index=result.expert_index,
         combine_weights=result.combine_weights,
         router_probs=result.router_probs,
-        aux_losses={**result.aux_losses, "router_z": routing.router_z_loss(logits)},
+        aux_losses={**result.aux_losses, "router_z": router_z_loss(logits)},
     )
+
+
+SPEC = register(
+    RouterSpec("noisy_top_k", noisy_top_k, needs=("router_logits", "renormalize", "rng", "train"))
+)

@@ -9,15 +9,18 @@ Routing math runs in float32, whatever the dtype of the hidden states or paramet
 import jax
 import jax.numpy as jnp
 
-from moejax import routing
-from moejax.routers._common import (
+from moejax.routers.base import (
     ROUTER_INIT_STD,
     Params,
+    RouterSpec,
+    Routing,
     check_hidden,
     check_int,
     check_top_k,
+    register,
     require,
 )
+from moejax.routers.softmax_top_k import softmax_top_k
 
 # The RMoE reference code shares one GRU cell across all layers while each layer keeps its own
 # input projection and output matrix; these are the keys of that shared cell.
@@ -118,7 +121,7 @@ def recurrent_router(
     *,
     top_k: int,
     renormalize: bool = True,
-) -> tuple[routing.Routing, jax.Array]:
+) -> tuple[Routing, jax.Array]:
     """Softmax top-k over logits read from a GRU state carried across layers.
 
     Qiu et al., "Layerwise Recurrent Router for Mixture-of-Experts" (RMoE, 2024): layer l
@@ -152,4 +155,32 @@ def recurrent_router(
     x_proj = hidden.astype(jnp.float32) @ params["w_proj"].astype(jnp.float32)  # [tokens, s]
     state = gru_cell(params, state_prev, x_proj)  # [tokens, d_state]
     logits = state @ params["w_out"].astype(jnp.float32)  # [tokens, experts]
-    return routing.softmax_top_k(logits, top_k=top_k, renormalize=renormalize), state
+    return softmax_top_k(logits, top_k=top_k, renormalize=renormalize), state
+
+
+def _init_layer_params(key: jax.Array, d_model: int, num_experts: int, options) -> Params:
+    """One layer's projections; the GRU cell is shared by all layers (as in RMoE)."""
+    values = init_recurrent_router_params(
+        key, d_model, num_experts, d_state=options.recurrent_state_dim
+    )
+    return {name: value for name, value in values.items() if name not in GRU_PARAM_NAMES}
+
+
+def _init_shared_params(key: jax.Array, options) -> Params:
+    return init_gru_params(key, options.recurrent_state_dim)
+
+
+SPEC = register(
+    RouterSpec(
+        "recurrent",
+        recurrent_router,
+        needs=("hidden", "params", "state_prev", "renormalize"),
+        init_params=_init_layer_params,
+        init_shared_params=_init_shared_params,
+        param_axes={
+            "w_proj": ("embed", None),
+            "w_out": (None, None),
+            **{name: (None,) * (2 if name.startswith("gru_w") else 1) for name in GRU_PARAM_NAMES},
+        },
+    )
+)

@@ -9,16 +9,19 @@ Routing math runs in float32, whatever the dtype of the hidden states or paramet
 import jax
 import jax.numpy as jnp
 
-from moejax import routing
-from moejax.routers._common import (
+from moejax.routers.base import (
+    DEFAULT_LOSS_WEIGHTS,
     ROUTER_INIT_STD,
     Params,
-    active_load_balance_loss,
+    RouterSpec,
+    Routing,
     check_hidden,
     check_int,
     check_top_k,
+    register,
     require,
 )
+from moejax.routers.losses import active_load_balance_loss
 
 
 def init_relu_router_params(key: jax.Array, d_model: int, num_experts: int) -> Params:
@@ -141,7 +144,7 @@ def relu_router(
     renormalize: bool = False,
     seq_len: int | None = None,
     chunk_size: int = 8,
-) -> routing.Routing:
+) -> Routing:
     """BlockFFN's ReLU + RMSNorm router: a variable number of experts per token.
 
     Song et al., "BlockFFN: Towards End-Side Acceleration-Friendly Mixture-of-Experts with
@@ -180,7 +183,7 @@ def relu_router(
     # exactly 0.
     combine_weights = jnp.where(active, chosen, 0.0)
     expert_index = expert_index.astype(jnp.int32)
-    return routing.Routing(
+    return Routing(
         expert_index=expert_index,
         combine_weights=combine_weights,
         router_probs=probs,
@@ -193,3 +196,23 @@ def relu_router(
             ),
         },
     )
+
+
+def _init_layer_params(key: jax.Array, d_model: int, num_experts: int, options) -> Params:
+    return init_relu_router_params(key, d_model, num_experts)
+
+
+SPEC = register(
+    RouterSpec(
+        "relu_rmsnorm",
+        relu_router,
+        needs=("hidden", "params", "renormalize", "seq_len", "chunk_size"),
+        init_params=_init_layer_params,
+        param_axes={"w_router": ("embed", None), "norm_scale": (None,)},
+        loss_weights={
+            **DEFAULT_LOSS_WEIGHTS,
+            "relu_sparsity": "relu_sparsity_weight",
+            "chunk_sparsity_loss": "chunk_sparsity_weight",
+        },
+    )
+)

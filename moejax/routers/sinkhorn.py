@@ -16,8 +16,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from moejax import routing
-from moejax.routers._common import require
+from moejax.routers.base import RouterSpec, Routing, check_router_inputs, register, require
+from moejax.routers.losses import load_balance_loss, router_z_loss
 
 GATE_SOURCES = ("softmax", "plan")
 
@@ -45,7 +45,7 @@ def sinkhorn_log_plan(
       [tokens, num_experts] float32, the log plan: its columns sum (in exp space) exactly to
       tokens * top_k / num_experts, its rows to top_k up to the final row error.
     """
-    num_experts = routing.check_router_inputs(router_logits, top_k)
+    num_experts = check_router_inputs(router_logits, top_k)
     _check_options(num_iters, tolerance)
     logits = router_logits.astype(jnp.float32)
     num_tokens = logits.shape[0]
@@ -72,7 +72,6 @@ def sinkhorn_log_plan(
     return logits + row_scale[:, None] + column_scale  # [tokens, experts]
 
 
-@routing.register_router("sinkhorn")
 def sinkhorn(
     router_logits: jax.Array,
     *,
@@ -82,7 +81,7 @@ def sinkhorn(
     num_iters: int = 20,
     tolerance: float = 1e-6,
     gate_source: str = "softmax",
-) -> routing.Routing:
+) -> Routing:
     """Experts from the top-k of a balanced transport plan (S-BASE).
 
     Clark et al., "Unified Scaling Laws for Routed Language Models" (2022). The plan balances the
@@ -119,7 +118,6 @@ def sinkhorn(
     )
 
 
-@routing.register_router("selective_sinkhorn")
 def selective_sinkhorn(
     router_logits: jax.Array,
     *,
@@ -131,7 +129,7 @@ def selective_sinkhorn(
     num_iters: int = 20,
     tolerance: float = 1e-6,
     gate_source: str = "plan",
-) -> routing.Routing:
+) -> Routing:
     """Transport-plan routing for a share of the tokens, softmax top-k for the rest.
 
     Nguyen et al., "Selective Sinkhorn Routing for Improved Sparse Mixture of Experts" (2025):
@@ -163,7 +161,7 @@ def selective_sinkhorn(
         require(
             0.0 <= sinkhorn_fraction <= 1.0, "sinkhorn_fraction", sinkhorn_fraction, "in [0, 1]"
         )
-    routing.check_router_inputs(router_logits, top_k)
+    check_router_inputs(router_logits, top_k)
     num_tokens = router_logits.shape[0]
     if not train:
         sinkhorn_mask = False
@@ -197,9 +195,9 @@ def _route(
     tolerance: float,
     gate_source: str,
     replaces_z_loss: bool,
-) -> routing.Routing:
+) -> Routing:
     """Shared body: `sinkhorn_mask` [tokens] bool picks plan routing; None all, False none."""
-    routing.check_router_inputs(router_logits, top_k)
+    check_router_inputs(router_logits, top_k)
     _check_options(num_iters, tolerance)
     require(gate_source in GATE_SOURCES, "gate_source", gate_source, ", ".join(GATE_SOURCES))
     logits = router_logits.astype(jnp.float32)
@@ -220,8 +218,8 @@ def _route(
             expert_index = jnp.where(sinkhorn_mask[:, None], plan_index, expert_index)
             gates = jnp.where(sinkhorn_mask[:, None], plan_gates, gates)
     expert_index = expert_index.astype(jnp.int32)
-    load_balance = routing.load_balance_loss(router_probs, expert_index)
-    router_z = routing.router_z_loss(logits)
+    load_balance = load_balance_loss(router_probs, expert_index)
+    router_z = router_z_loss(logits)
     aux_losses = {
         "load_balance": jnp.zeros((), jnp.float32),
         "load_balance_unweighted": load_balance,
@@ -230,7 +228,7 @@ def _route(
     if replaces_z_loss:
         aux_losses["router_z"] = jnp.zeros((), jnp.float32)
         aux_losses["router_z_unweighted"] = router_z
-    return routing.Routing(
+    return Routing(
         expert_index=expert_index,
         combine_weights=gates,
         router_probs=router_probs,
@@ -255,3 +253,16 @@ def _gates(gate_logits: jax.Array, expert_index: jax.Array, renormalize: bool) -
 def _check_options(num_iters: int, tolerance: float) -> None:
     require(isinstance(num_iters, int) and num_iters >= 1, "num_iters", num_iters, "an int >= 1")
     require(math.isfinite(tolerance) and tolerance >= 0, "tolerance", tolerance, "finite and >= 0")
+
+
+SINKHORN_SPEC = register(
+    RouterSpec("sinkhorn", sinkhorn, needs=("router_logits", "renormalize", "train"))
+)
+
+SELECTIVE_SINKHORN_SPEC = register(
+    RouterSpec(
+        "selective_sinkhorn",
+        selective_sinkhorn,
+        needs=("router_logits", "renormalize", "rng", "train"),
+    )
+)

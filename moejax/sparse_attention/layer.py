@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from moejax.attention import apply_rotary, init_projections, rotary_angles
-from moejax.models.layers import RouterState
+from moejax.routers.base import RouterState
 from moejax.sharding import constrain, param
 from moejax.sparse_attention import masks, sharded_kernel
 from moejax.sparse_attention.bilevel import bilevel_select

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.routers._common import active_load_balance_loss
+from moejax.routers.losses import active_load_balance_loss
 from moejax.routing import load_balance_loss, softmax_top_k
 
 

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from moejax import routers
 from moejax.config import load_config_file
 from moejax.models.layers import MoELayer, MoEOptions, RouterState
-from moejax.routers import stateful
+from moejax.routers.bias_balanced import BIAS_UPDATE_RATE
+from moejax.routers.kmeans import CENTROID_MOMENTUM
 
 ROUTERS = ["bias_balanced", "kmeans"]
 TOKENS, D_MODEL, EXPERTS, TOP_K = 24, 8, 4, 2
@@ -21,7 +23,7 @@ TOKENS, D_MODEL, EXPERTS, TOP_K = 24, 8, 4, 2
 
 def _layer(router: str, seed: int = 0) -> MoELayer:
     model = load_config_file(Path(__file__).resolve().parents[2] / "configs" / "tiny.py").model
-    options = MoEOptions(**{f.name: getattr(model, f.name) for f in dataclasses.fields(MoEOptions)})
+    options = MoEOptions.from_config(model)
     options = dataclasses.replace(options, router=router, dispatch="dropless")
     layer = MoELayer(
         D_MODEL, 16, EXPERTS, TOP_K, options,
@@ -45,11 +47,11 @@ def _expected_state(router: str, layer: MoELayer, x: jax.Array) -> np.ndarray:
         probs = np.asarray(jax.nn.softmax(jnp.asarray(tokens, jnp.float32) @ layer.router[...]))
         chosen = np.argsort(-(probs + state), axis=-1, kind="stable")[:, :TOP_K]
         counts = np.bincount(chosen.ravel(), minlength=EXPERTS).astype(np.float64)
-        return state + stateful.BIAS_UPDATE_RATE * np.sign(counts.mean() - counts)
+        return state + BIAS_UPDATE_RATE * np.sign(counts.mean() - counts)
     unit = tokens / np.linalg.norm(tokens, axis=-1, keepdims=True)
     centroids = state / np.linalg.norm(state, axis=-1, keepdims=True)
     top1 = np.argmax(unit @ centroids.T, axis=-1)
-    momentum = stateful.CENTROID_MOMENTUM
+    momentum = CENTROID_MOMENTUM
     want = state.copy()
     for e in range(EXPERTS):
         if np.any(top1 == e):
@@ -96,11 +98,12 @@ def test_state_update_leaves_the_steps_loss_and_gradient_unchanged(router: str) 
     weights = jax.random.normal(jax.random.key(3), (2, TOKENS // 2, D_MODEL))
 
     def loss_and_grad(update: bool):
-        spec = stateful.STATEFUL_ROUTERS[router]
+        spec = routers.get(router)
         if not update:
-            spec = dataclasses.replace(spec, update=lambda state, hidden, routing: state)
+            frozen = dataclasses.replace(spec.state, update=lambda state, hidden, routing: state)
+            spec = dataclasses.replace(spec, state=frozen)
         with pytest.MonkeyPatch.context() as patch:
-            patch.setitem(stateful.STATEFUL_ROUTERS, router, spec)
+            patch.setitem(routers.ROUTERS, router, spec)
             graphdef, params, state = _split(router)
 
         def loss(params, state):
