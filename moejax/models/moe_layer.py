@@ -68,7 +68,8 @@ class MoEOptions:
     top_p: float
     graph_mix: float
     recurrent_state_dim: int
-    # Top-p's entropy ("dynamic") loss; Huang et al. (2024) weigh it by 1e-4.
+    # Top-p's entropy ("dynamic") loss weight: small, so it only nudges the router (check the
+    # value against Huang et al. 2024 before quoting it as theirs).
     router_entropy_weight: float = 1e-4
 
     @classmethod
@@ -243,6 +244,8 @@ class MoELayer(nnx.Module):
             priority=options.capacity_priority,
             shared_params=shared,
         )
+        # Every loss the router's spec declares, weighed by the option the spec names for it, and
+        # reported unweighted as "<name>_loss".
         losses = result.aux_losses
         aux = {
             "aux_loss": sum(

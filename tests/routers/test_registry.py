@@ -1,0 +1,71 @@
+"""The router registry: every router is a spec in one table, lives in the router package, takes
+exactly the inputs it declares, and an unknown name is refused with the allowed names."""
+
+import inspect
+from pathlib import Path
+
+import jax
+import pytest
+
+from moejax import routers
+from moejax.models.moe_layer import RouterContext
+from moejax.routers.base import CONTEXT_NEEDS, ROUTERS, RouterSpec, get, register
+from moejax.routers.softmax_top_k import softmax_top_k
+from tests.routers.layer_helpers import hidden, make_layer
+
+ROUTERS_DIR = Path(routers.__file__).parent
+# Routers whose file is named after them; the others still share a family file (graph,
+# hashing, sinkhorn, noisy, relu).
+OWN_FILE = ["softmax_top_k", "top_p", "bias_balanced", "kmeans", "cosine", "recurrent"]
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_every_router_is_a_spec_from_a_file_in_the_router_package(name):
+    spec = get(name)
+    assert isinstance(spec, RouterSpec) and spec.name == name
+    path = Path(inspect.getfile(spec.route))
+    assert path.parent == ROUTERS_DIR, path
+    if name in OWN_FILE:
+        assert path.name == f"{name}.py"
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_declared_needs_are_context_the_layer_provides_and_route_keywords(name):
+    spec = get(name)
+    assert set(spec.needs) <= set(CONTEXT_NEEDS)
+    keywords = set(inspect.signature(spec.route).parameters)
+    assert set(spec.needs) | {"top_k"} <= keywords
+    if spec.state is not None:
+        assert spec.state.argument in keywords
+
+
+def test_unknown_name_lists_the_allowed_names():
+    with pytest.raises(ValueError, match=r"router: got 'nope'; allowed: softmax_top_k, .*top_p"):
+        get("nope")
+
+
+def test_spec_with_an_undeclared_context_is_refused():
+    with pytest.raises(ValueError, match=r"needs: got \['hidden_states'\]; allowed: names from"):
+        RouterSpec("bad", softmax_top_k, needs=("router_logits", "hidden_states"))
+
+
+def test_layer_hands_a_router_exactly_its_declared_needs():
+    received = {}
+
+    def recording_route(router_logits, *, top_k, token_ids, train):
+        received.update(router_logits=router_logits, top_k=top_k, token_ids=token_ids, train=train)
+        return softmax_top_k(router_logits, top_k=top_k)
+
+    spec = RouterSpec("recording", recording_route, needs=("router_logits", "token_ids", "train"))
+    register(spec)
+    try:
+        layer = make_layer("recording")
+        x = hidden(batch=2, length=3)
+        tokens = jax.numpy.arange(6).reshape(2, 3)
+        layer(x, RouterContext(token_ids=tokens), train=False)
+    finally:
+        del ROUTERS["recording"]
+    assert set(received) == {"router_logits", "top_k", "token_ids", "train"}
+    assert received["token_ids"].tolist() == list(range(6))
+    assert received["train"] is False
+    assert received["router_logits"].shape == (6, 4)
