@@ -10,7 +10,7 @@ model with `attention.kind=KIND` and a Flux router in every layer (trained weigh
 routers fresh), and reports on the validation batches, in bits/byte:
 
 - every layer full (the model as trained) and every layer sparse (the cheap end);
-- the fitted routers (`moejax.sparse_attention.flux_fit.fit_flux_routers`, model frozen,
+- the fitted routers (`moejax.training.flux_fit.fit_flux_routers`, model frozen,
   target share `--target` of full attention);
 - coins with the routers' own per-layer shares of full attention (`--draws` seeds): the routers
   are worth training only if they beat these at the same cost, which needs them to read the
@@ -42,8 +42,8 @@ if str(ROOT) not in sys.path:
 from moejax import config as config_lib  # noqa: E402
 from moejax import stats  # noqa: E402
 from moejax.models.transformer import TransformerLM  # noqa: E402
-from moejax.sparse_attention import flux_fit  # noqa: E402
 from moejax.sparse_attention.flux import router_param_filter  # noqa: E402
+from moejax.training import flux_fit  # noqa: E402
 from moejax.training.restore import load_trained, restore_run, run_batches  # noqa: E402
 
 BITS = 1.0 / math.log(2.0)

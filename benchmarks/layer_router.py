@@ -7,7 +7,7 @@
 Restores the latest checkpoint of `DIR` (config.json + checkpoints/), builds the same model with
 `layer_router_dim=H` (trained weights copied in, routers fresh), and on `--train_batches`
 training batches measures every layer's skip / execute / repeat losses
-(`moejax.depth.fit_layer_router.option_losses`). For each compute penalty it labels every layer
+(`moejax.training.fit_layer_router.option_losses`). For each compute penalty it labels every layer
 greedily (per-layer proxy of Dr.LLM's tree search), fits fresh routers to the labels with the
 LM frozen, and reports on the validation batches:
 
@@ -45,8 +45,8 @@ if str(ROOT) not in sys.path:
 
 from moejax import config as config_lib  # noqa: E402
 from moejax import depth, stats  # noqa: E402
-from moejax.depth import fit_layer_router as fit  # noqa: E402
 from moejax.models.transformer import TransformerLM  # noqa: E402
+from moejax.training import fit_layer_router as fit  # noqa: E402
 from moejax.training.restore import load_trained, restore_run, run_batches  # noqa: E402
 
 BITS = 1.0 / math.log(2.0)

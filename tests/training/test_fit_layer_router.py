@@ -1,4 +1,4 @@
-"""Fitting Dr.LLM layer routers on a frozen LM (`moejax.depth.fit_layer_router`)."""
+"""Fitting Dr.LLM layer routers on a frozen LM (`moejax.training.fit_layer_router`)."""
 
 import chex
 import hypothesis.strategies as st
@@ -11,9 +11,9 @@ from hypothesis import given, settings
 
 from moejax import depth
 from moejax.config import ModelConfig
-from moejax.depth import fit_layer_router as fit
 from moejax.models.layers import RouterContext
 from moejax.models.transformer import TransformerLM
+from moejax.training import fit_layer_router as fit
 
 BATCH, LENGTH, VOCAB = 16, 8, 32
 

@@ -7,6 +7,11 @@ gradient (`flux.flux_gate`), so the language-model loss tells it, per sequence, 
 attention would have helped, and the budget loss holds the share of full attention near its
 target. `FixedGate` replaces a router by a choice that ignores the content (always full,
 always sparse, or a coin with a given probability), which is what the router must beat.
+
+A training driver (an optimizer over a built model's router parameters), so it lives in
+`training/` rather than in `moejax.sparse_attention`, the package of attention math the model
+is built from. It is not a `tasks/` program: it has no data, workdir or report of its own;
+`benchmarks/flux_router.py` is the experiment that drives it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Flux routers fitted on a frozen language model (`moejax.sparse_attention.flux_fit`) and the
+"""Flux routers fitted on a frozen language model (`moejax.training.flux_fit`) and the
 weight copy that puts a trained run into the routed model (`moejax.training.restore`)."""
 
 import dataclasses
@@ -13,8 +13,8 @@ from flax import nnx
 from moejax import config as config_lib
 from moejax.models.transformer import TransformerLM
 from moejax.sparse_attention import AttentionOptions
-from moejax.sparse_attention import flux_fit as ff
 from moejax.sparse_attention.flux import router_param_filter
+from moejax.training import flux_fit as ff
 from moejax.training.restore import load_trained
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,6 +15,12 @@ labels were measured on). The router only sees the mean of that stream over the 
 fitting data keep just that mean, as a one-token sequence (`router_inputs`): `[num_layers,
 sequences, 1, d_model]` instead of the whole stream. At evaluation a router sees the stream its
 predecessors' decisions produced, which drifts from the all-execute one when they deviate.
+
+This is a training driver (it builds on `TransformerLM` and runs an optimizer), so it lives in
+`training/` beside the LM loop rather than in `moejax.depth`, whose pure routing functions the
+model itself is built from and which therefore must not import the model. It is not a `tasks/`
+program: it has no data, workdir or report of its own, and `benchmarks/layer_router.py` is the
+experiment that drives it.
 """
 
 from __future__ import annotations
