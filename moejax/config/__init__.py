@@ -8,11 +8,9 @@ raises `ConfigError` naming the field, the value and what is allowed.
 
 from moejax.config.groups import (
     DTYPES,
-    PRUNING_MODES,
     Config,
     ConfigError,
     DataConfig,
-    LMPruningConfig,
     MeshConfig,
     ModelConfig,
     TrainConfig,
@@ -33,6 +31,7 @@ from moejax.config.validation import (
     validate_mesh,
     validate_model,
 )
+from moejax.pruning.config import PRUNING_MODES, LMPruningConfig
 
 __all__ = [
     "DTYPES",

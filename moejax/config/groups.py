@@ -6,7 +6,7 @@ import dataclasses
 import math
 
 from moejax.errors import UserError
-from moejax.pruning.config import PruningConfig
+from moejax.pruning.config import LMPruningConfig
 from moejax.sharding import MESH_AXES
 from moejax.sparse_attention.options import AttentionOptions
 
@@ -77,7 +77,7 @@ class ModelConfig:
     mod_predictor_weight: float = 0.1
     # Dr.LLM layer routers (skip / execute / repeat per sequence and block): the bottleneck
     # width of each router, 0 for none. They are fitted on a frozen model by
-    # `moejax.depth.fit_layer_router` and act at evaluation.
+    # `moejax.training.fit_layer_router` and act at evaluation.
     layer_router_dim: int = 0
     # Always-on experts beside the routed ones (DeepSeekMoE); width 0 means expert_d_ff.
     num_shared_experts: int = 0
@@ -155,60 +155,6 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
-
-
-PRUNING_MODES = ("masked", "srste")
-
-
-@dataclasses.dataclass(frozen=True)
-class LMPruningConfig(PruningConfig):
-    """`PruningConfig` (which weights, which pattern, when) plus how the LM's train step uses
-    the masks. method="none" (the default) leaves training and checkpoints as without pruning.
-
-    mode: "masked": the forward pass and every update use the masks of the optimizer state, so
-    pruned weights are exactly zero. "srste": *Learning N:M Fine-grained Structured Sparse
-    Neural Networks From Scratch*: the dense weights train, the forward pass uses their n:m
-    mask recomputed from |W| every step, the gradient goes straight through plus
-    srste_decay * (1 - M) * W; the optimizer state holds the current n:m masks. It needs
-    method="magnitude", pattern="nm" and schedule="none".
-    flow_begin, flow_end, flow_intervals: *Progressive Gradient Flow for Robust N:M Sparsity
-    Training in Transformers*: in "srste" mode the gradient share reaching pruned weights
-    decays from 1 to 0 in `flow_intervals` stairs between these steps; flow_end <= flow_begin
-    (the default) keeps it at 1.
-    """
-
-    mode: str = "masked"
-    srste_decay: float = 2e-4
-    flow_begin: int = 0
-    flow_end: int = 0
-    flow_intervals: int = 10
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.mode not in PRUNING_MODES:
-            raise ValueError(
-                f"pruning.mode={self.mode!r} is not allowed; allowed values: {PRUNING_MODES}."
-            )
-        if self.srste_decay < 0:
-            raise ValueError(f"pruning.srste_decay={self.srste_decay!r} is not allowed; >= 0.")
-        if self.flow_intervals < 1:
-            raise ValueError(
-                f"pruning.flow_intervals={self.flow_intervals!r} is not allowed; it must be >= 1."
-            )
-        if self.mode != "srste" or self.method == "none":
-            return
-        needed = {"method": "magnitude", "pattern": "nm", "schedule": "none"}
-        for name, value in needed.items():
-            if getattr(self, name) != value:
-                raise ValueError(
-                    f"pruning.{name}={getattr(self, name)!r} is not allowed with "
-                    f"pruning.mode='srste'; allowed: {value!r} (SR-STE recomputes the n:m "
-                    "mask from |W| every step)."
-                )
-
-    @property
-    def enabled(self) -> bool:
-        return self.method != "none"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,10 @@
-"""`PruningConfig`: the flat, validated fields an experiment config sets, and `make_pruner`.
+"""`PruningConfig`: the flat, validated fields an experiment config sets, and `make_pruner`;
+`LMPruningConfig`: the same plus how the language model's train step uses the masks, the
+`pruning` group of `moejax.config.Config`.
+
+Both live here, not in `moejax.config`, so that `pruning/` never imports the config package:
+`moejax.config` gathers its groups from the packages below it (as it takes `AttentionOptions`
+from `moejax.sparse_attention.options`), one direction only.
 
 Flat scalar fields (no Optional, no tuples) so the LM config's `--config.group.field=value`
 overrides can parse every one of them.
@@ -16,6 +22,7 @@ from moejax.pruning.schedules import Iterative, NoUpdates, OneShot, Polynomial, 
 
 METHODS = ("none", "magnitude", "random", "snip")
 SCHEDULES = ("one_shot", "iterative", "polynomial", "none")
+PRUNING_MODES = ("masked", "srste")
 
 
 def _allowed(name: str, value: object, allowed: tuple) -> None:
@@ -138,3 +145,54 @@ def wrap_optimizer(
     """`prune_optax(inner, make_pruner(config))`, or `inner` itself when pruning is off."""
     pruner = make_pruner(config)
     return inner if pruner is None else prune_optax(inner, pruner)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMPruningConfig(PruningConfig):
+    """`PruningConfig` (which weights, which pattern, when) plus how the LM's train step uses
+    the masks. method="none" (the default) leaves training and checkpoints as without pruning.
+
+    mode: "masked": the forward pass and every update use the masks of the optimizer state, so
+    pruned weights are exactly zero. "srste": *Learning N:M Fine-grained Structured Sparse
+    Neural Networks From Scratch*: the dense weights train, the forward pass uses their n:m
+    mask recomputed from |W| every step, the gradient goes straight through plus
+    srste_decay * (1 - M) * W; the optimizer state holds the current n:m masks. It needs
+    method="magnitude", pattern="nm" and schedule="none".
+    flow_begin, flow_end, flow_intervals: *Progressive Gradient Flow for Robust N:M Sparsity
+    Training in Transformers*: in "srste" mode the gradient share reaching pruned weights
+    decays from 1 to 0 in `flow_intervals` stairs between these steps; flow_end <= flow_begin
+    (the default) keeps it at 1.
+    """
+
+    mode: str = "masked"
+    srste_decay: float = 2e-4
+    flow_begin: int = 0
+    flow_end: int = 0
+    flow_intervals: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in PRUNING_MODES:
+            raise ValueError(
+                f"pruning.mode={self.mode!r} is not allowed; allowed values: {PRUNING_MODES}."
+            )
+        if self.srste_decay < 0:
+            raise ValueError(f"pruning.srste_decay={self.srste_decay!r} is not allowed; >= 0.")
+        if self.flow_intervals < 1:
+            raise ValueError(
+                f"pruning.flow_intervals={self.flow_intervals!r} is not allowed; it must be >= 1."
+            )
+        if self.mode != "srste" or self.method == "none":
+            return
+        needed = {"method": "magnitude", "pattern": "nm", "schedule": "none"}
+        for name, value in needed.items():
+            if getattr(self, name) != value:
+                raise ValueError(
+                    f"pruning.{name}={getattr(self, name)!r} is not allowed with "
+                    f"pruning.mode='srste'; allowed: {value!r} (SR-STE recomputes the n:m "
+                    "mask from |W| every step)."
+                )
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"

@@ -17,9 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.config import ConfigError, LMPruningConfig
 from moejax.pruning import nm
-from moejax.pruning.config import make_pruner
+from moejax.pruning.config import LMPruningConfig, make_pruner
 from moejax.pruning.dsnot import dsnot
 from moejax.pruning.masks import (
     ParamFilter,
@@ -59,8 +58,8 @@ class LMPruning:
 
     @classmethod
     def create(cls, config: LMPruningConfig, abstract_params: Any) -> LMPruning | None:
-        """None when pruning is off; ConfigError when the config cannot prune these params
-        (no leaf matches, or an n:m axis the group size does not divide)."""
+        """None when pruning is off; ValueError naming the field when the config cannot prune
+        these params (no leaf matches, or an n:m axis the group size does not divide)."""
         if not config.enabled:
             return None
         prunable = prunable_params(config, abstract_params)
@@ -71,7 +70,7 @@ class LMPruning:
             if keep
         ]
         if not chosen:
-            raise ConfigError(
+            raise ValueError(
                 f"pruning.param_regex={config.param_regex!r} with pruning.min_ndim="
                 f"{config.min_ndim} matches no parameter; allowed: a regex matching some of "
                 f"{', '.join(path_name(p) for p, _ in named[:12])}, ..."
@@ -80,7 +79,7 @@ class LMPruning:
             for name, leaf in chosen:
                 axis = config.nm_axis
                 if not -leaf.ndim <= axis < leaf.ndim or leaf.shape[axis] % config.m:
-                    raise ConfigError(
+                    raise ValueError(
                         f"pruning.nm_axis={axis}: {name} has shape {leaf.shape}; allowed: an "
                         f"axis whose size is a multiple of pruning.m={config.m}"
                     )

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax import sharding
-from moejax.config import Config, ModelConfig, TrainConfig
+from moejax.config import Config, ConfigError, ModelConfig, TrainConfig
 from moejax.models.layers import RouterState
 from moejax.models.transformer import TransformerLM
 from moejax.pruning.config import PruningConfig, wrap_optimizer
@@ -155,7 +155,11 @@ class StateLayout:
 
 def state_layout(config: Config, mesh: Mesh) -> StateLayout:
     spec = model_spec(config.model, config.attention)
-    pruning = LMPruning.create(config.pruning, spec.abstract_params)
+    try:
+        pruning = LMPruning.create(config.pruning, spec.abstract_params)
+    except ValueError as error:
+        # A pruning group that cannot prune this model's parameters is a config error.
+        raise ConfigError(str(error)) from None
     optimizer = make_optimizer(config.train, config.pruning)
     abstract_state, shardings = state_shardings(spec, optimizer, mesh)
     schedule = learning_rate_schedule(config.train)
