@@ -1,6 +1,9 @@
 """Train a model: `python train.py [--config configs/NAME.py] [--config.group.field=value ...]
 [--workdir DIR]`. With no arguments it trains configs/default.py into workdir/default.
 
+A config file says what it runs with a module-level `TASK` (one of `TASKS` at the end of this
+file): none trains the language model; `TASK = "lottery"` runs the lottery-ticket experiment.
+
 Several processes (a multi-host TPU slice, a SLURM job, or `--coordinator_address HOST:PORT
 --num_processes N --process_id I` on each) train one run together: see moejax/distributed.py.
 Starting again in the same workdir resumes from its newest usable checkpoint. SIGTERM or
@@ -39,15 +42,23 @@ def _main(argv: list[str]) -> int:
     # Before anything asks JAX for devices, and before the stop handlers: with several
     # processes JAX's preemption notifier owns SIGTERM.
     distributed.initialize_from_flags(args)
-    experiment = _experiment_config(args.config)
-    if experiment is not None:
-        return _run_lottery(experiment, overrides, args)
+    module = config_lib.load_config_module(args.config)
+    task = getattr(module, "TASK", LM)
+    if task not in TASKS:
+        raise config_lib.ConfigError(
+            f"--config: {args.config!r} declares TASK={task!r}; allowed: {sorted(TASKS)} "
+            f"(no TASK: {LM!r})"
+        )
+    return TASKS[task](module, overrides, args)
 
+
+def _run_lm(module, overrides: list[str], args: argparse.Namespace) -> int:
+    """Trains the language model of `moejax.config.Config` in its workdir."""
     from moejax.training.preemption import StopRequest
 
     # Installed before anything slow: a stop during start-up is honoured at the first step.
     with StopRequest() as stop:
-        config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+        config = config_lib.apply_overrides(config_lib.config_of(module, args.config), overrides)
         workdir = Path(args.workdir or Path("workdir") / Path(args.config).stem)
         # Validate before importing the training stack: bad values fail in milliseconds.
         import jax
@@ -85,26 +96,11 @@ def _main(argv: list[str]) -> int:
         return 0
 
 
-def _experiment_config(path: str):
-    """The config of a file whose get_config() returns a non-LM experiment config, else None."""
-    import importlib.util
+def _run_lottery(module, overrides: list[str], args: argparse.Namespace) -> int:
+    """The lottery-ticket experiment (`moejax.tasks.lottery`)."""
+    from moejax.tasks import lottery
 
-    try:
-        spec = importlib.util.spec_from_file_location(f"moejax_config_{Path(path).stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config()
-    except Exception:
-        return None  # The LM path loads the file again and reports the problem.
-    # Compared by module so that LM runs do not import the pruning stack (jax) this early.
-    return config if type(config).__module__ == "moejax.pruning.lottery" else None
-
-
-def _run_lottery(config, overrides: list[str], args: argparse.Namespace) -> int:
-    """The lottery-ticket experiment (moejax.pruning.lottery) instead of LM training."""
-    from moejax.pruning import lottery
-    from moejax.pruning.lottery_experiment import run_experiment
-
+    config = config_lib.config_of(module, args.config, lottery.LotteryConfig)
     try:
         config = lottery.apply_overrides(config, overrides)
     except ValueError as error:
@@ -112,12 +108,17 @@ def _run_lottery(config, overrides: list[str], args: argparse.Namespace) -> int:
         return 2
     workdir = Path(args.workdir or Path("workdir") / Path(args.config).stem)
     print(config, file=sys.stderr)
-    run_experiment(config, workdir, log=lambda line: print(line, file=sys.stderr))
+    lottery.run_experiment(config, workdir, log=lambda line: print(line, file=sys.stderr))
     print(
         f"results: {workdir / 'results.md'}, {workdir / 'results.json'}, "
         f"{workdir / 'accuracy_vs_weights.png'}"
     )
     return 0
+
+
+LM = "lm"
+# What a config file runs, by its module-level TASK: the programs train.py can start.
+TASKS = {LM: _run_lm, "lottery": _run_lottery}
 
 
 if __name__ == "__main__":

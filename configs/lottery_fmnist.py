@@ -6,7 +6,10 @@
 results.json and accuracy_vs_weights.png into workdir/lottery_fmnist.
 """
 
-from moejax.pruning.lottery import LotteryConfig
+from moejax.tasks.lottery import LotteryConfig
+
+# The program this file configures (see train.py's TASKS); files without one train the LM.
+TASK = "lottery"
 
 
 def get_config() -> LotteryConfig:

@@ -18,19 +18,10 @@ TOP_PACKAGES = ("moejax", "kernels_pallas")
 
 # Edges (importer unit, imported unit) that are still there and are being removed under
 # issue 15; each is a package-level edge, see `unit`.
-KNOWN_UPWARD = {
-    # sparse_attention/layer.py imports RouterState from models/layers.py; issue 15 moves the
-    # variable type down (not this change's file).
-    ("moejax.sparse_attention", "moejax.models"),
-    # pruning/lottery.py builds its small classifiers from models/small.py; issue 15 moves the
-    # lottery driver to tasks/.
-    ("moejax.pruning", "moejax.models"),
-    # depth/fit_layer_router.py trains a transformer; issue 15 moves it out of depth/.
-    ("moejax.depth", "moejax.models"),
-    # depth/fit_layer_router.py trains a transformer; issue 15 moves it out of depth/.
-    ("moejax.depth", "moejax.models"),
-    # config/groups.py imports pruning/config.py while pruning/lm.py imports config; issue 15.
-    ("moejax.pruning", "moejax.config"),
+KNOWN_EDGES = {
+    # routers/expert_choice.py takes expert_capacity from moe.py, which imports routers/base.py:
+    # the router rework of issue 15 is under way in those files (not this change's).
+    ("moejax.routers", "moejax.moe"),
 }
 
 # Packages of pure functions, and what sits above them: drivers (training loops, experiment
@@ -164,7 +155,7 @@ def test_no_module_imports_itself_back():
 
 def test_no_package_imports_itself_back():
     units = unit_graph(module_graph())
-    for importer, imported in KNOWN_UPWARD:
+    for importer, imported in KNOWN_EDGES:
         units[importer].discard(imported)
     cycle = find_cycle(units)
     assert cycle is None, "package import cycle: " + " -> ".join(cycle)
@@ -176,15 +167,15 @@ def test_math_packages_do_not_import_drivers_or_models():
         for module, imported in module_graph().items()
         if _in(module, LOWER) and module not in LOWER_EXCEPT
         for other in imported
-        if _in(other, UPPER) and (unit(module), unit(other)) not in KNOWN_UPWARD
+        if _in(other, UPPER) and (unit(module), unit(other)) not in KNOWN_EDGES
     )
     assert not upward, f"lower layers import upward: {upward}"
 
 
 def test_known_exceptions_are_still_needed():
     units = unit_graph(module_graph())
-    stale = sorted(edge for edge in KNOWN_UPWARD if edge[1] not in units.get(edge[0], ()))
-    assert not stale, f"remove these from KNOWN_UPWARD, the imports are gone: {stale}"
+    stale = sorted(edge for edge in KNOWN_EDGES if edge[1] not in units.get(edge[0], ()))
+    assert not stale, f"remove these from KNOWN_EDGES, the imports are gone: {stale}"
 
 
 def test_evaluation_of_runs_sits_above_training():

@@ -18,8 +18,10 @@ from moejax.config.groups import (
 )
 from moejax.config.loading import (
     apply_overrides,
+    config_of,
     from_dict,
     load_config_file,
+    load_config_module,
     load_json,
     save_json,
     to_dict,
@@ -44,9 +46,11 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "apply_overrides",
+    "config_of",
     "describe",
     "from_dict",
     "load_config_file",
+    "load_config_module",
     "load_json",
     "save_json",
     "to_dict",

@@ -9,13 +9,15 @@ import traceback
 import typing
 from collections.abc import Iterable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from moejax.config.groups import Config, ConfigError
 
 
-def load_config_file(path: str | Path) -> Config:
-    """Imports a Python config file and returns its `get_config()`."""
+def load_config_module(path: str | Path) -> ModuleType:
+    """Imports a Python config file; the module defines `get_config()` and may declare
+    `TASK`, the program it configures (`train.py` runs the language model when it is absent)."""
     path = Path(path)
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
@@ -35,15 +37,30 @@ def load_config_file(path: str | Path) -> Config:
         ) from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"--config: {str(path)!r} defines no get_config() function")
+    return module
+
+
+def config_of(module: ModuleType, path: str | Path, expected: type = Config) -> Any:
+    """`module.get_config()` (`module` loaded from `path` by `load_config_module`), which must
+    return an instance of `expected`."""
+    path = Path(path)
     try:
         config = module.get_config()
     except Exception as error:  # noqa: BLE001
         raise ConfigError(
             f"--config: get_config() in {str(path)!r} raised {_raised_at(error, path)}"
         ) from None
-    if not isinstance(config, Config):
-        raise ConfigError(f"--config: get_config() in {str(path)!r} returned {type(config)}")
+    if not isinstance(config, expected):
+        raise ConfigError(
+            f"--config: get_config() in {str(path)!r} returned {type(config)}; the file's task "
+            f"runs on a {expected.__name__}"
+        )
     return config
+
+
+def load_config_file(path: str | Path) -> Config:
+    """Imports a Python config file and returns its `get_config()`, a language-model `Config`."""
+    return config_of(load_config_module(path), path)
 
 
 def _raised_at(error: BaseException, path: Path) -> str:

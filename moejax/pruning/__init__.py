@@ -1,6 +1,7 @@
 """Masked pruning: patterns, scores, schedules, an optax wrapper that keeps masks in the
 optimizer state, N:M training (SR-STE), learnable N:M masks (MaskLLM), training-free mask
-refinement (DSnoT) and lottery-ticket experiments."""
+refinement (DSnoT) and the mask rounds of lottery tickets (the experiment is
+`moejax.tasks.lottery`)."""
 
 from moejax.pruning.config import PruningConfig, make_pruner, wrap_optimizer
 from moejax.pruning.masks import (

@@ -1,1 +1,3 @@
-"""Synthetic tasks for sparse-attention studies (multi-query associative recall)."""
+"""Programs built on the library: synthetic tasks for sparse-attention studies (multi-query
+associative recall, `mqar*`) and the lottery-ticket experiment (`lottery`, which `train.py`
+runs for a config file declaring `TASK = "lottery"`)."""

@@ -12,6 +12,7 @@ from flax import nnx
 
 from moejax.models import small
 from moejax.pruning import apply_masks, lottery
+from moejax.tasks import lottery as lottery_task
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -22,7 +23,7 @@ def _lenet_params(seed=0):
 
 def test_a_round_prunes_20_percent_per_layer_and_10_percent_of_the_output_layer():
     params = _lenet_params()
-    rates = lottery.layer_rates(params, 0.2, 0.1)
+    rates = lottery.layer_rates(params, 0.2, 0.1, output_layer=small.OUTPUT_LAYER)
     assert rates == {"fc1/kernel": 0.2, "fc2/kernel": 0.2, "out/kernel": 0.1}
     masks = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
     masks = lottery.magnitude_round(params, masks, rates)
@@ -56,11 +57,11 @@ def test_rewinding_restores_exactly_the_survivors_values_at_the_rewind_step(rewi
         rng.random((16, 28, 28, 1), np.float32),
         rng.integers(0, 10, 16).astype(np.int32),
     )
-    config = lottery.LotteryConfig(epochs=1, batch_size=8, rewind_step=rewind_step)
+    config = lottery_task.LotteryConfig(epochs=1, batch_size=8, rewind_step=rewind_step)
     model = small.make_model("lenet", jax.random.key(1))
     graphdef, state = nnx.split(model)
     init = nnx.to_pure_dict(state)
-    trainer = lottery.Trainer(graphdef, *map(jnp.asarray, data), config)
+    trainer = lottery_task.Trainer(graphdef, *map(jnp.asarray, data), config)
     masks = jax.tree.map(lambda p: jnp.ones(p.shape, bool), init)
     trained, opt_state, _ = trainer.train(init, masks, jax.random.key(2))
     point = opt_state.rewind_params
@@ -89,12 +90,14 @@ def test_rewinding_restores_exactly_the_survivors_values_at_the_rewind_step(rewi
 
 
 def test_overrides_parse_by_field_type_and_reject_unknown_fields():
-    config = lottery.apply_overrides(lottery.LotteryConfig(), ["epochs=2", "prune_rate=0.3"])
+    config = lottery_task.apply_overrides(
+        lottery_task.LotteryConfig(), ["epochs=2", "prune_rate=0.3"]
+    )
     assert config.epochs == 2 and config.prune_rate == 0.3
     with pytest.raises(ValueError, match="field one of"):
-        lottery.apply_overrides(config, ["epoch=2"])
+        lottery_task.apply_overrides(config, ["epoch=2"])
     with pytest.raises(ValueError, match="prune_rate=1.5"):
-        lottery.apply_overrides(config, ["prune_rate=1.5"])
+        lottery_task.apply_overrides(config, ["prune_rate=1.5"])
 
 
 def test_tiny_lottery_run_through_train_py(fmnist_dir, tmp_path):
@@ -113,7 +116,7 @@ def test_tiny_lottery_run_through_train_py(fmnist_dir, tmp_path):
     assert status == 0
     results = json.loads((workdir / "results.json").read_text())
     arms = [(row["round"], row["arm"]) for row in results["summary"]]
-    assert arms == [(0, "ticket")] + [(r, a) for r in (1, 2) for a in lottery.ARMS]
+    assert arms == [(0, "ticket")] + [(r, a) for r in (1, 2) for a in lottery_task.ARMS]
     remaining = [row["remaining"] for row in results["summary"] if row["arm"] == "ticket"]
     assert remaining[0] == 1.0 and 0.79 < remaining[1] < 0.81 and 0.63 < remaining[2] < 0.65
     assert all(0.3 < row["accuracy_mean"] <= 1.0 for row in results["summary"])

@@ -15,9 +15,10 @@ import pytest
 from flax import nnx
 
 from moejax.models import small
-from moejax.pruning import lottery
+from moejax.pruning.lottery import layer_rates, magnitude_round
 from moejax.pruning.masks import path_name
 from moejax.pruning.optax_wrapper import find_prune_state
+from moejax.tasks import lottery
 
 ROUNDS = 2
 
@@ -85,11 +86,11 @@ def test_ticket_restarts_from_the_rewind_point_under_masks_pruned_from_its_train
     else:
         moved = [not np.array_equal(r, i) for _, r, i in _pairs(rewind_point, init)]
         assert any(moved), "a late rewind point must differ from the initialisation"
-    rates = lottery.layer_rates(init, 0.2, 0.1)
+    rates = layer_rates(init, 0.2, 0.1, output_layer=small.OUTPUT_LAYER)
     previous_masks, previous_trained = dense_masks, dense_trained
     for round_index in range(1, ROUNDS + 1):
         start, masks, trained, _ = arms[round_index, "ticket"]
-        want_masks = lottery.magnitude_round(previous_trained, previous_masks, rates)
+        want_masks = magnitude_round(previous_trained, previous_masks, rates)
         for name, m, want in _pairs(masks, want_masks):
             np.testing.assert_array_equal(m, want, err_msg=name)
         _assert_equal_under_masks(start, rewind_point, masks)

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from moejax.pruning.lottery import LotteryConfig
-from moejax.pruning.lottery_experiment import _markdown, summarize
+from moejax.tasks.lottery import LotteryConfig, _markdown, summarize
 
 
 def _records(accuracies: list[float]) -> list[dict]:

@@ -74,6 +74,20 @@ TRAIN_CASES = [
         _config_file("import math\n\n\ndef get_config():\n    return 1 / 0\n"),
         ["get_config()", "ZeroDivisionError", "line 5"],
     ),
+    (
+        "unknown task",
+        _config_file('TASK = "lotery"\n\n\ndef get_config():\n    return None\n'),
+        ["broken_config.py", "TASK='lotery'", "'lottery'"],
+    ),
+    (
+        # The task is what the file declares, never guessed from what get_config() returns.
+        "lottery config without its TASK",
+        _config_file(
+            "from moejax.tasks.lottery import LotteryConfig\n\n\n"
+            "def get_config():\n    return LotteryConfig()\n"
+        ),
+        ["broken_config.py", "LotteryConfig", "runs on a Config"],
+    ),
     ("override without value", ["--config.train.steps"], ["--config.train.steps", "missing"]),
     ("workdir is a file", _file_workdir, ["a_file", "not a directory"]),
     ("data_dir is a file", _file_data_dir, ["data.data_dir", "data_file", "not a directory"]),
