@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from moejax import routing
-from moejax.routers import graph
+from moejax.routers import attention_aware, graph, similarity_aware
 
 
 def _logits(batch=2, seq_len=6, experts=5, seed=0):
@@ -33,7 +33,7 @@ def test_similarity_graph_matches_float64_loop():
 def test_similarity_router_routes_on_graph_averaged_probs():
     seq_len = 6
     logits = _logits(seq_len=seq_len)
-    result = graph.similarity_aware_router(logits, top_k=2, seq_len=seq_len, mix=0.5)
+    result = similarity_aware.similarity_aware_router(logits, top_k=2, seq_len=seq_len, mix=0.5)
     probs = np.asarray(jax.nn.softmax(logits), np.float64).reshape(2, seq_len, -1)
     s = np.asarray(graph.token_similarity(logits, seq_len=seq_len, temperature=1.0), np.float64)
     expected = (0.5 * probs + 0.5 * np.einsum("bij,bje->bie", s, probs)).reshape(-1, 5)
@@ -59,7 +59,7 @@ def test_mix_zero_is_softmax_top_k(name):
 def test_attention_aware_with_identity_attention_is_softmax_top_k():
     logits = _logits()
     identity = jnp.broadcast_to(jnp.eye(6), (2, 6, 6))
-    got = graph.attention_aware_router(logits, top_k=3, attention_probs=identity)
+    got = attention_aware.attention_aware_router(logits, top_k=3, attention_probs=identity)
     want = routing.softmax_top_k(logits, top_k=3)
     np.testing.assert_array_equal(got.expert_index, want.expert_index)
     np.testing.assert_allclose(got.router_probs, want.router_probs, rtol=1e-6)
@@ -69,8 +69,8 @@ def test_similarity_routing_of_a_token_ignores_later_tokens():
     seq_len = 6
     logits = _logits(batch=1, seq_len=seq_len)
     changed = logits.at[4:].set(-logits[4:] * 3.0)
-    before = graph.similarity_aware_router(logits, top_k=2, seq_len=seq_len)
-    after = graph.similarity_aware_router(changed, top_k=2, seq_len=seq_len)
+    before = similarity_aware.similarity_aware_router(logits, top_k=2, seq_len=seq_len)
+    after = similarity_aware.similarity_aware_router(changed, top_k=2, seq_len=seq_len)
     chex.assert_trees_all_close(before.router_probs[:4], after.router_probs[:4])
     assert not np.allclose(before.router_probs[4:], after.router_probs[4:])
 
@@ -78,10 +78,10 @@ def test_similarity_routing_of_a_token_ignores_later_tokens():
 def test_graph_routers_reject_bad_inputs():
     logits = _logits()
     with pytest.raises(ValueError, match="mix"):
-        graph.similarity_aware_router(logits, top_k=2, seq_len=6, mix=1.5)
+        similarity_aware.similarity_aware_router(logits, top_k=2, seq_len=6, mix=1.5)
     with pytest.raises(ValueError, match="seq_len"):
-        graph.similarity_aware_router(logits, top_k=2, seq_len=5)
+        similarity_aware.similarity_aware_router(logits, top_k=2, seq_len=5)
     with pytest.raises(ValueError, match="attention_probs"):
-        graph.attention_aware_router(logits, top_k=2)
+        attention_aware.attention_aware_router(logits, top_k=2)
     with pytest.raises(ValueError, match="attention_probs"):
-        graph.attention_aware_router(logits, top_k=2, attention_probs=jnp.ones((2, 5, 5)))
+        attention_aware.attention_aware_router(logits, top_k=2, attention_probs=jnp.ones((2, 5, 5)))

@@ -8,23 +8,25 @@ default, so error messages list it first.
 
 from moejax.routers import softmax_top_k  # isort: skip  (first: the default router)
 from moejax.routers import (
+    attention_aware,
     bias_balanced,
     cosine,
     expert_choice,
-    graph,
     hashing,
     kmeans,
     noisy,
     recurrent,
     relu,
+    similarity_aware,
     sinkhorn,
     top_p,
 )
+from moejax.routers.attention_aware import attention_aware_router
 from moejax.routers.base import ROUTERS, RouterSpec, RouterStateSpec, Routing, get, register
 from moejax.routers.dynamic import capacity_schedule
-from moejax.routers.graph import attention_aware_router, similarity_aware_router
 from moejax.routers.hashing import hash_router, random_fixed
 from moejax.routers.noisy import noisy_top_k
+from moejax.routers.similarity_aware import similarity_aware_router
 from moejax.routers.sinkhorn import selective_sinkhorn, sinkhorn_log_plan
 from moejax.routers.sinkhorn import sinkhorn as sinkhorn_router
 from moejax.routers.top_p import active_experts, top_p_router
@@ -35,13 +37,13 @@ __all__ = [
     "RouterStateSpec",
     "Routing",
     "active_experts",
+    "attention_aware",
     "attention_aware_router",
     "bias_balanced",
     "capacity_schedule",
     "cosine",
     "expert_choice",
     "get",
-    "graph",
     "hash_router",
     "hashing",
     "kmeans",
@@ -52,6 +54,7 @@ __all__ = [
     "register",
     "relu",
     "selective_sinkhorn",
+    "similarity_aware",
     "similarity_aware_router",
     "sinkhorn",
     "sinkhorn_log_plan",

@@ -16,20 +16,24 @@ earlier tokens of the same sequence. A token's combine weights then depend on no
 next-token prediction stays causal (the attention matrix of a causal block already is).
 `S_ij = softmax_j(<z_i, z_j> / (temperature * sqrt(num_experts)))` over the router logits z:
 similarity measured in the router's own space, `X W_r W_r^T X^T`, so no new parameters.
+
+This module holds what both share; the routers are `moejax.routers.similarity_aware` and
+`moejax.routers.attention_aware`.
 """
 
 import jax
 import jax.numpy as jnp
 
-from moejax.routers.base import RouterSpec, Routing, check_router_inputs, register, require
+from moejax.routers.base import Routing, require
 from moejax.routers.losses import active_load_balance_loss, router_z_loss
 
 
-def _check_mix(mix: float) -> None:
+def check_mix(mix: float) -> None:
+    """`mix` (the weight of the graph term) must lie in [0, 1]."""
     require(0.0 <= mix <= 1.0, "mix", mix, "in [0, 1]")
 
 
-def _route_on_probs(
+def route_on_probs(
     router_logits: jax.Array, mixed_probs: jax.Array, *, top_k: int, renormalize: bool
 ) -> Routing:
     """Top-k of `mixed_probs [tokens, experts]` with its weights; losses of the mixed choice."""
@@ -48,7 +52,7 @@ def _route_on_probs(
     )
 
 
-def _propagate(probs: jax.Array, graph: jax.Array, seq_len: int, mix: float) -> jax.Array:
+def propagate(probs: jax.Array, graph: jax.Array, seq_len: int, mix: float) -> jax.Array:
     """`(1 - mix) P + mix G P` per sequence: `probs [tokens, E]`, `graph [batch, L, L]`."""
     num_experts = probs.shape[-1]
     per_sequence = probs.reshape(-1, seq_len, num_experts)  # [batch, L, E]
@@ -71,106 +75,3 @@ def token_similarity(router_logits: jax.Array, *, seq_len: int, temperature: flo
     causal = jnp.tril(jnp.ones((seq_len, seq_len), bool))
     scores = jnp.where(causal, scores, -jnp.inf)  # the diagonal keeps every row finite
     return jax.nn.softmax(scores, axis=-1)
-
-
-def similarity_aware_router(
-    router_logits: jax.Array,
-    *,
-    top_k: int,
-    seq_len: int,
-    renormalize: bool = True,
-    temperature: float = 1.0,
-    mix: float = 1.0,
-) -> Routing:
-    """Top-k of the expert distribution averaged over similar earlier tokens.
-
-    Nguyen et al., "Improving Routing in Sparse Mixture of Experts with Graph of Tokens" (2025),
-    Similarity-Aware MoE, with the causal similarity of `token_similarity`.
-
-    Args:
-      router_logits: [tokens, num_experts], tokens = batch * seq_len in sequence order.
-      top_k: experts per token, in [1, num_experts].
-      seq_len: tokens per sequence (the graph never crosses sequences).
-      renormalize: rescale the k chosen weights to sum to 1 per token.
-      temperature: of the similarity softmax, > 0.
-      mix: weight of the graph term, in [0, 1].
-
-    Returns:
-      A `Routing` whose router_probs are the mixed distribution (they chose the experts), with
-      aux_losses "load_balance" of that choice and "router_z" of the logits.
-    """
-    check_router_inputs(router_logits, top_k)
-    _check_mix(mix)
-    require(
-        router_logits.shape[0] % seq_len == 0,
-        "seq_len",
-        seq_len,
-        f"a divisor of the number of tokens {router_logits.shape[0]}",
-    )
-    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)  # [tokens, experts]
-    graph = token_similarity(router_logits, seq_len=seq_len, temperature=temperature)
-    mixed = _propagate(probs, graph, seq_len, mix)
-    return _route_on_probs(router_logits, mixed, top_k=top_k, renormalize=renormalize)
-
-
-def attention_aware_router(
-    router_logits: jax.Array,
-    *,
-    top_k: int,
-    attention_probs: jax.Array | None = None,
-    renormalize: bool = True,
-    mix: float = 1.0,
-) -> Routing:
-    """Top-k of the expert distribution averaged over the tokens the previous attention reads.
-
-    Nguyen et al., "Improving Routing in Sparse Mixture of Experts with Graph of Tokens" (2025),
-    Attention-Aware MoE.
-
-    Args:
-      router_logits: [tokens, num_experts], tokens = batch * L in sequence order.
-      top_k: experts per token, in [1, num_experts].
-      attention_probs: [batch, L, L], rows summing to 1: the preceding attention block's
-        weights averaged over heads (`moejax.attention.Attention` returns them on request).
-      renormalize: rescale the k chosen weights to sum to 1 per token.
-      mix: weight of the graph term, in [0, 1].
-
-    Returns:
-      As `similarity_aware_router`.
-    """
-    check_router_inputs(router_logits, top_k)
-    _check_mix(mix)
-    if attention_probs is None:
-        raise ValueError(
-            "attention_probs: got None; allowed: [batch, L, L] head-averaged attention weights "
-            "(the attention_aware router reads the preceding attention block)"
-        )
-    batch, seq_len = attention_probs.shape[0], attention_probs.shape[1]
-    require(
-        attention_probs.ndim == 3
-        and attention_probs.shape[2] == seq_len
-        and batch * seq_len == router_logits.shape[0],
-        "attention_probs",
-        f"shape {attention_probs.shape}",
-        f"[batch, L, L] with batch * L = tokens = {router_logits.shape[0]}",
-    )
-    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)  # [tokens, experts]
-    graph = attention_probs.astype(jnp.float32)
-    mixed = _propagate(probs, graph, seq_len, mix)
-    return _route_on_probs(router_logits, mixed, top_k=top_k, renormalize=renormalize)
-
-
-SIMILARITY_AWARE_SPEC = register(
-    RouterSpec(
-        "similarity_aware",
-        similarity_aware_router,
-        needs=("router_logits", "renormalize", "seq_len", "mix"),
-    )
-)
-
-ATTENTION_AWARE_SPEC = register(
-    RouterSpec(
-        "attention_aware",
-        attention_aware_router,
-        needs=("router_logits", "renormalize", "attention_probs", "mix"),
-    )
-)

@@ -12,7 +12,7 @@ from flax import nnx
 from moejax.attention import causal_attention
 from moejax.config import load_config_file
 from moejax.models.transformer import TransformerLM
-from moejax.routers.graph import attention_aware_router
+from moejax.routers.attention_aware import attention_aware_router
 
 BATCH, LENGTH, D_MODEL, HEADS, HEAD_DIM, EXPERTS = 2, 8, 12, 2, 4, 6
 

@@ -14,9 +14,19 @@ from moejax.routers.softmax_top_k import softmax_top_k
 from tests.routers.layer_helpers import hidden, make_layer
 
 ROUTERS_DIR = Path(routers.__file__).parent
-# Routers whose file is named after them; the others still share a family file (graph,
-# hashing, sinkhorn, noisy, relu).
-OWN_FILE = ["softmax_top_k", "top_p", "bias_balanced", "kmeans", "cosine", "recurrent"]
+# Routers whose file is named after them; the others still share a family file (hashing,
+# sinkhorn) or a short name (noisy.py, relu.py).
+OWN_FILE = [
+    "softmax_top_k",
+    "top_p",
+    "bias_balanced",
+    "kmeans",
+    "cosine",
+    "recurrent",
+    "similarity_aware",
+    "attention_aware",
+    "expert_choice",
+]
 
 
 @pytest.mark.parametrize("name", sorted(ROUTERS))
