@@ -15,13 +15,13 @@ from moejax.routers import (
     hash_router,
     noisy_top_k,
     random_fixed,
-    selective_sinkhorn,
     sinkhorn_log_plan,
     sinkhorn_router,
     top_p_router,
 )
 from moejax.routers.base import ROUTERS
 from moejax.routers.hashing import hash_expert_index
+from moejax.routers.selective_sinkhorn import selective_sinkhorn
 from moejax.routing import get_router, load_balance_loss, softmax_top_k
 
 NEW_ROUTERS = ("noisy_top_k", "sinkhorn", "selective_sinkhorn", "hash", "random_fixed", "top_p")

@@ -17,6 +17,7 @@ from moejax.routers import (
     noisy,
     recurrent,
     relu,
+    selective_sinkhorn,
     similarity_aware,
     sinkhorn,
     top_p,
@@ -27,8 +28,8 @@ from moejax.routers.dynamic import capacity_schedule
 from moejax.routers.hashing import hash_router, random_fixed
 from moejax.routers.noisy import noisy_top_k
 from moejax.routers.similarity_aware import similarity_aware_router
-from moejax.routers.sinkhorn import selective_sinkhorn, sinkhorn_log_plan
 from moejax.routers.sinkhorn import sinkhorn as sinkhorn_router
+from moejax.routers.sinkhorn import sinkhorn_log_plan
 from moejax.routers.top_p import active_experts, top_p_router
 
 __all__ = [

@@ -8,7 +8,8 @@ Experts" (2025) apply that transport to only part of the routing and read the ga
 the transport plan, replacing the auxiliary load-balancing and z-losses.
 
 A row of the plan is `softmax(logits + v)` for a per-expert log-scale `v`, so Sinkhorn routing is
-softmax top-k with an expert bias chosen to equalise the expected expert loads.
+softmax top-k with an expert bias chosen to equalise the expected expert loads. The selective
+variant is `moejax.routers.selective_sinkhorn`; it shares the plan and routing code here.
 """
 
 import math
@@ -46,7 +47,7 @@ def sinkhorn_log_plan(
       tokens * top_k / num_experts, its rows to top_k up to the final row error.
     """
     num_experts = check_router_inputs(router_logits, top_k)
-    _check_options(num_iters, tolerance)
+    check_options(num_iters, tolerance)
     logits = router_logits.astype(jnp.float32)
     num_tokens = logits.shape[0]
     log_row_mass = jnp.float32(math.log(top_k))
@@ -106,7 +107,7 @@ def sinkhorn(
       A `Routing` with aux_losses "load_balance" (0.0), "load_balance_unweighted" and
       "router_z".
     """
-    return _route(
+    return route_on_plan(
         router_logits,
         top_k=top_k,
         renormalize=renormalize,
@@ -118,74 +119,7 @@ def sinkhorn(
     )
 
 
-def selective_sinkhorn(
-    router_logits: jax.Array,
-    *,
-    top_k: int,
-    renormalize: bool = True,
-    rng: jax.Array | None = None,
-    train: bool = True,
-    sinkhorn_fraction: float | jax.Array = 0.5,
-    num_iters: int = 20,
-    tolerance: float = 1e-6,
-    gate_source: str = "plan",
-) -> Routing:
-    """Transport-plan routing for a share of the tokens, softmax top-k for the rest.
-
-    Nguyen et al., "Selective Sinkhorn Routing for Improved Sparse Mixture of Experts" (2025):
-    a minimal degree of Sinkhorn routing, with gating scores read from the transport plan,
-    replaces the load-balancing and z-losses, so both are 0.0 here and reported unweighted as
-    "load_balance_unweighted" and "router_z_unweighted". The plan is solved over all tokens (its
-    marginals describe the batch); each token then follows it with probability
-    `sinkhorn_fraction`, drawn from `rng`. Without `rng`, `floor(tokens * sinkhorn_fraction)`
-    evenly spaced tokens follow it, deterministically.
-    The default fraction 0.5 is this codebase's choice, not a value from the paper.
-
-    Args:
-      router_logits: [tokens, num_experts], any floating dtype; the math runs in float32.
-      top_k: experts per token, in [1, num_experts].
-      renormalize: rescale the chosen gates to sum to 1 per token.
-      rng: key that picks the Sinkhorn-routed tokens, or None for the deterministic pattern.
-      train: with False every token routes like `softmax_top_k` (see `sinkhorn`).
-      sinkhorn_fraction: share of tokens routed by the plan, in [0, 1]; a Python number or a
-        scalar array (which may be traced, e.g. a schedule over steps).
-      num_iters, tolerance: see `sinkhorn_log_plan`.
-      gate_source: "plan" (the paper's) or "softmax", where the combine weights come from.
-
-    Returns:
-      A `Routing` with aux_losses "load_balance" and "router_z" (both 0.0),
-      "load_balance_unweighted" and "router_z_unweighted".
-    """
-    # A traced fraction (a schedule over training steps) cannot be checked here.
-    if isinstance(sinkhorn_fraction, int | float):
-        require(
-            0.0 <= sinkhorn_fraction <= 1.0, "sinkhorn_fraction", sinkhorn_fraction, "in [0, 1]"
-        )
-    check_router_inputs(router_logits, top_k)
-    num_tokens = router_logits.shape[0]
-    if not train:
-        sinkhorn_mask = False
-    elif rng is None:
-        # Token t is routed by the plan when floor(f * (t + 1)) steps up: an even spread.
-        position = jnp.arange(num_tokens, dtype=jnp.float32)
-        sinkhorn_mask = jnp.floor(sinkhorn_fraction * (position + 1)) > jnp.floor(
-            sinkhorn_fraction * position
-        )  # [tokens]
-    else:
-        sinkhorn_mask = jax.random.bernoulli(rng, sinkhorn_fraction, (num_tokens,))  # [tokens]
-    return _route(
-        router_logits,
-        top_k=top_k,
-        renormalize=renormalize,
-        sinkhorn_mask=sinkhorn_mask,
-        num_iters=num_iters,
-        tolerance=tolerance,
-        gate_source=gate_source,
-        replaces_z_loss=True,
-    )
-
-
-def _route(
+def route_on_plan(
     router_logits: jax.Array,
     *,
     top_k: int,
@@ -198,7 +132,7 @@ def _route(
 ) -> Routing:
     """Shared body: `sinkhorn_mask` [tokens] bool picks plan routing; None all, False none."""
     check_router_inputs(router_logits, top_k)
-    _check_options(num_iters, tolerance)
+    check_options(num_iters, tolerance)
     require(gate_source in GATE_SOURCES, "gate_source", gate_source, ", ".join(GATE_SOURCES))
     logits = router_logits.astype(jnp.float32)
     router_probs = jax.nn.softmax(logits, axis=-1)  # [tokens, experts]
@@ -250,19 +184,9 @@ def _gates(gate_logits: jax.Array, expert_index: jax.Array, renormalize: bool) -
     return jnp.take_along_axis(probs, expert_index, axis=-1)  # [tokens, top_k]
 
 
-def _check_options(num_iters: int, tolerance: float) -> None:
+def check_options(num_iters: int, tolerance: float) -> None:
     require(isinstance(num_iters, int) and num_iters >= 1, "num_iters", num_iters, "an int >= 1")
     require(math.isfinite(tolerance) and tolerance >= 0, "tolerance", tolerance, "finite and >= 0")
 
 
-SINKHORN_SPEC = register(
-    RouterSpec("sinkhorn", sinkhorn, needs=("router_logits", "renormalize", "train"))
-)
-
-SELECTIVE_SINKHORN_SPEC = register(
-    RouterSpec(
-        "selective_sinkhorn",
-        selective_sinkhorn,
-        needs=("router_logits", "renormalize", "rng", "train"),
-    )
-)
+SPEC = register(RouterSpec("sinkhorn", sinkhorn, needs=("router_logits", "renormalize", "train")))

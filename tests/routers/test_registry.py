@@ -14,8 +14,8 @@ from moejax.routers.softmax_top_k import softmax_top_k
 from tests.routers.layer_helpers import hidden, make_layer
 
 ROUTERS_DIR = Path(routers.__file__).parent
-# Routers whose file is named after them; the others still share a family file (hashing,
-# sinkhorn) or a short name (noisy.py, relu.py).
+# Routers whose file is named after them; the others still share a family file (hashing.py) or
+# have a short one (noisy.py, relu.py).
 OWN_FILE = [
     "softmax_top_k",
     "top_p",
@@ -26,6 +26,8 @@ OWN_FILE = [
     "similarity_aware",
     "attention_aware",
     "expert_choice",
+    "sinkhorn",
+    "selective_sinkhorn",
 ]
 
 
