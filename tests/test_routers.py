@@ -14,13 +14,13 @@ from moejax.routers import (
     capacity_schedule,
     hash_router,
     noisy_top_k,
-    random_fixed,
     sinkhorn_log_plan,
     sinkhorn_router,
     top_p_router,
 )
 from moejax.routers.base import ROUTERS
 from moejax.routers.hashing import hash_expert_index
+from moejax.routers.random_fixed import random_fixed
 from moejax.routers.selective_sinkhorn import selective_sinkhorn
 from moejax.routing import get_router, load_balance_loss, softmax_top_k
 

@@ -12,9 +12,10 @@ from moejax.routers import (
     bias_balanced,
     cosine,
     expert_choice,
-    hashing,
+    hash,
     kmeans,
     noisy,
+    random_fixed,
     recurrent,
     relu,
     selective_sinkhorn,
@@ -25,7 +26,7 @@ from moejax.routers import (
 from moejax.routers.attention_aware import attention_aware_router
 from moejax.routers.base import ROUTERS, RouterSpec, RouterStateSpec, Routing, get, register
 from moejax.routers.dynamic import capacity_schedule
-from moejax.routers.hashing import hash_router, random_fixed
+from moejax.routers.hash import hash_router
 from moejax.routers.noisy import noisy_top_k
 from moejax.routers.similarity_aware import similarity_aware_router
 from moejax.routers.sinkhorn import sinkhorn as sinkhorn_router
@@ -45,8 +46,8 @@ __all__ = [
     "cosine",
     "expert_choice",
     "get",
+    "hash",
     "hash_router",
-    "hashing",
     "kmeans",
     "noisy",
     "noisy_top_k",

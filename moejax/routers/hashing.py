@@ -5,17 +5,16 @@ of its vocabulary id; nothing is learned, so nothing can collapse and no balanci
 They are the "hash" and "random-fixed" baselines of the routing-topology comparison in
 "Equifinality in Mixture of Experts: Routing Topology Does Not Determine Language Modeling
 Quality".
+
+This module holds the hashing and the routing they share; the routers are
+`moejax.routers.hash` and `moejax.routers.random_fixed`.
 """
 
 import jax
 import jax.numpy as jnp
 
 from moejax.routers.base import (
-    RouterSpec,
     Routing,
-    check_router_inputs,
-    check_token_ids,
-    register,
     require,
 )
 from moejax.routers.losses import load_balance_loss, router_z_loss
@@ -76,85 +75,7 @@ def random_fixed_table(vocab_size: int, num_experts: int, top_k: int, table_seed
     return table.astype(jnp.int32)
 
 
-def hash_router(
-    router_logits: jax.Array,
-    *,
-    top_k: int,
-    renormalize: bool = True,
-    token_ids: jax.Array | None = None,
-    hash_seed: int = 0,
-    gate: str = "uniform",
-) -> Routing:
-    """Experts chosen by a fixed hash of the token id (see `hash_expert_index`).
-
-    Roller et al., "Hash Layers For Large Sparse Models" (2021). The paper's hash layer has no
-    gate; with `gate="uniform"` every chosen expert weighs 1 / top_k (1 for top_k = 1) and the
-    router logits only feed the monitored losses. `gate="softmax"` weighs the hashed experts by
-    the router's softmax there (renormalised over them by `renormalize`), so a learned router
-    still scales the outputs.
-
-    Args:
-      router_logits: [tokens, num_experts]; the choice does not depend on them.
-      top_k: experts per token, in [1, num_experts].
-      renormalize: for `gate="softmax"`, rescale the gates to sum to 1 per token.
-      token_ids: [tokens] int, required.
-      hash_seed: which hash function.
-      gate: "uniform" or "softmax".
-
-    Returns:
-      A `Routing` with aux_losses "load_balance" (0.0: the choice cannot be balanced by a
-      loss), "load_balance_unweighted" and "router_z".
-    """
-    num_experts = check_router_inputs(router_logits, top_k)
-    token_ids = check_token_ids(token_ids, router_logits.shape[0], "hash")
-    require(isinstance(hash_seed, int), "hash_seed", hash_seed, "an int")
-    expert_index = hash_expert_index(token_ids, num_experts, top_k, hash_seed)
-    return _fixed_routing(router_logits, expert_index, renormalize=renormalize, gate=gate)
-
-
-def random_fixed(
-    router_logits: jax.Array,
-    *,
-    top_k: int,
-    renormalize: bool = True,
-    token_ids: jax.Array | None = None,
-    table_seed: int = 0,
-    vocab_size: int = 256,
-    gate: str = "uniform",
-) -> Routing:
-    """Experts looked up in a random [vocab_size, top_k] table drawn once from `table_seed`.
-
-    The "random-fixed" baseline of "Equifinality in Mixture of Experts: Routing Topology Does
-    Not Determine Language Modeling Quality", in the spirit of Roller et al., "Hash Layers For
-    Large Sparse Models" (2021). The default vocab_size 256 is this codebase's byte-level
-    vocabulary. Ids outside [0, vocab_size) wrap modulo vocab_size (values cannot be checked
-    under jit). Gates as in `hash_router`.
-
-    Args:
-      router_logits: [tokens, num_experts]; the choice does not depend on them.
-      top_k: experts per token, in [1, num_experts].
-      renormalize: for `gate="softmax"`, rescale the gates to sum to 1 per token.
-      token_ids: [tokens] int, required.
-      table_seed: seed of the table.
-      vocab_size: rows of the table, >= 1.
-      gate: "uniform" or "softmax".
-
-    Returns:
-      A `Routing` with aux_losses "load_balance" (0.0), "load_balance_unweighted" and
-      "router_z".
-    """
-    num_experts = check_router_inputs(router_logits, top_k)
-    token_ids = check_token_ids(token_ids, router_logits.shape[0], "random_fixed")
-    require(isinstance(table_seed, int), "table_seed", table_seed, "an int")
-    require(
-        isinstance(vocab_size, int) and vocab_size >= 1, "vocab_size", vocab_size, "an int >= 1"
-    )
-    table = random_fixed_table(vocab_size, num_experts, top_k, table_seed)  # [vocab, top_k]
-    expert_index = table[token_ids % vocab_size]  # [tokens, top_k]
-    return _fixed_routing(router_logits, expert_index, renormalize=renormalize, gate=gate)
-
-
-def _fixed_routing(
+def fixed_routing(
     router_logits: jax.Array, expert_index: jax.Array, *, renormalize: bool, gate: str
 ) -> Routing:
     """A `Routing` for experts chosen without the logits: [tokens, top_k] index -> gates."""
@@ -178,12 +99,3 @@ def _fixed_routing(
             "router_z": router_z_loss(logits),
         },
     )
-
-
-HASH_SPEC = register(
-    RouterSpec("hash", hash_router, needs=("router_logits", "renormalize", "token_ids"))
-)
-
-RANDOM_FIXED_SPEC = register(
-    RouterSpec("random_fixed", random_fixed, needs=("router_logits", "renormalize", "token_ids"))
-)

@@ -14,8 +14,8 @@ from moejax.routers.softmax_top_k import softmax_top_k
 from tests.routers.layer_helpers import hidden, make_layer
 
 ROUTERS_DIR = Path(routers.__file__).parent
-# Routers whose file is named after them; the others still share a family file (hashing.py) or
-# have a short one (noisy.py, relu.py).
+# Routers whose file is named after them; noisy_top_k (noisy.py) and relu_rmsnorm (relu.py)
+# keep their shorter file names.
 OWN_FILE = [
     "softmax_top_k",
     "top_p",
@@ -28,6 +28,8 @@ OWN_FILE = [
     "expert_choice",
     "sinkhorn",
     "selective_sinkhorn",
+    "hash",
+    "random_fixed",
 ]
 
 
