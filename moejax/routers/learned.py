@@ -6,9 +6,9 @@ Three families, each an `init_<name>_params(key, d_model, num_experts, **options
 - `cosine_router` (`moejax.routers.cosine`): cosine similarity to learned expert centroids in a
   low-dimensional space, with a learned temperature (X-MoE; the cosine family of "Equifinality
   in Mixture of Experts").
-- `relu_router` (`moejax.routers.relu`): ReLU then RMSNorm, a differentiable router whose number
-  of active experts varies per token, with the token- and chunk-level sparsity objectives of
-  BlockFFN.
+- `relu_router` (`moejax.routers.relu_rmsnorm`): ReLU then RMSNorm, a differentiable router
+  whose number of active experts varies per token, with the token- and chunk-level sparsity
+  objectives of BlockFFN.
 - `recurrent_router` (`moejax.routers.recurrent`): a GRU state carried from layer to layer
   (RMoE); it also takes and returns the recurrent state, so its signature has one more argument
   and one more result.
@@ -36,7 +36,7 @@ from moejax.routers.recurrent import (
     init_recurrent_router_params,
     recurrent_router,
 )
-from moejax.routers.relu import (
+from moejax.routers.relu_rmsnorm import (
     activation_distribution,
     chunk_sparsification_loss,
     init_relu_router_params,

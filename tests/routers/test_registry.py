@@ -14,8 +14,8 @@ from moejax.routers.softmax_top_k import softmax_top_k
 from tests.routers.layer_helpers import hidden, make_layer
 
 ROUTERS_DIR = Path(routers.__file__).parent
-# Routers whose file is named after them; noisy_top_k (noisy.py) and relu_rmsnorm (relu.py)
-# keep their shorter file names.
+# Routers whose file is named after them; noisy_top_k keeps noisy.py, whose name the
+# `moejax.routers.noisy_top_k` function export would otherwise shadow.
 OWN_FILE = [
     "softmax_top_k",
     "top_p",
@@ -30,6 +30,7 @@ OWN_FILE = [
     "selective_sinkhorn",
     "hash",
     "random_fixed",
+    "relu_rmsnorm",
 ]
 
 
