@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+from collections.abc import Iterable
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOP_PACKAGES = ("moejax", "kernels_pallas")
@@ -51,18 +52,19 @@ def _modules() -> dict[str, pathlib.Path]:
     return modules
 
 
-MODULES = _modules()
-
-
-def _resolve(name: str) -> str | None:
-    """The moejax module that importing `name` loads (the longest known prefix), if any."""
-    while name and name not in MODULES:
+def _resolve(name: str, modules: Iterable[str]) -> str | None:
+    """The module of `modules` that importing `name` loads (the longest known prefix), if any."""
+    while name and name not in modules:
         name = name.rpartition(".")[0]
     return name or None
 
 
-def imports_of(module: str, source: str, is_package: bool) -> set[str]:
-    """The moejax and kernels_pallas modules that `source` (the text of `module`) imports."""
+def imports_of(
+    module: str, source: str, is_package: bool, modules: Iterable[str] | None = None
+) -> set[str]:
+    """The moejax and kernels_pallas modules that `source` (the text of `module`) imports;
+    `modules`: the modules there are (default: those in the tree now)."""
+    modules = set(_modules() if modules is None else modules)
     found = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -77,15 +79,17 @@ def imports_of(module: str, source: str, is_package: bool) -> set[str]:
             names = [f"{base}.{alias.name}" for alias in node.names]
         else:
             continue
-        found.update(resolved for name in names if (resolved := _resolve(name)))
+        found.update(resolved for name in names if (resolved := _resolve(name, modules)))
     found.discard(module)
     return found
 
 
 def module_graph() -> dict[str, set[str]]:
+    """Module -> the modules it imports, read from the tree as it is now."""
+    modules = _modules()
     return {
-        module: imports_of(module, path.read_text(), path.name == "__init__.py")
-        for module, path in MODULES.items()
+        module: imports_of(module, path.read_text(), path.name == "__init__.py", modules)
+        for module, path in modules.items()
     }
 
 
