@@ -16,15 +16,13 @@ evaluation (V-MoE evaluates with a larger one) passes the one for its mode.
 """
 
 import dataclasses
-import math
-from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
 
 from kernels_pallas import gmm
 from moejax import expert_parallel, sharding
-from moejax.routers.base import Routing
+from moejax.routers.base import Routing, expert_capacity
 
 ExpertParams = dict[str, jax.Array]
 
@@ -62,24 +60,6 @@ def init_expert_params(
         "w_up": jax.random.normal(keys[1], shape_in, dtype) * d_model**-0.5,
         "w_down": jax.random.normal(keys[2], shape_out, dtype) * d_ff**-0.5,
     }
-
-
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """Slots per expert: `ceil(num_tokens * top_k * capacity_factor / num_experts)`, at least 1.
-
-    Lepikhin et al., "GShard: Scaling Giant Models with Conditional Computation and Automatic
-    Sharding" (2020). `capacity_factor=1` fits a perfectly balanced routing exactly.
-    """
-    if not (math.isfinite(capacity_factor) and capacity_factor > 0):
-        raise ValueError(f"capacity_factor: got {capacity_factor}; allowed: finite and > 0")
-    if num_experts < 1:
-        raise ValueError(f"num_experts: got {num_experts}; allowed: >= 1")
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k: got {top_k}; allowed: 1 <= top_k <= num_experts={num_experts}")
-    # Fraction(str(.)) reads 1.1 as 11/10, so 10 tokens * 1.1 give 11 slots, not the 12 that
-    # float round-off (11.000000000000002) would round up to.
-    slots = Fraction(num_tokens * top_k) * Fraction(str(capacity_factor)) / num_experts
-    return max(1, math.ceil(slots))
 
 
 def capacity_dispatch(

@@ -19,11 +19,7 @@ TOP_PACKAGES = ("moejax", "kernels_pallas")
 
 # Edges (importer unit, imported unit) that are still there and are being removed under
 # issue 15; each is a package-level edge, see `unit`.
-KNOWN_EDGES = {
-    # routers/expert_choice.py takes expert_capacity from moe.py, which imports routers/base.py:
-    # the router rework of issue 15 is under way in those files (not this change's).
-    ("moejax.routers", "moejax.moe"),
-}
+KNOWN_EDGES: set[tuple[str, str]] = set()
 
 # Packages of pure functions, and what sits above them: drivers (training loops, experiment
 # programs, evaluation of runs) and the models assembled from the math.

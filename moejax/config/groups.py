@@ -55,6 +55,8 @@ class ModelConfig:
     # Weights of the ReLU router's activation-sparsity and chunk-sparsity losses (BlockFFN).
     relu_sparsity_weight: float = 0.0
     chunk_sparsity_weight: float = 0.0
+    # top_p's entropy loss (the dynamic-routing paper's regulariser on the router's confidence).
+    router_entropy_weight: float = 1e-4
     # Zero-shot relative-norm halting at evaluation (Equifinality): a token skips a MoE layer's
     # update when ||update|| / ||x|| is below this; 0 turns it off. Training ignores it.
     halting_threshold: float = 0.0

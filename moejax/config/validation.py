@@ -161,6 +161,7 @@ def validate_model(model: ModelConfig) -> None:
         "router_z_weight",
         "relu_sparsity_weight",
         "chunk_sparsity_weight",
+        "router_entropy_weight",
     ):
         _require(getattr(model, name) >= 0, f"model.{name}", getattr(model, name), ">= 0")
 

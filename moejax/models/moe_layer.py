@@ -78,7 +78,6 @@ class MoEOptions:
         values = {
             f.name: getattr(config, f.name)
             for f in dataclasses.fields(cls)
-            # ModelConfig has no router_entropy_weight yet: the default above applies.
             if f.name not in overrides and hasattr(config, f.name)
         }
         return cls(**values, **overrides)

@@ -27,8 +27,14 @@ has a slot per token, i.e. `capacity_factor >= num_experts / max_slots` in `moe_
 import jax
 import jax.numpy as jnp
 
-from moejax.moe import expert_capacity
-from moejax.routers.base import RouterSpec, Routing, check_router_inputs, register, require
+from moejax.routers.base import (
+    RouterSpec,
+    Routing,
+    check_router_inputs,
+    expert_capacity,
+    register,
+    require,
+)
 from moejax.routers.losses import router_z_loss
 
 

@@ -52,3 +52,13 @@ def test_entropy_weight_changes_the_loss_and_its_gradient():
     _, aux = _aux(1.0)
     np.testing.assert_allclose(value_1 - value_0, aux["router_entropy_loss"], rtol=1e-5)
     assert float(jnp.max(jnp.abs(grad_1 - grad_0))) > 1e-6
+
+
+def test_entropy_weight_comes_from_the_model_config():
+    import dataclasses
+
+    from moejax.config import ModelConfig
+    from moejax.models.moe_layer import MoEOptions
+
+    config = dataclasses.replace(ModelConfig(), router="top_p", router_entropy_weight=0.25)
+    assert MoEOptions.from_config(config).router_entropy_weight == 0.25
