@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -64,6 +65,13 @@ def train_command(workdir: Path, data_dir: Path, steps: int, *overrides: str) ->
         f"--config.train.steps={steps}",
         *(f"--config.{name}={value}" for name, value in defaults.items()),
     ]
+
+
+def free_port() -> int:
+    """A localhost TCP port free at the moment of asking (for a jax.distributed coordinator)."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
 
 
 def start(

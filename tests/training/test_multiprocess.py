@@ -3,7 +3,6 @@ process on 8 devices: the same run, the same data order, stopped by SIGTERM and 
 
 import json
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -33,14 +32,8 @@ SETTINGS = (
 RELATIVE_TOLERANCE = 1e-4
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        return probe.getsockname()[1]
-
-
 def _start_two(workdir: Path, data_dir: Path, log_dir: Path, name: str):
-    port = _free_port()
+    port = processes.free_port()
     command = processes.train_command(workdir, data_dir, STEPS, *SETTINGS)
     started = []
     for process_id in range(2):

@@ -2,7 +2,6 @@
 2, one device, two processes) with every leaf bit-identical and laid out as the new mesh says."""
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -108,9 +107,7 @@ def test_restore_on_one_device_is_bit_identical(saved_run, saved_values):
 
 @pytest.mark.slow
 def test_restore_across_two_processes_is_bit_identical(saved_run, saved_values, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        port = probe.getsockname()[1]
+    port = processes.free_port()
     out = tmp_path / "restored.npz"
     worker = Path(__file__).with_name("restore_worker.py")
     launched = [
@@ -154,9 +151,7 @@ def test_eval_py_on_two_processes_matches_one_process(saved_run, tmp_path):
         sample_bytes=16,
         sample_prompt=b"ROMEO:\n",  # eval.py's default prompt
     )
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        port = probe.getsockname()[1]
+    port = processes.free_port()
     command = [
         sys.executable,
         str(processes.ROOT / "eval.py"),

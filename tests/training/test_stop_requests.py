@@ -3,7 +3,6 @@
 import os
 import random
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -176,9 +175,7 @@ def test_the_multihost_preemption_sync_point_stops_the_run_and_saves_that_step(
 def test_sigterm_under_jax_distributed_goes_through_the_preemption_sync_point(data_dir, tmp_path):
     """With jax.distributed initialised, JAX's notifier takes SIGTERM and every process stops at
     the step the sync point agrees on (here one process, a real coordinator on localhost)."""
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        port = probe.getsockname()[1]
+    port = processes.free_port()
     workdir = tmp_path / "run"
     command = processes.train_command(workdir, data_dir, 100_000, *INTERVALS)
     command[1:2] = [str(Path(__file__).with_name("distributed_train.py")), str(port)]
