@@ -11,6 +11,7 @@ from moejax import routers
 from moejax.models.moe_layer import RouterContext
 from moejax.routers.base import CONTEXT_NEEDS, ROUTERS, RouterSpec, get, register
 from moejax.routers.softmax_top_k import softmax_top_k
+from moejax.routing import get_router
 from tests.routers.layer_helpers import hidden, make_layer
 
 ROUTERS_DIR = Path(routers.__file__).parent
@@ -32,6 +33,8 @@ OWN_FILE = [
     "random_fixed",
     "relu_rmsnorm",
 ]
+# The routers that came after softmax_top_k (the default, registered first).
+NEW_ROUTERS = ("noisy_top_k", "sinkhorn", "selective_sinkhorn", "hash", "random_fixed", "top_p")
 
 
 @pytest.mark.parametrize("name", sorted(ROUTERS))
@@ -84,3 +87,22 @@ def test_layer_hands_a_router_exactly_its_declared_needs():
     assert received["token_ids"].tolist() == list(range(6))
     assert received["train"] is False
     assert received["router_logits"].shape == (6, 4)
+
+
+def test_new_routers_are_registered_after_softmax_top_k() -> None:
+    assert list(ROUTERS)[0] == "softmax_top_k"
+    assert set(NEW_ROUTERS) <= set(ROUTERS)
+    with pytest.raises(ValueError, match=r"allowed: softmax_top_k, .*top_p"):
+        get_router("nope")
+
+
+def test_get_router_names_unknown_router_and_allowed() -> None:
+    with pytest.raises(ValueError, match=r"router: got 'foo'; allowed: softmax_top_k, "):
+        get_router("foo")
+
+
+def test_register_rejects_duplicate_names() -> None:
+    with pytest.raises(
+        ValueError, match="router: got 'softmax_top_k'; allowed: a name not already"
+    ):
+        register(RouterSpec("softmax_top_k", softmax_top_k))
