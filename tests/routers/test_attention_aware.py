@@ -1,5 +1,6 @@
 """The attention-aware router reads the attention graph row by row: a token routes like the
-tokens it attends to, so its routing never depends on a later token."""
+tokens it attends to, so its routing never depends on a later token; identity attention is plain
+softmax top-k."""
 
 import dataclasses
 from pathlib import Path
@@ -7,12 +8,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from moejax.attention import causal_attention
 from moejax.config import load_config_file
 from moejax.models.transformer import TransformerLM
 from moejax.routers.attention_aware import attention_aware_router
+from moejax.routers.softmax_top_k import softmax_top_k
+from tests.routers.routing_helpers import key_logits
 
 BATCH, LENGTH, D_MODEL, HEADS, HEAD_DIM, EXPERTS = 2, 8, 12, 2, 4, 6
 
@@ -79,3 +83,20 @@ def test_language_model_with_attention_aware_routing_is_causal() -> None:
     logits_edited, _ = model(edited)
     np.testing.assert_allclose(logits_edited[:, :7], logits[:, :7], rtol=1e-5, atol=1e-5)
     assert not np.allclose(logits_edited[:, 7:], logits[:, 7:])
+
+
+def test_attention_aware_with_identity_attention_is_softmax_top_k():
+    logits = key_logits(2 * 6, 5)
+    identity = jnp.broadcast_to(jnp.eye(6), (2, 6, 6))
+    got = attention_aware_router(logits, top_k=3, attention_probs=identity)
+    want = softmax_top_k(logits, top_k=3)
+    np.testing.assert_array_equal(got.expert_index, want.expert_index)
+    np.testing.assert_allclose(got.router_probs, want.router_probs, rtol=1e-6)
+
+
+def test_attention_aware_rejects_missing_or_misshapen_attention_probs():
+    logits = key_logits(2 * 6, 5)
+    with pytest.raises(ValueError, match="attention_probs"):
+        attention_aware_router(logits, top_k=2)
+    with pytest.raises(ValueError, match="attention_probs"):
+        attention_aware_router(logits, top_k=2, attention_probs=jnp.ones((2, 5, 5)))

@@ -1,6 +1,6 @@
 """Stateful routers inside the MoE layer: the state follows its documented update rule and
 stays outside the gradient (no gradient reaches or leaves it, and the step's gradient is the
-same with or without the update)."""
+same with or without the update); the train step carries the updated state."""
 
 import dataclasses
 from pathlib import Path
@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import routers
-from moejax.config import load_config_file
+from moejax import routers, sharding
+from moejax.config import apply_overrides, load_config_file
 from moejax.models.layers import MoELayer, MoEOptions, RouterState
 from moejax.routers.bias_balanced import BIAS_UPDATE_RATE
 from moejax.routers.kmeans import CENTROID_MOMENTUM
+from moejax.training import state as state_lib
+from moejax.training.step import global_batch, make_train_step
 
 ROUTERS = ["bias_balanced", "kmeans"]
 TOKENS, D_MODEL, EXPERTS, TOP_K = 24, 8, 4, 2
@@ -117,3 +119,26 @@ def test_state_update_leaves_the_steps_loss_and_gradient_unchanged(router: str) 
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_frozen), strict=True):
         np.testing.assert_array_equal(a, b)
     assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("router", ["bias_balanced", "kmeans"])
+def test_train_step_updates_router_state_outside_the_gradient(router):
+    config = apply_overrides(load_config_file("configs/tiny.py"), [f"model.router={router}"])
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}, jax.devices()[:1])
+    layout = state_lib.state_layout(config, mesh)
+    state = state_lib.init_state(config, layout)
+    before = jax.device_get(state["router_state"])
+    assert jax.tree.leaves(before)
+    step = make_train_step(layout, mesh)
+    tokens = np.arange(8 * 33).reshape(8, 33).astype(np.int32) % 256
+    batch = global_batch(mesh, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
+    state, metrics = step(state, batch)
+    after = jax.device_get(state["router_state"])
+    changed = [
+        np.abs(a - b).max()
+        for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before), strict=True)
+    ]
+    assert max(changed) > 0.0
+    assert np.isfinite(float(metrics["loss"]))
+    model = layout.spec.merge(jax.device_get(state_lib.model_variables(state)))
+    assert isinstance(model, nnx.Module)
