@@ -70,14 +70,16 @@ def capacity_dispatch(
     capacity: int,
     priority: str = "order",
 ) -> tuple[jax.Array, jax.Array]:
-    """Fixed-capacity expert buffers filled and emptied with one-hot einsums.
+    """Fixed-capacity expert buffers filled and emptied by row gathers.
 
     Lepikhin et al., "GShard" (2020); Fedus et al., "Switch Transformers" (2021). Assignments
     take buffer slots in priority order: every token's first choice before any second choice, and
     within one choice rank the tokens in the order `priority` picks. Assignments that find their
-    expert's `capacity` slots full are dropped: they contribute zero and are counted. The dispatch
-    and combine tensors are [tokens, experts, capacity], so memory grows as
-    tokens**2 * top_k * capacity_factor.
+    expert's `capacity` slots full are dropped: they contribute zero and are counted. The buffers
+    are [experts, capacity, d_model], the fixed shape that expert parallelism exchanges; they are
+    filled by gathering each slot's token row and emptied by gathering each assignment's slot
+    (`_dispatch_rows`, `_collect_rows`), so the cost grows with tokens * top_k * d_model, not
+    with the tokens * experts * capacity of one-hot dispatch einsums.
 
     `priority="order"` ranks tokens by position. `priority="score"` is Batch Prioritized Routing
     from Riquelme et al., "Scaling Vision with Sparse Mixture of Experts" (2021): tokens are
@@ -108,20 +110,20 @@ def capacity_dispatch(
         # Stable, so equal scores keep token order (and "score" with equal weights is "order").
         ranking = jnp.argsort(-score, stable=True)  # [tokens], best first
         ranked_slot = _buffer_slots(routing.expert_index[ranking], num_experts)  # [tokens, k]
-        slot = ranked_slot[jnp.argsort(ranking)]  # [tokens, top_k], back in token order
-    dropped_fraction = jnp.mean((slot >= capacity).astype(jnp.float32))
+        slot = _unpermute(ranked_slot, ranking)  # [tokens, top_k], back in token order
+    kept = slot < capacity  # [tokens, top_k]
+    dropped_fraction = jnp.mean((~kept).astype(jnp.float32))
+    num_slots = num_experts * capacity
+    # A dropped assignment's row is num_slots, past the last buffer row: it reads zeros there and
+    # fills no slot.
+    buffer_row = jnp.where(kept, routing.expert_index * capacity + slot, num_slots)  # [t, k]
+    rows = _SlotRows.build(buffer_row, num_slots)
 
-    # one_hot of an index >= capacity is all zeros, which is exactly what drops the assignment.
-    slot_mask = jax.nn.one_hot(slot, capacity, dtype=x.dtype)  # [tokens, top_k, capacity]
-    expert_mask = jax.nn.one_hot(routing.expert_index, num_experts, dtype=x.dtype)
-    dispatch = jnp.einsum("tke,tkc->tec", expert_mask, slot_mask)  # [tokens, experts, capacity]
-    weighted_expert_mask = expert_mask * routing.combine_weights.astype(x.dtype)[..., None]
-    combine = jnp.einsum("tke,tkc->tec", weighted_expert_mask, slot_mask)  # [tokens, e, capacity]
-
-    # One nonzero term per output, so dispatch is exact in any dtype.
-    expert_inputs = jnp.einsum("tec,td->ecd", dispatch, x)  # [experts, capacity, d_model]
-    expert_outputs = _swiglu_batched(expert_inputs, expert_params)  # [experts, capacity, d_model]
-    y = _einsum("tec,ecd->td", combine, expert_outputs)  # [tokens, d_model]
+    expert_inputs = _dispatch_rows(x, rows)  # [experts*capacity, d_model]
+    expert_inputs = expert_inputs.reshape(num_experts, capacity, -1)  # [e, capacity, d_model]
+    expert_outputs = _swiglu_batched(expert_inputs, expert_params)  # [e, capacity, d_model]
+    out = _collect_rows(expert_outputs.reshape(num_slots, -1), rows)  # [tokens, k, d_model]
+    y = _einsum("tkd,tk->td", out, routing.combine_weights.astype(x.dtype))  # [tokens, d_model]
     return y, dropped_fraction
 
 
@@ -135,14 +137,100 @@ def _buffer_slots(expert_index: jax.Array, num_experts: int) -> jax.Array:
     Returns:
       [tokens, top_k] int32; positions >= capacity are the dropped assignments.
     """
-    num_tokens, top_k = expert_index.shape
-    # Choice-major order ([top_k, tokens]) so a running count per expert yields each
-    # assignment's slot in priority order.
-    choice_major = jax.nn.one_hot(expert_index.T, num_experts, dtype=jnp.int32)
-    priority_mask = choice_major.reshape(top_k * num_tokens, num_experts)  # [k*tokens, experts]
-    slot = jnp.cumsum(priority_mask, axis=0) - 1  # [k*tokens, experts]
-    slot = jnp.sum(slot * priority_mask, axis=-1)  # [k*tokens]
-    return slot.reshape(top_k, num_tokens).T  # [tokens, top_k]
+    # Choice-major order ([top_k * tokens]) ranks every first choice before any second choice.
+    choice_major = expert_index.T.reshape(-1)  # [k*tokens]
+    return _rank_within_expert(choice_major, num_experts).reshape(expert_index.T.shape).T
+
+
+def _rank_within_expert(expert: jax.Array, num_experts: int) -> jax.Array:
+    """[n] int32: how many of the entries before each one chose the same expert.
+
+    A stable sort by expert lists each expert's entries in their order; an entry's rank is its
+    sorted position less its expert's first one.
+    """
+    order = jnp.argsort(expert, stable=True)  # [n]
+    counts = jnp.bincount(expert, length=num_experts)  # [experts]
+    first = (jnp.cumsum(counts) - counts).astype(jnp.int32)  # [experts]
+    sorted_rank = jnp.arange(expert.shape[0], dtype=jnp.int32) - first[expert[order]]  # [n]
+    return _unpermute(sorted_rank, order)
+
+
+def _unpermute(values: jax.Array, order: jax.Array) -> jax.Array:
+    """values[i] returned to position order[i]: the inverse of `values = original[order]`."""
+    return jnp.zeros_like(values).at[order].set(values, unique_indices=True)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _SlotRows:
+    """Where each routing assignment sits among the expert rows, both ways round.
+
+    Attributes:
+      buffer_row: [tokens, top_k] int32, the expert row of each assignment; rows past the last
+        (num_rows or more) mean dropped.
+      assignment: [num_rows] int32, the token-major assignment (token * top_k + choice) each row
+        holds; tokens * top_k marks an empty row.
+    """
+
+    buffer_row: jax.Array
+    assignment: jax.Array
+
+    @classmethod
+    def build(cls, buffer_row: jax.Array, num_rows: int) -> "_SlotRows":
+        """From each assignment's row; no two kept assignments may share one."""
+        num_assignments = buffer_row.size
+        assignment = jnp.full((num_rows,), num_assignments, jnp.int32)
+        ids = jnp.arange(num_assignments, dtype=jnp.int32)
+        assignment = assignment.at[buffer_row.reshape(-1)].set(ids, mode="drop")  # [rows]
+        return cls(buffer_row.astype(jnp.int32), assignment)
+
+
+def _gather_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
+    """rows[index] for [n, d] rows and [m] indices; zeros where an index is n or more."""
+    return rows.at[index].get(mode="fill", fill_value=0)
+
+
+# Filling expert rows and collecting them back are each other's transposes, and both are row
+# gathers: custom VJPs keep the backward pass a gather too, where autodiff would emit scatter-adds.
+@jax.custom_vjp
+def _dispatch_rows(x: jax.Array, rows: _SlotRows) -> jax.Array:
+    """x [tokens, d_model] -> [num_rows, d_model]: each row its assignment's token, or zeros."""
+    top_k = rows.buffer_row.shape[1]
+    return _gather_rows(x, rows.assignment // top_k)
+
+
+def _dispatch_rows_fwd(x: jax.Array, rows: _SlotRows) -> tuple[jax.Array, _SlotRows]:
+    return _dispatch_rows(x, rows), rows
+
+
+def _dispatch_rows_bwd(rows: _SlotRows, d_rows: jax.Array) -> tuple[jax.Array, None]:
+    # A token's gradient is the sum of its assignments' rows' gradients.
+    per_assignment = _collect_rows(d_rows, rows)  # [tokens, top_k, d_model]
+    accumulate_dtype = jnp.promote_types(d_rows.dtype, jnp.float32)
+    return jnp.sum(per_assignment, axis=1, dtype=accumulate_dtype).astype(d_rows.dtype), None
+
+
+_dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
+
+
+@jax.custom_vjp
+def _collect_rows(expert_rows: jax.Array, rows: _SlotRows) -> jax.Array:
+    """[num_rows, d_model] -> [tokens, top_k, d_model]: each assignment's row, zeros if dropped."""
+    num_tokens, top_k = rows.buffer_row.shape
+    collected = _gather_rows(expert_rows, rows.buffer_row.reshape(-1))  # [tokens*k, d_model]
+    return collected.reshape(num_tokens, top_k, -1)
+
+
+def _collect_rows_fwd(expert_rows: jax.Array, rows: _SlotRows) -> tuple[jax.Array, _SlotRows]:
+    return _collect_rows(expert_rows, rows), rows
+
+
+def _collect_rows_bwd(rows: _SlotRows, d_out: jax.Array) -> tuple[jax.Array, None]:
+    # Each row has at most one assignment, so its gradient is that assignment's, or zero.
+    return _gather_rows(d_out.reshape(-1, d_out.shape[-1]), rows.assignment), None
+
+
+_collect_rows.defvjp(_collect_rows_fwd, _collect_rows_bwd)
 
 
 def dropless_dispatch(
@@ -152,7 +240,7 @@ def dropless_dispatch(
 
     Gale et al., "MegaBlocks: Efficient Sparse Training with Mixture-of-Experts" (2022). The
     tokens * top_k assignments are stably sorted by expert, their rows gathered, the SwiGLU run
-    as three `kernels_pallas.gmm` calls, and the outputs unsorted and summed back per token with
+    as three `kernels_pallas.gmm` calls, and each token's outputs gathered back and summed with
     the combine weights. Shapes are static, so it jits; it differentiates in x, the expert
     parameters and the combine weights.
 
@@ -166,23 +254,21 @@ def dropless_dispatch(
       y: [tokens, d_model] in x's dtype, and dropped_fraction: scalar float32, always 0.
     """
     num_experts = _check_inputs(x, routing, expert_params)
-    num_tokens, top_k = routing.expert_index.shape
     params = _cast_params(expert_params, x.dtype)
     flat_expert = routing.expert_index.reshape(-1)  # [tokens*k], token-major
-    # Stable, so each expert's rows keep token order and results do not depend on sort ties.
-    order = jnp.argsort(flat_expert, stable=True)  # [tokens*k]
-    sorted_rows = x[order // top_k]  # [tokens*k, d_model]
     group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)  # [experts]
+    # Each expert's rows in token order: a row is its expert's first row plus its rank.
+    first_row = jnp.cumsum(group_sizes) - group_sizes  # [experts]
+    sorted_row = first_row[flat_expert] + _rank_within_expert(flat_expert, num_experts)
+    rows = _SlotRows.build(sorted_row.reshape(routing.expert_index.shape), flat_expert.size)
 
+    sorted_rows = _dispatch_rows(x, rows)  # [tokens*k, d_model]
     gate = gmm(sorted_rows, params["w_gate"], group_sizes, impl=gmm_impl)  # [tokens*k, d_ff]
     up = gmm(sorted_rows, params["w_up"], group_sizes, impl=gmm_impl)  # [tokens*k, d_ff]
     hidden = jax.nn.silu(gate) * up
     sorted_out = gmm(hidden, params["w_down"], group_sizes, impl=gmm_impl)  # [tokens*k, d_model]
 
-    # Unsorting by gathering with the inverse permutation turns the sum over a token's experts
-    # into a reshape and a reduction: deterministic, unlike a scatter-add.
-    inverse_order = jnp.argsort(order)  # [tokens*k]
-    out = sorted_out[inverse_order].reshape(num_tokens, top_k, -1)  # [tokens, k, d_model]
+    out = _collect_rows(sorted_out, rows)  # [tokens, k, d_model]
     y = _einsum("tkd,tk->td", out, routing.combine_weights.astype(x.dtype))  # [tokens, d_model]
     return y, jnp.zeros((), jnp.float32)
 

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from moejax.moe import (
+    CAPACITY_PRIORITIES,
     DISPATCH_STRATEGIES,
     MoEOutput,
     capacity_dispatch,
@@ -22,7 +24,7 @@ from moejax.routing import Routing, softmax_top_k
 
 # Strategy, capacity factor and kernel choice pick the program, so they are static under jit.
 jit_moe_ffn = jax.jit(moe_ffn, static_argnames=("strategy", "capacity_factor", "gmm_impl"))
-jit_capacity_dispatch = jax.jit(capacity_dispatch, static_argnames="capacity")
+jit_capacity_dispatch = jax.jit(capacity_dispatch, static_argnames=("capacity", "priority"))
 jit_softmax_top_k = jax.jit(softmax_top_k, static_argnames=("top_k", "renormalize"))
 
 
@@ -76,17 +78,45 @@ def _loop_reference(
     return y
 
 
-def _dropped_by_priority(expert_index: np.ndarray, capacity: int) -> np.ndarray:
-    """[tokens, top_k] bool: all first choices in token order, then all second choices, ..."""
+def _dropped_by_priority(
+    expert_index: np.ndarray, capacity: int, ranking: np.ndarray | None = None
+) -> np.ndarray:
+    """[tokens, top_k] bool: all first choices in `ranking`'s token order (default: by position),
+    then all second choices, ..."""
     expert_index = np.asarray(expert_index)
+    if ranking is None:
+        ranking = np.arange(expert_index.shape[0])
     filled = np.zeros(expert_index.max() + 1, dtype=int)
     dropped = np.zeros(expert_index.shape, dtype=bool)
     for k in range(expert_index.shape[1]):
-        for t in range(expert_index.shape[0]):
+        for t in ranking:
             e = expert_index[t, k]
             dropped[t, k] = filled[e] >= capacity
             filled[e] += 1
     return dropped
+
+
+def _priority_ranking(combine_weights: np.ndarray, priority: str) -> np.ndarray:
+    """Tokens in the order `priority` gives them slots: by position, or by max weight (stable)."""
+    if priority == "order":
+        return np.arange(combine_weights.shape[0])
+    return np.argsort(-np.asarray(combine_weights, np.float64).max(axis=-1), kind="stable")
+
+
+def _masked_reference(
+    x: jax.Array,
+    expert_index: jax.Array,
+    combine_weights: jax.Array,
+    params: dict[str, jax.Array],
+    kept: jax.Array,
+) -> jax.Array:
+    """Every expert on every token, then each token's kept assignments, weighted: differentiable,
+    so jax.grad of it in float64 is a gradient reference sharing no code with the strategies."""
+    gate = jnp.einsum("td,edf->tef", x, params["w_gate"])
+    hidden = jax.nn.silu(gate) * jnp.einsum("td,edf->tef", x, params["w_up"])
+    every = jnp.einsum("tef,efd->ted", hidden, params["w_down"])  # [tokens, experts, d_model]
+    chosen = jnp.take_along_axis(every, expert_index[:, :, None], axis=1)  # [tokens, k, d]
+    return jnp.einsum("tkd,tk->td", chosen, combine_weights * kept)
 
 
 @st.composite
@@ -153,6 +183,108 @@ def test_capacity_drops_in_priority_order(top_k: int, capacity: int) -> None:
     np.testing.assert_allclose(dropped_fraction, dropped.mean(), rtol=1e-7)
     expected = _loop_reference(x, routing.expert_index, routing.combine_weights, params, dropped)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+
+
+@st.composite
+def capacity_problems(draw: st.DrawFn) -> tuple[Routing, int, str, tuple[int, int, int]]:
+    """A hand-drawn routing: repeated experts within a token, weights from three values (ties in
+    priority "score"), and any capacity from 1 (most assignments overflow) to tokens * top_k."""
+    num_experts = draw(st.integers(1, 5))
+    top_k = draw(st.integers(1, 3))
+    tokens = draw(st.integers(1, 10))
+    shape = (tokens, top_k)
+    expert_index = draw(hnp.arrays(np.int32, shape, elements=st.integers(0, num_experts - 1)))
+    weights = draw(hnp.arrays(np.float32, shape, elements=st.sampled_from([0.25, 0.5, 1.0])))
+    capacity = draw(st.integers(1, tokens * top_k))
+    priority = draw(st.sampled_from(CAPACITY_PRIORITIES))
+    routing = Routing(
+        jnp.asarray(expert_index), jnp.asarray(weights), jnp.zeros((tokens, num_experts)), {}
+    )
+    sizes = (num_experts, draw(st.integers(1, 6)), draw(st.integers(1, 6)))
+    return routing, capacity, priority, sizes
+
+
+def _capacity_problem_inputs(
+    routing: Routing, sizes: tuple[int, int, int], seed: int = 0
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    num_experts, d_model, d_ff = sizes
+    x, _, params = _problem(routing.expert_index.shape[0], num_experts, 1, d_model, d_ff, seed)
+    return x, params
+
+
+@settings(max_examples=25, deadline=None)
+@given(capacity_problems())
+def test_index_dispatch_matches_loop_reference_with_drops(problem: tuple) -> None:
+    routing, capacity, priority, sizes = problem
+    x, params = _capacity_problem_inputs(routing, sizes)
+    ranking = _priority_ranking(routing.combine_weights, priority)
+    dropped = _dropped_by_priority(routing.expert_index, capacity, ranking)
+    y, dropped_fraction = jit_capacity_dispatch(
+        x, routing, params, capacity=capacity, priority=priority
+    )
+    np.testing.assert_allclose(dropped_fraction, dropped.mean(), rtol=1e-7)
+    expected = _loop_reference(x, routing.expert_index, routing.combine_weights, params, dropped)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=10, deadline=None)
+@given(capacity_problems())
+def test_index_dispatch_gradients_match_float64_reference(problem: tuple) -> None:
+    routing, capacity, priority, sizes = problem
+    x, params = _capacity_problem_inputs(routing, sizes, seed=1)
+    cotangent = jnp.asarray(np.random.default_rng(2).standard_normal(x.shape), jnp.float32)
+    ranking = _priority_ranking(routing.combine_weights, priority)
+    kept = ~_dropped_by_priority(routing.expert_index, capacity, ranking)
+
+    def capacity_loss(x, combine_weights, params) -> jax.Array:
+        weights_routing = Routing(routing.expert_index, combine_weights, None, {})
+        y, _ = capacity_dispatch(x, weights_routing, params, capacity=capacity, priority=priority)
+        return jnp.sum(y * cotangent)
+
+    def reference_loss(x, combine_weights, params) -> jax.Array:
+        y = _masked_reference(x, routing.expert_index, combine_weights, params, kept)
+        return jnp.sum(y * cotangent)
+
+    inputs = (x, routing.combine_weights, params)
+    grads = jax.jit(jax.grad(capacity_loss, argnums=(0, 1, 2)))(*inputs)
+    with jax.enable_x64(True):
+        inputs64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), inputs)
+        expected = jax.grad(reference_loss, argnums=(0, 1, 2))(*inputs64)
+        expected = jax.tree.map(np.asarray, expected)
+    chex.assert_trees_all_close(grads, expected, rtol=1e-5, atol=1e-5)
+
+
+def _intermediates(jaxpr: jax.extend.core.Jaxpr) -> list[tuple[str, jax.core.ShapedArray]]:
+    """(primitive, output aval) of every equation, sub-jaxprs (jit, custom_vjp) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        found += [(eqn.primitive.name, var.aval) for var in eqn.outvars]
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    found += _intermediates(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    found += _intermediates(sub)
+    return found
+
+
+@pytest.mark.parametrize("priority", CAPACITY_PRIORITIES)
+def test_capacity_gradient_has_no_one_hot_tensor_or_row_scatter(priority: str) -> None:
+    tokens, num_experts, top_k, d_model = 64, 16, 2, 8
+    x, routing, params = _problem(tokens, num_experts, top_k, d_model, 8, seed=12)
+    capacity = expert_capacity(tokens, num_experts, top_k, 1.25)
+
+    def loss(x, combine_weights, params) -> jax.Array:
+        weights_routing = Routing(routing.expert_index, combine_weights, None, {})
+        y, _ = capacity_dispatch(x, weights_routing, params, capacity=capacity, priority=priority)
+        return jnp.sum(y**2)
+
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    found = _intermediates(jax.make_jaxpr(grad)(x, routing.combine_weights, params).jaxpr)
+    # One-hot dispatch would build [tokens, experts, capacity] tensors; rows move by gathers
+    # both ways, so no floating scatter-add exists either.
+    assert max(aval.size for _, aval in found) < tokens * num_experts * capacity
+    assert not [aval for name, aval in found if "scatter" in name and aval.dtype == x.dtype]
 
 
 def test_dropped_assignments_contribute_exactly_zero() -> None:
