@@ -56,8 +56,9 @@ def routed_model(
     config: config_lib.Config, variables: dict[str, Any], router_dim: int, seed: int
 ) -> TransformerLM:
     """The run's model with fresh layer routers of width `router_dim` and its trained weights."""
-    model_config = dataclasses.replace(config.model, layer_router_dim=router_dim)
-    config_lib.validate_model(model_config)
+    model_config = dataclasses.replace(
+        config.model, depth=dataclasses.replace(config.model.depth, layer_router_dim=router_dim)
+    )
     model = TransformerLM(model_config, rngs=nnx.Rngs(seed))
     load_trained(model, variables, fresh=fit.ROUTER_PARAMS)
     return model

@@ -52,35 +52,41 @@ BASELINE = "softmax_top_k"
 RELU_SPARSITY_WEIGHT = 0.01
 CHUNK_SPARSITY_WEIGHT = 0.01
 
-# Router name -> the model fields it changes, given the base model.
-ROUTER_VARIANTS: dict[str, Callable[[ModelConfig], dict[str, Any]]] = {
-    "softmax_top_k": lambda model: {"router": "softmax_top_k"},
+# Router name -> the config overrides of its variant (`group.field=value`), given the base model.
+ROUTER_VARIANTS: dict[str, Callable[[ModelConfig], list[str]]] = {
+    "softmax_top_k": lambda model: ["model.router.name=softmax_top_k"],
     # The transport plan balances the experts, replacing the balancing loss.
-    "selective_sinkhorn": lambda model: {
-        "router": "selective_sinkhorn",
-        "load_balance_weight": 0.0,
-    },
-    "cosine": lambda model: {"router": "cosine"},
-    "hash": lambda model: {"router": "hash"},
-    "random_fixed": lambda model: {"router": "random_fixed"},
+    "selective_sinkhorn": lambda model: [
+        "model.router.name=selective_sinkhorn",
+        "model.router.load_balance_weight=0",
+    ],
+    "cosine": lambda model: ["model.router.name=cosine"],
+    "hash": lambda model: ["model.router.name=hash"],
+    "random_fixed": lambda model: ["model.router.name=random_fixed"],
     # Parameter-free: there are no router logits to balance or to keep small.
-    "kmeans": lambda model: {
-        "router": "kmeans",
-        "load_balance_weight": 0.0,
-        "router_z_weight": 0.0,
-    },
+    "kmeans": lambda model: [
+        "model.router.name=kmeans",
+        "model.router.load_balance_weight=0",
+        "model.router.router_z_weight=0",
+    ],
     # Every expert has a slot, so the ReLU decides how many are active per token.
-    "relu_rmsnorm": lambda model: {
-        "router": "relu_rmsnorm",
-        "renormalize_top_k": False,
-        "top_k": model.num_experts,
-        "relu_sparsity_weight": RELU_SPARSITY_WEIGHT,
-        "chunk_sparsity_weight": CHUNK_SPARSITY_WEIGHT,
-    },
+    "relu_rmsnorm": lambda model: [
+        "model.router.name=relu_rmsnorm",
+        "model.router.options.renormalize=false",
+        f"model.moe.top_k={model.moe.num_experts}",
+        f"model.router.options.sparsity_weight={RELU_SPARSITY_WEIGHT}",
+        f"model.router.options.chunk_sparsity_weight={CHUNK_SPARSITY_WEIGHT}",
+    ],
     # Per-expert biases balance the load instead of a loss.
-    "bias_balanced": lambda model: {"router": "bias_balanced", "load_balance_weight": 0.0},
+    "bias_balanced": lambda model: [
+        "model.router.name=bias_balanced",
+        "model.router.load_balance_weight=0",
+    ],
     # No MoE layer; the feed-forward is as wide as the experts a token uses.
-    "dense": lambda model: {"moe_every": 0, "d_ff": model.top_k * model.expert_d_ff},
+    "dense": lambda model: [
+        "model.moe.every=0",
+        f"model.d_ff={model.moe.top_k * model.moe.expert_d_ff}",
+    ],
 }
 
 # Per-layer routing statistics of `moejax.training.evaluate`, reported as means over MoE layers.
@@ -110,13 +116,12 @@ PALETTE = [
 
 
 def variant_config(base: Config, router: str, seed: int) -> Config:
-    """`base` with the model fields of `router` changed and `seed` as init and data seed."""
+    """`base` with the router variant's overrides and `seed` as init and data seed."""
     if router not in ROUTER_VARIANTS:
         raise ValueError(f"router: got {router!r}; allowed: {', '.join(ROUTER_VARIANTS)}")
-    model = dataclasses.replace(base.model, **ROUTER_VARIANTS[router](base.model))
+    variant = config_lib.apply_overrides(base, ROUTER_VARIANTS[router](base.model))
     return dataclasses.replace(
-        base,
-        model=model,
+        variant,
         data=dataclasses.replace(base.data, shuffle_seed=seed),
         train=dataclasses.replace(base.train, seed=seed),
     )
@@ -398,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "describe": config_lib.describe(base),
         "base_config": config_lib.to_dict(base),
         "variants": {
-            name: ", ".join(f"{k}={v}" for k, v in ROUTER_VARIANTS[name](base.model).items())
+            name: ", ".join(ROUTER_VARIANTS[name](base.model))
             for name in args.routers
         },
         "wall_seconds": 0.0,

@@ -20,7 +20,7 @@ pointless.
 
 import dataclasses
 
-from moejax.config import Config, DataConfig, MeshConfig, ModelConfig
+from moejax.config import Config, DataConfig, MeshConfig, ModelConfig, MoEConfig
 
 
 def get_config() -> Config:
@@ -34,11 +34,9 @@ def get_config() -> Config:
             head_dim=128,
             max_seq_len=2048,
             d_ff=8192,
-            num_experts=32,
-            top_k=2,
-            expert_d_ff=256,
             dtype="bfloat16",
             param_dtype="float32",
+            moe=MoEConfig(num_experts=32, top_k=2, expert_d_ff=256),
         ),
         data=DataConfig(seq_len=2048, global_batch_size=256, eval_batch_size=256),
         mesh=MeshConfig(data=-1, expert=8),

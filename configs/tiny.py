@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from moejax.config import Config, DataConfig, ModelConfig, TrainConfig
+from moejax.config import Config, DataConfig, ModelConfig, MoEConfig, TrainConfig
 
 
 def get_config() -> Config:
@@ -15,10 +15,8 @@ def get_config() -> Config:
             num_kv_heads=2,
             head_dim=8,
             d_ff=64,
-            num_experts=4,
-            top_k=2,
-            expert_d_ff=32,
             max_seq_len=64,
+            moe=MoEConfig(num_experts=4, top_k=2, expert_d_ff=32),
         ),
         data=DataConfig(seq_len=32, global_batch_size=8, eval_batch_size=8, eval_batches=2),
         train=TrainConfig(

@@ -160,9 +160,9 @@ def evaluate_workdir(
     from moejax.training.step import make_eval_step
 
     for override in overrides:
-        if not override.startswith(("mesh.", "data.", "model.halting_threshold=")):
+        if not override.startswith(("mesh.", "data.", "model.moe.halting_threshold=")):
             raise config_lib.ConfigError(
-                f"eval override {override!r}: only mesh.*, data.* and model.halting_threshold "
+                f"eval override {override!r}: only mesh.*, data.* and model.moe.halting_threshold "
                 "can change at eval"
             )
     run_config = read_run(workdir)
@@ -196,14 +196,14 @@ def evaluate_workdir(
     results = evaluate(make_eval_step(layout, mesh), variables, batches)
     results.update(step=restored_step, damaged_steps=sorted(restored.damaged), mesh=axis_sizes)
     results.update(sparsity_results(config, variables))
-    if config.model.moe_every:
+    if config.model.moe.every:
         fixed_batch = batches[0]
         top1 = routing_top1(layout.spec.merge, mesh, variables, fixed_batch)
         previous_top1 = None
         if previous_state is not None:
             previous_variables = state_lib.model_variables(previous_state)
             previous_top1 = routing_top1(layout.spec.merge, mesh, previous_variables, fixed_batch)
-        results.update(routing_dynamics(top1, config.model.num_experts, previous_top1))
+        results.update(routing_dynamics(top1, config.model.moe.num_experts, previous_top1))
         results["compare_step"] = compare_step
     if sample_bytes:
         from moejax.sampling import generate

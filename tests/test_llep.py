@@ -7,7 +7,6 @@ rtol = atol = 1e-4), under routing skewed enough that plain expert parallelism l
 with several times the mean.
 """
 
-import dataclasses
 import functools
 from pathlib import Path
 
@@ -22,9 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moejax import expert_parallel, llep, moe, sharding
-from moejax.config import load_config_file
-from moejax.config.groups import ConfigError, ModelConfig
-from moejax.config.validation import validate_model
+from moejax.config import ConfigError, MoEConfig, load_config_file, with_fields
 from moejax.models.transformer import TransformerLM
 from moejax.routing import Routing
 
@@ -335,14 +332,14 @@ def test_moe_ffn_passes_the_balance_options():
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("expert_balance", "fast", "model.expert_balance: got 'fast'; allowed: none, llep"),
-        ("llep_margin", -0.5, "model.llep_margin: got -0.5; allowed: >= 0"),
-        ("llep_max_foreign", 0, "model.llep_max_foreign: got 0; allowed: an int >= 1"),
+        ("expert_balance", "fast", "model.moe.expert_balance: got 'fast'; allowed: none, llep"),
+        ("llep_margin", -0.5, "model.moe.llep_margin: got -0.5; allowed: >= 0"),
+        ("llep_max_foreign", 0, "model.moe.llep_max_foreign: got 0; allowed: an int >= 1"),
     ],
 )
 def test_config_rejects_bad_balance_options(field, value, message):
     with pytest.raises(ConfigError, match=message):
-        validate_model(ModelConfig(**{field: value}))
+        MoEConfig(**{field: value})
 
 
 def test_sharded_dropless_rejects_bad_balance_options():
@@ -371,8 +368,14 @@ def test_model_config_reaches_the_dispatch(monkeypatch):
     tokens = jax.random.randint(jax.random.key(0), (8, 16), 0, 256, jnp.int32)
     logits = {}
     for balance in ("none", "llep"):
-        config = dataclasses.replace(
-            tiny, num_layers=1, expert_balance=balance, llep_margin=0.25, llep_max_foreign=3
+        config = with_fields(
+            tiny,
+            {
+                "num_layers": 1,
+                "moe.expert_balance": balance,
+                "moe.llep_margin": 0.25,
+                "moe.llep_max_foreign": 3,
+            },
         )
         graph, state = nnx.split(TransformerLM(config, rngs=nnx.Rngs(0)))
         forward = jax.jit(lambda state, tokens, graph=graph: nnx.merge(graph, state)(tokens)[0])

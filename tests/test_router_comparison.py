@@ -65,8 +65,8 @@ def test_dense_variant_matches_active_feed_forward_width(router_comparison):
 
     base = Config()
     dense = router_comparison.variant_config(base, "dense", seed=3)
-    assert dense.model.moe_every == 0
-    assert dense.model.d_ff == base.model.top_k * base.model.expert_d_ff
+    assert dense.model.moe.every == 0
+    assert dense.model.d_ff == base.model.moe.top_k * base.model.moe.expert_d_ff
     assert dense.train.seed == 3 and dense.data.shuffle_seed == 3
 
 

@@ -5,13 +5,15 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from moejax import sharding
-from moejax.config import Config, ModelConfig
+from moejax.config import Config, ModelConfig, MoEConfig
 from moejax.training import state as state_lib
 
 
 def _shardings(axis_sizes):
     mesh = sharding.make_mesh(axis_sizes)
-    layout = state_lib.state_layout(Config(model=ModelConfig(num_experts=4, moe_every=1)), mesh)
+    layout = state_lib.state_layout(
+        Config(model=ModelConfig(moe=MoEConfig(num_experts=4, every=1))), mesh
+    )
     return layout.abstract_state, layout.shardings
 
 

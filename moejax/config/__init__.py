@@ -1,24 +1,18 @@
 """Typed experiment configuration: frozen dataclasses, CLI overrides, and validation.
 
-A config is six groups (`model`, `attention`, `data`, `mesh`, `train`, `pruning`). Config files in
+A config is six groups (`model`, `attention`, `data`, `mesh`, `train`, `pruning`); `model` holds
+the subgroups `moe`, `router` (with the router's typed `options`) and `depth`. Config files in
 `configs/` define `get_config() -> Config`; the command line overrides single fields with
-`--config.model.num_experts=8`. `validate` checks every field before anything is compiled and
-raises `ConfigError` naming the field, the value and what is allowed.
+`--config.model.moe.num_experts=8`. Every group checks its own fields when built and `validate`
+checks what spans groups and the devices, before anything is compiled; both raise `ConfigError`
+naming the field, the value and what is allowed.
 """
 
-from moejax.config.groups import (
-    DTYPES,
-    Config,
-    ConfigError,
-    DataConfig,
-    MeshConfig,
-    ModelConfig,
-    TrainConfig,
-    describe,
-)
+from moejax.config.groups import Config, DataConfig, MeshConfig, TrainConfig, describe
 from moejax.config.loading import (
     apply_overrides,
     config_of,
+    flat_fields,
     from_dict,
     load_config_file,
     load_config_module,
@@ -26,13 +20,11 @@ from moejax.config.loading import (
     save_json,
     to_dict,
     to_json,
+    with_fields,
 )
-from moejax.config.validation import (
-    validate,
-    validate_attention,
-    validate_mesh,
-    validate_model,
-)
+from moejax.config.model import DTYPES, DepthConfig, ModelConfig, MoEConfig, RouterConfig
+from moejax.config.validation import validate, validate_attention, validate_mesh
+from moejax.errors import ConfigError
 from moejax.pruning.config import PRUNING_MODES, LMPruningConfig
 
 __all__ = [
@@ -41,13 +33,17 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "DepthConfig",
     "LMPruningConfig",
     "MeshConfig",
+    "MoEConfig",
     "ModelConfig",
+    "RouterConfig",
     "TrainConfig",
     "apply_overrides",
     "config_of",
     "describe",
+    "flat_fields",
     "from_dict",
     "load_config_file",
     "load_config_module",
@@ -58,5 +54,5 @@ __all__ = [
     "validate",
     "validate_attention",
     "validate_mesh",
-    "validate_model",
+    "with_fields",
 ]

@@ -7,12 +7,14 @@ import importlib.util
 import json
 import traceback
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from moejax.config.groups import Config, ConfigError
+from moejax.config.groups import Config
+from moejax.config.model import RouterConfig
+from moejax.errors import ConfigError
 
 
 def load_config_module(path: str | Path) -> ModuleType:
@@ -74,10 +76,6 @@ def _raised_at(error: BaseException, path: Path) -> str:
     return f"{type(error).__name__}: {error}{where}"
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _parse_value(field: str, text: str, annotation: Any) -> Any:
     if annotation is bool:
         lowered = text.strip().lower()
@@ -105,76 +103,198 @@ def _parse_value(field: str, text: str, annotation: Any) -> Any:
 def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
     """Returns `config` with `group.field=value` overrides applied, values parsed by field type.
 
-    Each group is rebuilt once with all its overrides (a later override of a field wins), so
-    groups that check combinations of fields (`pruning`) accept the overrides in any order.
+    A field of a subgroup has a longer path: `model.moe.num_experts=8`,
+    `model.router.options.top_p=0.5`. Each group is rebuilt once with all its overrides (a later
+    override of a field wins), so groups that check combinations of fields accept the overrides
+    in any order; setting `model.router.name` starts the router's options from the new router's
+    defaults before its `model.router.options.*` overrides apply.
     """
-    changes: dict[str, dict[str, Any]] = {}
+    changes: dict[str, Any] = {}
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r}: expected the form group.field=value")
         dotted, text = override.split("=", 1)
-        parts = dotted.split(".")
-        groups = {f.name: f for f in dataclasses.fields(Config)}
-        if len(parts) != 2 or parts[0] not in groups:
-            raise ConfigError(
-                f"config: unknown field {dotted!r}; fields are group.name with group one of "
-                f"{', '.join(groups)}"
-            )
-        group_name, name = parts
-        types_of = _field_types(type(getattr(config, group_name)))
-        if name not in types_of:
-            raise ConfigError(
-                f"config: unknown field {dotted!r}; allowed fields of {group_name}: "
-                f"{', '.join(types_of)}"
-            )
-        changes.setdefault(group_name, {})[name] = _parse_value(dotted, text, types_of[name])
-    rebuilt = {
-        name: _build(getattr(config, name), name, **fields) for name, fields in changes.items()
-    }
-    return dataclasses.replace(config, **rebuilt)
+        *groups, name = dotted.split(".")
+        node = changes
+        for depth, part in enumerate(groups):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(
+                    f"config: {'.'.join(groups[: depth + 1])!r} is set as a value and as a group"
+                )
+        if isinstance(node.get(name), dict):
+            raise ConfigError(f"config: {dotted!r} is set as a value and as a group")
+        node[name] = text
+    return _rebuild(config, changes, "", _parse_value)
 
 
-def _build(group: Any, group_name: str, **fields: Any) -> Any:
-    """`dataclasses.replace(group, **fields)`; a group that checks itself on construction
-    (`pruning`, `attention`) raises ValueError, reported as the ConfigError every bad value
-    gives, with the group's name in front when the message lacks it."""
-    try:
-        return dataclasses.replace(group, **fields)
-    except ConfigError:
-        raise
-    except ValueError as error:
-        message = str(error)
-        if not message.startswith(f"{group_name}."):
-            message = f"{group_name}.{message}"
-        raise ConfigError(message) from None
+def with_fields(group: Any, changes: dict[str, Any]) -> Any:
+    """`group` (a `Config` or any group) with the fields at the dotted paths of `changes`, given
+    relative to it and already typed: `with_fields(model, {"moe.top_k": 1, "router.name":
+    "top_p", "router.options.top_p": 0.5})`. Rebuilt as `apply_overrides` rebuilds, so every
+    group checks itself once with all its changes."""
+    nested: dict[str, Any] = {}
+    for dotted, value in changes.items():
+        *groups, name = dotted.split(".")
+        node = nested
+        for part in groups:
+            node = node.setdefault(part, {})
+        node[name] = value
+    return _rebuild(group, nested, "", lambda field, value, annotation: value)
 
 
 def to_dict(config: Config) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(config)
 
 
-def from_dict(data: dict[str, dict[str, Any]]) -> Config:
-    """Inverse of `to_dict`; fields unknown to this version are an error, missing ones default."""
+def flat_fields(config: Any) -> dict[str, Any]:
+    """Every leaf field of `config` (a `Config` or any group) by its dotted path:
+    `{"model.moe.top_k": 2, "model.router.options.renormalize": True, ...}`."""
+    flat = {}
+
+    def walk(path: str, group: Any) -> None:
+        for f in dataclasses.fields(group):
+            value = getattr(group, f.name)
+            name = ".".join(filter(None, [path, f.name]))
+            if dataclasses.is_dataclass(value):
+                walk(name, value)
+            else:
+                flat[name] = value
+
+    walk("", config)
+    return flat
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Inverse of `to_dict`; fields unknown to this version are an error, missing ones default.
+
+    A `model` group written before the model was split into subgroups (flat fields such as
+    `num_experts`, `router` a name) is read as the same model in today's layout.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected an object of groups, got {type(data).__name__}")
-    groups = {}
-    for f in dataclasses.fields(Config):
-        cls = _field_types(Config)[f.name]
-        values = data.get(f.name, {})
-        if not isinstance(values, dict):
-            raise ConfigError(
-                f"config: group {f.name!r} must be an object of fields, got {values!r:.80}"
+    if isinstance(data.get("model"), dict) and _is_flat_model(data["model"]):
+        data = {**data, "model": _nest_flat_model(data["model"])}
+    return _rebuild(Config(), data, "", _typed_json_value)
+
+
+def _rebuild(group: Any, changes: dict[str, Any], path: str, parse: Callable) -> Any:
+    """`group` with `changes` applied: a value per field, or a dict of changes per subgroup.
+
+    `parse(field_path, raw, annotation)` turns a raw value (command-line text or a JSON value)
+    into the field's type. A group class may declare `resets = {trigger: dependent}`: when the
+    trigger field changes, the dependent subgroup starts from its default for the new value.
+    """
+    where = path or "config"
+    if not isinstance(changes, dict):
+        raise ConfigError(f"{where}: expected an object of fields, got {changes!r:.80}")
+    types_of = typing.get_type_hints(type(group))
+    fields = [f.name for f in dataclasses.fields(group)]
+    unknown = sorted(set(changes) - set(fields))
+    if unknown:
+        moved = _FLAT_MODEL_FIELDS.get(unknown[0]) if path == "model" else None
+        hint = f" (it is model.{'.'.join(moved)} now)" if moved else ""
+        leaf, change = [path, unknown[0]], changes[unknown[0]]
+        while isinstance(change, dict) and change:  # name the whole path the user wrote
+            leaf.append(next(iter(change)))
+            change = change[leaf[-1]]
+        raise ConfigError(
+            f"{where}: unknown field {'.'.join(filter(None, leaf))!r}{hint}; "
+            f"allowed fields of {where} ({type(group).__name__}): {', '.join(fields)}"
+        )
+    values, bases = {}, {}
+    for name, change in changes.items():
+        field = ".".join(filter(None, [path, name]))
+        is_group = dataclasses.is_dataclass(getattr(group, name))
+        if is_group or isinstance(change, dict):
+            if not (is_group and isinstance(change, dict)):
+                what = "a group: set its fields as" if is_group else "a value, not a group:"
+                raise ConfigError(f"config: {field!r} is {what} {field}.<field>=...")
+            bases[name] = getattr(group, name)
+        else:
+            values[name] = parse(field, change, types_of[name])
+    for trigger, dependent in getattr(type(group), "resets", {}).items():
+        if trigger in values and values[trigger] != getattr(group, trigger):
+            fresh = dataclasses.replace(group, **{trigger: values[trigger], dependent: None})
+            bases[dependent] = getattr(fresh, dependent)
+            values.setdefault(dependent, bases[dependent])
+    for name, base in bases.items():
+        if name in changes:
+            values[name] = _rebuild(
+                base, changes[name], ".".join(filter(None, [path, name])), parse
             )
-        types_of = _field_types(cls)
-        unknown = set(values) - set(types_of)
-        if unknown:
-            raise ConfigError(f"config: unknown fields {sorted(unknown)} in group {f.name!r}")
-        values = {
-            name: _typed_json_value(f"{f.name}.{name}", value, types_of[name])
-            for name, value in values.items()
-        }
-        groups[f.name] = _build(cls(), f.name, **values)
-    return Config(**groups)
+    return dataclasses.replace(group, **values)
+
+
+# Where each field of the flat `model` group of configs saved before the split now lives; the
+# router's own options are mapped by `_nest_flat_model`.
+_FLAT_MODEL_FIELDS = {
+    "moe_every": ("moe", "every"),
+    **{
+        name: ("moe", name)
+        for name in (
+            "num_experts",
+            "top_k",
+            "expert_d_ff",
+            "dispatch",
+            "capacity_factor",
+            "eval_capacity_factor",
+            "capacity_priority",
+            "capacity_schedule",
+            "capacity_schedule_spread",
+            "num_shared_experts",
+            "shared_expert_d_ff",
+            "gmm_impl",
+            "expert_balance",
+            "llep_margin",
+            "llep_max_foreign",
+            "halting_threshold",
+        )
+    },
+    "router": ("router", "name"),
+    "load_balance_weight": ("router", "load_balance_weight"),
+    "router_z_weight": ("router", "router_z_weight"),
+    **{
+        name: ("depth", name)
+        for name in ("mod_every", "mod_capacity", "mod_predictor_weight", "layer_router_dim")
+    },
+}
+_FLAT_ROUTER_OPTIONS = {
+    "renormalize_top_k": "renormalize",
+    "top_p": "top_p",
+    "router_entropy_weight": "entropy_weight",
+    "graph_mix": "mix",
+    "recurrent_state_dim": "state_dim",
+    "relu_sparsity_weight": "sparsity_weight",
+    "chunk_sparsity_weight": "chunk_sparsity_weight",
+}
+
+
+def _is_flat_model(model: dict[str, Any]) -> bool:
+    return isinstance(model.get("router"), str) or "num_experts" in model
+
+
+def _nest_flat_model(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flat `model` group (moejax before the `moe`/`router`/`depth` split) in today's
+    layout. Router options the named router does not have are dropped: they did nothing."""
+    from moejax import routers
+
+    nested: dict[str, Any] = {"moe": {}, "router": {}, "depth": {}}
+    router = flat.get("router", RouterConfig().name)
+    options_class = routers.get(router).options if router in routers.ROUTERS else None
+    option_fields = {f.name for f in dataclasses.fields(options_class)} if options_class else set()
+    options = {}
+    for name, value in flat.items():
+        if name in _FLAT_MODEL_FIELDS:
+            group, field = _FLAT_MODEL_FIELDS[name]
+            nested[group][field] = value
+        elif name in _FLAT_ROUTER_OPTIONS:
+            if _FLAT_ROUTER_OPTIONS[name] in option_fields:
+                options[_FLAT_ROUTER_OPTIONS[name]] = value
+        else:
+            nested[name] = value
+    nested["router"]["options"] = options
+    return nested
 
 
 def _typed_json_value(field: str, value: Any, annotation: Any) -> Any:

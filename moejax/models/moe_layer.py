@@ -1,9 +1,10 @@
 """The mixture-of-experts layer: a router chosen by name, then routed SwiGLU experts.
 
 The layer calls its router through the router's `RouterSpec` (`moejax.routers.base`): it hands
-over exactly the inputs the spec declares in `needs`, owns the parameters and state the spec
-describes, and weighs the router's auxiliary losses by the config fields the spec names. It
-knows no router by name. The expert math is the pure functions of `moejax.moe`.
+over exactly the inputs the spec declares in `needs` and the router's own options, owns the
+parameters and state the spec describes, and weighs the router's auxiliary losses by the config
+fields the spec names. It knows no router by name. The expert math is the pure functions of
+`moejax.moe`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import metrics, moe, routers
+from moejax import metrics, moe
+from moejax.config import MoEConfig, RouterConfig
 from moejax.models.layers import dense_init
 from moejax.routers.base import ROUTER_INIT_STD, RouterState
 from moejax.sharding import constrain, param
@@ -32,7 +34,7 @@ class RouterContext:
       rng: PRNG key for routers with noise (noisy top-k), or None for no noise.
       attention_probs: [batch, length, length], the preceding attention block's head-averaged
         weights (attention-aware routing).
-      recurrent_state: [batch * length, recurrent_state_dim], the previous MoE layer's GRU
+      recurrent_state: [batch * length, state_dim], the previous MoE layer's GRU
         state (recurrent router), or None at the first MoE layer.
       shared_router_params: parameters every MoE layer's router shares (RMoE's GRU cell).
     """
@@ -44,69 +46,32 @@ class RouterContext:
     shared_router_params: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass(frozen=True)
-class MoEOptions:
-    """The mixture-of-experts choices of one layer: the same-named `ModelConfig` fields, which
-    document them."""
-
-    router: str
-    renormalize_top_k: bool
-    dispatch: str
-    capacity_factor: float
-    eval_capacity_factor: float
-    capacity_priority: str
-    load_balance_weight: float
-    router_z_weight: float
-    relu_sparsity_weight: float
-    chunk_sparsity_weight: float
-    num_shared_experts: int
-    shared_expert_d_ff: int
-    gmm_impl: str
-    expert_balance: str
-    llep_margin: float
-    llep_max_foreign: int
-    top_p: float
-    graph_mix: float
-    recurrent_state_dim: int
-    # Top-p's entropy ("dynamic") loss weight: small, so it only nudges the router (check the
-    # value against Huang et al. 2024 before quoting it as theirs).
-    router_entropy_weight: float = 1e-4
-
-    @classmethod
-    def from_config(cls, config, **overrides) -> MoEOptions:
-        """The same-named fields of a `ModelConfig`, with `overrides` replacing some."""
-        values = {
-            f.name: getattr(config, f.name)
-            for f in dataclasses.fields(cls)
-            if f.name not in overrides and hasattr(config, f.name)
-        }
-        return cls(**values, **overrides)
-
-
 class MoELayer(nnx.Module):
     """Routed SwiGLU experts stored as stacked `[experts, ...]` parameters, optionally beside
     always-on shared experts.
 
-    The router is `moejax.routers.get(options.router)`: when its spec needs "router_logits" the
-    layer owns a linear map `[d_model, experts]` that gives them; when it has `init_params` the
-    layer owns those parameters; when it has `state` the layer keeps it as a `RouterState`.
-    Returns the layer output and a dict of the weighted auxiliary loss and routing statistics.
+    `moe` gives the experts (`num_experts`, `top_k`, `expert_d_ff`, shared experts) and the
+    dispatch; `router` the router (a name takes its default options). When the router's spec
+    needs "router_logits" the layer owns a linear map `[d_model, experts]` that gives them; when
+    it has `init_params` the layer owns those parameters; when it has `state` the layer keeps it
+    as a `RouterState`. Returns the layer output and a dict of the weighted auxiliary loss and
+    routing statistics.
     """
 
     def __init__(
         self,
         d_model: int,
-        expert_d_ff: int,
-        num_experts: int,
-        top_k: int,
-        options: MoEOptions,
+        moe: MoEConfig,
+        router: RouterConfig | str = "softmax_top_k",
         *,
         dtype,
         param_dtype,
         rngs: nnx.Rngs,
     ):
-        self.num_experts, self.top_k, self.options, self.dtype = num_experts, top_k, options, dtype
-        self.spec = routers.get(options.router)
+        router = RouterConfig(name=router) if isinstance(router, str) else router
+        num_experts, expert_d_ff = moe.num_experts, moe.expert_d_ff
+        self.num_experts, self.top_k, self.dtype = num_experts, moe.top_k, dtype
+        self.moe, self.router_config, self.spec = moe, router, router.spec
         if "router_logits" in self.spec.needs:
             # Router logits decide discrete assignments, so the router starts near uniform.
             self.router = param(
@@ -115,7 +80,7 @@ class MoELayer(nnx.Module):
                 ("embed", None),
             )
         if self.spec.init_params is not None:
-            values = self.spec.init_params(rngs.params(), d_model, num_experts, options)
+            values = self.spec.init_params(rngs.params(), d_model, num_experts, router.options)
             self.router_params = nnx.Dict(
                 {
                     name: param(value.astype(param_dtype), self.spec.param_axes[name])
@@ -140,10 +105,10 @@ class MoELayer(nnx.Module):
         self.w_down = param(
             dense_init(rngs.params(), shape_out, param_dtype, 1), ("expert", "expert_mlp", "embed")
         )
-        if options.num_shared_experts:
-            shared_d_ff = options.shared_expert_d_ff or expert_d_ff
-            shared_in = (options.num_shared_experts, d_model, shared_d_ff)
-            shared_out = (options.num_shared_experts, shared_d_ff, d_model)
+        if moe.num_shared_experts:
+            shared_d_ff = moe.shared_expert_d_ff or expert_d_ff
+            shared_in = (moe.num_shared_experts, d_model, shared_d_ff)
+            shared_out = (moe.num_shared_experts, shared_d_ff, d_model)
             self.shared_w_gate = param(
                 dense_init(rngs.params(), shared_in, param_dtype, 1), (None, "embed", "mlp")
             )
@@ -156,7 +121,7 @@ class MoELayer(nnx.Module):
 
     def _route(self, tokens: jax.Array, context: RouterContext, *, train: bool, length: int):
         """The routing of `tokens [tokens, d_model]`, and the recurrent state it leaves."""
-        spec, options = self.spec, self.options
+        spec = self.spec
         hidden = tokens.astype(jnp.float32)  # [tokens, d_model]
         inputs = {}
         for need in spec.needs:
@@ -181,17 +146,13 @@ class MoELayer(nnx.Module):
                 inputs[need] = length
             elif need == "chunk_size":
                 inputs[need] = min(8, length)
-            elif need == "renormalize":
-                inputs[need] = options.renormalize_top_k
-            elif need == "top_p":
-                inputs[need] = options.top_p
-            elif need == "mix":
-                inputs[need] = options.graph_mix
             else:
                 raise ValueError(f"router {spec.name!r}: needs {need!r}, which MoELayer lacks")
         if spec.state is not None:
             inputs[spec.state.argument] = self.router_state[...]
-        result = spec.route(top_k=self.top_k, **inputs)
+        result = spec.route(
+            top_k=self.top_k, **inputs, **self.router_config.options.route_arguments()
+        )
         if "state_prev" in spec.needs:
             return result
         return result, None
@@ -206,7 +167,7 @@ class MoELayer(nnx.Module):
         routers (Sinkhorn) route causally and selects the eval capacity. The third result is
         the recurrent router's state for the next MoE layer (None for other routers).
         """
-        options = self.options
+        moe_config = self.moe
         context = RouterContext() if context is None else context
         batch, length, d_model = x.shape
         tokens = x.reshape(batch * length, d_model).astype(self.dtype)  # [tokens, d_model]
@@ -221,34 +182,34 @@ class MoELayer(nnx.Module):
             "w_down": constrain(self.w_down[...].astype(dt), ("expert", "expert_mlp", "embed")),
         }
         shared = None
-        if options.num_shared_experts:
+        if moe_config.num_shared_experts:
             shared = {
                 "w_gate": self.shared_w_gate[...].astype(dt),
                 "w_up": self.shared_w_up[...].astype(dt),
                 "w_down": self.shared_w_down[...].astype(dt),
             }
-        capacity_factor = options.capacity_factor
-        if not train and options.eval_capacity_factor:
-            capacity_factor = options.eval_capacity_factor
+        capacity_factor = moe_config.capacity_factor
+        if not train and moe_config.eval_capacity_factor:
+            capacity_factor = moe_config.eval_capacity_factor
         out = moe.moe_ffn(
             tokens,
             result,
             experts,
-            strategy=options.dispatch,
+            strategy=moe_config.dispatch,
             capacity_factor=capacity_factor,
-            gmm_impl=options.gmm_impl,
-            expert_balance=options.expert_balance,
-            llep_margin=options.llep_margin,
-            llep_max_foreign=options.llep_max_foreign,
-            priority=options.capacity_priority,
+            gmm_impl=moe_config.gmm_impl,
+            expert_balance=moe_config.expert_balance,
+            llep_margin=moe_config.llep_margin,
+            llep_max_foreign=moe_config.llep_max_foreign,
+            priority=moe_config.capacity_priority,
             shared_params=shared,
         )
-        # Every loss the router's spec declares, weighed by the option the spec names for it, and
+        # Every loss the router's spec declares, weighed by the field the spec names for it, and
         # reported unweighted as "<name>_loss".
         losses = result.aux_losses
         aux = {
             "aux_loss": sum(
-                getattr(options, weight) * losses[name]
+                self.router_config.loss_weight(weight) * losses[name]
                 for name, weight in self.spec.loss_weights.items()
             ),
             **{

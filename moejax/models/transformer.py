@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import depth, routers
+from moejax import depth
 from moejax.attention import Attention
 from moejax.config import ModelConfig
 from moejax.models.layers import MLP, RMSNorm
-from moejax.models.moe_layer import MoELayer, MoEOptions, RouterContext
+from moejax.models.moe_layer import MoELayer, RouterContext
 from moejax.routers.dynamic import capacity_schedule
 from moejax.sharding import constrain, param
 from moejax.sparse_attention import AttentionOptions, SparseAttention
@@ -30,15 +30,13 @@ MOD_ROUTER_ACTIVATION = "sigmoid"
 
 
 def moe_capacity_factors(config: ModelConfig) -> dict[int, float]:
-    """Layer index -> capacity factor of each MoE layer, from `config.capacity_schedule`."""
-    moe_layers = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
+    """Layer index -> capacity factor of each MoE layer, from `config.moe.capacity_schedule`."""
+    moe = config.moe
+    moe_layers = [i for i in range(config.num_layers) if moe.is_moe_layer(i)]
     if not moe_layers:
         return {}
     factors = capacity_schedule(
-        len(moe_layers),
-        config.capacity_factor,
-        config.capacity_schedule,
-        config.capacity_schedule_spread,
+        len(moe_layers), moe.capacity_factor, moe.capacity_schedule, moe.capacity_schedule_spread
     )
     return dict(zip(moe_layers, factors, strict=True))
 
@@ -88,18 +86,13 @@ class Block(nnx.Module):
         )
         self.ffn_norm = RMSNorm(config.d_model, param_dtype=param_dtype)
         self.is_moe = config.is_moe_layer(layer)
-        self.halting_threshold = config.halting_threshold
-        self.wants_attention_probs = (
-            self.is_moe and "attention_probs" in routers.get(config.router).needs
-        )
+        self.halting_threshold = config.moe.halting_threshold
+        self.wants_attention_probs = self.is_moe and "attention_probs" in config.router.spec.needs
         if self.is_moe:
-            options = MoEOptions.from_config(config, capacity_factor=capacity_factor)
             self.ffn = MoELayer(
                 config.d_model,
-                config.expert_d_ff,
-                config.num_experts,
-                config.top_k,
-                options,
+                dataclasses.replace(config.moe, capacity_factor=capacity_factor),
+                config.router,
                 dtype=dtype,
                 param_dtype=param_dtype,
                 rngs=rngs,
@@ -110,8 +103,8 @@ class Block(nnx.Module):
             )
         self.is_mod = config.is_mod_layer(layer)
         if self.is_mod:
-            self.mod_capacity = config.mod_capacity
-            self.mod_predictor_weight = config.mod_predictor_weight
+            self.mod_capacity = config.depth.mod_capacity
+            self.mod_predictor_weight = config.depth.mod_predictor_weight
             self.mod_router = param(
                 jax.random.normal(rngs.params(), (config.d_model,), param_dtype)
                 * config.d_model**-0.5,
@@ -125,10 +118,10 @@ class Block(nnx.Module):
                     ).items()
                 }
             )
-        self.has_layer_router = config.layer_router_dim > 0
+        self.has_layer_router = config.depth.layer_router_dim > 0
         if self.has_layer_router:
             router = depth.init_layer_router(
-                rngs.params(), config.d_model, config.layer_router_dim, param_dtype
+                rngs.params(), config.d_model, config.depth.layer_router_dim, param_dtype
             )
             axes = {"w_in": ("embed", None), "b_in": (None,), "w_out": (None, None)}
             self.layer_router = nnx.Dict(
@@ -298,7 +291,7 @@ class TransformerLM(nnx.Module):
                 Block(
                     config,
                     i,
-                    capacity_factor=capacity.get(i, config.capacity_factor),
+                    capacity_factor=capacity.get(i, config.moe.capacity_factor),
                     attention=attention,
                     rngs=rngs,
                 )
@@ -312,10 +305,10 @@ class TransformerLM(nnx.Module):
                 * config.d_model**-0.5,
                 ("embed", "vocab"),
             )
-        spec = routers.get(config.router) if config.moe_every else None
+        spec = config.router.spec if config.moe.every else None
         if spec is not None and spec.init_shared_params is not None:
             # Parameters all MoE layers' routers share (RMoE's GRU cell); each layer owns the rest.
-            shared = spec.init_shared_params(rngs.params(), config)
+            shared = spec.init_shared_params(rngs.params(), config.router.options)
             self.router_gru = nnx.Dict(
                 {
                     name: param(value.astype(param_dtype), spec.param_axes[name])

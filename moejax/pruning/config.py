@@ -13,9 +13,11 @@ overrides can parse every one of them.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import optax
 
+from moejax.errors import ConfigError, message, require_config, require_one_of
 from moejax.pruning.masks import ParamFilter
 from moejax.pruning.optax_wrapper import DENSITIES, PATTERNS, SCOPES, Pruner, prune_optax
 from moejax.pruning.schedules import Iterative, NoUpdates, OneShot, Polynomial, Schedule
@@ -23,16 +25,6 @@ from moejax.pruning.schedules import Iterative, NoUpdates, OneShot, Polynomial, 
 METHODS = ("none", "magnitude", "random", "snip")
 SCHEDULES = ("one_shot", "iterative", "polynomial", "none")
 PRUNING_MODES = ("masked", "srste")
-
-
-def _allowed(name: str, value: object, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"pruning.{name}={value!r} is not allowed; allowed values: {allowed}.")
-
-
-def _at_least(name: str, value: float, minimum: float) -> None:
-    if value < minimum:
-        raise ValueError(f"pruning.{name}={value!r} is not allowed; it must be >= {minimum}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,34 +64,41 @@ class PruningConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _allowed("method", self.method, METHODS)
-        _allowed("pattern", self.pattern, PATTERNS)
-        _allowed("scope", self.scope, SCOPES)
-        _allowed("density", self.density, DENSITIES)
-        _allowed("schedule", self.schedule, SCHEDULES)
-        if not 0.0 <= self.target_sparsity < 1.0:
-            raise ValueError(
-                f"pruning.target_sparsity={self.target_sparsity!r} is not allowed; it must lie"
-                " in [0, 1)."
-            )
-        if not 0.0 <= self.initial_sparsity <= self.target_sparsity:
-            raise ValueError(
-                f"pruning.initial_sparsity={self.initial_sparsity!r} is not allowed; it must lie"
-                f" in [0, target_sparsity={self.target_sparsity}]."
-            )
-        for name in ("begin_step", "seed", "min_ndim"):
-            _at_least(name, getattr(self, name), 0)
-        for name in ("frequency", "rounds", "n", "block_rows", "block_cols"):
-            _at_least(name, getattr(self, name), 1)
-        _at_least("rewind_step", self.rewind_step, -1)
-        if self.schedule == "polynomial" and self.end_step <= self.begin_step:
-            raise ValueError(
-                f"pruning.end_step={self.end_step} is not allowed; it must be > begin_step="
-                f"{self.begin_step} for the polynomial schedule."
-            )
-        if self.m < self.n:
-            raise ValueError(f"pruning.m={self.m} is not allowed; it must be >= n={self.n}.")
-        ParamFilter(self.param_regex, self.min_ndim)
+        require_one_of("pruning.method", self.method, METHODS)
+        require_one_of("pruning.pattern", self.pattern, PATTERNS)
+        require_one_of("pruning.scope", self.scope, SCOPES)
+        require_one_of("pruning.density", self.density, DENSITIES)
+        require_one_of("pruning.schedule", self.schedule, SCHEDULES)
+        require_config(
+            0.0 <= self.target_sparsity < 1.0,
+            "pruning.target_sparsity",
+            self.target_sparsity,
+            "in [0, 1)",
+        )
+        require_config(
+            0.0 <= self.initial_sparsity <= self.target_sparsity,
+            "pruning.initial_sparsity",
+            self.initial_sparsity,
+            f"in [0, pruning.target_sparsity={self.target_sparsity}]",
+        )
+        minimums = {"begin_step": 0, "seed": 0, "min_ndim": 0, "rewind_step": -1}
+        minimums |= dict.fromkeys(("frequency", "rounds", "n", "block_rows", "block_cols"), 1)
+        for name, minimum in minimums.items():
+            value = getattr(self, name)
+            require_config(value >= minimum, f"pruning.{name}", value, f">= {minimum}")
+        require_config(
+            self.schedule != "polynomial" or self.end_step > self.begin_step,
+            "pruning.end_step",
+            self.end_step,
+            f"> pruning.begin_step={self.begin_step} for the polynomial schedule",
+        )
+        require_config(self.m >= self.n, "pruning.m", self.m, f">= pruning.n={self.n}")
+        try:
+            re.compile(self.param_regex)
+        except re.error as error:
+            raise ConfigError(
+                message("pruning.param_regex", self.param_regex, f"a valid regex ({error})")
+            ) from None
 
     def make_schedule(self) -> Schedule:
         if self.schedule == "one_shot":
@@ -172,26 +171,22 @@ class LMPruningConfig(PruningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.mode not in PRUNING_MODES:
-            raise ValueError(
-                f"pruning.mode={self.mode!r} is not allowed; allowed values: {PRUNING_MODES}."
-            )
-        if self.srste_decay < 0:
-            raise ValueError(f"pruning.srste_decay={self.srste_decay!r} is not allowed; >= 0.")
-        if self.flow_intervals < 1:
-            raise ValueError(
-                f"pruning.flow_intervals={self.flow_intervals!r} is not allowed; it must be >= 1."
-            )
+        require_one_of("pruning.mode", self.mode, PRUNING_MODES)
+        require_config(self.srste_decay >= 0, "pruning.srste_decay", self.srste_decay, ">= 0")
+        require_config(
+            self.flow_intervals >= 1, "pruning.flow_intervals", self.flow_intervals, ">= 1"
+        )
         if self.mode != "srste" or self.method == "none":
             return
         needed = {"method": "magnitude", "pattern": "nm", "schedule": "none"}
         for name, value in needed.items():
-            if getattr(self, name) != value:
-                raise ValueError(
-                    f"pruning.{name}={getattr(self, name)!r} is not allowed with "
-                    f"pruning.mode='srste'; allowed: {value!r} (SR-STE recomputes the n:m "
-                    "mask from |W| every step)."
-                )
+            require_config(
+                getattr(self, name) == value,
+                f"pruning.{name}",
+                getattr(self, name),
+                f"{value!r} with pruning.mode='srste' (SR-STE recomputes the n:m mask from |W| "
+                "every step)",
+            )
 
     @property
     def enabled(self) -> bool:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.routers.base import RouterSpec, Routing, check_router_inputs, register, require
-from moejax.routers.graph import check_mix, propagate, route_on_probs
+from moejax.routers.graph import GraphRoutingOptions, check_mix, propagate, route_on_probs
 
 
 def attention_aware_router(
@@ -61,6 +61,7 @@ SPEC = register(
     RouterSpec(
         "attention_aware",
         attention_aware_router,
-        needs=("router_logits", "renormalize", "attention_probs", "mix"),
+        needs=("router_logits", "attention_probs"),
+        options=GraphRoutingOptions,
     )
 )

@@ -3,23 +3,28 @@
 A router is a pure function plus a `RouterSpec` that says what the MoE layer must hand it. The
 layer reads the spec, never the router's name: `needs` lists the inputs the route function
 takes as keyword arguments, `init_params` the parameters the layer owns for it, `state` what it
-keeps between steps outside the gradient, and `loss_weights` which config weight scales each of
-its auxiliary losses. `moejax.routers` registers every built-in router by importing its file;
-adding a router is one file that calls `register(RouterSpec(...))` and one import line there.
+keeps between steps outside the gradient, `options` its own settings (a typed `RouterOptions`,
+`model.router.options` in a config) and `loss_weights` which weight scales each of its auxiliary
+losses. `moejax.routers` registers every built-in router by importing its file; adding a router
+is one file that calls `register(RouterSpec(...))` and one import line there.
 
 Routing math runs in float32 whatever the activation dtype: bf16 softmax and top-k ties make
 expert choice noisy and the auxiliary losses biased (as flaxformer's routers also do).
 """
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from fractions import Fraction
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.scipy.special import entr
+
+from moejax.errors import require
 
 Params = dict[str, jax.Array]
 Axes = tuple[str | None, ...]
@@ -65,16 +70,47 @@ CONTEXT_NEEDS: Mapping[str, str] = {
     "attention_probs": "[batch, length, length] the preceding attention's head-averaged weights",
     "seq_len": "int, the sequence length (tokens are [batch * seq_len])",
     "chunk_size": "int, consecutive tokens per sparsity chunk (min(8, seq_len))",
-    "renormalize": "bool, the config's renormalize_top_k",
-    "top_p": "float, the config's top_p",
-    "mix": "float, the config's graph_mix",
 }
 
-# The weights every router's "load_balance" and "router_z" losses take by default.
-DEFAULT_LOSS_WEIGHTS: Mapping[str, str] = {
+# The loss weights every router config has (`RouterConfig` fields), by the loss they weigh; a
+# router's own loss weights are fields of its options.
+COMMON_LOSS_WEIGHTS: Mapping[str, str] = {
     "load_balance": "load_balance_weight",
     "router_z": "router_z_weight",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterOptions:
+    """A router's own settings, `model.router.options` in a config: a frozen dataclass per
+    router with defaults, checked when built.
+
+    Every field is passed to the route function as the keyword of the same name, except those
+    in `layer_fields`, which the layer reads instead (a parameter width for `init_params`, the
+    weight of one of the router's losses).
+    """
+
+    layer_fields: ClassVar[tuple[str, ...]] = ()
+
+    def route_arguments(self) -> dict[str, object]:
+        """The fields the route function takes, by keyword."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in self.layer_fields
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKOptions(RouterOptions):
+    """Options of a router that picks top-k experts by weight.
+
+    Attributes:
+      renormalize: rescale each token's chosen weights to sum to 1 (False keeps the raw
+        router probabilities, as Switch does for top-1).
+    """
+
+    renormalize: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,30 +135,35 @@ class RouterSpec:
     """Everything the MoE layer needs to know about one router.
 
     Attributes:
-      name: the value of `model.router` that selects it.
-      route: `route(*, top_k, **{need: ...}) -> Routing` (or `(Routing, state)` when "state_prev"
-        is needed: the state handed to the next MoE layer).
-      needs: the keywords `route` takes besides `top_k`, each a key of `CONTEXT_NEEDS`.
+      name: the value of `model.router.name` that selects it.
+      route: `route(*, top_k, **needs, **options.route_arguments()) -> Routing` (or
+        `(Routing, state)` when "state_prev" is needed: the state handed to the next MoE layer).
+      needs: the context keywords `route` takes besides `top_k` and its options, each a key of
+        `CONTEXT_NEEDS`.
+      options: the router's `RouterOptions` class, whose defaults are the router's defaults
+        (`TopKOptions` for routers with `renormalize`; the empty `RouterOptions` by default).
       init_params: `(key, d_model, num_experts, options) -> Params`, parameters each layer owns
-        for the router (passed as "params"), where `options` is the layer's `MoEOptions` (the
-        router reads the fields it uses); None for logits routers.
+        for the router (passed as "params"), `options` an instance of `options`; None for
+        logits routers.
       param_axes: logical axis names of each parameter of `init_params` and
         `init_shared_params`.
       init_shared_params: `(key, options) -> Params`, parameters one model shares across its
         MoE layers (RMoE's GRU cell), merged into "params"; None if none.
       state: state kept between steps (`RouterStateSpec`), or None.
-      loss_weights: aux loss name -> the `MoEOptions` field that weighs it in the training loss.
+      loss_weights: aux loss name -> the field that weighs it in the training loss: a
+        `COMMON_LOSS_WEIGHTS` field of the router config, or a layer field of `options`.
     """
 
     name: str
     route: Callable[..., Routing | tuple[Routing, jax.Array]]
-    needs: tuple[str, ...] = ("router_logits", "renormalize")
+    needs: tuple[str, ...] = ("router_logits",)
+    options: type[RouterOptions] = RouterOptions
     init_params: Callable[..., Params] | None = None
     param_axes: Mapping[str, Axes] = dataclasses.field(default_factory=dict)
     init_shared_params: Callable[..., Params] | None = None
     state: RouterStateSpec | None = None
     loss_weights: Mapping[str, str] = dataclasses.field(
-        default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS)
+        default_factory=lambda: dict(COMMON_LOSS_WEIGHTS)
     )
 
     def __post_init__(self) -> None:
@@ -139,13 +180,48 @@ class RouterSpec:
             self.init_params,
             "a function exactly when 'params' is among the needs",
         )
+        require(
+            isinstance(self.options, type) and issubclass(self.options, RouterOptions),
+            f"RouterSpec({self.name!r}).options",
+            self.options,
+            "a RouterOptions subclass",
+        )
+        keywords = inspect.signature(self.route).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in keywords.values())
+        route_fields = [
+            f.name
+            for f in dataclasses.fields(self.options)
+            if f.name not in self.options.layer_fields
+        ]
+        missing = [name for name in route_fields if name not in keywords and not takes_any]
+        require(
+            not missing,
+            f"RouterSpec({self.name!r}).options",
+            missing,
+            "option fields the route function takes as keywords (or listed in layer_fields)",
+        )
+        weights = set(COMMON_LOSS_WEIGHTS.values()) | set(self.options.layer_fields)
+        unknown = sorted(set(self.loss_weights.values()) - weights)
+        require(
+            not unknown,
+            f"RouterSpec({self.name!r}).loss_weights",
+            unknown,
+            f"fields from {', '.join(sorted(weights))} (common weights and the options' layer "
+            "fields)",
+        )
+
+    def loss_weight(self, field: str, options: RouterOptions, common: object) -> float:
+        """The value of loss-weight `field`: from `options` when it is one of its layer fields,
+        else from `common` (the router config holding `COMMON_LOSS_WEIGHTS`)."""
+        source = options if field in self.options.layer_fields else common
+        return getattr(source, field)
 
 
 ROUTERS: dict[str, RouterSpec] = {}
 
 
 def register(spec: RouterSpec) -> RouterSpec:
-    """Makes `spec.name` selectable as `model.router`; returns the spec."""
+    """Makes `spec.name` selectable as `model.router.name`; returns the spec."""
     require(spec.name not in ROUTERS, "router", spec.name, "a name not already registered")
     ROUTERS[spec.name] = spec
     return spec
@@ -159,12 +235,6 @@ def get(name: str) -> RouterSpec:
 
 
 # --- argument checks shared by the routers ------------------------------------------------
-
-
-def require(ok: bool, field: str, value: object, allowed: str) -> None:
-    """Raises `ValueError("{field}: got {value}; allowed: {allowed}")` unless `ok`."""
-    if not ok:
-        raise ValueError(f"{field}: got {value!r}; allowed: {allowed}")
 
 
 def check_router_inputs(router_logits: jax.Array, top_k: int) -> int:

@@ -13,6 +13,7 @@ from moejax.routers.base import (
     RouterSpec,
     RouterStateSpec,
     Routing,
+    TopKOptions,
     check_router_inputs,
     register,
     require,
@@ -87,6 +88,7 @@ SPEC = register(
     RouterSpec(
         "bias_balanced",
         bias_balanced_top_k,
+        options=TopKOptions,
         state=RouterStateSpec(
             argument="expert_bias",
             init=lambda key, d_model, num_experts: jnp.zeros((num_experts,), jnp.float32),

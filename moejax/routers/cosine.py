@@ -14,6 +14,7 @@ from moejax.routers.base import (
     Params,
     RouterSpec,
     Routing,
+    TopKOptions,
     check_hidden,
     check_int,
     check_top_k,
@@ -158,7 +159,8 @@ SPEC = register(
     RouterSpec(
         "cosine",
         cosine_router,
-        needs=("hidden", "params", "renormalize"),
+        needs=("hidden", "params"),
+        options=TopKOptions,
         init_params=_init_layer_params,
         param_axes={"w_proj": ("embed", None), "centroids": (None, None), "log_temperature": ()},
     )

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from moejax.routers.base import (
     RouterSpec,
     Routing,
+    TopKOptions,
     check_router_inputs,
     expert_capacity,
     register,
@@ -130,4 +131,4 @@ def expert_choice(
     )
 
 
-SPEC = register(RouterSpec("expert_choice", expert_choice))
+SPEC = register(RouterSpec("expert_choice", expert_choice, options=TopKOptions))

@@ -21,11 +21,29 @@ This module holds what both share; the routers are `moejax.routers.similarity_aw
 `moejax.routers.attention_aware`.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from moejax.routers.base import Routing, require
+from moejax.errors import require_config
+from moejax.routers.base import Routing, TopKOptions, require
 from moejax.routers.losses import active_load_balance_loss, router_z_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphRoutingOptions(TopKOptions):
+    """Options of the graph-of-tokens routers.
+
+    Attributes:
+      mix: weight of the graph term in [0, 1]: 1 routes on the graph-averaged distribution
+        (the paper's router), 0 is plain softmax top-k.
+    """
+
+    mix: float = 1.0
+
+    def __post_init__(self) -> None:
+        require_config(0.0 <= self.mix <= 1.0, "model.router.options.mix", self.mix, "in [0, 1]")
 
 
 def check_mix(mix: float) -> None:

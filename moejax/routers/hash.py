@@ -7,6 +7,7 @@ import jax
 from moejax.routers.base import (
     RouterSpec,
     Routing,
+    TopKOptions,
     check_router_inputs,
     check_token_ids,
     register,
@@ -52,5 +53,5 @@ def hash_router(
 
 
 SPEC = register(
-    RouterSpec("hash", hash_router, needs=("router_logits", "renormalize", "token_ids"))
+    RouterSpec("hash", hash_router, needs=("router_logits", "token_ids"), options=TopKOptions)
 )

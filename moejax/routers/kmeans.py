@@ -12,6 +12,7 @@ from moejax.routers.base import (
     RouterSpec,
     RouterStateSpec,
     Routing,
+    TopKOptions,
     check_router_inputs,
     register,
     require,
@@ -117,7 +118,8 @@ SPEC = register(
     RouterSpec(
         "kmeans",
         kmeans_router,
-        needs=("router_logits", "renormalize", "hidden"),
+        needs=("router_logits", "hidden"),
+        options=TopKOptions,
         state=RouterStateSpec(
             argument="centroids",
             init=lambda key, d_model, num_experts: _normalise(

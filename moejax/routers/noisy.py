@@ -10,7 +10,14 @@ import math
 import jax
 import jax.numpy as jnp
 
-from moejax.routers.base import RouterSpec, Routing, check_router_inputs, register, require
+from moejax.routers.base import (
+    RouterSpec,
+    Routing,
+    TopKOptions,
+    check_router_inputs,
+    register,
+    require,
+)
 from moejax.routers.losses import router_z_loss
 from moejax.routers.softmax_top_k import softmax_top_k
 
@@ -83,5 +90,7 @@ def noisy_top_k(
 
 
 SPEC = register(
-    RouterSpec("noisy_top_k", noisy_top_k, needs=("router_logits", "renormalize", "rng", "train"))
+    RouterSpec(
+        "noisy_top_k", noisy_top_k, needs=("router_logits", "rng", "train"), options=TopKOptions
+    )
 )

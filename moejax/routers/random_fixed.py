@@ -7,6 +7,7 @@ import jax
 from moejax.routers.base import (
     RouterSpec,
     Routing,
+    TopKOptions,
     check_router_inputs,
     check_token_ids,
     register,
@@ -58,5 +59,7 @@ def random_fixed(
 
 
 SPEC = register(
-    RouterSpec("random_fixed", random_fixed, needs=("router_logits", "renormalize", "token_ids"))
+    RouterSpec(
+        "random_fixed", random_fixed, needs=("router_logits", "token_ids"), options=TopKOptions
+    )
 )

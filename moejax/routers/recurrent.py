@@ -6,14 +6,18 @@ signature has one more argument and one more result than the other routers.
 Routing math runs in float32, whatever the dtype of the hidden states or parameters.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from moejax.errors import require_config
 from moejax.routers.base import (
     ROUTER_INIT_STD,
     Params,
     RouterSpec,
     Routing,
+    TopKOptions,
     check_hidden,
     check_int,
     check_top_k,
@@ -25,6 +29,26 @@ from moejax.routers.softmax_top_k import softmax_top_k
 # The RMoE reference code shares one GRU cell across all layers while each layer keeps its own
 # input projection and output matrix; these are the keys of that shared cell.
 GRU_PARAM_NAMES = ("gru_w_x", "gru_w_h", "gru_b_x", "gru_b_h")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentOptions(TopKOptions):
+    """Options of the recurrent router.
+
+    Attributes:
+      state_dim: width of the GRU state carried over depth (RMoE's default 256).
+    """
+
+    state_dim: int = 256
+    layer_fields = ("state_dim",)
+
+    def __post_init__(self) -> None:
+        require_config(
+            isinstance(self.state_dim, int) and self.state_dim >= 1,
+            "model.router.options.state_dim",
+            self.state_dim,
+            "an int >= 1",
+        )
 
 
 def init_gru_params(key: jax.Array, d_state: int) -> Params:
@@ -160,21 +184,20 @@ def recurrent_router(
 
 def _init_layer_params(key: jax.Array, d_model: int, num_experts: int, options) -> Params:
     """One layer's projections; the GRU cell is shared by all layers (as in RMoE)."""
-    values = init_recurrent_router_params(
-        key, d_model, num_experts, d_state=options.recurrent_state_dim
-    )
+    values = init_recurrent_router_params(key, d_model, num_experts, d_state=options.state_dim)
     return {name: value for name, value in values.items() if name not in GRU_PARAM_NAMES}
 
 
 def _init_shared_params(key: jax.Array, options) -> Params:
-    return init_gru_params(key, options.recurrent_state_dim)
+    return init_gru_params(key, options.state_dim)
 
 
 SPEC = register(
     RouterSpec(
         "recurrent",
         recurrent_router,
-        needs=("hidden", "params", "state_prev", "renormalize"),
+        needs=("hidden", "params", "state_prev"),
+        options=RecurrentOptions,
         init_params=_init_layer_params,
         init_shared_params=_init_shared_params,
         param_axes={

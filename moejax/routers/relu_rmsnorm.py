@@ -6,15 +6,19 @@
 Routing math runs in float32, whatever the dtype of the hidden states or parameters.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from moejax.errors import require_config
 from moejax.routers.base import (
-    DEFAULT_LOSS_WEIGHTS,
+    COMMON_LOSS_WEIGHTS,
     ROUTER_INIT_STD,
     Params,
     RouterSpec,
     Routing,
+    TopKOptions,
     check_hidden,
     check_int,
     check_top_k,
@@ -22,6 +26,27 @@ from moejax.routers.base import (
     require,
 )
 from moejax.routers.losses import active_load_balance_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class ReluRouterOptions(TopKOptions):
+    """Options of the ReLU + RMSNorm router (BlockFFN).
+
+    Attributes:
+      renormalize: True (the default here, unlike `relu_router`'s) weighs the active experts
+        by their shares of the token's activation; False by the raw activations.
+      sparsity_weight: weight of the token-level activation-sparsity (L1) loss.
+      chunk_sparsity_weight: weight of the chunk-level sparsity loss over 8 consecutive tokens.
+    """
+
+    sparsity_weight: float = 0.0
+    chunk_sparsity_weight: float = 0.0
+    layer_fields = ("sparsity_weight", "chunk_sparsity_weight")
+
+    def __post_init__(self) -> None:
+        for name in self.layer_fields:
+            value = getattr(self, name)
+            require_config(value >= 0, f"model.router.options.{name}", value, ">= 0")
 
 
 def init_relu_router_params(key: jax.Array, d_model: int, num_experts: int) -> Params:
@@ -206,12 +231,13 @@ SPEC = register(
     RouterSpec(
         "relu_rmsnorm",
         relu_router,
-        needs=("hidden", "params", "renormalize", "seq_len", "chunk_size"),
+        needs=("hidden", "params", "seq_len", "chunk_size"),
+        options=ReluRouterOptions,
         init_params=_init_layer_params,
         param_axes={"w_router": ("embed", None), "norm_scale": (None,)},
         loss_weights={
-            **DEFAULT_LOSS_WEIGHTS,
-            "relu_sparsity": "relu_sparsity_weight",
+            **COMMON_LOSS_WEIGHTS,
+            "relu_sparsity": "sparsity_weight",
             "chunk_sparsity_loss": "chunk_sparsity_weight",
         },
     )

@@ -7,7 +7,14 @@ transport plan and the routing on it are shared with `moejax.routers.sinkhorn`.
 import jax
 import jax.numpy as jnp
 
-from moejax.routers.base import RouterSpec, Routing, check_router_inputs, register, require
+from moejax.routers.base import (
+    RouterSpec,
+    Routing,
+    TopKOptions,
+    check_router_inputs,
+    register,
+    require,
+)
 from moejax.routers.sinkhorn import route_on_plan
 
 
@@ -82,6 +89,7 @@ SPEC = register(
     RouterSpec(
         "selective_sinkhorn",
         selective_sinkhorn,
-        needs=("router_logits", "renormalize", "rng", "train"),
+        needs=("router_logits", "rng", "train"),
+        options=TopKOptions,
     )
 )

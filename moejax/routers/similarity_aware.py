@@ -8,7 +8,13 @@ import jax
 import jax.numpy as jnp
 
 from moejax.routers.base import RouterSpec, Routing, check_router_inputs, register, require
-from moejax.routers.graph import check_mix, propagate, route_on_probs, token_similarity
+from moejax.routers.graph import (
+    GraphRoutingOptions,
+    check_mix,
+    propagate,
+    route_on_probs,
+    token_similarity,
+)
 
 
 def similarity_aware_router(
@@ -55,6 +61,7 @@ SPEC = register(
     RouterSpec(
         "similarity_aware",
         similarity_aware_router,
-        needs=("router_logits", "renormalize", "seq_len", "mix"),
+        needs=("router_logits", "seq_len"),
+        options=GraphRoutingOptions,
     )
 )

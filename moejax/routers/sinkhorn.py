@@ -17,7 +17,14 @@ import math
 import jax
 import jax.numpy as jnp
 
-from moejax.routers.base import RouterSpec, Routing, check_router_inputs, register, require
+from moejax.routers.base import (
+    RouterSpec,
+    Routing,
+    TopKOptions,
+    check_router_inputs,
+    register,
+    require,
+)
 from moejax.routers.losses import load_balance_loss, router_z_loss
 
 GATE_SOURCES = ("softmax", "plan")
@@ -189,4 +196,6 @@ def check_options(num_iters: int, tolerance: float) -> None:
     require(math.isfinite(tolerance) and tolerance >= 0, "tolerance", tolerance, "finite and >= 0")
 
 
-SPEC = register(RouterSpec("sinkhorn", sinkhorn, needs=("router_logits", "renormalize", "train")))
+SPEC = register(
+    RouterSpec("sinkhorn", sinkhorn, needs=("router_logits", "train"), options=TopKOptions)
+)

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from moejax.routers.base import RouterSpec, Routing, check_router_inputs, register
+from moejax.routers.base import RouterSpec, Routing, TopKOptions, check_router_inputs, register
 from moejax.routers.losses import load_balance_loss, router_z_loss
 
 
@@ -40,4 +40,4 @@ def softmax_top_k(router_logits: jax.Array, *, top_k: int, renormalize: bool = T
     )
 
 
-SPEC = register(RouterSpec("softmax_top_k", softmax_top_k))
+SPEC = register(RouterSpec("softmax_top_k", softmax_top_k, options=TopKOptions))

@@ -10,18 +10,48 @@ shapes stay static ([tokens, top_k] with top_k the maximum), the dispatch comput
 and they contribute nothing.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from moejax.errors import require_config
 from moejax.routers.base import (
-    DEFAULT_LOSS_WEIGHTS,
+    COMMON_LOSS_WEIGHTS,
     RouterSpec,
     Routing,
+    TopKOptions,
     check_router_inputs,
     register,
     require,
 )
 from moejax.routers.losses import active_load_balance_loss, router_entropy_loss, router_z_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class TopPOptions(TopKOptions):
+    """Options of the top-p router.
+
+    Attributes:
+      top_p: the cumulative-probability threshold in (0, 1].
+      entropy_weight: weight of the entropy ("dynamic") loss in the training loss: small, so
+        it only nudges the router (check it against Huang et al. 2024 before quoting it).
+    """
+
+    top_p: float = 0.4
+    entropy_weight: float = 1e-4
+    layer_fields = ("entropy_weight",)
+
+    def __post_init__(self) -> None:
+        require_config(
+            0.0 < self.top_p <= 1.0, "model.router.options.top_p", self.top_p, "in (0, 1]"
+        )
+        require_config(
+            self.entropy_weight >= 0,
+            "model.router.options.entropy_weight",
+            self.entropy_weight,
+            ">= 0",
+        )
 
 
 def top_p_router(
@@ -86,7 +116,8 @@ SPEC = register(
     RouterSpec(
         "top_p",
         top_p_router,
-        needs=("router_logits", "renormalize", "top_p"),
-        loss_weights={**DEFAULT_LOSS_WEIGHTS, "router_entropy": "router_entropy_weight"},
+        needs=("router_logits",),
+        options=TopPOptions,
+        loss_weights={**COMMON_LOSS_WEIGHTS, "router_entropy": "entropy_weight"},
     )
 )

@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 from kernels_pallas import BSA_IMPLS as IMPLS
+from moejax.errors import require_config, require_one_of
 
 KINDS = ("dense", "local", "global_local", "moba", "routing", "bilevel", "dynamic_mask")
 
@@ -55,30 +56,40 @@ class AttentionOptions:
     flux_target_full_share: float = 0.5
     impl: str = "auto"
 
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"kind={self.kind!r}: allowed are {', '.join(KINDS)}")
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl={self.impl!r}: allowed are {', '.join(IMPLS)}")
+    def __post_init__(self) -> None:
+        require_one_of("attention.kind", self.kind, KINDS)
+        require_one_of("attention.impl", self.impl, IMPLS)
         for name in ("block_size", "top_k", "window", "num_clusters", "flux_hidden"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+            value = getattr(self, name)
+            require_config(value >= 1, f"attention.{name}", value, "an int >= 1")
         for name in ("num_global", "key_conv_width"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+            value = getattr(self, name)
+            require_config(value >= 0, f"attention.{name}", value, ">= 0")
         qb = self.query_block_size
-        if qb is not None and (qb < 1 or self.block_size % qb):
-            raise ValueError(
-                f"query_block_size={qb}: must be a divisor of block_size={self.block_size}"
-            )
-        if qb is not None and self.kind != "moba":
-            raise ValueError(f"query_block_size={qb}: only kind='moba' uses it, got {self.kind!r}")
-        if not 0.0 <= self.centroid_momentum < 1.0:
-            raise ValueError(f"centroid_momentum={self.centroid_momentum}: must be in [0, 1)")
-        if not 0.0 <= self.flux_target_full_share <= 1.0:
-            raise ValueError(
-                f"flux_target_full_share={self.flux_target_full_share}: must be in [0, 1]"
-            )
+        require_config(
+            qb is None or (qb >= 1 and self.block_size % qb == 0),
+            "attention.query_block_size",
+            qb,
+            f"None or a divisor of attention.block_size={self.block_size}",
+        )
+        require_config(
+            qb is None or self.kind == "moba",
+            "attention.query_block_size",
+            qb,
+            f"None with attention.kind={self.kind!r} (only moba uses it)",
+        )
+        require_config(
+            0.0 <= self.centroid_momentum < 1.0,
+            "attention.centroid_momentum",
+            self.centroid_momentum,
+            "in [0, 1)",
+        )
+        require_config(
+            0.0 <= self.flux_target_full_share <= 1.0,
+            "attention.flux_target_full_share",
+            self.flux_target_full_share,
+            "in [0, 1]",
+        )
 
     @property
     def block_q(self) -> int:

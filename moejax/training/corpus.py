@@ -9,7 +9,8 @@ from typing import Any
 
 import grain
 
-from moejax.config.groups import ConfigError, DataConfig
+from moejax.config.groups import DataConfig
+from moejax.errors import ConfigError
 from moejax.data import pipeline, shakespeare
 
 

@@ -222,9 +222,9 @@ def block_applications(decisions: jax.Array) -> jax.Array:
 def get_router_params(model: TransformerLM) -> dict[str, jax.Array]:
     """Every block's layer-router weights stacked over layers: `{"w_in": [num_layers, d, h],
     "b_in": [num_layers, h], "w_out": [num_layers, h, 3], "b_out": [num_layers, 3]}`."""
-    if model.config.layer_router_dim < 1:
+    if model.config.depth.layer_router_dim < 1:
         raise ValueError(
-            f"model.config.layer_router_dim: got {model.config.layer_router_dim!r}; "
+            f"model.config.depth.layer_router_dim: got {model.config.depth.layer_router_dim!r}; "
             "allowed: >= 1 (a model with layer routers)"
         )
     blocks = nnx.to_pure_dict(nnx.state(model, ROUTER_PARAMS))["blocks"]
@@ -347,7 +347,7 @@ def fit_layer_routers(
     focal loss).
 
     Args:
-      model: an LM with `config.layer_router_dim >= 1`.
+      model: an LM with `config.depth.layer_router_dim >= 1`.
       inputs: [num_layers, sequences, length, d_model] from `router_inputs` (length 1).
       labels: [num_layers, sequences] int from `layer_labels`.
       options: the fitting hyper-parameters.

@@ -45,12 +45,12 @@ FREE_ON_RESUME = frozenset(
         "train.async_checkpointing",
         "data.eval_batches",
         "data.eval_batch_size",
-        "model.halting_threshold",
-        "model.gmm_impl",
+        "model.moe.halting_threshold",
+        "model.moe.gmm_impl",
         # Where the expert FFNs run, not what they compute: LLEP's outputs are plain EP's.
-        "model.expert_balance",
-        "model.llep_margin",
-        "model.llep_max_foreign",
+        "model.moe.expert_balance",
+        "model.moe.llep_margin",
+        "model.moe.llep_max_foreign",
     }
 )
 # Groups that define the trained state (parameter shapes, optimizer and mask state): a run
@@ -64,18 +64,16 @@ class WorkdirError(UserError):
     label = "workdir error"
 
 
-def _flat(config: Config) -> dict[str, Any]:
-    return {
-        f"{group}.{name}": value
-        for group, fields in config_lib.to_dict(config).items()
-        for name, value in fields.items()
-    }
-
-
 def config_changes(saved: Config, requested: Config) -> list[tuple[str, Any, Any]]:
-    """`(group.field, saved value, requested value)` for every field that differs, in order."""
-    before, after = _flat(saved), _flat(requested)
-    return [(name, before[name], after[name]) for name in before if before[name] != after[name]]
+    """`(path, saved value, requested value)` for every field that differs, in order; a path
+    only one of them has (another router's options) is compared with None."""
+    before, after = config_lib.flat_fields(saved), config_lib.flat_fields(requested)
+    names = list(before) + [name for name in after if name not in before]
+    return [
+        (name, before.get(name), after.get(name))
+        for name in names
+        if before.get(name) != after.get(name)
+    ]
 
 
 def _describe_changes(changes: list[tuple[str, Any, Any]]) -> str:

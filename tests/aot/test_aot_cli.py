@@ -35,7 +35,7 @@ def test_a_step_that_fits_prints_memory_flops_and_collectives():
         "--topology",
         "v5e:1x1",
         "--config.model.num_layers=1",
-        "--config.model.dispatch=capacity",
+        "--config.model.moe.dispatch=capacity",
         "--config.data.global_batch_size=8",
         "--config.data.eval_batch_size=8",
     )
@@ -54,7 +54,7 @@ def test_a_step_that_does_not_fit_says_so_and_exits_1():
         "--topology",
         "v5e:1x1",
         "--config.model.num_layers=1",
-        "--config.model.dispatch=capacity",
+        "--config.model.moe.dispatch=capacity",
         "--config.data.global_batch_size=8192",
         "--config.data.seq_len=256",
     )
@@ -80,8 +80,13 @@ def test_a_step_that_does_not_fit_says_so_and_exits_1():
             "config error: mesh: data=-1 x fsdp=1 x expert=3 x tensor=1 cannot fill 8 devices",
         ),
         (
-            ("--topology", "v5p:2x2x2", "--config.model.num_experts=6", "--config.mesh.expert=4"),
-            "config error: model.num_experts",
+            (
+                "--topology",
+                "v5p:2x2x2",
+                "--config.model.moe.num_experts=6",
+                "--config.mesh.expert=4",
+            ),
+            "config error: model.moe.num_experts",
         ),
     ],
 )

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from moejax import depth
-from moejax.config import ConfigError, load_config_file, validate_model
+from moejax.config import ConfigError, load_config_file, with_fields
 from moejax.models.layers import RouterContext
 from moejax.models.transformer import TransformerLM
 from moejax.routers.dynamic import capacity_schedule
@@ -24,10 +24,9 @@ SMALL = dataclasses.replace(
 )
 
 
-def _model(**changes) -> TransformerLM:
-    config = dataclasses.replace(SMALL, **changes)
-    validate_model(config)
-    return TransformerLM(config, rngs=nnx.Rngs(0))
+def _model(changes: dict | None = None) -> TransformerLM:
+    """The tiny model with `changes` (dotted paths within `model`, e.g. "depth.mod_every")."""
+    return TransformerLM(with_fields(SMALL, changes or {}), rngs=nnx.Rngs(0))
 
 
 def _tokens(batch=2, length=16, seed=0):
@@ -45,7 +44,7 @@ def _loss(model, tokens, **kwargs):
     "router", ["noisy_top_k", "top_p", "similarity_aware", "attention_aware", "recurrent"]
 )
 def test_router_trains_inside_the_model(router):
-    model = _model(router=router)
+    model = _model({"router.name": router})
     tokens = _tokens()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -63,7 +62,7 @@ def test_router_trains_inside_the_model(router):
 
 
 def test_noisy_routing_follows_the_key_and_is_off_at_eval():
-    model = _model(router="noisy_top_k", top_k=1)
+    model = _model({"router.name": "noisy_top_k", "moe.top_k": 1})
     tokens = _tokens()
     first = model(tokens, rng=jax.random.key(1))[0]
     chex.assert_trees_all_equal(first, model(tokens, rng=jax.random.key(1))[0])
@@ -73,7 +72,7 @@ def test_noisy_routing_follows_the_key_and_is_off_at_eval():
 
 
 def test_recurrent_router_reads_and_returns_the_gru_state():
-    model = _model(router="recurrent", recurrent_state_dim=8)
+    model = _model({"router.name": "recurrent", "router.options.state_dim": 8})
     layer = model.blocks[1].ffn
     shared = {name: value[...] for name, value in model.router_gru.items()}
     x = jax.random.normal(jax.random.key(3), (2, 4, SMALL.d_model))
@@ -88,14 +87,16 @@ def test_recurrent_router_reads_and_returns_the_gru_state():
 
 
 def test_capacity_schedule_sets_each_moe_layer():
-    model = _model(num_layers=4, capacity_schedule="descending", capacity_factor=1.5)
-    factors = [block.ffn.options.capacity_factor for block in model.blocks]
+    model = _model(
+        {"num_layers": 4, "moe.capacity_schedule": "descending", "moe.capacity_factor": 1.5}
+    )
+    factors = [block.ffn.moe.capacity_factor for block in model.blocks]
     assert factors == list(capacity_schedule(4, 1.5, "descending", 0.5))
     assert factors[0] > factors[-1]
 
 
 def test_mixture_of_depths_at_full_capacity_is_the_gated_block():
-    model = _model(mod_every=1, mod_capacity=1.0)
+    model = _model({"depth.mod_every": 1, "depth.mod_capacity": 1.0})
     plain = _model()
     tokens = _tokens()
     x = model.embed(tokens)
@@ -109,7 +110,7 @@ def test_mixture_of_depths_at_full_capacity_is_the_gated_block():
 
 
 def test_mixture_of_depths_selects_its_share_and_trains_the_predictor():
-    model = _model(mod_every=2, mod_capacity=0.25)
+    model = _model({"depth.mod_every": 2, "depth.mod_capacity": 0.25})
     tokens = _tokens(length=16)
     _, aux = model(tokens)
     assert aux[0] is not None and "mod_selected_fraction" not in aux[0]
@@ -121,7 +122,7 @@ def test_mixture_of_depths_selects_its_share_and_trains_the_predictor():
 
 
 def test_mixture_of_depths_output_is_causal():
-    model = _model(mod_every=1, mod_capacity=0.5)
+    model = _model({"depth.mod_every": 1, "depth.mod_capacity": 0.5})
     tokens = _tokens(batch=1, length=16)
     changed = tokens.at[0, 12:].set((tokens[0, 12:] + 7) % 256)
     # Top-C looks at the whole sequence; the evaluation path (causal predictor) must not.
@@ -131,7 +132,7 @@ def test_mixture_of_depths_output_is_causal():
 
 
 def test_layer_router_decisions_skip_execute_repeat():
-    model = _model(layer_router_dim=8)
+    model = _model({"depth.layer_router_dim": 8})
     tokens = _tokens()
     executed = model(tokens)[0]  # training never routes layers
     all_execute = jnp.full((2, 2), depth.EXECUTE)
@@ -150,14 +151,14 @@ def test_layer_router_decisions_skip_execute_repeat():
 @pytest.mark.parametrize(
     "changes, field",
     [
-        ({"router": "recurrent", "mod_every": 1}, "model.mod_every"),
-        ({"mod_every": 1, "layer_router_dim": 4}, "model.layer_router_dim"),
-        ({"mod_capacity": 0.0}, "model.mod_capacity"),
-        ({"capacity_schedule": "zigzag"}, "model.capacity_schedule"),
-        ({"graph_mix": 2.0}, "model.graph_mix"),
-        ({"top_p": 0.0}, "model.top_p"),
+        ({"router.name": "recurrent", "depth.mod_every": 1}, "model.depth.mod_every"),
+        ({"depth.mod_every": 1, "depth.layer_router_dim": 4}, "model.depth.layer_router_dim"),
+        ({"depth.mod_capacity": 0.0}, "model.depth.mod_capacity"),
+        ({"moe.capacity_schedule": "zigzag"}, "model.moe.capacity_schedule"),
+        ({"router.name": "similarity_aware", "router.options.mix": 2.0}, "options.mix"),
+        ({"router.name": "top_p", "router.options.top_p": 0.0}, "model.router.options.top_p"),
     ],
 )
 def test_bad_conditional_compute_settings_are_rejected(changes, field):
     with pytest.raises(ConfigError, match=field):
-        validate_model(dataclasses.replace(SMALL, **changes))
+        with_fields(SMALL, changes)

@@ -57,10 +57,13 @@ def test_dense_kind_keeps_the_dense_module_and_its_checkpoint_layout():
     "overrides, field",
     [
         (["attention.kind=moba", "attention.block_size=24"], "data.seq_len"),
-        (["attention.kind=moba", "attention.block_size=8", "model.mod_every=1"], "model.mod_every"),
         (
-            ["attention.kind=local", "attention.block_size=8", "model.router=attention_aware"],
-            "model.router",
+            ["attention.kind=moba", "attention.block_size=8", "model.depth.mod_every=1"],
+            "model.depth.mod_every",
+        ),
+        (
+            ["attention.kind=local", "attention.block_size=8", "model.router.name=attention_aware"],
+            "model.router.name",
         ),
         (["attention.kind=sparse"], "attention.kind"),
     ],

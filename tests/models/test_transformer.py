@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from moejax import routers
-from moejax.config import ModelConfig, load_config_file
+from moejax.config import load_config_file, with_fields
 from moejax.models.layers import MLP, MoELayer, RMSNorm, rms_norm
 from moejax.models.transformer import TransformerLM
 
@@ -28,7 +28,7 @@ def _tokens(batch=2, length=16, seed=0):
 @pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_forward_shapes_dtypes_and_aux(dispatch, dtype):
-    config = ModelConfig(**{**SMALL.__dict__, "dispatch": dispatch, "dtype": dtype})
+    config = with_fields(SMALL, {"moe.dispatch": dispatch, "dtype": dtype})
     model = TransformerLM(config, rngs=nnx.Rngs(0))
     logits, aux = model(_tokens())
     chex.assert_shape(logits, (2, 16, 256))
@@ -49,7 +49,7 @@ def test_forward_shapes_dtypes_and_aux(dispatch, dtype):
 
 
 def test_moe_every_second_layer():
-    config = ModelConfig(**{**SMALL.__dict__, "num_layers": 4, "moe_every": 2})
+    config = with_fields(SMALL, {"num_layers": 4, "moe.every": 2})
     model = TransformerLM(config, rngs=nnx.Rngs(0))
     kinds = [type(block.ffn) for block in model.blocks]
     assert kinds == [MLP, MoELayer, MLP, MoELayer]
@@ -95,7 +95,7 @@ def test_rms_norm_matches_numpy():
 
 @pytest.mark.parametrize("router", sorted(routers.ROUTERS))
 def test_every_registered_router_trains_inside_the_language_model(router):
-    config = dataclasses.replace(SMALL, num_layers=1, router=router)
+    config = with_fields(SMALL, {"num_layers": 1, "router.name": router})
     model = TransformerLM(config, rngs=nnx.Rngs(0))
     graphdef, params, router_state = nnx.split(model, nnx.Param, ...)
     # Pure dicts: the merged model must own fresh variables inside the traced function.
@@ -123,14 +123,16 @@ def _global_norm(tree) -> jax.Array:
 
 
 def test_shared_experts_and_eval_capacity_factor():
-    config = dataclasses.replace(
+    config = with_fields(
         SMALL,
-        num_layers=1,
-        num_shared_experts=2,
-        shared_expert_d_ff=16,
-        dispatch="capacity",
-        capacity_factor=0.25,
-        eval_capacity_factor=4.0,
+        {
+            "num_layers": 1,
+            "moe.num_shared_experts": 2,
+            "moe.shared_expert_d_ff": 16,
+            "moe.dispatch": "capacity",
+            "moe.capacity_factor": 0.25,
+            "moe.eval_capacity_factor": 4.0,
+        },
     )
     model = TransformerLM(config, rngs=nnx.Rngs(0))
     chex.assert_shape(model.blocks[0].ffn.shared_w_gate[...], (2, 32, 16))
@@ -143,8 +145,8 @@ def test_shared_experts_and_eval_capacity_factor():
 
 def test_relative_norm_halting_applies_only_at_evaluation():
     tokens = _tokens(length=16)
-    never = TransformerLM(dataclasses.replace(SMALL, halting_threshold=0.0), rngs=nnx.Rngs(0))
-    always = TransformerLM(dataclasses.replace(SMALL, halting_threshold=1e9), rngs=nnx.Rngs(0))
+    never = TransformerLM(with_fields(SMALL, {"moe.halting_threshold": 0.0}), rngs=nnx.Rngs(0))
+    always = TransformerLM(with_fields(SMALL, {"moe.halting_threshold": 1e9}), rngs=nnx.Rngs(0))
     _, aux_never = never(tokens, train=False)
     logits_always, aux_always = always(tokens, train=False)
     assert all(float(a["halted_fraction"]) == 0.0 for a in aux_never)

@@ -2,7 +2,6 @@
 tokens it attends to, so its routing never depends on a later token; identity attention is plain
 softmax top-k."""
 
-import dataclasses
 from pathlib import Path
 
 import jax
@@ -12,7 +11,7 @@ import pytest
 from flax import nnx
 
 from moejax.attention import causal_attention
-from moejax.config import load_config_file
+from moejax.config import load_config_file, with_fields
 from moejax.models.transformer import TransformerLM
 from moejax.routers.attention_aware import attention_aware_router
 from moejax.routers.softmax_top_k import softmax_top_k
@@ -75,7 +74,7 @@ def test_attention_aware_routing_of_a_token_ignores_later_tokens() -> None:
 
 def test_language_model_with_attention_aware_routing_is_causal() -> None:
     tiny = load_config_file(Path(__file__).resolve().parents[2] / "configs" / "tiny.py").model
-    config = dataclasses.replace(tiny, num_layers=2, router="attention_aware")
+    config = with_fields(tiny, {"num_layers": 2, "router.name": "attention_aware"})
     model = TransformerLM(config, rngs=nnx.Rngs(4))
     tokens = jax.random.randint(jax.random.key(5), (2, 12), 0, 256, jnp.int32)
     logits, _ = model(tokens)

@@ -1,6 +1,7 @@
 """The router registry: every router is a spec in one table, lives in the router package, takes
 exactly the inputs it declares, and an unknown name is refused with the allowed names."""
 
+import dataclasses
 import inspect
 from pathlib import Path
 
@@ -9,7 +10,15 @@ import pytest
 
 from moejax import routers
 from moejax.models.moe_layer import RouterContext
-from moejax.routers.base import CONTEXT_NEEDS, ROUTERS, RouterSpec, get, register
+from moejax.routers.base import (
+    CONTEXT_NEEDS,
+    ROUTERS,
+    RouterOptions,
+    RouterSpec,
+    TopKOptions,
+    get,
+    register,
+)
 from moejax.routers.softmax_top_k import softmax_top_k
 from moejax.routing import get_router
 from tests.routers.layer_helpers import hidden, make_layer
@@ -55,6 +64,34 @@ def test_declared_needs_are_context_the_layer_provides_and_route_keywords(name):
     assert set(spec.needs) | {"top_k"} <= keywords
     if spec.state is not None:
         assert spec.state.argument in keywords
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_options_are_frozen_defaults_whose_route_fields_are_route_keywords(name):
+    spec = get(name)
+    options = spec.options()  # every field has a default
+    assert dataclasses.is_dataclass(options) and isinstance(options, RouterOptions)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.renormalize = False
+    keywords = set(inspect.signature(spec.route).parameters)
+    assert set(options.route_arguments()) <= keywords
+    fields = {f.name for f in dataclasses.fields(options)}
+    assert set(spec.options.layer_fields) <= fields
+    assert set(options.route_arguments()) == fields - set(spec.options.layer_fields)
+
+
+def test_spec_with_a_loss_weight_it_does_not_have_is_refused():
+    with pytest.raises(ValueError, match=r"loss_weights: got \['entropy_weight'\]"):
+        RouterSpec("bad", softmax_top_k, loss_weights={"router_entropy": "entropy_weight"})
+
+
+def test_spec_whose_route_lacks_an_option_keyword_is_refused():
+    def route(router_logits, *, top_k):
+        return softmax_top_k(router_logits, top_k=top_k)
+
+    with pytest.raises(ValueError, match=r"options: got \['renormalize'\]; allowed: option"):
+        RouterSpec("bad", route, options=TopKOptions)
+    assert RouterSpec("fine", route).options is RouterOptions  # no options by default
 
 
 def test_unknown_name_lists_the_allowed_names():

@@ -3,7 +3,6 @@ stays outside the gradient (no gradient reaches or leaves it, and the step's gra
 same with or without the update); the train step carries the updated state."""
 
 import dataclasses
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,24 +12,19 @@ from flax import nnx
 
 from moejax import routers, sharding
 from moejax.config import apply_overrides, load_config_file
-from moejax.models.layers import MoELayer, MoEOptions, RouterState
+from moejax.models.layers import MoELayer, RouterState
 from moejax.routers.bias_balanced import BIAS_UPDATE_RATE
 from moejax.routers.kmeans import CENTROID_MOMENTUM
 from moejax.training import state as state_lib
 from moejax.training.step import global_batch, make_train_step
+from tests.routers.layer_helpers import D_MODEL, EXPERTS, TOP_K, make_layer
 
 ROUTERS = ["bias_balanced", "kmeans"]
-TOKENS, D_MODEL, EXPERTS, TOP_K = 24, 8, 4, 2
+TOKENS = 24
 
 
 def _layer(router: str, seed: int = 0) -> MoELayer:
-    model = load_config_file(Path(__file__).resolve().parents[2] / "configs" / "tiny.py").model
-    options = MoEOptions.from_config(model)
-    options = dataclasses.replace(options, router=router, dispatch="dropless")
-    layer = MoELayer(
-        D_MODEL, 16, EXPERTS, TOP_K, options,
-        dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(seed),
-    )  # fmt: skip
+    layer = make_layer(router, seed)
     if router == "bias_balanced":
         # A bias that changes the choice, so routing with a stale or updated bias would show.
         layer.router_state[...] = jnp.array([0.3, -0.2, 0.05, -0.1], jnp.float32)
@@ -123,7 +117,7 @@ def test_state_update_leaves_the_steps_loss_and_gradient_unchanged(router: str) 
 
 @pytest.mark.parametrize("router", ["bias_balanced", "kmeans"])
 def test_train_step_updates_router_state_outside_the_gradient(router):
-    config = apply_overrides(load_config_file("configs/tiny.py"), [f"model.router={router}"])
+    config = apply_overrides(load_config_file("configs/tiny.py"), [f"model.router.name={router}"])
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}, jax.devices()[:1])
     layout = state_lib.state_layout(config, mesh)
     state = state_lib.init_state(config, layout)

@@ -1,6 +1,6 @@
 """The top-p router: each token takes the fewest experts whose probability reaches p (at most
 top_k); inside the MoE layer its entropy loss (the paper's dynamic loss) reaches the layer's
-auxiliary loss, weighted by `router_entropy_weight`."""
+auxiliary loss, weighted by `model.router.options.entropy_weight`."""
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +10,8 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moejax.config import Config, apply_overrides, with_fields
+from moejax.models.transformer import TransformerLM
 from moejax.routers.losses import router_entropy_loss
 from moejax.routers.top_p import active_experts, top_p_router
 from tests.routers.layer_helpers import hidden, make_layer
@@ -19,7 +21,7 @@ from tests.routers.routing_helpers import jit_router, normal_logits
 def _aux(entropy_weight: float, load_balance_weight: float = 0.01, router_z_weight: float = 1e-3):
     layer = make_layer(
         "top_p",
-        router_entropy_weight=entropy_weight,
+        options={"entropy_weight": entropy_weight},
         load_balance_weight=load_balance_weight,
         router_z_weight=router_z_weight,
     )
@@ -43,7 +45,7 @@ def test_aux_loss_is_the_weighted_sum_of_the_declared_losses_entropy_included():
 
 def test_entropy_weight_changes_the_loss_and_its_gradient():
     def loss_and_grad(weight: float):
-        layer = make_layer("top_p", router_entropy_weight=weight)
+        layer = make_layer("top_p", options={"entropy_weight": weight})
         graphdef, params = nnx.split(layer, nnx.Param)
 
         def loss(params):
@@ -60,14 +62,39 @@ def test_entropy_weight_changes_the_loss_and_its_gradient():
     assert float(jnp.max(jnp.abs(grad_1 - grad_0))) > 1e-6
 
 
-def test_entropy_weight_comes_from_the_model_config():
-    import dataclasses
+def test_layer_routes_with_its_configured_options():
+    """The threshold and renormalisation set in the router's options reach the route."""
 
-    from moejax.config import ModelConfig
-    from moejax.models.moe_layer import MoEOptions
+    def routing(**options):
+        layer = make_layer("top_p", options=options)
+        _, aux, _ = layer(hidden(), train=True)
+        tokens = hidden().reshape(-1, hidden().shape[-1])
+        logits = tokens @ layer.router[...]  # [tokens, experts]
+        return aux, top_p_router(logits, top_k=layer.top_k, **options)
 
-    config = dataclasses.replace(ModelConfig(), router="top_p", router_entropy_weight=0.25)
-    assert MoEOptions.from_config(config).router_entropy_weight == 0.25
+    for options in ({"top_p": 0.05}, {"top_p": 1.0}, {"top_p": 1.0, "renormalize": False}):
+        aux, expected = routing(**options)
+        np.testing.assert_array_equal(aux["top1_expert"], expected.expert_index[:, 0])
+        np.testing.assert_allclose(
+            aux["load_balance_loss"], expected.aux_losses["load_balance"], rtol=1e-6
+        )
+    one, _ = routing(top_p=0.05)
+    two, _ = routing(top_p=1.0)
+    assert float(one["load_balance_loss"]) != pytest.approx(float(two["load_balance_loss"]))
+    # Raw probabilities as weights scale the output down: renormalize reaches the route too.
+    outputs = [
+        make_layer("top_p", options={"top_p": 1.0, "renormalize": renormalize})(hidden())[0]
+        for renormalize in (True, False)
+    ]
+    assert float(jnp.max(jnp.abs(outputs[0] - outputs[1]))) > 1e-4
+
+
+def test_entropy_weight_comes_from_the_config():
+    config = apply_overrides(
+        Config(), ["model.router.name=top_p", "model.router.options.entropy_weight=0.25"]
+    )
+    model = TransformerLM(with_fields(config.model, {"num_layers": 1}), rngs=nnx.Rngs(0))
+    assert model.blocks[0].ffn.router_config.loss_weight("entropy_weight") == 0.25
 
 
 @settings(max_examples=15, deadline=None)

@@ -35,7 +35,7 @@ def toy_router():
 
 def test_toy_router_selected_by_config_trains_the_language_model(toy_router):
     config = load_config_file(CONFIGS / "tiny.py")
-    config = apply_overrides(config, [f"model.router={toy_router}"])
+    config = apply_overrides(config, [f"model.router.name={toy_router}"])
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}, jax.devices()[:1])
     layout = state_lib.state_layout(config, mesh)
     state = state_lib.init_state(config, layout)

@@ -105,10 +105,10 @@ TRAIN_CASES = [
     ),
     (
         "other model shape",
-        ["--config.model.num_experts=8", "--config.model.d_model=64"],
+        ["--config.model.moe.num_experts=8", "--config.model.d_model=64"],
         [
             "model.d_model: run has 32, you asked for 64",
-            "model.num_experts: run has 4, you asked for 8",
+            "model.moe.num_experts: run has 4, you asked for 8",
         ],
     ),
     (
@@ -121,7 +121,7 @@ TRAIN_CASES = [
         ["--config.pruning.method=magnitude"],
         ["pruning.method: run has 'none', you asked for 'magnitude'"],
     ),
-    ("bad value", ["--config.model.top_k=9"], ["model.top_k"]),
+    ("bad value", ["--config.model.moe.top_k=9"], ["model.moe.top_k"]),
 ]
 
 
@@ -158,7 +158,7 @@ EVAL_CASES = [
     ("negative step", ["--step", "-1"], ["--step", "negative"]),
     ("missing compare step", ["--compare_step", "25"], ["--compare_step 25", "no checkpoint"]),
     ("workdir is a file", _file_workdir, ["a_file", "not a directory"]),
-    ("model override", ["--config.model.num_experts=8"], ["only mesh.*"]),
+    ("model override", ["--config.model.moe.num_experts=8"], ["only mesh.*"]),
     (
         "damaged step",
         lambda run, tmp_path: _damage_step(run, 20) or ["--step", "20"],

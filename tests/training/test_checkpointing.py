@@ -116,5 +116,5 @@ def test_eval_restores_onto_another_mesh(tiny_config, tmp_path):
     np.testing.assert_allclose(
         eight["moe/layer0/routing_fluctuation"], one["moe/layer0/routing_fluctuation"]
     )
-    with pytest.raises(ValueError, match="only mesh.*data.*model.halting_threshold"):
-        evaluate_workdir(workdir, overrides=["model.num_experts=8"])
+    with pytest.raises(ValueError, match="only mesh.*data.*model.moe.halting_threshold"):
+        evaluate_workdir(workdir, overrides=["model.moe.num_experts=8"])

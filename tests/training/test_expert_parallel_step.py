@@ -20,8 +20,8 @@ EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 def _compiled_step(tiny_config, mesh_sizes: dict[str, int]):
     config = tiny_config(
-        f"model.num_experts={NUM_EXPERTS}",
-        f"model.expert_d_ff={EXPERT_D_FF}",
+        f"model.moe.num_experts={NUM_EXPERTS}",
+        f"model.moe.expert_d_ff={EXPERT_D_FF}",
         *(f"mesh.{axis}={size}" for axis, size in mesh_sizes.items()),
     )
     config_lib.validate(config, jax.device_count())

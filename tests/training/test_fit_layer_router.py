@@ -10,7 +10,7 @@ from flax import nnx
 from hypothesis import given, settings
 
 from moejax import depth
-from moejax.config import ModelConfig
+from moejax.config import DepthConfig, ModelConfig, MoEConfig
 from moejax.models.layers import RouterContext
 from moejax.models.transformer import TransformerLM
 from moejax.training import fit_layer_router as fit
@@ -28,11 +28,8 @@ def tiny_model(layer_router_dim: int = 8, seed: int = 0) -> TransformerLM:
         num_kv_heads=1,
         head_dim=16,
         d_ff=64,
-        moe_every=2,
-        num_experts=4,
-        top_k=2,
-        expert_d_ff=32,
-        layer_router_dim=layer_router_dim,
+        moe=MoEConfig(every=2, num_experts=4, top_k=2, expert_d_ff=32),
+        depth=DepthConfig(layer_router_dim=layer_router_dim),
     )
     return TransformerLM(config, rngs=nnx.Rngs(seed))
 

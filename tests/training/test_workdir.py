@@ -41,23 +41,23 @@ def test_free_fields_and_the_mesh_may_change_on_resume(recorded):
 def test_where_the_experts_run_may_change_on_resume(recorded):
     # LLEP computes what plain expert parallelism does: a preempted run may turn it on.
     requested = _tiny(
-        "model.expert_balance=llep",
-        "model.llep_margin=0.2",
-        "model.llep_max_foreign=3",
-        "model.gmm_impl=xla",
+        "model.moe.expert_balance=llep",
+        "model.moe.llep_margin=0.2",
+        "model.moe.llep_max_foreign=3",
+        "model.moe.gmm_impl=xla",
     )
     workdir_lib.check_resume(recorded, requested)
-    with pytest.raises(WorkdirError, match="model.num_experts"):
-        workdir_lib.check_resume(recorded, _tiny("model.num_experts=8"))
+    with pytest.raises(WorkdirError, match="model.moe.num_experts"):
+        workdir_lib.check_resume(recorded, _tiny("model.moe.num_experts=8"))
 
 
 def test_a_model_change_names_every_field_and_no_flag_allows_it(recorded):
-    requested = _tiny("model.num_experts=8", "attention.kind=local", "train.learning_rate=1.0")
+    requested = _tiny("model.moe.num_experts=8", "attention.kind=local", "train.learning_rate=1.0")
     for allow in (False, True):
         with pytest.raises(WorkdirError) as error:
             workdir_lib.check_resume(recorded, requested, allow_config_change=allow)
         message = str(error.value)
-        assert "model.num_experts: run has 4, you asked for 8" in message
+        assert "model.moe.num_experts: run has 4, you asked for 8" in message
         assert "attention.kind: run has 'dense', you asked for 'local'" in message
         # The first problem to fix is the model; the optimiser change is not mixed in.
         assert "learning_rate" not in message

@@ -53,9 +53,9 @@ def test_routing_table_lists_every_moe_layer():
 
 def test_cli_splits_config_overrides():
     rest, overrides = cli.split_overrides(
-        ["--workdir", "w", "--config.model.top_k=1", "--config.train.steps", "5"]
+        ["--workdir", "w", "--config.model.moe.top_k=1", "--config.train.steps", "5"]
     )
     assert rest == ["--workdir", "w"]
-    assert overrides == ["model.top_k=1", "train.steps=5"]
+    assert overrides == ["model.moe.top_k=1", "train.steps=5"]
     with pytest.raises(ConfigError, match="missing a value"):
         cli.split_overrides(["--config.train.steps"])

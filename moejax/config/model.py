@@ -1,0 +1,291 @@
+"""The `model` group: the transformer's shape, and its `moe`, `router` and `depth` subgroups.
+
+Each group checks its own fields when built (`__post_init__`, `ConfigError` naming the field's
+command-line path); checks that need another group (the mesh, the data, the attention) are in
+`moejax.config.validation`. A router's own settings are a typed `RouterOptions` of that router
+(`moejax.routers`), checked by it: `--config.model.router.name=top_p
+--config.model.router.options.top_p=0.5`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from kernels_pallas.grouped_matmul.ops import GMM_IMPLS
+from moejax import expert_parallel, moe, routers
+from moejax.errors import require_config, require_one_of
+from moejax.routers.base import RouterOptions
+from moejax.routers.dynamic import CAPACITY_SCHEDULES
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _positive(group: str, obj: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        require_config(value > 0, f"{group}.{name}", value, "a positive number")
+
+
+def _non_negative(group: str, obj: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        require_config(value >= 0, f"{group}.{name}", value, ">= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    """The MoE layers' router: `name` from `moejax.routers.ROUTERS` and its typed options.
+
+    `options` None (or left out) means the router's defaults; options of another router are an
+    error. The two weights are of the losses most routers report; a router's own loss weights
+    are fields of its options (top_p's `entropy_weight`, relu_rmsnorm's `sparsity_weight`).
+    """
+
+    name: str = "softmax_top_k"
+    options: RouterOptions | None = None
+    load_balance_weight: float = 0.01
+    router_z_weight: float = 0.001
+
+    # Setting `name` from the command line starts `options` from the new router's defaults.
+    resets: ClassVar[dict[str, str]] = {"name": "options"}
+
+    def __post_init__(self) -> None:
+        require_one_of("model.router.name", self.name, list(routers.ROUTERS))
+        options_class = self.spec.options
+        if self.options is None:
+            object.__setattr__(self, "options", options_class())
+        require_config(
+            type(self.options) is options_class,
+            "model.router.options",
+            self.options,
+            f"a {options_class.__name__} (the options of router {self.name!r})",
+        )
+        _non_negative("model.router", self, ("load_balance_weight", "router_z_weight"))
+
+    @property
+    def spec(self) -> routers.RouterSpec:
+        return routers.get(self.name)
+
+    @classmethod
+    def of(cls, name: str, **options: Any) -> RouterConfig:
+        """`RouterConfig(name, options=<name's options>(**options))`, e.g.
+        `RouterConfig.of("top_p", top_p=0.5)`."""
+        require_one_of("model.router.name", name, list(routers.ROUTERS))
+        return cls(name=name, options=routers.get(name).options(**options))
+
+    def loss_weight(self, field: str) -> float:
+        """The value of the loss-weight field `field` (a common weight or an options field)."""
+        return self.spec.loss_weight(field, self.options, self)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Where the MoE layers are, their experts, and how tokens reach them."""
+
+    # Layer i is a MoE layer when (i + 1) % every == 0; 0 means no MoE layer at all.
+    every: int = 1
+    num_experts: int = 4
+    top_k: int = 2
+    expert_d_ff: int = 256
+    # "capacity" (fixed expert buffers, overflow dropped), "dropless" (grouped matmuls, nothing
+    # dropped) or "expert_parallel"; with mesh.expert > 1, "dropless" is expert_parallel: each
+    # device holds num_experts / mesh.expert experts and tokens travel to them by all-to-all.
+    dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+    # Capacity factor at evaluation; 0 keeps capacity_factor.
+    eval_capacity_factor: float = 0.0
+    # Which assignments keep their slot when an expert is full: "order" (token order, GShard)
+    # or "score" (highest router weight first: batch-prioritised routing, V-MoE).
+    capacity_priority: str = "order"
+    # Expert capacity over depth (DynaMoE): "uniform", "descending", "ascending" or "pyramid"
+    # around capacity_factor, within capacity_factor * [1 - spread, 1 + spread].
+    capacity_schedule: str = "uniform"
+    capacity_schedule_spread: float = 0.5
+    # Always-on experts beside the routed ones (DeepSeekMoE); width 0 means expert_d_ff.
+    num_shared_experts: int = 0
+    shared_expert_d_ff: int = 0
+    gmm_impl: str = "auto"
+    # With expert-parallel dispatch: "llep" moves the excess rows of overloaded expert shards,
+    # with their experts' weights, to shards below the cap ceil((1 + llep_margin) * mean load),
+    # at most llep_max_foreign borrowed experts per shard (Least-Loaded Expert Parallelism; see
+    # moejax.llep). Outputs are those of "none", plain expert parallelism.
+    expert_balance: str = "none"
+    llep_margin: float = 0.1
+    llep_max_foreign: int = 2
+    # Zero-shot relative-norm halting at evaluation (Equifinality): a token skips a MoE layer's
+    # update when ||update|| / ||x|| is below this; 0 turns it off. Training ignores it.
+    halting_threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        require_config(
+            self.every >= 0, "model.moe.every", self.every, "0 (no MoE layers) or a layer interval"
+        )
+        _positive("model.moe", self, ("num_experts", "expert_d_ff", "capacity_factor"))
+        require_config(
+            1 <= self.top_k <= self.num_experts,
+            "model.moe.top_k",
+            self.top_k,
+            f"1 <= top_k <= model.moe.num_experts={self.num_experts}",
+        )
+        require_one_of("model.moe.dispatch", self.dispatch, moe.DISPATCH_STRATEGIES)
+        require_one_of(
+            "model.moe.capacity_priority", self.capacity_priority, moe.CAPACITY_PRIORITIES
+        )
+        require_one_of("model.moe.capacity_schedule", self.capacity_schedule, CAPACITY_SCHEDULES)
+        require_config(
+            0.0 <= self.capacity_schedule_spread < 1.0,
+            "model.moe.capacity_schedule_spread",
+            self.capacity_schedule_spread,
+            "in [0, 1)",
+        )
+        require_config(
+            self.eval_capacity_factor >= 0,
+            "model.moe.eval_capacity_factor",
+            self.eval_capacity_factor,
+            ">= 0 (0 keeps model.moe.capacity_factor)",
+        )
+        require_config(
+            self.halting_threshold >= 0,
+            "model.moe.halting_threshold",
+            self.halting_threshold,
+            ">= 0 (0 turns halting off)",
+        )
+        _non_negative(
+            "model.moe", self, ("num_shared_experts", "shared_expert_d_ff", "llep_margin")
+        )
+        require_one_of("model.moe.gmm_impl", self.gmm_impl, GMM_IMPLS)
+        require_one_of(
+            "model.moe.expert_balance", self.expert_balance, expert_parallel.EXPERT_BALANCES
+        )
+        require_config(
+            self.llep_max_foreign >= 1,
+            "model.moe.llep_max_foreign",
+            self.llep_max_foreign,
+            "an int >= 1",
+        )
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.every > 0 and (layer + 1) % self.every == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthConfig:
+    """Routing over depth: mixture-of-depths and Dr.LLM layer routers."""
+
+    # Mixture-of-depths (Raposo et al.): layer i routes only the top mod_capacity share of each
+    # sequence's tokens through the block when (i + 1) % mod_every == 0; 0 turns it off. At
+    # evaluation a causal predictor (trained alongside) picks the tokens instead of top-C.
+    mod_every: int = 0
+    mod_capacity: float = 0.125
+    mod_predictor_weight: float = 0.1
+    # Dr.LLM layer routers (skip / execute / repeat per sequence and block): the bottleneck
+    # width of each router, 0 for none. They are fitted on a frozen model by
+    # `moejax.training.fit_layer_router` and act at evaluation.
+    layer_router_dim: int = 0
+
+    def __post_init__(self) -> None:
+        require_config(
+            self.mod_every >= 0,
+            "model.depth.mod_every",
+            self.mod_every,
+            "0 (no mixture-of-depths) or a positive layer interval",
+        )
+        require_config(
+            0.0 < self.mod_capacity <= 1.0,
+            "model.depth.mod_capacity",
+            self.mod_capacity,
+            "a share of the tokens in (0, 1]",
+        )
+        require_config(
+            self.mod_predictor_weight >= 0,
+            "model.depth.mod_predictor_weight",
+            self.mod_predictor_weight,
+            ">= 0",
+        )
+        require_config(
+            self.layer_router_dim >= 0,
+            "model.depth.layer_router_dim",
+            self.layer_router_dim,
+            "0 (no layer routers) or the router's hidden width",
+        )
+        require_config(
+            not (self.mod_every and self.layer_router_dim),
+            "model.depth.layer_router_dim",
+            self.layer_router_dim,
+            "0 when model.depth.mod_every is set (a block is routed by one depth router at most)",
+        )
+
+    def is_mod_layer(self, layer: int) -> bool:
+        return self.mod_every > 0 and (layer + 1) % self.mod_every == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer: its shape here, its MoE layers in `moe` and `router`, routing
+    over depth in `depth`."""
+
+    vocab_size: int = 256
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    max_seq_len: int = 256
+    rope_base: float = 10_000.0
+    # Feed-forward of the layers that are not MoE layers.
+    d_ff: int = 512
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    tie_embeddings: bool = True
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+    router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
+    depth: DepthConfig = dataclasses.field(default_factory=DepthConfig)
+
+    def __post_init__(self) -> None:
+        _positive(
+            "model",
+            self,
+            (
+                "vocab_size",
+                "d_model",
+                "num_layers",
+                "num_heads",
+                "num_kv_heads",
+                "head_dim",
+                "max_seq_len",
+                "d_ff",
+                "rope_base",
+            ),
+        )
+        require_config(
+            self.head_dim % 2 == 0,
+            "model.head_dim",
+            self.head_dim,
+            "an even number (rotary embeddings rotate pairs of features)",
+        )
+        require_config(
+            self.num_heads % self.num_kv_heads == 0,
+            "model.num_kv_heads",
+            self.num_kv_heads,
+            f"a divisor of model.num_heads={self.num_heads}",
+        )
+        require_one_of("model.dtype", self.dtype, DTYPES)
+        require_one_of("model.param_dtype", self.param_dtype, DTYPES)
+        if self.moe.every and "state_prev" in self.router.spec.needs:
+            # Its state is per token and layer to layer; depth routers change the token set.
+            for name in ("mod_every", "layer_router_dim"):
+                value = getattr(self.depth, name)
+                require_config(
+                    value == 0,
+                    f"model.depth.{name}",
+                    value,
+                    f"0 with model.router.name={self.router.name!r} (it carries a state from "
+                    "layer to layer)",
+                )
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe.is_moe_layer(layer)
+
+    def is_mod_layer(self, layer: int) -> bool:
+        return self.depth.is_mod_layer(layer)
