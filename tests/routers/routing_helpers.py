@@ -1,4 +1,5 @@
-"""Inputs and checks the router tests share: logits, hidden states, jit with static options."""
+"""Inputs and checks the router tests share: logits, hidden states, jit with static options,
+and a float64 SwiGLU expert reference for the tests that go through `moe_ffn`."""
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,29 @@ def hidden_states(tokens: int, d_model: int = D_MODEL, seed: int = 0) -> jax.Arr
     """[tokens, d_model] float32 normals from numpy's generator."""
     rng = np.random.default_rng(seed)
     return jnp.asarray(rng.standard_normal((tokens, d_model)), jnp.float32)
+
+
+def draw_normal(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> jax.Array:
+    """float32 normals of `shape` drawn from `rng` (which advances), times `scale`."""
+    return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
+
+
+def swiglu_params(
+    rng: np.random.Generator, num: int, d_model: int, d_ff: int
+) -> dict[str, jax.Array]:
+    """`num` SwiGLU experts' weights, drawn from `rng` with fan-in scaling."""
+    return {
+        "w_gate": draw_normal(rng, num, d_model, d_ff, scale=d_model**-0.5),
+        "w_up": draw_normal(rng, num, d_model, d_ff, scale=d_model**-0.5),
+        "w_down": draw_normal(rng, num, d_ff, d_model, scale=d_ff**-0.5),
+    }
+
+
+def swiglu64(x: np.ndarray, params: dict[str, jax.Array], e: int) -> np.ndarray:
+    """Expert e's SwiGLU in float64 on x [..., d_model]."""
+    w = {name: np.asarray(value, np.float64)[e] for name, value in params.items()}
+    gate = x @ w["w_gate"]
+    return (gate / (1.0 + np.exp(-gate)) * (x @ w["w_up"])) @ w["w_down"]
 
 
 def jit_router(router, *static: str):
