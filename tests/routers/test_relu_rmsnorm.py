@@ -14,6 +14,7 @@ from moejax.routers.relu_rmsnorm import (
     relu_router,
     relu_router_activations,
 )
+from tests.routers.layer_helpers import hidden, make_layer
 from tests.routers.routing_helpers import D_MODEL, EXPERTS, hidden_states
 
 
@@ -145,3 +146,24 @@ def test_chunk_loss_bad_options_name_the_field():
         chunk_sparsification_loss(probs, seq_len=5)
     with pytest.raises(ValueError, match="chunk_size: got 13"):
         chunk_sparsification_loss(probs, chunk_size=13)
+
+
+def test_layer_weighs_each_sparsity_loss_by_its_own_option():
+    """In the MoE layer, the token-level loss takes `sparsity_weight` and the chunk-level loss
+    `chunk_sparsity_weight` (distinct weights, so swapping them shows)."""
+    layer = make_layer(
+        "relu_rmsnorm",
+        options={"sparsity_weight": 0.3, "chunk_sparsity_weight": 0.7},
+        load_balance_weight=0.05,
+        router_z_weight=0.002,
+    )
+    _, aux, _ = layer(hidden(length=16), train=True)
+    assert float(aux["relu_sparsity_loss"]) > 0 and float(aux["chunk_sparsity_loss"]) > 0
+    assert float(aux["relu_sparsity_loss"]) != pytest.approx(float(aux["chunk_sparsity_loss"]))
+    expected = (
+        0.05 * aux["load_balance_loss"]
+        + 0.002 * aux["router_z_loss"]
+        + 0.3 * aux["relu_sparsity_loss"]
+        + 0.7 * aux["chunk_sparsity_loss"]
+    )
+    np.testing.assert_allclose(aux["aux_loss"], expected, rtol=1e-6)
