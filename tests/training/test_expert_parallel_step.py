@@ -68,5 +68,8 @@ def test_expert_parallel_step_layout_and_collectives(tiny_config, mesh_sizes):
     m = config.model
     found = hlo.collectives(text)
     assert hlo.of_kind(found, "all-gather"), "the step gathers something (FSDP weights, counts)"
-    for shape in ((NUM_EXPERTS, m.d_model, m.expert_d_ff), (NUM_EXPERTS, m.expert_d_ff, m.d_model)):
+    for shape in (
+        (NUM_EXPERTS, m.d_model, m.moe.expert_d_ff),
+        (NUM_EXPERTS, m.moe.expert_d_ff, m.d_model),
+    ):
         assert not hlo.gathers_of(found, shape), "every expert's weights on every device"
