@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv with a Python >= 3.12 and installs moejax (editable) with its test extra and its
-# TPU compiler (libtpu: the ahead-of-time compile tests in tests/aot need it, no TPU does).
+# Creates .venv with a Python >= 3.12 and installs moejax (editable) with the `dev` extra (which
+# takes in `train`, for train.py, eval.py and the benchmarks, and `notebooks`) and its TPU compiler
+# (`tpu`: libtpu, which the ahead-of-time compile tests in tests/aot need; no TPU does).
 # Re-running it is cheap: the install is skipped while pyproject.toml is unchanged.
 # Set MOEJAX_PYTHON=/path/to/python3.12 to choose the interpreter yourself.
 set -euo pipefail

