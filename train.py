@@ -1,5 +1,8 @@
-"""Train a model: `python train.py [--config configs/NAME.py] [--config.group.field=value ...]
-[--workdir DIR]`. With no arguments it trains configs/default.py into workdir/default.
+"""Train a model: `python train.py [--config FILE.py[:ARG]] [--config.group.field=value ...]`.
+
+Also `--workdir DIR`, and `--flagfile FILE` (flags, one per line). With no arguments it trains
+configs/default.py into workdir/default. `--help` lists every config field with its type,
+default and meaning.
 
 A config file says what it runs with a module-level `TASK` (one of `TASKS` at the end of this
 file): none trains the language model; `TASK = "lottery"` runs the lottery-ticket experiment.
@@ -25,9 +28,9 @@ def main(argv: list[str]) -> int:
 
 def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=cli.DEFAULT_CONFIG, help="a Python config file")
+    cli.add_config_flag(parser)
     parser.add_argument(
-        "--workdir", default=None, help="run directory (default: workdir/<config name>)"
+        "--workdir", default=None, help="run directory (default: workdir/<config name>[_ARG])"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -37,16 +40,18 @@ def _main(argv: list[str]) -> int:
     )
     distributed.add_flags(parser)
     cli.add_debug_flag(parser)
-    args, overrides = cli.parse(parser, argv)
+    args, overrides = cli.parse(
+        parser, argv, lambda known: (cli.load_config(known.config), str(known.config))
+    )
     cli.setup_logging()
     # Before anything asks JAX for devices, and before the stop handlers: with several
     # processes JAX's preemption notifier owns SIGTERM.
     distributed.initialize_from_flags(args)
-    module = config_lib.load_config_module(args.config)
+    module = config_lib.load_config_module(args.config.path)
     task = getattr(module, "TASK", LM)
     if task not in TASKS:
         raise config_lib.ConfigError(
-            f"--config: {args.config!r} declares TASK={task!r}; allowed: {sorted(TASKS)} "
+            f"--config: {str(args.config.path)!r} declares TASK={task!r}; allowed: {sorted(TASKS)} "
             f"(no TASK: {LM!r})"
         )
     return TASKS[task](module, overrides, args)
@@ -58,8 +63,9 @@ def _run_lm(module, overrides: list[str], args: argparse.Namespace) -> int:
 
     # Installed before anything slow: a stop during start-up is honoured at the first step.
     with StopRequest() as stop:
-        config = config_lib.apply_overrides(config_lib.config_of(module, args.config), overrides)
-        workdir = Path(args.workdir or Path("workdir") / Path(args.config).stem)
+        config = config_lib.config_of(module, args.config.path, arg=args.config.arg)
+        config = config_lib.apply_overrides(config, overrides)
+        workdir = Path(args.workdir or Path("workdir") / args.config.name)
         # Validate before importing the training stack: bad values fail in milliseconds.
         import jax
 
@@ -100,13 +106,15 @@ def _run_lottery(module, overrides: list[str], args: argparse.Namespace) -> int:
     """The lottery-ticket experiment (`moejax.tasks.lottery`)."""
     from moejax.tasks import lottery
 
-    config = config_lib.config_of(module, args.config, lottery.LotteryConfig)
+    config = config_lib.config_of(
+        module, args.config.path, lottery.LotteryConfig, arg=args.config.arg
+    )
     try:
         config = lottery.apply_overrides(config, overrides)
     except ValueError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
-    workdir = Path(args.workdir or Path("workdir") / Path(args.config).stem)
+    workdir = Path(args.workdir or Path("workdir") / args.config.name)
     print(config, file=sys.stderr)
     lottery.run_experiment(config, workdir, log=lambda line: print(line, file=sys.stderr))
     print(

@@ -18,8 +18,9 @@ from moejax.errors import ConfigError
 
 
 def load_config_module(path: str | Path) -> ModuleType:
-    """Imports a Python config file; the module defines `get_config()` and may declare
-    `TASK`, the program it configures (`train.py` runs the language model when it is absent)."""
+    """Imports a Python config file; the module defines `get_config()` (or `get_config(arg)`,
+    for `--config path.py:arg`) and may declare `TASK`, the program it configures (`train.py`
+    runs the language model when it is absent)."""
     path = Path(path)
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
@@ -42,19 +43,23 @@ def load_config_module(path: str | Path) -> ModuleType:
     return module
 
 
-def config_of(module: ModuleType, path: str | Path, expected: type = Config) -> Any:
-    """`module.get_config()` (`module` loaded from `path` by `load_config_module`), which must
-    return an instance of `expected`."""
+def config_of(
+    module: ModuleType, path: str | Path, expected: type = Config, arg: str | None = None
+) -> Any:
+    """`module.get_config()`, or `module.get_config(arg)` when `arg` is given (`--config
+    path.py:arg`, as ml_collections' config files take it), which must return an instance of
+    `expected`; `module` was loaded from `path` by `load_config_module`."""
     path = Path(path)
+    call = "get_config()" if arg is None else f"get_config({arg!r})"
     try:
-        config = module.get_config()
+        config = module.get_config() if arg is None else module.get_config(arg)
     except Exception as error:  # noqa: BLE001
         raise ConfigError(
-            f"--config: get_config() in {str(path)!r} raised {_raised_at(error, path)}"
+            f"--config: {call} in {str(path)!r} raised {_raised_at(error, path)}"
         ) from None
     if not isinstance(config, expected):
         raise ConfigError(
-            f"--config: get_config() in {str(path)!r} returned {type(config)}; the file's task "
+            f"--config: {call} in {str(path)!r} returned {type(config)}; the file's task "
             f"runs on a {expected.__name__}"
         )
     return config

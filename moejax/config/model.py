@@ -85,8 +85,11 @@ class MoEConfig:
 
     # Layer i is a MoE layer when (i + 1) % every == 0; 0 means no MoE layer at all.
     every: int = 1
+    # Routed experts in each MoE layer.
     num_experts: int = 4
+    # Experts each token is sent to.
     top_k: int = 2
+    # Hidden width of each expert's feed-forward.
     expert_d_ff: int = 256
     # "capacity" (fixed expert buffers, overflow dropped), "dropless" (grouped matmuls, nothing
     # dropped) or "expert_parallel"; with mesh.expert > 1, "dropless" is expert_parallel: each
