@@ -1,5 +1,8 @@
 """Evaluate a checkpoint: `python eval.py --workdir DIR [--step N] [--config.mesh.expert=4 ...]`.
 
+`--config.group.field=value` overrides a field of the run's saved config (`--help` lists them);
+`--flagfile FILE` reads flags from a file, one per line.
+
 Restores onto whatever devices are present (any mesh shape that fits them), prints and writes
 validation loss, bits per byte, perplexity and per-layer routing statistics to
 DIR/eval/step_<N>.json. It reads checkpoints without taking the training lock (it may run beside
@@ -42,7 +45,11 @@ def _main(argv: list[str]) -> int:
     )
     distributed.add_flags(parser)
     cli.add_debug_flag(parser)
-    args, overrides = cli.parse(parser, argv)
+    args, overrides = cli.parse(
+        parser,
+        argv,
+        lambda known: (config_lib.Config(), "moejax.config.Config; eval.py overrides the run's"),
+    )
     cli.setup_logging()
     for flag in ("step", "compare_step", "sample_bytes"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
@@ -53,8 +60,9 @@ def _main(argv: list[str]) -> int:
     distributed.initialize_from_flags(args)
     import jax
 
-    from moejax.evaluation import evaluate_workdir, expert_load_matrix, moe_layers, routing_table
-    from moejax.metrics import save_load_heatmap
+    from moejax import plotting
+    from moejax.evaluation import evaluate_workdir, routing_table
+    from moejax.training.evaluate import expert_load_figure
 
     results = evaluate_workdir(
         args.workdir,
@@ -118,10 +126,11 @@ def _main(argv: list[str]) -> int:
             "were not written"
         ) from None
     print(f"wrote {out_path}")
-    if moe_layers(results):
+    figure = expert_load_figure(results, step)
+    if figure is not None:
         png_path = out_dir / f"step_{step}_expert_load.png"
-        save_load_heatmap(expert_load_matrix(results), png_path)
-        print(f"wrote {png_path} (rows: MoE layers, columns: experts)")
+        plotting.save_png(figure, png_path)
+        print(f"wrote {png_path}")
     return 0
 
 

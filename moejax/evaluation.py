@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax import metrics
-from moejax.training.evaluate import evaluate
+from moejax.training.evaluate import evaluate, moe_layers
 from moejax.training.step import MeshStep, global_batch
 
 log = logging.getLogger(__name__)
@@ -85,18 +85,6 @@ def sparsity_results(config: Any, variables: dict[str, Any]) -> dict[str, float]
     from moejax.pruning.lm import param_sparsity
 
     return param_sparsity(config.pruning, variables["params"])
-
-
-def moe_layers(results: dict[str, Any]) -> list[str]:
-    """Names (`layer{i}`) of the MoE layers reported in `results`, in depth order."""
-    layers = {name.split("/")[1] for name in results if name.startswith("moe/")}
-    return sorted(layers, key=lambda layer: int(layer.removeprefix("layer")))
-
-
-def expert_load_matrix(results: dict[str, Any]) -> np.ndarray:
-    """`[moe layers, experts]` expert load fractions from `results`."""
-    loads = [np.asarray(results[f"moe/{layer}/expert_load"]) for layer in moe_layers(results)]
-    return np.stack(loads)
 
 
 def routing_table(results: dict[str, Any]) -> str:

@@ -5,17 +5,16 @@ combine weight is nonzero; routers that choose a variable number of experts per 
 unused slots that way. Every metric here counts active slots only.
 
 Functions whose output shape is static are jit-able, with the integer arguments (`num_experts`,
-`chunk_size`, `seq_len`, `num_buckets`) static. `save_load_heatmap` runs on the host.
+`chunk_size`, `seq_len`, `num_buckets`) static.
+(`moejax.plotting.load_heatmap` draws expert load.)
 """
 
 import dataclasses
-from os import PathLike
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.plotting import write_png
 from moejax.routing import Routing, routing_statistics
 
 
@@ -378,59 +377,6 @@ def layer_metrics(
             num_buckets=num_buckets,
         )
     return metrics
-
-
-# Viridis at 0, 1/4, 1/2, 3/4 and 1: perceptually uniform and readable in grey scale.
-_VIRIDIS = np.array(
-    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float64
-)
-
-
-def load_colors(loads: np.ndarray, vmax: float) -> np.ndarray:
-    """Viridis colours of values on the scale [0, vmax], clipped.
-
-    Args:
-      loads: [...] float.
-      vmax: the value drawn in the top colour, > 0.
-
-    Returns:
-      [..., 3] uint8 RGB.
-    """
-    position = np.clip(np.nan_to_num(np.asarray(loads, np.float64)) / vmax, 0.0, 1.0)
-    stops = np.linspace(0.0, 1.0, len(_VIRIDIS))
-    channels = [np.interp(position, stops, _VIRIDIS[:, c]) for c in range(3)]
-    return np.rint(np.stack(channels, axis=-1)).astype(np.uint8)
-
-
-def save_load_heatmap(
-    loads: np.ndarray | jax.Array,
-    path: str | PathLike[str],
-    *,
-    cell_size: int = 16,
-    vmax: float | None = None,
-) -> None:
-    """Writes a PNG heatmap of expert load: one row of cells per layer, one column per expert.
-
-    Encoded with zlib alone (8-bit RGB, no filtering), so no plotting library is needed.
-
-    Args:
-      loads: [layers, num_experts], e.g. each layer's "expert_load".
-      path: the PNG file to write.
-      cell_size: pixels per side of each cell.
-      vmax: load drawn in the top colour (default 2 / num_experts, so balanced load sits mid-scale
-        and images from different steps share one scale; larger loads saturate).
-    """
-    loads = np.asarray(loads, np.float64)
-    if loads.ndim != 2 or loads.size == 0:
-        raise ValueError(f"loads: expected a non-empty [layers, num_experts], got {loads.shape}")
-    if cell_size < 1:
-        raise ValueError(f"cell_size: got {cell_size}; allowed: >= 1")
-    vmax = 2.0 / loads.shape[1] if vmax is None else vmax
-    if not vmax > 0:
-        raise ValueError(f"vmax: got {vmax}; allowed: > 0")
-    cells = load_colors(loads, vmax)  # [layers, experts, 3]
-    pixels = np.repeat(np.repeat(cells, cell_size, axis=0), cell_size, axis=1)  # [h, w, 3]
-    write_png(pixels, path)
 
 
 def _as_sequences(x: jax.Array, seq_len: int | None, name: str) -> jax.Array:

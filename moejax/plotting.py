@@ -1,137 +1,103 @@
-"""Images without a plotting library: an 8-bit RGB PNG encoder and a line plot on a numpy canvas.
+"""Figures for reports and TensorBoard: the expert-load heatmap and line plots of curves.
 
-Used for the expert-load heatmap (`moejax.metrics.save_load_heatmap`) and the router
-comparison's validation curves; matplotlib is not a dependency.
+Drawn on matplotlib `Figure`s with the Agg canvas: no display, no pyplot and its global state,
+so nothing here changes the backend of a notebook that imports it. `save_png` writes a figure
+with no timestamp or version in the file (the same figure gives the same bytes);
+`figure_rgb` renders one to pixels for `MetricsWriter.write_image`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import struct
-import zlib
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping, Sequence
+from os import PathLike
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 
-def write_png(rgb: np.ndarray, path: str | Path) -> None:
-    """Writes `rgb` ([height, width, 3] uint8) as an 8-bit RGB PNG, unfiltered, zlib alone."""
-    rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8 or rgb.size == 0:
-        raise ValueError(f"rgb: expected non-empty [height, width, 3] uint8, got {rgb.shape}")
-    height, width, _ = rgb.shape
-    # Each scanline starts with its filter type; 0 stores the bytes as they are.
-    scanlines = np.concatenate([np.zeros((height, 1), np.uint8), rgb.reshape(height, -1)], axis=1)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data)
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    Path(path).write_bytes(
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 9))
-        + chunk(b"IEND", b"")
-    )
-
-
-def nice_step(span: float, lines: int = 6) -> float:
-    """A round grid spacing (1, 2, 2.5 or 5 times a power of ten) giving at most `lines` lines."""
-    raw = max(span, 1e-12) / lines
-    power = 10.0 ** math.floor(math.log10(raw))
-    return next(m * power for m in (1.0, 2.0, 2.5, 5.0, 10.0) if m * power >= raw)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Box:
-    """The plot area in pixels and the data range it shows."""
-
-    left: int
-    top: int
-    right: int
-    bottom: int
-    x_range: tuple[float, float]
-    y_range: tuple[float, float]
-
-    def to_pixels(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        (x0, x1), (y0, y1) = self.x_range, self.y_range
-        px = self.left + (np.asarray(x) - x0) / (x1 - x0) * (self.right - self.left)
-        py = self.bottom - (np.asarray(y) - y0) / (y1 - y0) * (self.bottom - self.top)
-        return px, py
-
-    def paint(self, canvas: np.ndarray, px: np.ndarray, py: np.ndarray, color) -> None:
-        """Sets the pixels at (px, py) that lie inside the box: lines are clipped to it."""
-        px, py = np.rint(px).astype(int), np.rint(py).astype(int)
-        inside = (px >= self.left) & (px <= self.right) & (py >= self.top) & (py <= self.bottom)
-        canvas[py[inside], px[inside]] = color
-
-
-def _segment(p0: tuple[float, float], p1: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """Points one pixel apart along the segment from p0 to p1."""
-    count = int(max(abs(p1[0] - p0[0]), abs(p1[1] - p0[1]))) + 2
-    t = np.linspace(0.0, 1.0, count)
-    return p0[0] + t * (p1[0] - p0[0]), p0[1] + t * (p1[1] - p0[1])
-
-
-def plot_curves(
-    curves: dict[str, Sequence[Sequence[float]]],
-    colors: dict[str, tuple[int, int, int]],
-    path: str | Path,
+def load_heatmap(
+    loads: np.ndarray,
     *,
-    width: int = 800,
-    height: int = 500,
-    margin: int = 30,
-) -> dict[str, Any]:
-    """Draws one polyline per curve ([[step, value], ...]) in its colour and writes a PNG.
+    layer_names: Sequence[str] | None = None,
+    vmax: float | None = None,
+    title: str = "Expert load",
+) -> Figure:
+    """One row per MoE layer, one column per expert, coloured by the share of routed tokens.
 
-    The y axis spans the values after step 0 (an untrained model's ~8 bits/byte would flatten
-    everything else); segments from step 0 are clipped at the top. Light grey grid lines sit at
-    round values. Returns the axes (ranges and grid spacing), since the image has no text.
+    Args:
+      loads: [layers, num_experts] load fractions, e.g. each layer's "expert_load".
+      layer_names: a tick label per row (default 0, 1, ...).
+      vmax: the load drawn in the top colour (default 2 / num_experts, so balanced load sits
+        mid-scale and figures from different steps share one scale; larger loads saturate).
+      title: the figure's title.
     """
-    canvas = np.full((height, width, 3), 255, np.uint8)
-    points = [(float(s), float(v)) for curve in curves.values() for s, v in curve]
-    later = [v for s, v in points if s > 0] or [v for _, v in points] or [0.0, 1.0]
-    low, high = min(later), max(later)
-    pad = 0.05 * (high - low) if high > low else 0.05
-    x_max = max((s for s, _ in points), default=1.0) or 1.0
-    box = _Box(
-        margin, margin, width - margin, height - margin, (0.0, x_max), (low - pad, high + pad)
-    )
-    x_grid, y_grid = nice_step(x_max), nice_step(high - low + 2 * pad)
-    light = (225, 225, 225)
-    for x in np.arange(x_grid, x_max, x_grid):
-        px, _ = box.to_pixels(np.array([x]), np.array([low]))
-        rows = np.arange(box.top, box.bottom + 1)
-        box.paint(canvas, np.full(rows.shape, px[0]), rows, light)
-    for y in np.arange(math.ceil((low - pad) / y_grid) * y_grid, high + pad, y_grid):
-        _, py = box.to_pixels(np.array([0.0]), np.array([y]))
-        cols = np.arange(box.left, box.right + 1)
-        box.paint(canvas, cols, np.full(cols.shape, py[0]), light)
-    canvas[box.top, box.left : box.right + 1] = 0
-    canvas[box.bottom, box.left : box.right + 1] = 0
-    canvas[box.top : box.bottom + 1, box.left] = 0
-    canvas[box.top : box.bottom + 1, box.right] = 0
+    loads = np.asarray(loads, np.float64)
+    if loads.ndim != 2 or loads.size == 0:
+        raise ValueError(f"loads: expected a non-empty [layers, num_experts], got {loads.shape}")
+    layers, experts = loads.shape
+    if layer_names is not None and len(layer_names) != layers:
+        raise ValueError(f"layer_names: got {len(layer_names)} names for {layers} layers")
+    vmax = 2.0 / experts if vmax is None else vmax
+    if not vmax > 0:
+        raise ValueError(f"vmax: got {vmax}; allowed: > 0")
+    figure = Figure(figsize=(max(4.0, 1.0 + 0.35 * experts), max(2.5, 1.2 + 0.4 * layers)))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    image = axes.imshow(loads, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
+    axes.set_xticks(range(experts))
+    axes.set_yticks(range(layers), labels=layer_names or [str(i) for i in range(layers)])
+    axes.tick_params(axis="x", labelsize=7 if experts > 16 else 9)
+    axes.set_xlabel("expert")
+    axes.set_ylabel("MoE layer")
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes, label="share of routed tokens", extend="max")
+    figure.tight_layout()
+    return figure
+
+
+def curves_figure(
+    curves: Mapping[str, Sequence[Sequence[float]]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    colors: Mapping[str, tuple[int, int, int]] | None = None,
+    y_range: tuple[float, float] | None = None,
+) -> Figure:
+    """One line with markers per curve (`[[x, y], ...]`), labelled by its name in a legend.
+
+    `colors`: 8-bit RGB per curve name (default matplotlib's cycle). `y_range`: the y limits
+    (default fitted to every point); points outside are clipped at the frame.
+    """
+    figure = Figure(figsize=(8.0, 5.0))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
     for name, curve in curves.items():
-        if not curve:
+        if not len(curve):
             continue
-        steps, values = np.asarray(curve, np.float64).T
-        px, py = box.to_pixels(steps, values)
-        vertices = list(zip(px, py, strict=True))
-        for p0, p1 in zip(vertices[:-1], vertices[1:], strict=True):
-            xs, ys = _segment(p0, p1)
-            for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
-                box.paint(canvas, xs + dx, ys + dy, colors[name])
-        for x, y in vertices:
-            for dx in range(-2, 3):
-                box.paint(canvas, np.full(5, x + dx), y + np.arange(-2, 3), colors[name])
-    write_png(canvas, path)
-    return {
-        "steps": [0.0, x_max],
-        "bits_per_byte": [low - pad, high + pad],
-        "step_grid": x_grid,
-        "bits_per_byte_grid": y_grid,
-    }
+        x, y = np.asarray(curve, np.float64).T
+        color = None if colors is None else tuple(c / 255 for c in colors[name])
+        axes.plot(x, y, marker="o", markersize=3, color=color, label=name)
+    if y_range is not None:
+        axes.set_ylim(*y_range)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(True, color="0.9")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def save_png(figure: Figure, path: str | PathLike[str], *, dpi: int = 100) -> None:
+    """Writes `figure` as a PNG without the matplotlib version in its metadata."""
+    figure.savefig(path, format="png", dpi=dpi, metadata={"Software": None})
+
+
+def figure_rgb(figure: Figure) -> np.ndarray:
+    """The figure rendered at its own dpi: [height, width, 3] uint8."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -1,9 +1,6 @@
 """Routing and sparsity metrics against plain numpy loops."""
 
 import functools
-import pathlib
-import struct
-import zlib
 
 import chex
 import jax
@@ -22,12 +19,10 @@ from moejax.metrics import (
     expert_affinity,
     expert_load,
     layer_metrics,
-    load_colors,
     mean_off_diagonal,
     router_cosine_similarity,
     routing_fluctuation,
     routing_fluctuation_from_probs,
-    save_load_heatmap,
     token_sparsity,
 )
 from moejax.routing import Routing, routing_statistics, softmax_top_k
@@ -320,43 +315,3 @@ def test_layer_metrics_jits_with_names_shapes_and_dtypes() -> None:
     )
     assert metrics["chunk_sparsity"] <= metrics["token_sparsity"] + 1e-6
     assert "drop_rate_by_position" not in layer_metrics(routing, experts, seq_len=seq_len)
-
-
-def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
-    """Splits a PNG after its signature into (type, data) chunks, checking each CRC."""
-    chunks, offset = [], 8
-    while offset < len(data):
-        (length,) = struct.unpack(">I", data[offset : offset + 4])
-        kind = data[offset + 4 : offset + 8]
-        body = data[offset + 8 : offset + 8 + length]
-        (crc,) = struct.unpack(">I", data[offset + 8 + length : offset + 12 + length])
-        assert crc == zlib.crc32(kind + body)
-        chunks.append((kind, body))
-        offset += 12 + length
-    return chunks
-
-
-def test_load_heatmap_png_decodes_to_the_load_colours(tmp_path: pathlib.Path) -> None:
-    layers, experts, cell = 3, 5, 4
-    loads = np.random.default_rng(0).dirichlet(np.ones(experts), size=layers)
-    path = tmp_path / "load.png"
-    save_load_heatmap(loads, path, cell_size=cell)
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    chunks = _png_chunks(data)
-    assert [kind for kind, _ in chunks] == [b"IHDR", b"IDAT", b"IEND"]
-    width, height, depth, color_type = struct.unpack(">IIBB", chunks[0][1][:10])
-    assert (width, height, depth, color_type) == (experts * cell, layers * cell, 8, 2)
-    raw = zlib.decompress(chunks[1][1])
-    assert len(raw) == height * (1 + 3 * width)
-    rows = np.frombuffer(raw, np.uint8).reshape(height, 1 + 3 * width)
-    assert not rows[:, 0].any()  # filter type 0 on every scanline
-    pixels = rows[:, 1:].reshape(height, width, 3)
-    np.testing.assert_array_equal(pixels[::cell, ::cell], load_colors(loads, 2.0 / experts))
-
-
-def test_load_colours_run_from_dark_to_bright_and_clip() -> None:
-    colours = load_colors(np.array([-1.0, 0.0, 0.5, 1.0, 2.0]), vmax=1.0).astype(int)
-    np.testing.assert_array_equal(colours[0], colours[1])
-    np.testing.assert_array_equal(colours[3], colours[4])
-    assert colours[1].sum() < colours[2].sum() < colours[3].sum()

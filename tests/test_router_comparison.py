@@ -6,10 +6,8 @@ import math
 import pathlib
 import sys
 
-import numpy as np
+import matplotlib.image
 import pytest
-
-from moejax.plotting import write_png
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -57,7 +55,8 @@ def test_writes_table_json_and_curves_for_each_router(router_comparison, data_di
     assert (
         "| router | seeds | val bits/byte | vs softmax_top_k |" in (out / "results.md").read_text()
     )
-    assert (out / "validation_curves.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    pixels = matplotlib.image.imread(out / "validation_curves.png")
+    assert pixels.shape == (500, 800, 4) and pixels.std() > 0
 
 
 def test_dense_variant_matches_active_feed_forward_width(router_comparison):
@@ -91,18 +90,3 @@ def test_failed_router_is_reported_and_the_rest_summarised(router_comparison):
     assert rows[1]["bits_per_byte_mean"] is None and rows[1]["errors"] == [
         "seed 0: ValueError: boom"
     ]
-
-
-def test_png_encoder_writes_a_decodable_image(router_comparison, tmp_path):
-    import struct
-    import zlib
-
-    rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
-    path = tmp_path / "image.png"
-    write_png(rgb, path)
-    data = path.read_bytes()
-    width, height = struct.unpack(">II", data[16:24])
-    length = struct.unpack(">I", data[33:37])[0]
-    raw = np.frombuffer(zlib.decompress(data[41 : 41 + length]), np.uint8).reshape(4, 16)
-    assert (width, height) == (5, 4)
-    np.testing.assert_array_equal(raw[:, 1:].reshape(4, 5, 3), rgb)

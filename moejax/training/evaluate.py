@@ -13,7 +13,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from matplotlib.figure import Figure
 
+from moejax import plotting
 from moejax.training.step import MeshStep, global_batch
 
 
@@ -49,3 +51,27 @@ def evaluate(
         # Every MoE layer costs the same, so the saved share of MoE FLOPs is the mean halted share.
         results["moe_flops_halted"] = float(np.mean(halted))
     return results
+
+
+def moe_layers(results: dict[str, Any]) -> list[str]:
+    """Names (`layer{i}`) of the MoE layers reported in `results`, in depth order."""
+    layers = {name.split("/")[1] for name in results if name.startswith("moe/")}
+    return sorted(layers, key=lambda layer: int(layer.removeprefix("layer")))
+
+
+def expert_load_matrix(results: dict[str, Any]) -> np.ndarray:
+    """`[moe layers, experts]` expert load fractions from `results`."""
+    loads = [np.asarray(results[f"moe/{layer}/expert_load"]) for layer in moe_layers(results)]
+    return np.stack(loads)
+
+
+def expert_load_figure(results: dict[str, Any], step: int) -> Figure | None:
+    """The expert-load heatmap of `results` (rows: MoE layers by index); None with no MoE layer."""
+    layers = moe_layers(results)
+    if not layers:
+        return None
+    return plotting.load_heatmap(
+        expert_load_matrix(results),
+        layer_names=[layer.removeprefix("layer") for layer in layers],
+        title=f"Expert load on the validation batches, step {step}",
+    )

@@ -22,14 +22,14 @@ import jax
 from tqdm import tqdm
 
 from moejax import config as config_lib
-from moejax import distributed, sharding
+from moejax import distributed, plotting, sharding
 from moejax.config import Config
 from moejax.pruning.lm import layer_sparsity
 from moejax.training import corpus
 from moejax.training import state as state_lib
 from moejax.training import workdir as workdir_lib
 from moejax.training.checkpoint import Checkpointer
-from moejax.training.evaluate import evaluate
+from moejax.training.evaluate import evaluate, expert_load_figure
 from moejax.training.preemption import StopRequest
 from moejax.training.step import global_batch, make_eval_step, make_train_step
 from moejax.training.writers import MetricsWriter
@@ -185,6 +185,9 @@ def _train_locked(
                 # since it reads every parameter back to the host.
                 results.update(layer_sparsity(variables["params"], layout.pruning.prunable))
             writer.write(at_step, "eval", results)
+            figure = expert_load_figure(results, at_step) if writer.enabled else None
+            if figure is not None:
+                writer.write_image(at_step, "eval/expert_load", plotting.figure_rgb(figure))
             return results
 
         tokens_per_step = data_cfg.global_batch_size * data_cfg.seq_len

@@ -1,4 +1,5 @@
-"""Scalar metrics to TensorBoard event files and to a JSONL file (one object per line)."""
+"""Scalar metrics to TensorBoard event files and to a JSONL file (one object per line); images
+(figures rendered by `moejax.plotting.figure_rgb`) to TensorBoard alone."""
 
 from __future__ import annotations
 
@@ -52,6 +53,15 @@ class MetricsWriter:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         return flat
+
+    def write_image(self, step: int, tag: str, rgb: np.ndarray) -> None:
+        """Logs `rgb` ([height, width, 3] uint8) as the TensorBoard image `tag` at `step`."""
+        rgb = np.asarray(rgb)
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError(f"rgb: expected [height, width, 3] uint8, got {rgb.shape} {rgb.dtype}")
+        if self.enabled:
+            self._tb.add_image(tag, rgb, global_step=step, dataformats="HWC")
+            self._tb.flush()
 
     def close(self) -> None:
         if self.enabled:

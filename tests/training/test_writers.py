@@ -1,7 +1,10 @@
 """Metric writers and the command-line override parser."""
 
+import io
 import json
+import struct
 
+import matplotlib.image
 import numpy as np
 import pytest
 
@@ -29,6 +32,30 @@ def test_writer_appends_jsonl_and_tensorboard_events(tmp_path):
     assert any(
         p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir()
     )
+
+
+def test_writer_logs_images_to_tensorboard(tmp_path):
+    from tensorboardX.proto import event_pb2
+
+    rgb = np.zeros((6, 5, 3), np.uint8)
+    rgb[2, 3] = (255, 0, 0)
+    writer = MetricsWriter(tmp_path)
+    writer.write_image(40, "eval/expert_load", rgb)
+    with pytest.raises(ValueError, match="rgb"):
+        writer.write_image(40, "eval/expert_load", rgb[..., 0])
+    writer.close()
+    (path,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    images, data, offset = [], path.read_bytes(), 0
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+        offset += 12 + length + 4
+        images += [(event.step, value) for value in event.summary.value if value.HasField("image")]
+    ((step, value),) = images
+    assert (step, value.tag) == (40, "eval/expert_load")
+    assert (value.image.height, value.image.width, value.image.colorspace) == (6, 5, 3)
+    decoded = matplotlib.image.imread(io.BytesIO(value.image.encoded_image_string))
+    np.testing.assert_array_equal(np.rint(decoded[..., :3] * 255).astype(np.uint8), rgb)
 
 
 def test_routing_table_lists_every_moe_layer():
