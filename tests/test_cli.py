@@ -59,7 +59,10 @@ def test_help_lists_every_config_field_with_its_type_default_and_meaning(capsys)
 def test_help_shows_the_config_files_defaults_and_helpfull_is_help(capsys):
     text = _help("train", ["--config", str(ROOT / "configs" / "tiny.py")], capsys)
     tiny = config_lib.load_config_file(ROOT / "configs" / "tiny.py")
-    assert f"--config.model.d_model INT (default: {tiny.model.d_model})" in text
+    assert (
+        f"--config.model.d_model INT Width of the residual stream. (default: {tiny.model.d_model})"
+        in text
+    )
     assert "--config PATH[:ARG]" in text and "--flagfile FILE" in text
     with pytest.raises(SystemExit):
         _program("train").main(["--config", str(ROOT / "configs" / "tiny.py"), "--helpfull"])
@@ -74,7 +77,7 @@ def test_config_arg_is_passed_to_get_config(tmp_path, capsys):
     assert cli.load_config(config_file, Config).train.steps == 7
     assert cli.ConfigFile.parse(str(path)) == cli.ConfigFile(path)
     text = _help("train", ["--config", f"{path}:9"], capsys)
-    assert "--config.train.steps INT (default: 9)" in text
+    assert "--config.train.steps INT Optimiser steps of the run. (default: 9)" in text
 
 
 def test_config_arg_for_a_get_config_without_one_is_an_input_error(tmp_path, capsys):

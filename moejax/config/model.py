@@ -42,9 +42,13 @@ class RouterConfig:
     are fields of its options (top_p's `entropy_weight`, relu_rmsnorm's `sparsity_weight`).
     """
 
+    # The router, a name from moejax.routers.ROUTERS.
     name: str = "softmax_top_k"
+    # The router's own options (model.router.options.*); None: its defaults.
     options: RouterOptions | None = None
+    # Weight of the Switch load-balancing loss.
     load_balance_weight: float = 0.01
+    # Weight of the ST-MoE router z-loss.
     router_z_weight: float = 0.001
 
     # Setting `name` from the command line starts `options` from the new router's defaults.
@@ -95,6 +99,7 @@ class MoEConfig:
     # dropped) or "expert_parallel"; with mesh.expert > 1, "dropless" is expert_parallel: each
     # device holds num_experts / mesh.expert experts and tokens travel to them by all-to-all.
     dispatch: str = "dropless"
+    # Expert buffer size over an even share of the tokens (capacity dispatch).
     capacity_factor: float = 1.25
     # Capacity factor at evaluation; 0 keeps capacity_factor.
     eval_capacity_factor: float = 0.0
@@ -107,14 +112,18 @@ class MoEConfig:
     capacity_schedule_spread: float = 0.5
     # Always-on experts beside the routed ones (DeepSeekMoE); width 0 means expert_d_ff.
     num_shared_experts: int = 0
+    # Hidden width of each shared expert; 0 means expert_d_ff.
     shared_expert_d_ff: int = 0
+    # Grouped-matmul implementation of dropless dispatch (see kernels_pallas.gmm).
     gmm_impl: str = "auto"
     # With expert-parallel dispatch: "llep" moves the excess rows of overloaded expert shards,
     # with their experts' weights, to shards below the cap ceil((1 + llep_margin) * mean load),
     # at most llep_max_foreign borrowed experts per shard (Least-Loaded Expert Parallelism; see
     # moejax.llep). Outputs are those of "none", plain expert parallelism.
     expert_balance: str = "none"
+    # LLEP: how far above the mean load a shard may go before rows move.
     llep_margin: float = 0.1
+    # LLEP: most borrowed experts one shard runs.
     llep_max_foreign: int = 2
     # Zero-shot relative-norm halting at evaluation (Equifinality): a token skips a MoE layer's
     # update when ||update|| / ||x|| is below this; 0 turns it off. Training ignores it.
@@ -181,6 +190,7 @@ class DepthConfig:
     # evaluation a causal predictor (trained alongside) picks the tokens instead of top-C.
     mod_every: int = 0
     mod_capacity: float = 0.125
+    # Weight of the loss of the causal predictor mixture-of-depths uses at eval.
     mod_predictor_weight: float = 0.1
     # Dr.LLM layer routers (skip / execute / repeat per sequence and block): the bottleneck
     # width of each router, 0 for none. They are fitted on a frozen model by
@@ -228,18 +238,29 @@ class ModelConfig:
     """Decoder-only transformer: its shape here, its MoE layers in `moe` and `router`, routing
     over depth in `depth`."""
 
+    # Token vocabulary; the byte-level corpora need >= 256.
     vocab_size: int = 256
+    # Width of the residual stream.
     d_model: int = 128
+    # Transformer blocks.
     num_layers: int = 4
+    # Query heads of each attention layer.
     num_heads: int = 4
+    # Key/value heads (grouped-query attention); divides num_heads.
     num_kv_heads: int = 2
+    # Width of each head; even (rotary embeddings rotate pairs).
     head_dim: int = 32
+    # Longest sequence the model accepts (data.seq_len <= this).
     max_seq_len: int = 256
+    # Base of the rotary position embedding frequencies.
     rope_base: float = 10_000.0
     # Feed-forward of the layers that are not MoE layers.
     d_ff: int = 512
+    # Activation dtype: float32 or bfloat16.
     dtype: str = "float32"
+    # Parameter (and optimiser state) dtype: float32 or bfloat16.
     param_dtype: str = "float32"
+    # Share the input embedding with the output projection.
     tie_embeddings: bool = True
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
