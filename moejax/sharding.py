@@ -4,6 +4,11 @@ Parameters are created with logical axis names (`"embed"`, `"expert"`, ...) thro
 `LOGICAL_RULES` maps every logical name to mesh axes, so expert parallelism, FSDP and tensor
 parallelism are changes of mesh shape, not of code.
 
+A user's own mesh: rules given with Flax's `nnx.logical_axis_rules` replace moejax's for the
+names they list (`with nnx.logical_axis_rules([("expert", "model")]):`), and a mesh axis that
+the mesh lacks is left out of a spec (that dimension is replicated over the mesh instead), so
+moejax's layers run inside a `("data", "model")` mesh as they do inside moejax's own.
+
 The mesh uses `AxisType.Auto` on purpose: the train step is compiled with explicit
 `in_shardings` / `out_shardings` and activations get `with_sharding_constraint` at layer
 boundaries, and the compiler (GSPMD / Shardy) propagates the rest. Explicit-mode sharding
@@ -19,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from flax.core import spmd
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -26,9 +32,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 LogicalAxes = tuple[str | None, ...]
+MeshAxes = str | tuple[str, ...] | None
 
 # Logical name -> mesh axis (or tuple of axes, or None for replicated).
-LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+LOGICAL_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     ("vocab", "tensor"),
@@ -45,7 +52,6 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("activation_kv_heads", "tensor"),
     ("activation_vocab", "tensor"),
 )
-_RULES = dict(LOGICAL_RULES)
 
 
 def param(value: jax.Array, names: LogicalAxes) -> nnx.Param:
@@ -59,13 +65,44 @@ def param(value: jax.Array, names: LogicalAxes) -> nnx.Param:
     return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 
 
-def logical_to_mesh(names: Sequence[str | None]) -> PartitionSpec:
-    """PartitionSpec over mesh axes for a tuple of logical axis names."""
+def axis_rules() -> dict[str, MeshAxes]:
+    """The rules in force: `LOGICAL_RULES`, except for the logical names that the ambient
+    `flax.nnx.logical_axis_rules` context maps (its first rule for a name wins, as in Flax)."""
+    rules = dict(LOGICAL_RULES)
+    user: dict[str, MeshAxes] = {}
+    for name, axes in spmd.get_logical_axis_rules():
+        user.setdefault(name, axes)
+    return rules | user
+
+
+def logical_to_mesh(
+    names: Sequence[str | None], mesh: Mesh | jax.sharding.AbstractMesh | None = None
+) -> PartitionSpec:
+    """PartitionSpec over mesh axes for a tuple of logical axis names, by `axis_rules()`.
+
+    Against `mesh` (default: the ambient mesh, if any) a mesh axis the mesh lacks is left out,
+    and so is one an earlier dimension already uses (a rule table that maps two of an array's
+    names to one axis shards the first); without a mesh the rules' axes are returned as they are.
+    """
+    rules = axis_rules()
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+    present = None if mesh.empty else set(mesh.axis_names)
+    used: set[str] = set()
     axes = []
     for name in names:
-        if name is not None and name not in _RULES:
-            raise ValueError(f"logical axis {name!r} has no rule; known: {', '.join(_RULES)}")
-        axes.append(None if name is None else _RULES[name])
+        if name is not None and name not in rules:
+            raise ValueError(f"logical axis {name!r} has no rule; known: {', '.join(rules)}")
+        entry = None if name is None else rules[name]
+        if present is not None and entry is not None:
+            kept = tuple(
+                axis
+                for axis in ((entry,) if isinstance(entry, str) else entry)
+                if axis in present and axis not in used
+            )
+            used.update(kept)
+            entry = kept[0] if len(kept) == 1 else (kept or None)
+        axes.append(entry)
     return PartitionSpec(*axes)
 
 
@@ -88,14 +125,16 @@ def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None =
 
 def logical_axes(model_state: nnx.State) -> dict[str, Any]:
     """Pure dict (shaped like the params) of each parameter's logical axis names."""
-    specs = nnx.to_pure_dict(nnx.get_partition_spec(model_state))
+    # Flax would rename the names by its ambient rules; the names are wanted here.
+    with nnx.logical_axis_rules(()):
+        specs = nnx.to_pure_dict(nnx.get_partition_spec(model_state))
     return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def tree_shardings(mesh: Mesh, axes_tree: Any) -> Any:
-    """NamedShardings for a tree of logical-axis tuples."""
+    """NamedShardings for a tree of logical-axis tuples, by `axis_rules()`, on `mesh`."""
     return jax.tree.map(
-        lambda names: NamedSharding(mesh, logical_to_mesh(names)),
+        lambda names: NamedSharding(mesh, logical_to_mesh(names, mesh)),
         axes_tree,
         is_leaf=lambda x: isinstance(x, tuple),
     )
@@ -161,7 +200,8 @@ def to_host(tree: Any) -> Any:
 
 
 def constrain(x: jax.Array, names: LogicalAxes) -> jax.Array:
-    """`with_sharding_constraint` by logical names; a no-op outside a mesh context."""
+    """`with_sharding_constraint` by logical names (`logical_to_mesh` against the ambient mesh);
+    a no-op outside a mesh context."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
@@ -174,9 +214,12 @@ def kernel_mesh() -> jax.sharding.AbstractMesh | None:
     The compiler cannot partition a `pallas_call` (Mosaic and Triton kernels are opaque to it),
     so a kernel in a sharded step runs inside `jax.shard_map` over this mesh; with None the
     kernel is called directly. Axes already manual (inside another shard_map) do not count.
+    A mesh without moejax's axes (`MESH_AXES`), a user's `("data", "model")`, is None too: the
+    shard_map bodies exchange tokens over moejax's axis names, so there the compiler
+    partitions around the kernels instead.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
         return None
     free = [size for name, size in mesh.shape.items() if name not in mesh.manual_axes]
     return mesh if int(np.prod(free)) > 1 else None
