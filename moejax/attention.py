@@ -9,7 +9,42 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.errors import require
 from moejax.sharding import constrain, param
+
+
+def check_hidden(layer: str, x: jax.Array, d_model: int) -> None:
+    """ValueError naming `layer`, the shape of `x` and the one expected, `[batch, length,
+    d_model]`: the check at a layer's boundary, before a reshape or einsum fails obscurely."""
+    require(
+        getattr(x, "ndim", None) == 3 and x.shape[-1] == d_model,
+        f"{layer}: x.shape",
+        getattr(x, "shape", type(x).__name__),
+        f"[batch, length, d_model={d_model}]",
+    )
+
+
+def head_shape(
+    d_model: int, num_heads: int, num_kv_heads: int | None, head_dim: int | None, layer: str
+) -> tuple[int, int]:
+    """`(num_kv_heads, head_dim)` with their defaults (`num_heads`, `d_model // num_heads`)
+    filled in and checked: ValueError naming the argument."""
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    head_dim = d_model // num_heads if head_dim is None else head_dim
+    require(
+        num_kv_heads > 0 and num_heads % num_kv_heads == 0,
+        f"{layer} num_kv_heads",
+        num_kv_heads,
+        f"a divisor of num_heads={num_heads}",
+    )
+    require(
+        head_dim > 0 and head_dim % 2 == 0,
+        f"{layer} head_dim",
+        head_dim,
+        "an even number > 0 (rotary embeddings rotate pairs of features; the default is "
+        f"d_model // num_heads = {d_model // num_heads})",
+    )
+    return num_kv_heads, head_dim
 
 
 def rotary_angles(positions: jax.Array, head_dim: int, base: float) -> jax.Array:
@@ -107,20 +142,26 @@ def init_projections(
 
 
 class Attention(nnx.Module):
-    """Causal grouped-query self-attention with rotary positions."""
+    """Causal grouped-query self-attention with rotary positions.
+
+    `num_kv_heads` defaults to `num_heads` (multi-head attention), `head_dim` to
+    `d_model // num_heads`.
+    """
 
     def __init__(
         self,
         d_model: int,
         num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        rope_base: float,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        rope_base: float = 10_000.0,
         *,
-        dtype: jnp.dtype,
-        param_dtype: jnp.dtype,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        num_kv_heads, head_dim = head_shape(d_model, num_heads, num_kv_heads, head_dim, "Attention")
+        self.d_model = d_model
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_base, self.dtype = rope_base, dtype
         projections = init_projections(
@@ -139,6 +180,14 @@ class Attention(nnx.Module):
         original places). `return_probs` also returns the head-averaged attention weights
         `[batch, length, length]`.
         """
+        check_hidden("Attention", x, self.d_model)
+        if positions is not None:
+            require(
+                tuple(positions.shape) == x.shape[:2],
+                "Attention: positions.shape",
+                tuple(positions.shape),
+                f"[batch, length] = {list(x.shape[:2])}",
+            )
         x = x.astype(self.dtype)
         q = jnp.einsum("bld,dhk->blhk", x, self.w_q[...].astype(self.dtype))
         k = jnp.einsum("bld,dhk->blhk", x, self.w_k[...].astype(self.dtype))

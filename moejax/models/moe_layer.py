@@ -16,7 +16,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import metrics, moe
+from moejax.attention import check_hidden
 from moejax.config import MoEConfig, RouterConfig
+from moejax.errors import require
 from moejax.models.layers import dense_init
 from moejax.routers.base import ROUTER_INIT_STD, RouterState
 from moejax.sharding import constrain, param
@@ -50,27 +52,63 @@ class MoELayer(nnx.Module):
     """Routed SwiGLU experts stored as stacked `[experts, ...]` parameters, optionally beside
     always-on shared experts.
 
-    `moe` gives the experts (`num_experts`, `top_k`, `expert_d_ff`, shared experts) and the
-    dispatch; `router` the router (a name takes its default options). When the router's spec
-    needs "router_logits" the layer owns a linear map `[d_model, experts]` that gives them; when
-    it has `init_params` the layer owns those parameters; when it has `state` the layer keeps it
-    as a `RouterState`. Returns the layer output and a dict of the weighted auxiliary loss and
-    routing statistics.
+    `MoELayer(d_model, d_ff, num_experts, top_k, rngs=nnx.Rngs(0))` is a layer of `num_experts`
+    SwiGLU experts of width `d_ff`, each token sent to `top_k` of them by the softmax top-k
+    router. `router` picks another router: a name (its default options) or a `RouterConfig`
+    (`RouterConfig.of("top_p", top_p=0.5)`, loss weights). `moe` gives the rest of the MoE
+    choices (dispatch, capacity, shared experts); its `num_experts`, `top_k` and `expert_d_ff`
+    are taken from the arguments. `MoELayer.from_config` builds one from a `MoEConfig` alone.
+
+    When the router's spec needs "router_logits" the layer owns a linear map `[d_model,
+    experts]` that gives them; when it has `init_params` the layer owns those parameters; when
+    it has `state` the layer keeps it as a `RouterState`, updated by every training call
+    outside the gradient. Returns the layer output and a dict of the weighted auxiliary loss
+    (`aux["aux_loss"]`, to add to the training loss) and routing statistics.
+
+    A stateful router (`bias_balanced`, `kmeans`) under the user's own `jax.grad`: the call
+    writes the new state into the module, which a transform may not do to a module from
+    outside it (`TraceContextError`). Split the state out, merge a copy inside the function
+    (`copy=True`: the Variables then belong to the function's trace) and return the new state
+    from the loss as its auxiliary output::
+
+        graphdef, params, router_state = nnx.split(model, nnx.Param, RouterState)
+
+        def loss_fn(params, router_state, x, y):
+            model = nnx.merge(graphdef, params, router_state, copy=True)
+            out, aux, _ = model(x)
+            loss = jnp.mean((out - y) ** 2) + aux["aux_loss"]
+            return loss, nnx.state(model, RouterState)
+
+        (loss, router_state), grads = jax.grad(loss_fn, has_aux=True)(params, router_state, x, y)
+
+    (`nnx.grad` and `nnx.jit` on the model itself carry the state without this.)
     """
 
     def __init__(
         self,
         d_model: int,
-        moe: MoEConfig,
-        router: RouterConfig | str = "softmax_top_k",
+        d_ff: int,
+        num_experts: int,
+        top_k: int,
         *,
-        dtype,
-        param_dtype,
+        router: RouterConfig | str = "softmax_top_k",
+        moe: MoEConfig | None = None,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        for field, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
+            require(isinstance(value, int) and value > 0, f"MoELayer {field}", value, "an int > 0")
+        require(
+            isinstance(top_k, int) and 1 <= top_k <= num_experts,
+            "MoELayer top_k",
+            top_k,
+            f"an int in [1, num_experts={num_experts}]",
+        )
+        moe = _with_experts(moe, expert_d_ff=d_ff, num_experts=num_experts, top_k=top_k)
         router = RouterConfig(name=router) if isinstance(router, str) else router
-        num_experts, expert_d_ff = moe.num_experts, moe.expert_d_ff
-        self.num_experts, self.top_k, self.dtype = num_experts, moe.top_k, dtype
+        expert_d_ff = d_ff
+        self.d_model, self.num_experts, self.top_k, self.dtype = d_model, num_experts, top_k, dtype
         self.moe, self.router_config, self.spec = moe, router, router.spec
         if "router_logits" in self.spec.needs:
             # Router logits decide discrete assignments, so the router starts near uniform.
@@ -117,6 +155,44 @@ class MoELayer(nnx.Module):
             )
             self.shared_w_down = param(
                 dense_init(rngs.params(), shared_out, param_dtype, 1), (None, "mlp", "embed")
+            )
+
+    @classmethod
+    def from_config(
+        cls,
+        d_model: int,
+        moe: MoEConfig,
+        router: RouterConfig | str = "softmax_top_k",
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> MoELayer:
+        """The layer of `moe`'s experts (`num_experts`, `top_k`, `expert_d_ff`) and choices."""
+        return cls(
+            d_model,
+            moe.expert_d_ff,
+            moe.num_experts,
+            moe.top_k,
+            router=router,
+            moe=moe,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def _check_context(self, context: RouterContext, batch: int, length: int) -> None:
+        """ValueError naming the router and the missing or misshapen context input."""
+        expected = {"token_ids": (batch, length), "attention_probs": (batch, length, length)}
+        for need, shape in expected.items():
+            if need not in self.spec.needs:
+                continue
+            value = getattr(context, need)
+            require(
+                value is not None and tuple(value.shape) == shape,
+                f"MoELayer router {self.spec.name!r}: context.{need}",
+                None if value is None else f"shape {tuple(value.shape)}",
+                f"shape {list(shape)}, passed as layer(x, RouterContext({need}=...))",
             )
 
     def _route(self, tokens: jax.Array, context: RouterContext, *, train: bool, length: int):
@@ -169,7 +245,9 @@ class MoELayer(nnx.Module):
         """
         moe_config = self.moe
         context = RouterContext() if context is None else context
+        check_hidden("MoELayer", x, self.d_model)
         batch, length, d_model = x.shape
+        self._check_context(context, batch, length)
         tokens = x.reshape(batch * length, d_model).astype(self.dtype)  # [tokens, d_model]
         result, recurrent_state = self._route(tokens, context, train=train, length=length)
         if self.spec.state is not None and train:
@@ -225,6 +303,24 @@ class MoELayer(nnx.Module):
             ),
         }
         return out.y.reshape(batch, length, d_model), aux, recurrent_state
+
+
+def _with_experts(moe: MoEConfig | None, **experts: int) -> MoEConfig:
+    """`moe` (default `MoEConfig()`) with the layer's expert arguments. A field of `moe` that
+    is neither its default nor the argument's value is a conflict: a ValueError naming both."""
+    if moe is None:
+        return MoEConfig(**experts)
+    defaults = MoEConfig()
+    for field, value in experts.items():
+        given = getattr(moe, field)
+        argument = "d_ff" if field == "expert_d_ff" else field
+        require(
+            given in (value, getattr(defaults, field)),
+            f"MoELayer moe.{field}",
+            given,
+            f"{argument}={value} (the layer's argument) or the default, which the argument sets",
+        )
+    return dataclasses.replace(moe, **experts)
 
 
 def _flat_token_ids(token_ids: jax.Array | None) -> jax.Array | None:

@@ -89,7 +89,7 @@ class Block(nnx.Module):
         self.halting_threshold = config.moe.halting_threshold
         self.wants_attention_probs = self.is_moe and "attention_probs" in config.router.spec.needs
         if self.is_moe:
-            self.ffn = MoELayer(
+            self.ffn = MoELayer.from_config(
                 config.d_model,
                 dataclasses.replace(config.moe, capacity_factor=capacity_factor),
                 config.router,

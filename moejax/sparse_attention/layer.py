@@ -15,7 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.attention import apply_rotary, init_projections, rotary_angles
+from moejax.attention import (
+    apply_rotary,
+    check_hidden,
+    head_shape,
+    init_projections,
+    rotary_angles,
+)
 from moejax.routers.base import RouterState
 from moejax.sharding import constrain, param
 from moejax.sparse_attention import masks, sharded_kernel
@@ -94,7 +100,8 @@ def _routed_plan(options: AttentionOptions, selection, block_q: int, bound: int)
 class SparseAttention(nnx.Module):
     """Causal grouped-query self-attention with rotary positions over a sparse set of key blocks.
 
-    Same constructor as `moejax.attention.Attention` plus `options`; with the routing kind and
+    Same constructor as `moejax.attention.Attention` plus `options` (default: dense blocks,
+    `AttentionOptions()`); with the routing kind and
     `options.shared_qk` (the default) the keys are the queries and there is no `w_k`.
     `__call__(x [batch, length, d_model], *, train=True, capture=False)` returns
     `(y [batch, length, d_model], metrics)` with float32 scalars: `attention_density` (share of
@@ -109,17 +116,20 @@ class SparseAttention(nnx.Module):
         self,
         d_model: int,
         num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        rope_base: float,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        rope_base: float = 10_000.0,
         *,
-        options: AttentionOptions,
-        dtype: jnp.dtype,
-        param_dtype: jnp.dtype,
+        options: AttentionOptions | None = None,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads={num_heads} must be a multiple of {num_kv_heads=}")
+        num_kv_heads, head_dim = head_shape(
+            d_model, num_heads, num_kv_heads, head_dim, "SparseAttention"
+        )
+        options = AttentionOptions() if options is None else options
+        self.d_model = d_model
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_base, self.dtype, self.options = rope_base, dtype, options
         projections = init_projections(
@@ -218,6 +228,7 @@ class SparseAttention(nnx.Module):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """`x [batch, length, d_model]` -> (`[batch, length, d_model]`, metrics)."""
         options = self.options
+        check_hidden("SparseAttention", x, self.d_model)
         options.check_length(x.shape[1])
         x = x.astype(self.dtype)
         q = jnp.einsum("bld,dhk->blhk", x, self.w_q[...].astype(self.dtype))

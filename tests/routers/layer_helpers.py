@@ -4,7 +4,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config import MoEConfig, RouterConfig
@@ -24,9 +23,7 @@ def make_layer(
     if router_fields:
         router_config = RouterConfig(router, router_config.options, **router_fields)
     moe = MoEConfig(num_experts=EXPERTS, top_k=TOP_K, expert_d_ff=16, dispatch="dropless")
-    return MoELayer(
-        D_MODEL, moe, router_config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(seed)
-    )
+    return MoELayer.from_config(D_MODEL, moe, router_config, rngs=nnx.Rngs(seed))
 
 
 def hidden(batch: int = 2, length: int = 6, seed: int = 1) -> jax.Array:
