@@ -167,13 +167,13 @@ def test_flux_router_mixes_dense_and_sparse_per_sequence():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"kind": "strided"}, "kind='strided'"),
-        ({"block_size": 0}, "block_size=0"),
-        ({"top_k": 0}, "top_k=0"),
-        ({"kind": "moba", "query_block_size": 5}, "query_block_size=5"),
-        ({"key_conv_width": -1}, "key_conv_width=-1"),
-        ({"impl": "cuda"}, "impl='cuda'"),
-        ({"centroid_momentum": 1.0}, "centroid_momentum=1.0"),
+        ({"kind": "strided"}, "attention.kind: got 'strided'; allowed: dense"),
+        ({"block_size": 0}, "attention.block_size: got 0"),
+        ({"top_k": 0}, "attention.top_k: got 0"),
+        ({"kind": "moba", "query_block_size": 5}, "attention.query_block_size: got 5"),
+        ({"key_conv_width": -1}, "attention.key_conv_width: got -1"),
+        ({"impl": "cuda"}, "attention.impl: got 'cuda'"),
+        ({"centroid_momentum": 1.0}, "attention.centroid_momentum: got 1.0"),
     ],
 )
 def test_bad_options_raise(kwargs, message):
