@@ -1,6 +1,7 @@
 """prune_optax: masks in the optimizer state, pruned weights held at zero, rewinding, config."""
 
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -182,16 +183,16 @@ def test_global_erk_and_nm_configs_build_valid_masks():
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"method": "obs"}, "pruning.method='obs' is not allowed; allowed values"),
-        ({"pattern": "diagonal"}, "pruning.pattern='diagonal'"),
-        ({"target_sparsity": 1.0}, "pruning.target_sparsity=1.0"),
-        ({"schedule": "polynomial", "begin_step": 5, "end_step": 5}, "pruning.end_step=5"),
-        ({"n": 3, "m": 2}, "pruning.m=2"),
+        ({"method": "obs"}, "pruning.method: got 'obs'; allowed: none, magnitude"),
+        ({"pattern": "diagonal"}, "pruning.pattern: got 'diagonal'"),
+        ({"target_sparsity": 1.0}, "pruning.target_sparsity: got 1.0"),
+        ({"schedule": "polynomial", "begin_step": 5, "end_step": 5}, "pruning.end_step: got 5"),
+        ({"n": 3, "m": 2}, "pruning.m: got 2; allowed: >= pruning.n=3"),
         ({"param_regex": "("}, "regex"),
     ],
 )
 def test_pruning_config_errors_name_field_value_and_allowed(fields, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         PruningConfig(**fields)
 
 

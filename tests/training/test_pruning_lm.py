@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -81,14 +82,14 @@ def test_pruning_group_overrides_in_any_order_and_round_trips_through_json(tmp_p
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["pruning.method=magnitud"], "pruning.method='magnitud' is not allowed"),
-        (["pruning.mode=srste", "pruning.method=magnitude"], "pruning.pattern='unstructured'"),
-        (["pruning.target_sparsity=1.5"], "pruning.target_sparsity=1.5"),
+        (["pruning.method=magnitud"], "pruning.method: got 'magnitud'; allowed: none, magnitude"),
+        (["pruning.mode=srste", "pruning.method=magnitude"], "pruning.pattern: got 'unstructured'"),
+        (["pruning.target_sparsity=1.5"], "pruning.target_sparsity: got 1.5"),
         (["pruning.sparsity=0.5"], "allowed fields of pruning"),
     ],
 )
 def test_bad_pruning_overrides_are_config_errors(overrides, message):
-    with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
         config_lib.apply_overrides(config_lib.Config(), overrides)
 
 
