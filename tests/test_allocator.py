@@ -1,0 +1,168 @@
+"""moejax.allocator: glibc's mallopt really takes the settings, and a large block that is freed
+and allocated again, the pattern of XLA:CPU's temporaries, stops page-faulting; train.py and
+eval.py start with them."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from moejax import allocator
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = 64 << 20  # above glibc's largest default mmap threshold (32 MiB) and a thread heap
+PAGES = BLOCK // 4096
+on_glibc = pytest.mark.skipif(
+    allocator.glibc_version() is None, reason="mallopt's parameters are glibc's"
+)
+
+# Prints the minor page faults of one malloc / touch / free of BLOCK bytes (the mean over ten,
+# after one to warm up), run on a new thread as XLA runs a step.
+FAULTS_PER_BLOCK = textwrap.dedent(
+    f"""
+    import ctypes, resource, threading
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+
+    def once():
+        block = libc.malloc({BLOCK})
+        libc.memset(block, 1, {BLOCK})
+        libc.free(block)
+
+    def run():
+        once()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(10):
+            once()
+        faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+
+    faults = []
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    print("faults per block:", faults[0])
+    """
+)
+
+
+def _faults_per_block(prelude: str, variables: dict[str, str]) -> float:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **variables}
+    env.pop("GLIBC_TUNABLES", None)
+    child = subprocess.run(
+        [sys.executable, "-c", prelude + FAULTS_PER_BLOCK],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert child.returncode == 0, child.stderr
+    return float(child.stdout.strip().splitlines()[-1].removeprefix("faults per block:"))
+
+
+ALLOCATOR_FILE = ROOT / "moejax/allocator.py"
+# Loads allocator.py alone: importing the package would apply the settings itself.
+ALLOCATOR_ONLY = textwrap.dedent(
+    f"""
+    import importlib.util, os, sys
+    spec = importlib.util.spec_from_file_location("allocator", {str(ALLOCATOR_FILE)!r})
+    allocator = sys.modules["allocator"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(allocator)
+    tuning = allocator.tune_malloc()
+    assert tuning.applied == (os.environ.get("MOEJAX_MALLOC_TUNING") != "0"), tuning
+    """
+)
+
+
+@on_glibc
+def test_every_setting_is_accepted_by_mallopt():
+    tuning = allocator.tune_malloc({})
+    assert tuning.applied and tuning.reason.startswith("glibc"), tuning
+
+
+@on_glibc
+def test_a_freed_large_block_is_reused_without_page_faults_once_tuned():
+    tuned = _faults_per_block(ALLOCATOR_ONLY, {})
+    untuned = _faults_per_block(ALLOCATOR_ONLY, {allocator.OPT_OUT_VARIABLE: "0"})
+    # glibc's defaults map a fresh block every time: a fault per page.
+    assert untuned > 0.9 * PAGES, untuned
+    assert tuned < 0.01 * PAGES, tuned
+
+
+# malloc and free without touching the memory (no faults, no resident memory), reading the
+# heap's end (sbrk(0)) around them.
+HEAP_END = textwrap.dedent(
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.sbrk.argtypes = [ctypes.c_ssize_t]
+    start = libc.sbrk(0)
+    blocks = [libc.malloc(600 << 20) for _ in range(2)]
+    grown = libc.sbrk(0)
+    for block in blocks:
+        libc.free(block)
+    after_free = libc.sbrk(0)
+    huge = libc.malloc(3 << 29)
+    after_huge = libc.sbrk(0)
+    libc.free(huge)
+    print(grown - start, after_free - grown, after_huge - after_free)
+    """
+)
+
+
+@on_glibc
+def test_the_heap_serves_blocks_below_a_gib_keeps_them_and_maps_larger_ones():
+    child = subprocess.run(
+        [sys.executable, "-c", ALLOCATOR_ONLY + HEAP_END], capture_output=True, text=True
+    )
+    assert child.returncode == 0, child.stderr
+    grown, shrunk_by_free, grown_by_huge = map(int, child.stdout.split())
+    assert grown > 1 << 30  # from the heap, not mapped
+    # Freeing 1.2 GiB at the top of the heap leaves it where it was (no trimming) ...
+    assert shrunk_by_free == 0
+    # ... and 1.5 GiB is mapped, so it goes back to the OS when freed.
+    assert grown_by_huge == 0
+
+
+@pytest.mark.parametrize(
+    "environ, reason",
+    [
+        ({"MOEJAX_MALLOC_TUNING": "0"}, "MOEJAX_MALLOC_TUNING=0 asks for glibc's defaults"),
+        ({"MOEJAX_MALLOC_TUNING": "off"}, "MOEJAX_MALLOC_TUNING=off asks for glibc's defaults"),
+        (
+            {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"},
+            "GLIBC_TUNABLES already sets glibc.malloc parameters",
+        ),
+    ],
+)
+def test_an_opt_out_leaves_glibc_alone_and_says_why(environ, reason):
+    assert allocator.tune_malloc(environ) == allocator.MallocTuning(False, reason)
+
+
+@on_glibc
+@pytest.mark.parametrize("program", ["train.py", "eval.py"])
+def test_the_programs_start_with_the_tuned_allocator(program):
+    # The program's imports, as running it does them, without running main(); the settings
+    # must precede JAX's import (moejax/allocator.py says why).
+    load = textwrap.dedent(
+        f"""
+        import importlib.util, sys
+        spec = importlib.util.spec_from_file_location("program", {str(ROOT / program)!r})
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        import moejax
+        assert moejax.MALLOC_TUNING.applied, moejax.MALLOC_TUNING
+        order = list(sys.modules)
+        assert order.index("moejax.allocator") < order.index("jax"), "settings after JAX"
+        """
+    )
+    assert _faults_per_block(load, {}) < 0.01 * PAGES
