@@ -9,7 +9,8 @@ with respect to x, the expert parameters and the router logits, for these paths:
       the layer and no routing, the physical limit;
   (b) `moe_ffn(strategy="dropless", gmm_impl="xla")`, i.e. `jax.lax.ragged_dot`;
   (c) `moe_ffn(strategy="capacity")` at capacity_factor 1.25 and at the smallest factor that
-      drops nothing for this routing;
+      drops nothing for this routing (slots from a per-expert rank, rows gathered into
+      [experts, capacity, d_model] buffers and back);
   (d) every expert on every token, weighted by a [tokens, experts] combine matrix that is zero
       outside the top-k;
   and the default `moe_ffn(strategy="dropless", gmm_impl="auto")`.
@@ -26,6 +27,9 @@ than `--row-budget-s` / `--repeats` is timed fewer times, down to its warm-up ru
 executable is compiled ahead of time, so that run does not include compilation). A row whose
 peak memory would not fit in `--memory-fraction` of the available memory is not run. Ratios are
 against rows measured in the same run of this script.
+
+The run ends with the summary table of issue 17: per case, the time of the default dropless
+path, capacity at 1.25, `ragged_dot` and every expert, as multiples of dense (a).
 """
 
 import argparse
@@ -55,6 +59,11 @@ CAPACITY_FACTOR = 1.25
 MAX_TIME_VS_DENSE = 1.5
 MIN_SPEEDUP_VS_RAGGED = 2.0
 MAX_PEAK_VS_DENSE = 2.0
+# Issue 17's targets, time vs dense (a) per case: capacity at 1.25, and fine-grained dropless.
+MAX_CAPACITY_VS_DENSE = (1.6, 2.0)
+MAX_FINE_GRAINED_DROPLESS_VS_DENSE = 1.6
+# Rows of every case's table, in the order `run_case` builds them.
+DENSE, RAGGED, CAPACITY, CAPACITY_NO_DROPS, EVERY_EXPERT, DEFAULT = range(6)
 
 # (x [tokens, d_model], expert_params, router_logits [tokens, experts]) -> y [tokens, d_model]
 Path = Callable[[jax.Array, ExpertParams, jax.Array], jax.Array]
@@ -68,6 +77,8 @@ class Result:
     runs: int
     warm_up_only: bool
     ms: float
+    ms_min: float
+    ms_max: float
     peak_bytes: int
     temp_bytes: int
     loss: float
@@ -184,7 +195,18 @@ def time_interleaved(
     for step in steps:
         if step.name not in warm_up_s:
             results.append(
-                Result(step.name, 0, False, math.nan, step.peak_bytes, step.temp_bytes, 0.0, None)
+                Result(
+                    step.name,
+                    0,
+                    False,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    step.peak_bytes,
+                    step.temp_bytes,
+                    0.0,
+                    None,
+                )
             )
             continue
         step_times = times[step.name] or [warm_up_s[step.name]]
@@ -195,6 +217,8 @@ def time_interleaved(
                 runs=len(step_times),
                 warm_up_only=not times[step.name],
                 ms=1e3 * statistics.median(step_times),
+                ms_min=1e3 * min(step_times),
+                ms_max=1e3 * max(step_times),
                 peak_bytes=step.peak_bytes,
                 temp_bytes=step.temp_bytes,
                 loss=float(loss),
@@ -214,7 +238,8 @@ def run_case(
     row_budget_s: float,
     memory_fraction: float,
 ) -> tuple[list[Result], str]:
-    """Every path on one shape; returns the rows, (a) and (b) first, and a routing summary."""
+    """Every path on one shape; returns the rows, in the order DENSE ... DEFAULT, and a routing
+    summary."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((tokens, d_model), np.float32))
     expert_bias = rng.normal(0.0, EXPERT_BIAS_STD, num_experts).astype(np.float32)
@@ -264,8 +289,9 @@ def run_case(
 
 def agreement(results: list[Result]) -> str:
     """How far the drop-free MoE paths' loss and x-gradient are from the default path's."""
-    reference = results[-1]
-    drop_free = [r for r in (results[1], results[3], results[4]) if r.dx is not None]
+    reference = results[DEFAULT]
+    drop_free = [results[i] for i in (RAGGED, CAPACITY_NO_DROPS, EVERY_EXPERT)]
+    drop_free = [r for r in drop_free if r.dx is not None]
     if reference.dx is None or not drop_free:
         return "Agreement not checked: the default path or every drop-free path was not run."
     loss_error = max(abs(r.loss - reference.loss) for r in drop_free)
@@ -280,19 +306,41 @@ def agreement(results: list[Result]) -> str:
 
 
 def print_table(title: str, results: list[Result]) -> None:
-    dense, ragged = results[0], results[1]
+    dense, ragged = results[DENSE], results[RAGGED]
     print(f"\n{title}\n")
     print(
-        "| path | runs | fwd+bwd ms | / (a) | / (b) | peak MiB | peak / (a) | of which temp MiB |"
+        "| path | runs | fwd+bwd ms | min-max ms | / (a) | / (b) | peak MiB | peak / (a) "
+        "| of which temp MiB |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         runs = f"{r.runs}*" if r.warm_up_only else str(r.runs) if r.runs else "not run"
         print(
-            f"| {r.name} | {runs} | {r.ms:.0f} | {r.ms / dense.ms:.2f} | {r.ms / ragged.ms:.2f} "
+            f"| {r.name} | {runs} | {r.ms:.0f} | {r.ms_min:.0f}-{r.ms_max:.0f} "
+            f"| {r.ms / dense.ms:.2f} | {r.ms / ragged.ms:.2f} "
             f"| {r.peak_bytes / 2**20:.0f} | {r.peak_bytes / dense.peak_bytes:.2f} "
             f"| {r.temp_bytes / 2**20:.0f} |"
         )
+
+
+def print_summary(cases: list[tuple[tuple[int, ...], list[Result]]]) -> None:
+    """Issue 17's table: one line per case, each path's median time over dense (a)'s."""
+    columns = (
+        ("dense", DENSE),
+        ("moejax dropless", DEFAULT),
+        (f"moejax capacity ({CAPACITY_FACTOR})", CAPACITY),
+        ("ragged_dot", RAGGED),
+        ("all experts", EVERY_EXPERT),
+    )
+    tokens, d_model = cases[0][0][:2]
+    print(f"\n| T={tokens}, d={d_model} | " + " | ".join(name for name, _ in columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    for (_, _, d_ff, num_experts, top_k), results in cases:
+        dense = results[DENSE]
+        cells = [
+            f"{results[i].ms / dense.ms:.2f}x" if results[i].runs else "not run" for _, i in columns
+        ]
+        print(f"| E={num_experts}, f={d_ff}, k={top_k} | " + " | ".join(cells) + " |")
 
 
 def verdict(passed: bool, text: str, evaluated: bool = True) -> str:
@@ -346,8 +394,8 @@ def main() -> None:
         f"{os.cpu_count()} cores, float32; load average {os.getloadavg()[0]:.2f} at start "
         f"(other processes may share the CPU)"
     )
-    verdicts = []
-    for tokens, d_model, d_ff, num_experts, top_k in CASES:
+    verdicts, summary_cases = [], []
+    for case_index, (tokens, d_model, d_ff, num_experts, top_k) in enumerate(CASES):
         results, summary = run_case(
             tokens,
             d_model,
@@ -361,7 +409,9 @@ def main() -> None:
         case = f"tokens={tokens} d_model={d_model} d_ff={d_ff} experts={num_experts} top_k={top_k}"
         print_table(f"MoE layer fwd+bwd, {case}; {summary}", results)
         print(f"\n{agreement(results)}")
-        dense, ragged, default = results[0], results[1], results[-1]
+        summary_cases.append(((tokens, d_model, d_ff, num_experts, top_k), results))
+        dense, ragged, default = results[DENSE], results[RAGGED], results[DEFAULT]
+        capacity = results[CAPACITY]
         if (tokens, d_model, d_ff, num_experts, top_k) == CASES[0]:
             verdicts.append(
                 verdict(
@@ -379,6 +429,24 @@ def main() -> None:
                     evaluated=bool(ragged.runs and default.runs),
                 )
             )
+        else:
+            verdicts.append(
+                verdict(
+                    default.ms <= MAX_FINE_GRAINED_DROPLESS_VS_DENSE * dense.ms,
+                    f"{case}: default dropless at {default.ms / dense.ms:.2f}x dense (a), "
+                    f"target <= {MAX_FINE_GRAINED_DROPLESS_VS_DENSE}x",
+                    evaluated=bool(dense.runs and default.runs),
+                )
+            )
+        verdicts.append(
+            verdict(
+                capacity.ms <= MAX_CAPACITY_VS_DENSE[case_index] * dense.ms,
+                f"{case}: capacity, factor {CAPACITY_FACTOR}, at {capacity.ms / dense.ms:.2f}x "
+                f"dense (a), "
+                f"target <= {MAX_CAPACITY_VS_DENSE[case_index]}x",
+                evaluated=bool(dense.runs and capacity.runs),
+            )
+        )
         verdicts.append(
             verdict(
                 default.peak_bytes <= MAX_PEAK_VS_DENSE * dense.peak_bytes,
@@ -393,6 +461,7 @@ def main() -> None:
         "'1*' = the warm-up run alone (it took over the row budget); 'not run' = peak memory "
         f"over {args.memory_fraction:g} of the available memory, time not measured."
     )
+    print_summary(summary_cases)
     print("\n" + "\n".join(verdicts))
     print(
         f"\nTotal {time.perf_counter() - start:.0f} s; load average {os.getloadavg()[0]:.2f} "
