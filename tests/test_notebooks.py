@@ -28,10 +28,13 @@ def test_every_notebook_is_committed_without_outputs():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_top_to_bottom(path, monkeypatch):
+def test_notebook_runs_top_to_bottom(path, monkeypatch, tmp_path):
     # The kernel inherits this environment: the quick form, and JAX's own device count (the
-    # notebooks that need fake devices set XLA_FLAGS themselves, before importing jax).
+    # notebooks that need fake devices set XLA_FLAGS themselves, before importing jax). Its
+    # temporary folder is this test's, so notebooks running side by side (pytest -n) never share
+    # a dataset being written or a workdir.
     monkeypatch.setenv("MOEJAX_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     notebook = nbformat.read(path, as_version=4)
