@@ -1,4 +1,18 @@
-"""moejax: routed experts, sparse attention and masked pruning in JAX / Flax NNX."""
+"""moejax: routed experts, sparse attention and masked pruning in JAX / Flax NNX.
+
+The layers are Flax NNX modules whose math lives in pure functions:
+
+    from flax import nnx
+    from moejax import MoELayer
+
+    layer = MoELayer(d_model=256, d_ff=512, num_experts=8, top_k=2, rngs=nnx.Rngs(0))
+    y, aux, _ = layer(x)  # x [batch, length, 256]; aux["aux_loss"] joins your loss
+
+Subpackages: `routers` (one file per router, `RouterSpec` registry), `moe` (dispatch: capacity,
+dropless, expert-parallel), `sparse_attention` (block masks, MoBA, routing), `pruning` (masks,
+schedules, the optax wrapper, N:M), `depth` (mixture-of-depths, layer routers), `sharding`
+(logical axes and meshes), `config` (the typed experiment config of `train.py`).
+"""
 
 # First, before anything imports JAX: glibc malloc settings that XLA:CPU's per-step temporaries
 # need (moejax/allocator.py; MOEJAX_MALLOC_TUNING=0 keeps glibc's defaults).
@@ -6,5 +20,60 @@ from moejax.allocator import tune_malloc
 
 MALLOC_TUNING = tune_malloc()
 
+from importlib import metadata as _metadata
+
 # Importing the router zoo registers every router by name, so a config string finds it.
-from moejax import routers  # noqa: E402, F401
+from moejax import (
+    config,
+    depth,
+    errors,
+    metrics,
+    moe,
+    pruning,
+    routers,
+    sharding,
+    sparse_attention,
+)
+from moejax.attention import Attention
+from moejax.config import Config, DepthConfig, ModelConfig, MoEConfig, RouterConfig
+from moejax.errors import ConfigError, UserError
+from moejax.models.moe_layer import MoELayer, RouterContext
+from moejax.models.transformer import TransformerLM
+from moejax.routers.base import RouterOptions, RouterSpec, RouterState, Routing
+from moejax.sparse_attention import AttentionOptions, SparseAttention, masks
+
+try:
+    __version__ = _metadata.version("moejax")
+except _metadata.PackageNotFoundError:  # a checkout on sys.path, not installed
+    __version__ = "0.1.0+unknown"
+
+__all__ = [
+    "Attention",
+    "AttentionOptions",
+    "Config",
+    "ConfigError",
+    "DepthConfig",
+    "MoEConfig",
+    "MoELayer",
+    "ModelConfig",
+    "RouterConfig",
+    "RouterContext",
+    "RouterOptions",
+    "RouterSpec",
+    "RouterState",
+    "Routing",
+    "SparseAttention",
+    "TransformerLM",
+    "UserError",
+    "__version__",
+    "config",
+    "depth",
+    "errors",
+    "masks",
+    "metrics",
+    "moe",
+    "pruning",
+    "routers",
+    "sharding",
+    "sparse_attention",
+]

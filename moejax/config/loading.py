@@ -149,6 +149,7 @@ def with_fields(group: Any, changes: dict[str, Any]) -> Any:
 
 
 def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """`config` as nested dicts of plain values (what `config.json` holds)."""
     return dataclasses.asdict(config)
 
 
@@ -327,8 +328,10 @@ def to_json(config: Config) -> str:
 
 
 def save_json(config: Config, path: str | Path) -> None:
+    """Writes `to_json(config)` to `path`."""
     Path(path).write_text(to_json(config))
 
 
 def load_json(path: str | Path) -> Config:
+    """The `Config` of a `config.json` written by `save_json` (or by an older moejax)."""
     return from_dict(json.loads(Path(path).read_text()))
