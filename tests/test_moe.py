@@ -188,14 +188,15 @@ def test_capacity_drops_in_priority_order(top_k: int, capacity: int) -> None:
 @st.composite
 def capacity_problems(draw: st.DrawFn) -> tuple[Routing, int, str, tuple[int, int, int]]:
     """A hand-drawn routing: repeated experts within a token, weights from three values (ties in
-    priority "score"), and any capacity from 1 (most assignments overflow) to tokens * top_k."""
+    priority "score"), and a capacity from 1 to a balanced expert's load, so that busy experts
+    overflow and who keeps the slots matters."""
     num_experts = draw(st.integers(1, 5))
     top_k = draw(st.integers(1, 3))
-    tokens = draw(st.integers(1, 10))
+    tokens = draw(st.integers(1, 12))
     shape = (tokens, top_k)
     expert_index = draw(hnp.arrays(np.int32, shape, elements=st.integers(0, num_experts - 1)))
     weights = draw(hnp.arrays(np.float32, shape, elements=st.sampled_from([0.25, 0.5, 1.0])))
-    capacity = draw(st.integers(1, tokens * top_k))
+    capacity = draw(st.integers(1, max(1, tokens * top_k // num_experts)))
     priority = draw(st.sampled_from(CAPACITY_PRIORITIES))
     routing = Routing(
         jnp.asarray(expert_index), jnp.asarray(weights), jnp.zeros((tokens, num_experts)), {}
