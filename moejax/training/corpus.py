@@ -10,8 +10,8 @@ from typing import Any
 import grain
 
 from moejax.config.groups import DataConfig
-from moejax.errors import ConfigError
 from moejax.data import pipeline, shakespeare
+from moejax.errors import ConfigError
 
 
 def resolve_data_dir(data_dir: str) -> Path:
