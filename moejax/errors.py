@@ -41,6 +41,21 @@ def require_config(ok: bool, field: str, value: object, allowed: str) -> None:
         raise ConfigError(message(field, value, allowed))
 
 
+def require_positive(group: str, obj: object, names: Collection[str]) -> None:
+    """`require_config(value > 0, ...)` for each field `names` of the config group `obj`, named
+    `{group}.{name}`."""
+    for name in names:
+        value = getattr(obj, name)
+        require_config(value > 0, f"{group}.{name}", value, "a positive number")
+
+
+def require_non_negative(group: str, obj: object, names: Collection[str]) -> None:
+    """`require_config(value >= 0, ...)` for each field `names` of the config group `obj`."""
+    for name in names:
+        value = getattr(obj, name)
+        require_config(value >= 0, f"{group}.{name}", value, ">= 0")
+
+
 def require_one_of(field: str, value: object, allowed: Collection) -> None:
     """`require_config(value in allowed, ...)` listing the allowed names."""
     require_config(value in allowed, field, value, ", ".join(map(str, allowed)))

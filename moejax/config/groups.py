@@ -7,7 +7,7 @@ import dataclasses
 import math
 
 from moejax.config.model import ModelConfig
-from moejax.errors import require_config
+from moejax.errors import require_config, require_positive
 from moejax.pruning.config import LMPruningConfig
 from moejax.sharding import MESH_AXES
 from moejax.sparse_attention.options import AttentionOptions
@@ -35,9 +35,7 @@ class DataConfig:
     eval_batches: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "global_batch_size", "eval_batch_size"):
-            value = getattr(self, name)
-            require_config(value > 0, f"data.{name}", value, "a positive number")
+        require_positive("data", self, ("seq_len", "global_batch_size", "eval_batch_size"))
         require_config(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
         require_config(
             self.eval_batches >= 0,
@@ -116,17 +114,19 @@ class TrainConfig:
     async_checkpointing: bool = True
 
     def __post_init__(self) -> None:
-        for name in (
-            "steps",
-            "learning_rate",
-            "log_every",
-            "eval_every",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "grad_clip_norm",
-        ):
-            value = getattr(self, name)
-            require_config(value > 0, f"train.{name}", value, "a positive number")
+        require_positive(
+            "train",
+            self,
+            (
+                "steps",
+                "learning_rate",
+                "log_every",
+                "eval_every",
+                "checkpoint_every",
+                "keep_checkpoints",
+                "grad_clip_norm",
+            ),
+        )
         require_config(
             0 <= self.warmup_steps <= self.steps,
             "train.warmup_steps",

@@ -14,23 +14,16 @@ from typing import Any, ClassVar
 
 from kernels_pallas.grouped_matmul.ops import GMM_IMPLS
 from moejax import expert_parallel, moe, routers
-from moejax.errors import require_config, require_one_of
+from moejax.errors import (
+    require_config,
+    require_non_negative,
+    require_one_of,
+    require_positive,
+)
 from moejax.routers.base import RouterOptions
 from moejax.routers.dynamic import CAPACITY_SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
-
-
-def _positive(group: str, obj: Any, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        require_config(value > 0, f"{group}.{name}", value, "a positive number")
-
-
-def _non_negative(group: str, obj: Any, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        require_config(value >= 0, f"{group}.{name}", value, ">= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +58,7 @@ class RouterConfig:
             self.options,
             f"a {options_class.__name__} (the options of router {self.name!r})",
         )
-        _non_negative("model.router", self, ("load_balance_weight", "router_z_weight"))
+        require_non_negative("model.router", self, ("load_balance_weight", "router_z_weight"))
 
     @property
     def spec(self) -> routers.RouterSpec:
@@ -133,7 +126,7 @@ class MoEConfig:
         require_config(
             self.every >= 0, "model.moe.every", self.every, "0 (no MoE layers) or a layer interval"
         )
-        _positive("model.moe", self, ("num_experts", "expert_d_ff", "capacity_factor"))
+        require_positive("model.moe", self, ("num_experts", "expert_d_ff", "capacity_factor"))
         require_config(
             1 <= self.top_k <= self.num_experts,
             "model.moe.top_k",
@@ -163,7 +156,7 @@ class MoEConfig:
             self.halting_threshold,
             ">= 0 (0 turns halting off)",
         )
-        _non_negative(
+        require_non_negative(
             "model.moe", self, ("num_shared_experts", "shared_expert_d_ff", "llep_margin")
         )
         require_one_of("model.moe.gmm_impl", self.gmm_impl, GMM_IMPLS)
@@ -267,7 +260,7 @@ class ModelConfig:
     depth: DepthConfig = dataclasses.field(default_factory=DepthConfig)
 
     def __post_init__(self) -> None:
-        _positive(
+        require_positive(
             "model",
             self,
             (

@@ -11,7 +11,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from moejax.errors import require_config
+from moejax.errors import require_non_negative
 from moejax.routers.base import (
     COMMON_LOSS_WEIGHTS,
     ROUTER_INIT_STD,
@@ -44,9 +44,7 @@ class ReluRouterOptions(TopKOptions):
     layer_fields = ("sparsity_weight", "chunk_sparsity_weight")
 
     def __post_init__(self) -> None:
-        for name in self.layer_fields:
-            value = getattr(self, name)
-            require_config(value >= 0, f"model.router.options.{name}", value, ">= 0")
+        require_non_negative("model.router.options", self, self.layer_fields)
 
 
 def init_relu_router_params(key: jax.Array, d_model: int, num_experts: int) -> Params:
