@@ -1,18 +1,30 @@
-"""Compile the train step for a TPU pod from a CPU machine: per-chip memory, FLOPs, collectives.
+"""Compile the train step for a TPU pod or GPU nodes from a CPU machine: per-device memory,
+FLOPs, collectives.
 
     python -m moejax.aot --config configs/default.py --topology v5p:4x4x4 \\
         [--config.mesh.expert=8 ...]   (overrides as for train.py)
+    python -m moejax.aot --topology h100:8          (one node of 8 H100s)
 
-XLA's TPU compiler (libtpu, the `[tpu]` extra) compiles for a topology description without any
-TPU attached, so whether a config fits a v5p-64 and what it communicates is known before
-renting one. The step compiled is the real one (`moejax.training.step.make_train_step`): traced
-under a mesh of TPU devices, the kernels choose their TPU Pallas (Mosaic) implementations.
+XLA compiles for a description of the devices without any attached, so whether a config fits a
+v5p-64 or an H100 node and what it communicates is known before renting one. The step compiled
+is the real one (`moejax.training.step.make_train_step`): traced under a mesh of the described
+devices, the kernels choose the Pallas implementation and the tile sizes of that chip.
 
-Topologies are libtpu's names, `<chip>:<chips per axis>`: "v5p:2x2x2", "v5p:4x4x4" (v5p-64),
-"v5p:4x8x8" (v5p-256), "v5e:2x2", "v6e:1x1", "v4:2x2x1".
+TPU topologies are libtpu's names, `<chip>:<chips per axis>`: "v5p:2x2x2", "v5p:4x4x4"
+(v5p-64), "v5p:4x8x8" (v5p-256), "v5e:2x2", "v6e:1x1", "v4:2x2x1". They need libtpu (the `[tpu]`
+extra).
+
+GPU topologies are `<gpu>:<gpus per node>` or `<gpu>:<nodes>x<gpus per node>`: "h100:8" (one
+node), "h100:2x8" (two nodes, 16 GPUs), "h200:8", "a100:8". They need the CUDA plugin of the
+installed jax (the `[cuda-aot]` extra: no GPU, no driver). XLA is told the chip by a
+`GpuTargetConfigProto` made from moejax's own table (`kernels_pallas.gpu_chips`) rather than
+read from the plugin's embedded files: the table is what the kernels size their tiles by, so
+the compiler checks the very limits the tiles were chosen for, and it names the chips by the
+names users type. `cost_analysis()` is empty for GPU programs, so the FLOP line reads 0.
 
 Exit status: 0 when the step fits the chips' HBM, 1 when it does not (the compiler's report or
-the memory table says by how much), 2 for an input error (config, topology, no libtpu).
+the memory table says by how much), 2 for an input error (config, topology, no libtpu or CUDA
+plugin).
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import re
 import sys
 from collections.abc import Sequence
 
+from kernels_pallas import gpu_chips
 from moejax import cli, hlo
 from moejax import config as config_lib
 from moejax.config import Config
@@ -38,6 +51,7 @@ GIB = 1024**3
 HBM_BYTES_PER_CHIP = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB}
 
 _TOPOLOGY = re.compile(r"^(?P<chip>[a-z0-9]+):(?P<dims>\d+(?:x\d+){1,2})$")
+_GPU_TOPOLOGY = re.compile(r"^(?P<chip>[a-z0-9]+):(?:(?P<nodes>\d+)x)?(?P<gpus>\d+)$")
 
 
 class TopologyError(UserError):
@@ -123,18 +137,40 @@ class CompiledReport:
         return "\n".join(lines)
 
 
-def topology_devices(topology: str) -> list:
-    """The device descriptions of a TPU topology such as "v5p:4x4x4" (64 chips).
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A parsed `--topology`: the devices XLA compiles for and the memory each has.
 
-    Needs libtpu (`pip install -e '.[tpu]'`) and jax running on CPU (`jax_platforms="cpu"`,
-    set before jax starts its backends) with `TPU_SKIP_MDS_QUERY=1` in the environment, so that
-    libtpu does not look for the cloud machine it would run on; `main` sets both.
+    name: as given ("v5p:2x2x2", "h100:2x8"); chip: its chip ("v5p", "h100"); platform: "tpu"
+    or "gpu"; devices: the device descriptions; hbm_bytes: memory of one device.
     """
+
+    name: str
+    chip: str
+    platform: str
+    devices: list
+    hbm_bytes: int
+
+
+def parse_topology(topology: str) -> Topology:
+    """The devices of a TPU topology such as "v5p:4x4x4" (64 chips) or GPU nodes such as
+    "h100:8" (8 GPUs) or "h100:2x8" (2 nodes of 8), and the memory of each device.
+
+    Needs jax running on CPU (`jax_platforms="cpu"`, set before jax starts its backends), and
+    for TPU libtpu with `TPU_SKIP_MDS_QUERY=1` in the environment (libtpu must not look for the
+    cloud machine it would run on), for GPU the CUDA plugin; `main` sets the environment.
+    Raises `TopologyError` naming the allowed topologies.
+    """
+    chip = topology.split(":", 1)[0]
+    if chip in gpu_chips.GPU_CHIPS:
+        return _gpu_topology(topology)
     match = _TOPOLOGY.match(topology)
     if match is None or match["chip"] not in HBM_BYTES_PER_CHIP:
         raise TopologyError(
-            f"--topology {topology!r}: allowed are <chip>:<chips per axis> with chip one of "
-            f"{', '.join(HBM_BYTES_PER_CHIP)}, e.g. v5p:2x2x2, v5p:4x4x4, v5e:2x2, v6e:1x1"
+            f"--topology {topology!r}: allowed are <tpu>:<chips per axis> with tpu one of "
+            f"{', '.join(HBM_BYTES_PER_CHIP)} (e.g. v5p:2x2x2, v5p:4x4x4, v5e:2x2, v6e:1x1), or "
+            f"<gpu>:<gpus per node> or <gpu>:<nodes>x<gpus per node> with gpu one of "
+            f"{', '.join(gpu_chips.GPU_CHIPS)} (e.g. h100:8, h100:2x8)"
         )
     if importlib.util.find_spec("libtpu") is None:
         raise TopologyError(
@@ -145,10 +181,50 @@ def topology_devices(topology: str) -> list:
     from jax.experimental import topologies
 
     try:
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+        devices = list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
     except jax.errors.JaxRuntimeError as error:
         reason = str(error).splitlines()[0]
         raise TopologyError(f"--topology {topology!r}: libtpu refuses it: {reason}") from None
+    chips = math.prod(int(size) for size in match["dims"].split("x"))
+    hbm_bytes = HBM_BYTES_PER_CHIP[match["chip"]] * chips // len(devices)
+    return Topology(topology, match["chip"], "tpu", devices, hbm_bytes)
+
+
+def _gpu_topology(topology: str) -> Topology:
+    match = _GPU_TOPOLOGY.match(topology)
+    if match is None or int(match["gpus"]) < 1 or int(match["nodes"] or 1) < 1:
+        raise TopologyError(
+            f"--topology {topology!r}: a GPU topology is <gpu>:<gpus per node> or "
+            f"<gpu>:<nodes>x<gpus per node>, each at least 1, e.g. h100:8, h100:2x8"
+        )
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None and (
+        importlib.util.find_spec("jax_plugins.xla_cuda13") is None
+    ):
+        raise TopologyError(
+            "compiling for GPUs needs jax's CUDA plugin: pip install -e '.[cuda-aot]' "
+            "(scripts/setup.sh installs it)"
+        )
+    # The plugin otherwise refuses to load without the CUDA libraries of a GPU machine; only
+    # its compiler is used here.
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    import jax
+    from jax.experimental import topologies
+
+    chip = gpu_chips.GPU_CHIPS[match["chip"]]
+    nodes, gpus = int(match["nodes"] or 1), int(match["gpus"])
+    try:
+        description = topologies.get_topology_desc(
+            platform="cuda", target_config=chip.target_config(), topology=f"1x{nodes}x{gpus}"
+        )
+    except jax.errors.JaxRuntimeError as error:
+        reason = str(error).splitlines()[0]
+        raise TopologyError(f"--topology {topology!r}: XLA refuses it: {reason}") from None
+    return Topology(topology, chip.name, "gpu", list(description.devices), chip.memory_bytes)
+
+
+def topology_devices(topology: str) -> list:
+    """The device descriptions of `topology` (see `parse_topology`)."""
+    return parse_topology(topology).devices
 
 
 def compile_step(config: Config, topology: str) -> CompiledReport:
@@ -165,7 +241,8 @@ def compile_step(config: Config, topology: str) -> CompiledReport:
     from moejax.training.state import state_layout
     from moejax.training.step import make_train_step
 
-    devices = topology_devices(topology)
+    target = parse_topology(topology)
+    devices = target.devices
     sizes = config_lib.validate(config, len(devices))
     mesh = sharding.make_mesh(sizes, devices)
     layout = state_layout(config, mesh)
@@ -175,13 +252,13 @@ def compile_step(config: Config, topology: str) -> CompiledReport:
         jnp.int32,
         sharding=sharding.batch_sharding(mesh),
     )
-    chip = _TOPOLOGY.match(topology)["chip"]
-    chips = math.prod(int(size) for size in _TOPOLOGY.match(topology)["dims"].split("x"))
-    hbm_bytes = HBM_BYTES_PER_CHIP[chip] * chips // len(devices)
+    hbm_bytes = target.hbm_bytes
     try:
         compiled = step.compile(layout.restore_target(), {"inputs": tokens, "targets": tokens})
     except jax.errors.JaxRuntimeError as error:
-        if "RESOURCE_EXHAUSTED" not in str(error):
+        # A kernel asking for more shared memory than the chip has is a bug in its tiles, not a
+        # model too large for the devices.
+        if "RESOURCE_EXHAUSTED" not in str(error) or "Shared memory" in str(error):
             raise
         raise DoesNotFit(
             f"{topology}: the step does not fit in {hbm_bytes / GIB:.2f} GiB of HBM per "
@@ -198,7 +275,7 @@ def compile_step(config: Config, topology: str) -> CompiledReport:
     text = compiled.as_text()
     return CompiledReport(
         topology=topology,
-        chip=chip,
+        chip=target.chip,
         device_kind=devices[0].device_kind,
         num_devices=len(devices),
         mesh=sizes,
@@ -212,8 +289,8 @@ def compile_step(config: Config, topology: str) -> CompiledReport:
 
 def _cost(compiled) -> dict:
     cost = compiled.cost_analysis()
-    # Older jax returned one dict per device program.
-    return cost[0] if isinstance(cost, list) else cost
+    # Older jax returned one dict per device program; GPU programs have no analysis (None).
+    return (cost[0] if isinstance(cost, list) else cost) or {}
 
 
 def _first_lines(text: str, count: int) -> str:
@@ -221,12 +298,14 @@ def _first_lines(text: str, count: int) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    # Before jax starts any backend: compile on CPU for TPU devices that are only descriptions.
+    # Before jax starts any backend: compile on CPU for devices that are only descriptions.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     # libtpu's lock file guards real chips; several compiles may run at once on one machine.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     # Quiets libtpu's start-up complaint that it cannot find the workers of a real slice.
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # The CUDA plugin loads without a GPU's libraries: only its compiler is used.
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     import jax
 
     jax.config.update("jax_platforms", "cpu")
@@ -240,7 +319,9 @@ def _main(argv: Sequence[str]) -> int:
         prog="python -m moejax.aot", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--config", default=cli.DEFAULT_CONFIG, help="a Python config file")
-    parser.add_argument("--topology", required=True, help="a TPU topology, e.g. v5p:4x4x4")
+    parser.add_argument(
+        "--topology", required=True, help="TPU or GPU devices, e.g. v5p:4x4x4, h100:8, h100:2x8"
+    )
     cli.add_debug_flag(parser)
     args, overrides = cli.parse(parser, argv)
     config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)

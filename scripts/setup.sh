@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv with a Python >= 3.12 and installs moejax (editable) with the `dev` extra (which
-# takes in `train`, for train.py, eval.py and the benchmarks, and `notebooks`) and its TPU compiler
-# (`tpu`: libtpu, which the ahead-of-time compile tests in tests/aot need; no TPU does).
+# takes in `train`, for train.py, eval.py and the benchmarks, and `notebooks`) and the TPU and GPU
+# compilers (`tpu`: libtpu; `cuda-aot`: jax's CUDA plugin and ptxas), which the ahead-of-time
+# compile tests in tests/aot need; no TPU or GPU does.
 # Re-running it is cheap: the install is skipped while pyproject.toml is unchanged.
 # Set MOEJAX_PYTHON=/path/to/python3.12 to choose the interpreter yourself.
 set -euo pipefail
@@ -56,7 +57,7 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing moejax and its dependencies into .venv" >&2
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[dev,tpu]"
+  .venv/bin/python -m pip install --quiet -e ".[dev,tpu,cuda-aot]"
   echo "$want" > "$stamp"
 fi
 

@@ -42,6 +42,12 @@ def test_extras_name_the_accelerator_builds_and_dev_has_the_test_tools():
     assert core == {"jax", "flax", "optax", "numpy"}
     extras = project["optional-dependencies"]
     assert extras["cuda12"] == ["jax[cuda12]>=0.11.2"] and extras["tpu"] == ["jax[tpu]>=0.11.2"]
+    # The GPU compiler alone: the plugin pinned to jax's own version, no CUDA runtime wheels.
+    assert extras["cuda-aot"][0] == "jax[cuda12-local]>=0.11.2"
+    assert {dep.split(">")[0] for dep in extras["cuda-aot"][1:]} == {
+        "nvidia-cuda-nvcc-cu12",
+        "nvidia-nvjitlink-cu12",
+    }
     dev = " ".join(extras["dev"])
     for tool in ("moejax[train,notebooks]", "pytest", "hypothesis", "ruff", "chex", "pdoc"):
         assert tool in dev

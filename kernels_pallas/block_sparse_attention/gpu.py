@@ -12,7 +12,11 @@ Visit lists reach the kernels as one int32 table [b, h, rows, P]: column 0 is th
 columns 1.. the indices, P a power of two (Triton loads whole power-of-two blocks).
 
 Compiled (not interpreted), Triton needs block_q, block_kv and head_dim to be powers of two of
-at least 16 (the shapes of `tl.dot`); interpret mode takes any sizes.
+at least 16 (the shapes of `tl.dot`); interpret mode takes any sizes. Its tiles must also fit the
+chip's shared memory (`kernels_pallas.gpu_chips`): Triton keeps `NUM_STAGES` copies of the
+blocks each loop step loads in flight, and `num_stages` drops to one copy where two do not fit
+(float32 at blocks of 128 x head_dim 64, bfloat16 at 128 x 128 on H100); blocks that do not fit
+even so are a ValueError before anything compiles.
 """
 
 from collections.abc import Callable
@@ -22,12 +26,39 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas import varying
+from kernels_pallas import gpu_chips, varying
 from kernels_pallas.block_sparse_attention import kernel_math as km
 from kernels_pallas.block_sparse_attention.spec import AttentionSpec
+from kernels_pallas.gpu_chips import GpuChip
 
 NUM_WARPS = 4
 NUM_STAGES = 2
+
+
+def shared_memory_bound(spec: AttentionSpec, head_dim: int, dtype: jnp.dtype, stages: int) -> int:
+    """Bytes of shared memory any of the three kernels may ask for, at most.
+
+    Each holds two blocks for the whole loop (q and dout, or k and v) and, `stages` times, the
+    two it loads per step, each at most [max(block_q, block_kv), head_dim]; and the float32
+    [block_q, block_kv] tile of logits. Checked against the compiler for H100 in
+    tests/aot/test_gpu_kernels_compile.py (it is exact for the float32 backward at one stage).
+    """
+    block = max(spec.block_q, spec.block_kv) * head_dim * jnp.dtype(dtype).itemsize
+    return (2 + 2 * stages) * block + spec.block_q * spec.block_kv * 4
+
+
+def num_stages(spec: AttentionSpec, head_dim: int, dtype: jnp.dtype, chip: GpuChip) -> int:
+    """`NUM_STAGES`, or fewer where the chip's shared memory per block takes fewer; a
+    ValueError naming the blocks when even one stage does not fit."""
+    for stages in range(NUM_STAGES, 0, -1):
+        if shared_memory_bound(spec, head_dim, dtype, stages) <= chip.shared_memory_per_block:
+            return stages
+    raise ValueError(
+        f"block_q, block_kv: blocks of {spec.block_q} x {spec.block_kv} at head_dim {head_dim} "
+        f"in {jnp.dtype(dtype).name} need up to {shared_memory_bound(spec, head_dim, dtype, 1)} "
+        f"bytes of shared memory; allowed: at most {chip.shared_memory_per_block} on "
+        f"{chip.device_kind} (smaller blocks, or bfloat16, fit)"
+    )
 
 
 def _table(visits) -> jax.Array:
@@ -43,7 +74,14 @@ def _broadcast_index(size: int, index):
     return index if size > 1 else 0
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool, arrays):
+def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool, arrays, spec):
+    """The `pl.pallas_call`; compiled, with as many pipeline stages as the chip fits for the
+    blocks of `spec` and the head_dim and dtype of the query (arrays[1])."""
+    params = None
+    if not interpret:
+        q = arrays[1]
+        stages = num_stages(spec, q.shape[-1], q.dtype, gpu_chips.target_chip())
+        params = plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=stages)
     return pl.pallas_call(
         kernel,
         grid=grid,
@@ -51,9 +89,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool, arrays)
         out_specs=out_specs,
         out_shape=varying.out_structs(out_shape, *arrays),
         interpret=interpret,
-        compiler_params=None
-        if interpret
-        else plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+        compiler_params=params,
     )(*arrays)
 
 
@@ -164,6 +200,7 @@ def forward(q, k, v, operands, spec: AttentionSpec, *, interpret: bool):
         ],
         interpret,
         [table, q, k, v, *mask_arrays],
+        spec,
     )
 
 
@@ -211,6 +248,7 @@ def backward_dq(q, k, v, dout, lse, delta, operands, spec: AttentionSpec, *, int
         jax.ShapeDtypeStruct(q.shape, jnp.float32),
         interpret,
         [table, q, k, v, dout, lse, delta, *mask_arrays],
+        spec,
     )
 
 
@@ -263,4 +301,5 @@ def backward_dkv(q, k, v, dout, lse, delta, operands, spec: AttentionSpec, *, in
         [kv_shape, kv_shape],
         interpret,
         [table, q, k, v, dout, lse, delta, *mask_arrays],
+        spec,
     )

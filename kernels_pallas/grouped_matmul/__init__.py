@@ -6,11 +6,12 @@ from kernels_pallas.grouped_matmul.reference import (
     gmm_reference,
     tgmm_reference,
 )
-from kernels_pallas.grouped_matmul.tiling import default_tiling
+from kernels_pallas.grouped_matmul.tiling import KernelTilings, default_tilings
 
 __all__ = [
     "GMM_IMPLS",
-    "default_tiling",
+    "KernelTilings",
+    "default_tilings",
     "gmm",
     "gmm_dense_reference",
     "gmm_reference",

@@ -29,7 +29,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas import varying
 from kernels_pallas.grouped_matmul import metadata, problem
-from kernels_pallas.grouped_matmul.tiling import Tiling
+from kernels_pallas.grouped_matmul.tiling import GPU_NUM_STAGES, GPU_NUM_WARPS, Tiling
 
 NUM_METADATA_ARRAYS = 4
 
@@ -76,7 +76,7 @@ def gmm(
         in_specs=in_specs,
         out_specs=out_spec,
         input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
+        compiler_params=plgpu.CompilerParams(num_warps=GPU_NUM_WARPS, num_stages=GPU_NUM_STAGES),
         interpret=interpret,
         name="moejax_gmm",
     )(*operands)
@@ -163,7 +163,7 @@ def tgmm(
         in_specs=in_specs,
         out_specs=out_spec,
         input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
+        compiler_params=plgpu.CompilerParams(num_warps=GPU_NUM_WARPS, num_stages=GPU_NUM_STAGES),
         interpret=interpret,
         name="moejax_tgmm",
     )(*operands)

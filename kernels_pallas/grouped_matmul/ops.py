@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 from jax.typing import ArrayLike, DTypeLike
 
-from kernels_pallas import varying
+from kernels_pallas import gpu_chips, varying
 from kernels_pallas.grouped_matmul import ops_pallas, xla_tiled
 from kernels_pallas.grouped_matmul import tiling as tiling_lib
 from kernels_pallas.platform import target_platform
@@ -64,8 +64,11 @@ def gmm(
       impl: one of `GMM_IMPLS`, see the module docstring.
       preferred_element_type: output dtype; defaults to the dtype of `lhs`. Products are
         accumulated in at least float32 whatever the input dtype.
-      tiling: (tm, tk, tn) of the Pallas kernels; defaults to `tiling.default_tiling`. Powers
-        of two for the GPU kernel. Ignored by "xla" and "xla_tiled".
+      tiling: (tm, tk, tn) of the forward Pallas kernel, reused by the backward kernels in the
+        roles their shapes give them; defaults to `tiling.default_tilings` (per kernel, dtype
+        and chip). Powers of two for the GPU kernels, which compiled must fit the chip's
+        shared memory (a ValueError says by how much they do not). Ignored by "xla" and
+        "xla_tiled".
       group_offset: [] int, the first group rhs holds; None means 0 with all groups local. A
         traced offset is the caller's promise to stay in range (it is clamped).
       backend: "tpu" or "gpu": whose Pallas kernel "pallas"/"interpret" runs (see above).
@@ -97,10 +100,17 @@ def gmm(
     if m == 0 or num_local == 0:
         return jnp.zeros((m, n), out_dtype)  # nothing to multiply; a kernel grid can't be empty
     if kernel_backend is not None:
+        chip = gpu_chips.target_chip()
         if tiling is None:
-            tiling = tiling_lib.default_tiling(m, k, n, num_local, kernel_backend)
+            tilings = tiling_lib.default_tilings(
+                m, k, n, num_local, kernel_backend, lhs.dtype, chip
+            )
+        else:
+            tilings = tiling_lib.KernelTilings.from_forward(tiling)
+            if kernel_backend == "gpu" and impl == "pallas":
+                _check_gpu_tilings(tilings, lhs.dtype, chip)
         interpret = (interpret_params or True) if impl == "interpret" else False
-        config = ops_pallas.KernelConfig(kernel_backend, tiling, out_dtype, interpret)
+        config = ops_pallas.KernelConfig(kernel_backend, tilings, out_dtype, interpret)
         return ops_pallas.gmm_pallas(lhs, rhs, group_sizes, offset, config)
     if group_offset is not None:
         rhs, group_sizes = _lead_with_empty_matrix(rhs, group_sizes, offset)
@@ -165,6 +175,15 @@ def _kernel_backend(
     if interpret_params is not None and backend == "gpu":
         raise ValueError("interpret_params: the TPU interpreter's settings; got backend 'gpu'")
     return backend or ("tpu" if interpret_params is not None else "gpu")
+
+
+def _check_gpu_tilings(
+    tilings: tiling_lib.KernelTilings, dtype: jnp.dtype, chip: gpu_chips.GpuChip
+) -> None:
+    """A ValueError when a kernel of an explicit tiling would not compile on the chip."""
+    tiling_lib.check_gpu_fit("gmm", tilings.forward, dtype, chip)
+    tiling_lib.check_gpu_fit("gmm", tilings.lhs_grad, dtype, chip)
+    tiling_lib.check_gpu_fit("tgmm", tilings.rhs_grad, dtype, chip)
 
 
 def _check_group_offset(group_offset: Any, num_groups: int, num_local: int) -> jax.Array:

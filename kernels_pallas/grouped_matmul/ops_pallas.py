@@ -6,8 +6,7 @@ For out = gmm(lhs, rhs), with each local group's rows multiplied by its matrix:
     drhs = tgmm(lhs, dout)              # per group lhs_g^T dout_g -> [g, k, n]
 
 Rows outside the local groups get zero gradient, because both kernels only ever use the rows of
-local groups. The forward tiling (tm, tk, tn) is reused with the roles the shapes give: the
-lhs gradient contracts over n, so it runs with (tm, tn, tk).
+local groups. Each of the three kernels runs with its own tiling (`tiling.KernelTilings`).
 """
 
 import dataclasses
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.grouped_matmul import gpu, tpu
-from kernels_pallas.grouped_matmul.tiling import Tiling
+from kernels_pallas.grouped_matmul.tiling import KernelTilings
 
 _KERNELS = {"tpu": tpu, "gpu": gpu}
 
@@ -28,13 +27,13 @@ class KernelConfig:
     """Which kernel runs and how: static, hashable, the non-differentiable half of the call.
 
     backend: "tpu" (Mosaic) or "gpu" (Triton) kernels.
-    tiling: (tm, tk, tn) of the forward problem.
+    tilings: the tiling of the forward and of each backward kernel.
     out_dtype: the forward output dtype.
     interpret: `pl.pallas_call`'s interpret argument (False, True or a `pltpu.InterpretParams`).
     """
 
     backend: str
-    tiling: Tiling
+    tilings: KernelTilings
     out_dtype: jnp.dtype
     interpret: Any
 
@@ -84,7 +83,7 @@ def _forward(
         rhs,
         group_sizes,
         group_offset,
-        tiling=config.tiling,
+        tiling=config.tilings.forward,
         transpose_rhs=False,
         out_dtype=config.out_dtype,
         interpret=config.interpret,
@@ -107,7 +106,6 @@ def _gmm_bwd(
 ) -> tuple[jax.Array, jax.Array, None, None]:
     lhs, rhs, group_sizes, group_offset = residuals
     kernels = _KERNELS[config.backend]
-    tm, tk, tn = config.tiling
     # The operand dtype for the backward matmuls; they still sum in at least float32.
     dout = dout.astype(lhs.dtype)  # [m, n]
     dlhs = kernels.gmm(
@@ -115,7 +113,7 @@ def _gmm_bwd(
         rhs,
         group_sizes,
         group_offset,
-        tiling=(tm, tn, tk),
+        tiling=config.tilings.lhs_grad,
         transpose_rhs=True,
         out_dtype=lhs.dtype,
         interpret=config.interpret,
@@ -126,7 +124,7 @@ def _gmm_bwd(
         group_sizes,
         group_offset,
         rhs.shape[0],
-        tiling=(tm, tk, tn),
+        tiling=config.tilings.rhs_grad,
         out_dtype=rhs.dtype,
         interpret=config.interpret,
     )  # [g, k, n]

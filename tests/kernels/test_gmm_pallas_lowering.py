@@ -13,7 +13,8 @@ import pytest
 from jax import export
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
-from kernels_pallas.grouped_matmul import default_tiling, ops_pallas
+from kernels_pallas import gpu_chips
+from kernels_pallas.grouped_matmul import default_tilings, ops_pallas
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 # The Triton lowering reads the target GPU's compute capability from the device in scope.
@@ -26,9 +27,8 @@ def test_forward_and_backward_kernels_lower_for_the_device(
     backend: str, platform: str, dtype: jnp.dtype
 ) -> None:
     m, k, n, num_local = 1000, 384, 640, 4  # m and n not multiples of the default tiles
-    config = ops_pallas.KernelConfig(
-        backend, default_tiling(m, k, n, num_local, backend), jnp.dtype(dtype), interpret=False
-    )
+    tilings = default_tilings(m, k, n, num_local, backend, dtype, gpu_chips.GPU_CHIPS["h100"])
+    config = ops_pallas.KernelConfig(backend, tilings, jnp.dtype(dtype), interpret=False)
 
     def loss(lhs, rhs, group_sizes, group_offset):
         out = ops_pallas.gmm_pallas(lhs, rhs, group_sizes, group_offset, config)
