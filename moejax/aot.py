@@ -87,14 +87,17 @@ class MemoryUse:
 class CompiledReport:
     """What the compiled step needs per device of the topology.
 
+    platform: "tpu" or "gpu".
     flops: `compiled.cost_analysis()["flops"]` for one step on one device; it counts XLA's own
     operations, and Pallas kernels only as far as they declare a cost estimate (ours do not: the
-    expert and block-sparse attention matmuls are missing from it).
+    expert and block-sparse attention matmuls are missing from it). 0 on GPU, where XLA gives
+    no cost analysis.
     collectives: from the step's HLO, bytes as `moejax.hlo` defines them.
     """
 
     topology: str
     chip: str
+    platform: str
     device_kind: str
     num_devices: int
     mesh: dict[str, int]
@@ -125,7 +128,11 @@ class CompiledReport:
             *(f"  {name:<18} {value / GIB:9.3f}" for name, value in rows),
             f"  {'total':<18} {memory.total / GIB:9.3f} of {self.hbm_bytes / GIB:.2f} HBM "
             f"({100 * memory.total / self.hbm_bytes:.1f}%)",
-            f"flops per step per device: {self.flops:.4g} (XLA ops; Pallas kernels not counted)",
+            (
+                f"flops per step per device: {self.flops:.4g} (XLA ops; Pallas kernels not counted)"
+                if self.platform == "tpu"
+                else "flops per step per device: not available (no cost analysis for GPU programs)"
+            ),
             "collectives per step per device (bytes of their results):",
             f"  {'kind':<20} {'ops':>6} {'MiB':>12}",
         ]
@@ -276,6 +283,7 @@ def compile_step(config: Config, topology: str) -> CompiledReport:
     return CompiledReport(
         topology=topology,
         chip=target.chip,
+        platform=target.platform,
         device_kind=devices[0].device_kind,
         num_devices=len(devices),
         mesh=sizes,

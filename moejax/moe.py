@@ -307,6 +307,7 @@ def moe_ffn(
     strategy: str,
     capacity_factor: float = 1.25,
     gmm_impl: str = "auto",
+    exchange: str = "auto",
     expert_balance: str = "none",
     llep_margin: float = 0.1,
     llep_max_foreign: int = 2,
@@ -325,6 +326,8 @@ def moe_ffn(
         `dropless_dispatch`.
       capacity_factor: slots per expert relative to a perfectly balanced load ("capacity" only).
       gmm_impl: grouped matmul implementation ("dropless" and "expert_parallel").
+      exchange: how tokens travel between expert shards, one of `expert_parallel.EXCHANGES`
+        ("dropless" and "expert_parallel" with more than one expert shard).
       expert_balance, llep_margin, llep_max_foreign: load balancing over expert shards, one of
         `expert_parallel.EXPERT_BALANCES` ("dropless" and "expert_parallel" with more than one
         expert shard; see `expert_parallel.sharded_dropless`). Outputs do not depend on them.
@@ -356,6 +359,7 @@ def moe_ffn(
             _cast_params(expert_params, x.dtype),
             mesh,
             gmm_impl=gmm_impl,
+            exchange=exchange,
             expert_balance=expert_balance,
             llep_margin=llep_margin,
             llep_max_foreign=llep_max_foreign,

@@ -10,14 +10,16 @@ Implementations (`impl`):
   the TPU kernel under the TPU-faithful interpreter, which checks out-of-bounds reads and fills
   uninitialised memory (NaN by default). `backend="tpu"` alone runs the TPU kernel under the
   generic interpreter.
-- "xla": `jax.lax.ragged_dot`.
+- "xla": `jax.lax.ragged_dot`. On GPU, XLA rewrites it into a dense matmul over every group
+  (num_groups times the FLOPs, plus a scratch buffer): it warns once per group count there.
 - "xla_tiled": dense XLA matmuls over row tiles (`xla_tiled.py`), the fast path on CPU.
-- "auto": "pallas" on TPU and GPU, "xla_tiled" on CPU.
+- "auto": "pallas" on TPU and GPU, "xla_tiled" on CPU; never "xla".
 
 Every implementation is differentiable; the Pallas ones through `ops_pallas` (custom_vjp with
 backward kernels).
 """
 
+import warnings
 from typing import Any
 
 import jax
@@ -118,10 +120,28 @@ def gmm(
         if tile_m is None:
             tile_m = xla_tiled.default_tile_m(m, rhs.shape[0])
         return xla_tiled.gmm_tiled(lhs, rhs, group_sizes, tile_m=tile_m, out_dtype=out_dtype)
+    if target_platform() == "gpu":
+        _warn_dense_ragged_dot(group_sizes.shape[0])
     # bf16 sums over k lose too much precision; accumulate wide and round once at the end.
     accumulate_dtype = jnp.promote_types(out_dtype, jnp.float32)
     out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=accumulate_dtype)
     return out.astype(out_dtype)  # [m, n]
+
+
+_warned_group_counts: set[int] = set()
+
+
+def _warn_dense_ragged_dot(num_groups: int) -> None:
+    """Once per group count: what `ragged_dot` costs on GPU."""
+    if num_groups in _warned_group_counts:
+        return
+    _warned_group_counts.add(num_groups)
+    warnings.warn(
+        f"gmm impl 'xla' on GPU: XLA computes jax.lax.ragged_dot as a dense matmul over all "
+        f"{num_groups} groups, {num_groups}x the FLOPs of the grouped matmul; impl 'auto' or "
+        f"'pallas' runs the grouped-matmul kernel",
+        stacklevel=3,
+    )
 
 
 def resolve_impl(impl: str) -> str:

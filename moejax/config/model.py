@@ -109,6 +109,11 @@ class MoEConfig:
     shared_expert_d_ff: int = 0
     # Grouped-matmul implementation of dropless dispatch (see kernels_pallas.gmm).
     gmm_impl: str = "auto"
+    # How expert-parallel dispatch moves tokens between expert shards: "ragged"
+    # (ragged_all_to_all, each shard gets only its rows; TPU and GPU), "padded" (all_to_all of
+    # worst-case buffers, mesh.expert times the bytes; runs everywhere, and on GPUs where
+    # ragged_all_to_all is slow or fails at scale), or "auto" (padded on CPU, else ragged).
+    expert_exchange: str = "auto"
     # With expert-parallel dispatch: "llep" moves the excess rows of overloaded expert shards,
     # with their experts' weights, to shards below the cap ceil((1 + llep_margin) * mean load),
     # at most llep_max_foreign borrowed experts per shard (Least-Loaded Expert Parallelism; see
@@ -160,6 +165,7 @@ class MoEConfig:
             "model.moe", self, ("num_shared_experts", "shared_expert_d_ff", "llep_margin")
         )
         require_one_of("model.moe.gmm_impl", self.gmm_impl, GMM_IMPLS)
+        require_one_of("model.moe.expert_exchange", self.expert_exchange, expert_parallel.EXCHANGES)
         require_one_of(
             "model.moe.expert_balance", self.expert_balance, expert_parallel.EXPERT_BALANCES
         )

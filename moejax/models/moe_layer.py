@@ -276,6 +276,7 @@ class MoELayer(nnx.Module):
             strategy=moe_config.dispatch,
             capacity_factor=capacity_factor,
             gmm_impl=moe_config.gmm_impl,
+            exchange=moe_config.expert_exchange,
             expert_balance=moe_config.expert_balance,
             llep_margin=moe_config.llep_margin,
             llep_max_foreign=moe_config.llep_max_foreign,

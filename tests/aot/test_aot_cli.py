@@ -68,7 +68,7 @@ def test_a_step_that_does_not_fit_says_so_and_exits_1():
     [
         (
             ("--topology", "v7x:2x2"),
-            "topology error: --topology 'v7x:2x2': allowed are <chip>:<chips per axis> with chip "
+            "topology error: --topology 'v7x:2x2': allowed are <tpu>:<chips per axis> with tpu "
             "one of v4, v5e, v5p, v6e",
         ),
         (
