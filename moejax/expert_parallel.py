@@ -385,7 +385,9 @@ def _exchange_ragged(rows: jax.Array, traffic: jax.Array, run_experts) -> jax.Ar
     recv_start = before_source[:, me]  # where each source's rows land here
     received = jax.lax.ragged_all_to_all(
         rows,
-        jnp.zeros((shards * m, rows.shape[1]), rows.dtype),
+        # Zeros varying like `rows`: a mesh-invariant buffer would be broadcast onto the
+        # devices, and its cotangent summed over all of them, in every backward pass.
+        jnp.zeros_like(rows, shape=(shards * m, rows.shape[1])),
         send_start,
         send_counts,
         before_source[me],  # where this shard's rows land in each receiver's buffer
