@@ -46,6 +46,7 @@ BAD = [
         "one depth router",
     ),
     (["model.moe.llep_max_foreign=0"], "model.moe.llep_max_foreign", ">= 1"),
+    (["model.moe.expert_exchange=nccl"], "model.moe.expert_exchange", "auto, ragged, padded"),
     (["attention.block_size=0"], "attention.block_size", ">= 1"),
     (["attention.kind=sparse"], "attention.kind", "dense, local"),
     (["pruning.target_sparsity=1.5"], "pruning.target_sparsity", "[0, 1)"),
