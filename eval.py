@@ -8,7 +8,8 @@ validation loss, bits per byte, perplexity and per-layer routing statistics to
 DIR/eval/step_<N>.json. It reads checkpoints without taking the training lock (it may run beside
 train.py) and never creates or deletes anything under DIR/checkpoints. A damaged --step N is an
 error, not a substitution. Several processes evaluate together as they train together (the
-flags of moejax/distributed.py); process 0 prints and writes.
+flags of moejax/distributed.py); process 0 prints and writes. Processes started with different
+flags or code all exit with status 2 before reading anything, naming each flag that differs.
 """
 
 import argparse
@@ -58,6 +59,17 @@ def _main(argv: list[str]) -> int:
             )
 
     distributed.initialize_from_flags(args)
+    # Processes asked for different checkpoints, or running different code, would evaluate
+    # together without a collective noticing, and process 0 would report the mixture.
+    with distributed.Agreement(
+        "start-up",
+        remedy="Start every process with the same flags and the same code (checkout or wheel, "
+        "and libraries)",
+    ) as start:
+        flags = ("workdir", "step", "compare_step", "sample_bytes", "prompt")
+        given = {f"--{flag}": getattr(args, flag) for flag in flags}
+        start.compare("command line", {**given, "--config overrides": overrides})
+        start.compare("code", distributed.code_version())
     import jax
 
     from moejax import plotting

@@ -11,12 +11,17 @@ Several processes (a multi-host TPU slice, a SLURM job, or `--coordinator_addres
 --num_processes N --process_id I` on each) train one run together: see moejax/distributed.py.
 Starting again in the same workdir resumes from its newest usable checkpoint. SIGTERM or
 SIGINT saves the step in progress, waits for the save, and exits with status 0. One train.py
-at a time may use a workdir. Input errors print one paragraph and exit with status 2.
+at a time may use a workdir. Input errors print one paragraph and exit with status 2; so do
+processes started with different configs, flags or code, every one of them, before any builds
+a model (the line names each field that differs, with every process's value).
 """
 
 import argparse
+import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from moejax import cli, distributed
 from moejax import config as config_lib
@@ -47,24 +52,58 @@ def _main(argv: list[str]) -> int:
     # Before anything asks JAX for devices, and before the stop handlers: with several
     # processes JAX's preemption notifier owns SIGTERM.
     distributed.initialize_from_flags(args)
-    module = config_lib.load_config_module(args.config.path)
-    task = getattr(module, "TASK", LM)
-    if task not in TASKS:
-        raise config_lib.ConfigError(
-            f"--config: {str(args.config.path)!r} declares TASK={task!r}; allowed: {sorted(TASKS)} "
-            f"(no TASK: {LM!r})"
+    # Every process resolves its config before any of them builds anything: one that differs,
+    # or cannot be resolved, stops them all here with a line that names it, where otherwise the
+    # first collective would abort in gloo ("512 vs 256") or wait for the heartbeat timeout.
+    with distributed.Agreement("start-up", remedy=SAME_EVERYWHERE) as start:
+        module = config_lib.load_config_module(args.config.path)
+        task = getattr(module, "TASK", LM)
+        if task not in TASKS:
+            raise config_lib.ConfigError(
+                f"--config: {str(args.config.path)!r} declares TASK={task!r}; allowed: "
+                f"{sorted(TASKS)} (no TASK: {LM!r})"
+            )
+        config = TASKS[task].resolve(module, overrides, args)
+        start.compare("config", _shared_fields(config))
+        start.compare(
+            "command line",
+            {"--workdir": args.workdir, "--allow_config_change": args.allow_config_change},
         )
-    return TASKS[task](module, overrides, args)
+        start.compare("code", distributed.code_version())
+    return TASKS[task].run(config, args)
 
 
-def _run_lm(module, overrides: list[str], args: argparse.Namespace) -> int:
-    """Trains the language model of `moejax.config.Config` in its workdir."""
+SAME_EVERYWHERE = (
+    "Start every process with the same config file and --config flags, the same --workdir, "
+    "and the same code (checkout or wheel, and libraries)"
+)
+# Config fields that may differ between processes: where each host finds its copy of the corpus
+# is a path on that host (the language model's data.data_dir, the lottery's data_dir). Which
+# corpus, and in what order, are other fields, compared like the rest.
+PER_HOST_FIELDS = frozenset({"data.data_dir", "data_dir"})
+
+
+def _shared_fields(config) -> dict:
+    """The config's fields by dotted path, less those each host may set for itself."""
+    return {
+        path: value
+        for path, value in distributed.flatten(config).items()
+        if path not in PER_HOST_FIELDS
+    }
+
+
+def _lm_config(module, overrides: list[str], args: argparse.Namespace) -> config_lib.Config:
+    """The language model's config: the file's, with the --config overrides."""
+    config = config_lib.config_of(module, args.config.path, arg=args.config.arg)
+    return config_lib.apply_overrides(config, overrides)
+
+
+def _run_lm(config: config_lib.Config, args: argparse.Namespace) -> int:
+    """Trains the language model of `config` in its workdir."""
     from moejax.training.preemption import StopRequest
 
     # Installed before anything slow: a stop during start-up is honoured at the first step.
     with StopRequest() as stop:
-        config = config_lib.config_of(module, args.config.path, arg=args.config.arg)
-        config = config_lib.apply_overrides(config, overrides)
         workdir = Path(args.workdir or Path("workdir") / args.config.name)
         # Validate before importing the training stack: bad values fail in milliseconds.
         import jax
@@ -102,18 +141,23 @@ def _run_lm(module, overrides: list[str], args: argparse.Namespace) -> int:
         return 0
 
 
-def _run_lottery(module, overrides: list[str], args: argparse.Namespace) -> int:
-    """The lottery-ticket experiment (`moejax.tasks.lottery`)."""
+def _lottery_config(module, overrides: list[str], args: argparse.Namespace):
+    """The lottery-ticket experiment's config (`moejax.tasks.lottery.LotteryConfig`)."""
     from moejax.tasks import lottery
 
     config = config_lib.config_of(
         module, args.config.path, lottery.LotteryConfig, arg=args.config.arg
     )
     try:
-        config = lottery.apply_overrides(config, overrides)
+        return lottery.apply_overrides(config, overrides)
     except ValueError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
+        raise config_lib.ConfigError(str(error)) from None
+
+
+def _run_lottery(config, args: argparse.Namespace) -> int:
+    """The lottery-ticket experiment (`moejax.tasks.lottery`)."""
+    from moejax.tasks import lottery
+
     workdir = Path(args.workdir or Path("workdir") / args.config.name)
     print(config, file=sys.stderr)
     lottery.run_experiment(config, workdir, log=lambda line: print(line, file=sys.stderr))
@@ -124,9 +168,18 @@ def _run_lottery(module, overrides: list[str], args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A program train.py can start: how it resolves its config from the file and the --config
+    overrides (before the processes compare configs), and how it runs with that config."""
+
+    resolve: Callable[[ModuleType, list[str], argparse.Namespace], object]
+    run: Callable[[object, argparse.Namespace], int]
+
+
 LM = "lm"
 # What a config file runs, by its module-level TASK: the programs train.py can start.
-TASKS = {LM: _run_lm, "lottery": _run_lottery}
+TASKS = {LM: Task(_lm_config, _run_lm), "lottery": Task(_lottery_config, _run_lottery)}
 
 
 if __name__ == "__main__":

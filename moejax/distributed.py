@@ -17,14 +17,31 @@ On CPU the processes' collectives go over gloo (TCP), which is how the tests run
 processes on one machine. Once the system is up, JAX's preemption notifier owns SIGTERM: a
 signal to any one process becomes a stop that every process takes at the same step
 (`training.preemption`).
+
+Processes that disagree stop together, with one line that says how. Before a step that every
+process must take alike (the first collective, a checkpoint), they exchange what they must agree
+on through the coordination service's key-value store (`gather`, no device collective): their
+resolved config and code (`code_version`) at start-up, the data-iterator state at a save, whether
+a checkpoint reads. An `Agreement` turns a difference, or an error in one process, into the same
+`DistributedError` on every process. Without it the others would go on alone into a collective
+that one of them never joins, and wait there for the distributed system's timeouts or abort in
+gloo with a C++ stack trace that names nothing.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from moejax.errors import UserError
 
@@ -165,19 +182,6 @@ def initialize_from_flags(args) -> Launch:
     return launch
 
 
-def all_processes(flag: bool) -> bool:
-    """Whether `flag` holds on every process (a collective: every process must call it);
-    `flag` itself in a single process."""
-    import jax
-
-    if jax.process_count() == 1:
-        return flag
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
-
-
 def barrier(name: str) -> None:
     """Waits until every process reaches the barrier `name` (nothing in a single process)."""
     import jax
@@ -188,17 +192,229 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def all_processes_equal(text: str) -> bool:
-    """Whether every process passed the same `text` (a collective, by digest)."""
+# How long a process waits for the others to reach an exchange: as long as JAX waits for every
+# process to join the distributed system (`jax.distributed.initialize`'s default).
+EXCHANGE_TIMEOUT_S = 300.0
+
+# Exchanges this process has made, by name. Every process makes the same exchanges in the same
+# order, so the n-th exchange of a name has the same keys on all of them.
+_exchanges: collections.Counter[str] = collections.Counter()
+
+
+def _coordination():
+    """JAX's distributed state when this process is one of several, else None."""
+    # JAX has no public handle on its coordination service's client; Orbax and
+    # jax.experimental.multihost_utils read it here too.
+    from jax._src import distributed as jax_distributed
+
+    state = jax_distributed.global_state
+    if state.client is None or (state.num_processes or 1) < 2:
+        return None
+    return state
+
+
+def _next_key(name: str) -> str:
+    _exchanges[name] += 1
+    return f"moejax/{name}/{_exchanges[name]}"
+
+
+def publish(name: str, text: str) -> None:
+    """Puts this process's `text` of the exchange `name` where the others' `gather` reads it,
+    without waiting for theirs: what a process that is about to stop tells the others."""
+    state = _coordination()
+    if state is not None:
+        state.client.key_value_set(f"{_next_key(name)}/{state.process_id}", text)
+
+
+def gather(name: str, text: str, *, timeout_s: float = EXCHANGE_TIMEOUT_S) -> list[str]:
+    """Every process's `text` of the exchange `name`, by process id; `[text]` in one process.
+
+    Each process puts its own in the coordination service's key-value store and reads the
+    others': no device collective, so it works before any backend starts and whatever the
+    processes' devices. Every process makes the same exchanges in the same order (through
+    `gather` or `publish`). A process whose text is not there within `timeout_s` is a
+    `DistributedError` naming it.
+    """
+    state = _coordination()
+    if state is None:
+        return [text]
     import jax
 
-    if jax.process_count() == 1:
-        return True
-    import hashlib
+    key = _next_key(name)
+    state.client.key_value_set(f"{key}/{state.process_id}", text)
+    deadline = time.monotonic() + timeout_s
+    texts = []
+    for process in range(state.num_processes):
+        wait_ms = max(1, int(1000 * (deadline - time.monotonic())))
+        try:
+            texts.append(state.client.blocking_key_value_get(f"{key}/{process}", wait_ms))
+        except jax.errors.JaxRuntimeError as error:
+            if "DEADLINE_EXCEEDED" not in str(error):
+                raise
+            raise DistributedError(
+                f"{name}: process {process} did not get there within {timeout_s:.0f} s; it "
+                "stopped before (its log says why) or runs other code"
+            ) from None
+    return texts
 
-    import numpy as np
-    from jax.experimental import multihost_utils
 
-    digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint32)  # [8]
-    digests = multihost_utils.process_allgather(digest)  # [processes, 8]
-    return bool(np.all(digests == digests[:1]))
+class _Absent:
+    """The value of a field that one process has and another has not."""
+
+    def __repr__(self) -> str:
+        return "nothing"
+
+
+ABSENT = _Absent()
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """The leaves of `value`, nested dataclasses and mappings, by dotted path: a `Config` gives
+    `{"model.moe.num_experts": 4, ...}`; anything else is one leaf, at `prefix`."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+    elif isinstance(value, Mapping):
+        items = list(value.items())
+    else:
+        return {prefix: value}
+    flat = {}
+    for name, item in items:
+        flat.update(flatten(item, f"{prefix}.{name}" if prefix else str(name)))
+    return flat
+
+
+def differences(values: Sequence[Any]) -> dict[str, list[Any]]:
+    """The leaves (`flatten`) that are not the same in all of `values` (one per process), each
+    with every process's value (`ABSENT` where one lacks it), in the order they first appear."""
+    flats = [flatten(value) for value in values]
+    paths = dict.fromkeys(path for flat in flats for path in flat)
+    found = {}
+    for path in paths:
+        per_process = [flat.get(path, ABSENT) for flat in flats]
+        if any(value != per_process[0] for value in per_process[1:]):
+            found[path] = per_process
+    return found
+
+
+def _process_list(processes: list[int]) -> str:
+    """`process 3`, `processes 0, 2`, `processes 0-5, 7` (runs of three or more as ranges)."""
+    if len(processes) == 1:
+        return f"process {processes[0]}"
+    runs: list[list[int]] = []
+    for process in processes:
+        if runs and process == runs[-1][-1] + 1:
+            runs[-1].append(process)
+        else:
+            runs.append([process])
+    parts = [f"{run[0]}-{run[-1]}" if len(run) > 2 else ", ".join(map(str, run)) for run in runs]
+    return f"processes {', '.join(parts)}"
+
+
+def describe_differences(found: dict[str, list[Any]], limit: int = 8) -> str:
+    """`differences` in one line: `model.moe.num_experts: process 0 has 4, process 1 has 8;
+    ...`, the processes that agree on a value named together, at most `limit` fields."""
+    parts = []
+    for path, per_process in list(found.items())[:limit]:
+        groups: list[tuple[Any, list[int]]] = []
+        for process, value in enumerate(per_process):
+            group = next((g for g in groups if g[0] == value), None)
+            if group is None:
+                groups.append((value, [process]))
+            else:
+                group[1].append(process)
+        said = ", ".join(
+            f"{_process_list(members)} {'has' if len(members) == 1 else 'have'} {value!r}"
+            for value, members in groups
+        )
+        parts.append(f"{path}: {said}")
+    if len(found) > limit:
+        parts.append(f"and {len(found) - limit} more")
+    return "; ".join(parts)
+
+
+def _summary(error: BaseException) -> str:
+    """What another process is told of the error that stopped this one: a `UserError`'s whole
+    message as `report_user_errors` prints it, else the exception's type and first line."""
+    if isinstance(error, UserError):
+        return f"{error.label}: {error}"
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+class Agreement:
+    """A stretch every process goes through before the next step they must take alike, which
+    ends the same way on all of them (a context manager; only the block, in one process).
+
+    Inside the block each process does its part (resolves its config, takes a lock) and names
+    with `compare` what must be the same everywhere. On leaving it the processes exchange one
+    line each (`gather`): the values to compare, or the error that ended this process's block.
+    Any difference, or an error in another process, raises `DistributedError` on every process,
+    naming each differing field with every process's value, or the process and its error; an
+    error in this process's block propagates once the others are told. `remedy` is the sentence
+    a difference message ends with: what to make equal.
+    """
+
+    def __init__(self, name: str, *, remedy: str = ""):
+        self.name, self.remedy = name, remedy
+        self._values: dict[str, dict[str, Any]] = {}
+
+    def compare(self, what: str, values: Any) -> None:
+        """Adds `values` (nested dataclasses or mappings, compared leaf by leaf) to what must be
+        equal on every process, under the name a difference is reported by (`config`)."""
+        self._values[what] = flatten(values)
+
+    def __enter__(self) -> Agreement:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if _coordination() is None:
+            return
+        if error is not None:
+            publish(self.name, json.dumps({"error": _summary(error)}))
+            return
+        entries = [
+            json.loads(text)
+            for text in gather(self.name, json.dumps({"values": self._values}, default=repr))
+        ]
+        stopped = [
+            f"process {process} stopped: {entry['error']}"
+            for process, entry in enumerate(entries)
+            if "error" in entry
+        ]
+        if stopped:
+            raise DistributedError(f"{self.name}: {'; '.join(stopped)}")
+        problems = []
+        for what in self._values:
+            found = differences([entry["values"].get(what, {}) for entry in entries])
+            if found:
+                problems.append(f"{what} differs between processes: {describe_differences(found)}")
+        if problems:
+            remedy = f". {self.remedy}" if self.remedy else ""
+            raise DistributedError("; ".join(problems) + remedy)
+
+
+# The libraries whose versions decide what a step computes and how a checkpoint is written.
+_LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain")
+_PACKAGES = ("moejax", "kernels_pallas")
+
+
+@functools.cache
+def code_version() -> dict[str, str]:
+    """What this process runs: a digest of each source file of moejax and kernels_pallas, by its
+    path (`moejax/moe.py`: the first 12 hex digits of its SHA-256), and the versions of the
+    libraries in `_LIBRARIES`. Alike from a checkout (clean or not) and from an installed wheel,
+    and a difference names the file."""
+    version = {}
+    for package in _PACKAGES:
+        spec = importlib.util.find_spec(package)
+        for location in spec.submodule_search_locations or ():
+            root = Path(location)
+            for path in sorted(root.rglob("*.py")):
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+                version[f"{package}/{path.relative_to(root).as_posix()}"] = digest
+    for library in _LIBRARIES:
+        try:
+            version[library] = importlib.metadata.version(library)
+        except importlib.metadata.PackageNotFoundError:
+            version[library] = "not installed"
+    return version

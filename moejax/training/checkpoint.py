@@ -6,17 +6,19 @@ Every reader goes through `restore_usable`: newest-first, past checkpoints that 
 or whose state the caller cannot use (a data-iterator state that does not apply), warning
 about each. A read-only `Checkpointer` (evaluation) creates, cleans and deletes nothing.
 
-With several processes every process calls every method at the same point (Orbax's saves and
-restores are collective): each writes and reads its own shards of the state into one shared
-directory, and process 0 writes the data-iterator state, which is the same on every process
-(`data.pipeline`). Whether a checkpoint is usable is agreed by all processes, so they never
-resume from different steps, and only process 0 moves damaged steps aside.
+With several processes every process calls every method at the same point (Orbax's saves are
+collective): each writes and reads its own shards of the state into one shared directory, and
+process 0 writes the data-iterator state, which must be the same on every process
+(`data.pipeline`; a save checks it). The processes agree on what the directory holds and on
+whether each checkpoint is usable (one whose shards fail to read on one process only is skipped
+by all), so they never resume from different steps, and only process 0 moves damaged steps
+aside. A disagreement they cannot resolve is a `DistributedError` on every process
+(`moejax.distributed.Agreement`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -89,12 +91,12 @@ class Checkpointer:
         """Starts an (async) save of `state` and the JSON-able `data_state` at `step`."""
         # Only process 0's copy is written: a process whose iterator had drifted would resume
         # on process 0's data without a trace.
-        agreed = distributed.all_processes_equal(json.dumps(data_state or {}, sort_keys=True))
-        if not agreed:
-            raise RuntimeError(
-                f"step {step}: the processes' data-iterator states differ; not saving a "
-                "checkpoint that would resume them on different data"
-            )
+        with distributed.Agreement(
+            f"checkpoint {step}",
+            remedy=f"Step {step} is not saved: resumed from it, the processes would read "
+            "different data. Give every host the same code and the same corpus",
+        ) as agreement:
+            agreement.compare("data-iterator state", data_state or {})
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -118,13 +120,33 @@ class Checkpointer:
         return self._manager.reached_preemption(step)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """Restores `step` onto the shardings carried by `abstract_state`'s ShapeDtypeStructs."""
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{STATE: ocp.args.StandardRestore(abstract_state), DATA: ocp.args.JsonRestore()}
+        """Restores `step` onto the shardings carried by `abstract_state`'s ShapeDtypeStructs.
+
+        Each process reads its own shards and returns without waiting for the others (a read
+        has no cross-process barrier here); callers agree on the outcome (`restore_usable`).
+        """
+        me = jax.process_index()
+        # Orbax ends a restore with a barrier of all processes. A process whose read fails (a
+        # shard only it reads is damaged) never reaches it, and the others wait there for ever,
+        # or meet that process's next barrier under another name and fail on it.
+        reader = ocp.Checkpointer(
+            ocp.CompositeCheckpointHandler(),
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}
             ),
         )
+        try:
+            restored = reader.restore(
+                self.directory / str(step),
+                args=ocp.args.Composite(
+                    **{
+                        STATE: ocp.args.StandardRestore(abstract_state),
+                        DATA: ocp.args.JsonRestore(),
+                    }
+                ),
+            )
+        finally:
+            reader.close()
         return restored[STATE], restored[DATA]
 
     def _try(
@@ -132,12 +154,16 @@ class Checkpointer:
     ) -> tuple[Restored | None, str]:
         restored, reason = self._try_here(step, abstract_state, usable)
         # A shard only one process reads may be the damaged one: every process must skip it.
-        if not distributed.all_processes(restored is not None):
+        reasons = distributed.gather(f"checkpoint {step} usable", reason)
+        if any(reasons):
             if restored is not None and restored.checked is not None:
                 close = getattr(restored.checked, "close", None)
                 if close is not None:
                     close()
-            return None, reason or "unreadable on another process (see its log)"
+            elsewhere = "; ".join(
+                f"process {process}: {text}" for process, text in enumerate(reasons) if text
+            )
+            return None, reason or f"not usable on another process ({elsewhere})"
         return restored, ""
 
     def _try_here(
@@ -174,6 +200,14 @@ class Checkpointer:
         messages.
         """
         available = self.all_steps()
+        # Each process lists the directory itself. Where hosts do not share it (or see it late),
+        # they would try different steps, each waiting for the others' verdict on its own.
+        with distributed.Agreement(
+            "checkpoint listing",
+            remedy=f"Every process must see the same checkpoints: put {self.directory} on a "
+            "filesystem that every host shares",
+        ) as listing:
+            listing.compare("the checkpoint directory", {"steps": available})
         if step is not None:
             if step not in available:
                 raise CheckpointError(

@@ -88,37 +88,27 @@ def train(
     own start-up on); by default the run installs one for its duration.
     """
     devices = list(jax.devices() if devices is None else devices)
-    axis_sizes = config_lib.validate(config, len(devices))
     workdir = Path(workdir).absolute()
-    workdir_lib.check_resume(workdir, config, allow_config_change=allow_config_change)
-    mesh = sharding.make_mesh(axis_sizes, devices)
-    # A data_dir that cannot work fails here, with the workdir untouched.
-    eval_batches = corpus.eval_batches(
-        config.data, block=sharding.process_batch_block(mesh, config.data.eval_batch_size)
-    )
+    # With several processes each check below runs on every one, and one that fails stops them
+    # all: the others would otherwise go on into the first collective and wait there.
+    with distributed.Agreement("training start-up"):
+        axis_sizes = config_lib.validate(config, len(devices))
+        workdir_lib.check_resume(workdir, config, allow_config_change=allow_config_change)
+        mesh = sharding.make_mesh(axis_sizes, devices)
+        # A data_dir that cannot work (on any host) fails here, with the workdir untouched.
+        eval_batches = corpus.eval_batches(
+            config.data, block=sharding.process_batch_block(mesh, config.data.eval_batch_size)
+        )
     with contextlib.ExitStack() as stack:
         if stop is None:
             stop = stack.enter_context(StopRequest())
-        _hold_lock(stack, workdir)
-        # Again under the lock: a run that held it until now may have recorded its config.
-        workdir_lib.check_resume(workdir, config, allow_config_change=allow_config_change)
+        with distributed.Agreement("workdir lock"):
+            # Process 0 holds the lock for the run; if it cannot, no process trains.
+            if jax.process_index() == 0:
+                stack.enter_context(workdir_lib.workdir_lock(workdir))
+            # Again under the lock: a run that held it until now may have recorded its config.
+            workdir_lib.check_resume(workdir, config, allow_config_change=allow_config_change)
         return _train_locked(config, workdir, mesh, axis_sizes, eval_batches, progress, stop)
-
-
-def _hold_lock(stack: contextlib.ExitStack, workdir: Path) -> None:
-    """Process 0 takes the workdir lock for the run; every process fails if it cannot."""
-    refusal = None
-    if jax.process_index() == 0:
-        try:
-            stack.enter_context(workdir_lib.workdir_lock(workdir))
-        except workdir_lib.WorkdirError as error:
-            refusal = error
-    # Without the agreement the other processes would wait for process 0 in their first
-    # collective until the distributed system's heartbeat timed out.
-    if not distributed.all_processes(refusal is None):
-        raise refusal or workdir_lib.WorkdirError(
-            f"--workdir {workdir}: process 0 could not take the workdir lock; its log says why"
-        )
 
 
 def _train_locked(

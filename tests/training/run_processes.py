@@ -75,14 +75,52 @@ def free_port() -> int:
 
 
 def start(
-    command: list[str], log_dir: Path, name: str, devices: int = 1
+    command: list[str],
+    log_dir: Path,
+    name: str,
+    devices: int = 1,
+    environ: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, Path, Path]:
-    """Starts `command` on `devices` CPU devices with stdout and stderr in files under `log_dir`
-    (read while it runs)."""
+    """Starts `command` on `devices` CPU devices, with `environ` added to the environment, and
+    stdout and stderr in files under `log_dir` (read while it runs)."""
     stdout, stderr = log_dir / f"{name}.out", log_dir / f"{name}.err"
     with stdout.open("w") as out, stderr.open("w") as err:
-        process = subprocess.Popen(command, env=env(devices), stdout=out, stderr=err)
+        process = subprocess.Popen(
+            command, env=env(devices) | (environ or {}), stdout=out, stderr=err
+        )
     return process, stdout, stderr
+
+
+def start_distributed(
+    commands: list[list[str]],
+    log_dir: Path,
+    name: str,
+    devices: int = 4,
+    environ: list[dict[str, str] | None] | None = None,
+) -> list[tuple[subprocess.Popen, Path, Path]]:
+    """Starts `commands[i]` as process i of one distributed run on localhost (`devices` CPU
+    devices each, `environ[i]` added to its environment), logs under `log_dir` as
+    `{name}{i}.out` / `.err`."""
+    port = free_port()
+    started = []
+    for process_id, command in enumerate(commands):
+        flags = [f"--coordinator_address=localhost:{port}", f"--num_processes={len(commands)}"]
+        started.append(
+            start(
+                [*command, *flags, f"--process_id={process_id}"],
+                log_dir,
+                f"{name}{process_id}",
+                devices=devices,
+                environ=(environ or [None] * len(commands))[process_id],
+            )
+        )
+    return started
+
+
+def with_fault(command: list[str], fault: str) -> list[str]:
+    """`command` (a `train_command`) run through one_process_fault.py with `fault` injected."""
+    python, _, *arguments = command
+    return [python, str(Path(__file__).with_name("one_process_fault.py")), fault, *arguments]
 
 
 def wait_for_text(process: subprocess.Popen, path: Path, text: str, timeout: float = 180.0) -> bool:

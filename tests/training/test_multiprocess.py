@@ -33,16 +33,8 @@ RELATIVE_TOLERANCE = 1e-4
 
 
 def _start_two(workdir: Path, data_dir: Path, log_dir: Path, name: str):
-    port = processes.free_port()
     command = processes.train_command(workdir, data_dir, STEPS, *SETTINGS)
-    started = []
-    for process_id in range(2):
-        flags = [f"--coordinator_address=localhost:{port}", "--num_processes=2"]
-        flags.append(f"--process_id={process_id}")
-        started.append(
-            processes.start([*command, *flags], log_dir, f"{name}{process_id}", devices=4)
-        )
-    return started
+    return processes.start_distributed([command, command], log_dir, name)
 
 
 def _wait_all(started, timeout: float = 300.0) -> None:
