@@ -2,12 +2,15 @@
 
 Implementations (`impl`):
 
-- "pallas": our Pallas kernels, compiled for the default backend: the Mosaic kernels
-  (`tpu.py`) on TPU, the Triton kernels (`gpu.py`) on GPU. A ValueError on CPU.
+- "pallas": our Pallas kernels, compiled for the target platform: the Mosaic TPU kernels
+  (`tpu.py`) on TPU; on GPU the Mosaic GPU kernels (`mosaic_gpu.py`) on Hopper and later (the
+  chip's device kind, `gpu_chips.target_chip`), the Triton kernels (`gpu.py`) on earlier GPUs
+  such as the A100, which Mosaic GPU does not serve. A ValueError on CPU.
 - "interpret": the same kernels run by a Pallas interpreter, on any backend (CPU in CI).
-  Which kernel: `backend="tpu"` or `"gpu"`. By default the GPU kernel under the generic
-  interpreter (`interpret=True`); passing `interpret_params=pltpu.InterpretParams(...)` selects
-  the TPU kernel under the TPU-faithful interpreter, which checks out-of-bounds reads and fills
+  Which kernel: `backend="tpu"`, `"gpu"` (Triton) or `"mosaic_gpu"` (under the Mosaic GPU
+  interpreter). By default the Triton kernel under the generic interpreter
+  (`interpret=True`); passing `interpret_params=pltpu.InterpretParams(...)` selects the TPU
+  kernel under the TPU-faithful interpreter, which checks out-of-bounds reads and fills
   uninitialised memory (NaN by default). `backend="tpu"` alone runs the TPU kernel under the
   generic interpreter.
 - "xla": `jax.lax.ragged_dot`. On GPU, XLA rewrites it into a dense matmul over every group
@@ -73,7 +76,8 @@ def gmm(
         "xla_tiled".
       group_offset: [] int, the first group rhs holds; None means 0 with all groups local. A
         traced offset is the caller's promise to stay in range (it is clamped).
-      backend: "tpu" or "gpu": whose Pallas kernel "pallas"/"interpret" runs (see above).
+      backend: "tpu", "gpu" or "mosaic_gpu": whose Pallas kernel "pallas"/"interpret" runs (see
+        above); None picks by the target chip.
       interpret_params: TPU-interpreter settings for impl="interpret" with the TPU kernel.
       tile_m: largest row tile of "xla_tiled", a positive int; defaults to
         `xla_tiled.default_tile_m(m, num_groups)`. Ignored by the others.
@@ -164,7 +168,9 @@ def _kernel_backend(
 ) -> str | None:
     """Whose Pallas kernel `impl` runs ("tpu" or "gpu"), or None for the XLA implementations."""
     if backend is not None and backend not in tiling_lib.KERNEL_BACKENDS:
-        raise ValueError(f"backend: unknown value {backend!r}; allowed: tpu, gpu")
+        raise ValueError(
+            f"backend: unknown value {backend!r}; allowed: {', '.join(tiling_lib.KERNEL_BACKENDS)}"
+        )
     if interpret_params is not None and not isinstance(interpret_params, pltpu.InterpretParams):
         raise ValueError(
             f"interpret_params: got {interpret_params!r}; allowed: None or pltpu.InterpretParams"
@@ -184,16 +190,23 @@ def _kernel_backend(
                 f"default backend is {platform!r}; allowed there: 'interpret' (the kernels in "
                 f"interpret mode), 'xla_tiled', 'xla' or 'auto'"
             )
-        if backend not in (None, platform):
+        compilable = ("gpu", "mosaic_gpu") if platform == "gpu" else (platform,)
+        if backend is not None and backend not in compilable:
             raise ValueError(
                 f"backend: the {backend!r} kernel cannot be compiled on {platform!r}; "
-                f"allowed with impl 'pallas': None or {platform!r}"
+                f"allowed with impl 'pallas': None, {', '.join(compilable)}"
             )
         if interpret_params is not None:
             raise ValueError("interpret_params: only used by impl 'interpret', got 'pallas'")
+        if backend is not None:
+            return backend
+        if platform == "gpu" and gpu_chips.target_chip().has_wgmma:
+            return "mosaic_gpu"
         return platform
-    if interpret_params is not None and backend == "gpu":
-        raise ValueError("interpret_params: the TPU interpreter's settings; got backend 'gpu'")
+    if interpret_params is not None and backend in ("gpu", "mosaic_gpu"):
+        raise ValueError(
+            f"interpret_params: the TPU interpreter's settings; got backend {backend!r}"
+        )
     return backend or ("tpu" if interpret_params is not None else "gpu")
 
 

@@ -16,17 +16,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.grouped_matmul import gpu, tpu
+from kernels_pallas.grouped_matmul import gpu, mosaic_gpu, tpu
 from kernels_pallas.grouped_matmul.tiling import KernelTilings
 
-_KERNELS = {"tpu": tpu, "gpu": gpu}
+_KERNELS = {"tpu": tpu, "gpu": gpu, "mosaic_gpu": mosaic_gpu}
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """Which kernel runs and how: static, hashable, the non-differentiable half of the call.
 
-    backend: "tpu" (Mosaic) or "gpu" (Triton) kernels.
+    backend: "tpu" (Mosaic TPU), "gpu" (Triton) or "mosaic_gpu" (Mosaic GPU, Hopper) kernels.
     tilings: the tiling of the forward and of each backward kernel.
     out_dtype: the forward output dtype.
     interpret: `pl.pallas_call`'s interpret argument (False, True or a `pltpu.InterpretParams`).

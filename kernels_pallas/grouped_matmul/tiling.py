@@ -23,7 +23,9 @@ import jax.numpy as jnp
 
 from kernels_pallas.gpu_chips import GpuChip
 
-KERNEL_BACKENDS = ("tpu", "gpu")
+# "gpu": the Triton kernels (`gpu.py`); "mosaic_gpu": the Mosaic GPU kernels for Hopper
+# (`mosaic_gpu.py`), which take the same tilings.
+KERNEL_BACKENDS = ("tpu", "gpu", "mosaic_gpu")
 
 Tiling = tuple[int, int, int]
 
@@ -124,7 +126,9 @@ def default_tilings(
     These are starting points chosen by those rules, not tuned on hardware.
     """
     if backend not in KERNEL_BACKENDS:
-        raise ValueError(f"backend: unknown value {backend!r}; allowed: tpu, gpu")
+        raise ValueError(
+            f"backend: unknown value {backend!r}; allowed: {', '.join(KERNEL_BACKENDS)}"
+        )
     rows_per_group = max(1, m // max(1, num_groups))
     if backend == "tpu":
         tm = 512 if rows_per_group >= 2048 else 256 if rows_per_group >= 512 else 128
@@ -169,9 +173,9 @@ def check_tiling(tiling: object, backend: str) -> Tiling:
         or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in tiling)
     ):
         raise ValueError(f"tiling: got {tiling!r}; allowed: None or (tm, tk, tn), positive ints")
-    if backend == "gpu" and any(t & (t - 1) for t in tiling):
+    if backend != "tpu" and any(t & (t - 1) for t in tiling):
         raise ValueError(
-            f"tiling: got {tuple(tiling)!r}; the gpu kernel's tiles must be powers of two"
+            f"tiling: got {tuple(tiling)!r}; the {backend} kernel's tiles must be powers of two"
         )
     return tuple(tiling)
 

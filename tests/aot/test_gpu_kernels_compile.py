@@ -27,6 +27,7 @@ from kernels_pallas.grouped_matmul import tiling as tiling_lib  # noqa: E402
 from moejax import aot, sharding  # noqa: E402
 
 TRITON_CALL = 'custom_call_target="__gpu$xla.gpu.triton"'
+MOSAIC_GPU_CALL = 'custom_call_target="mosaic_gpu_v2"'
 DTYPES = (jnp.float32, jnp.bfloat16)
 # (rows, d_model, expert_d_ff, experts) of one device's expert layer: the default config (4
 # experts, 4 x 128 tokens x top-2 on each of 8 devices) and moe_1b's fine-grained 32 experts (one
@@ -48,14 +49,15 @@ def h100_mesh():
     return sharding.make_mesh(dict.fromkeys(sharding.MESH_AXES, 1), devices)
 
 
-def _kernel_names(fn, mesh, *shapes) -> list[str]:
-    """The names (`moejax_...`) of the Triton kernels in `fn` compiled for the mesh's GPU."""
+def _kernel_names(fn, mesh, *shapes, target: str = TRITON_CALL) -> list[str]:
+    """The names (`moejax_...`) of the kernels (custom calls of `target`) in `fn` compiled for
+    the mesh's GPU."""
     with jax.set_mesh(mesh):
         text = jax.jit(fn).lower(*shapes).compile().as_text()
     return sorted(
         re.search(r"moejax_\w+|pallas_call", line.split('op_name="', 1)[1]).group()
         for line in text.splitlines()
-        if TRITON_CALL in line
+        if target in line
     )
 
 
@@ -68,15 +70,28 @@ def _gmm_operands(shape, dtype):
     )
 
 
+def _gmm_value_and_grads(lhs, rhs, sizes):
+    loss = lambda a, b: jnp.sum(gmm(a, b, sizes, impl="auto").astype(jnp.float32))
+    return jax.value_and_grad(loss, argnums=(0, 1))(lhs, rhs)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", GMM_SHAPES)
-def test_gmm_forward_and_backward_compile_to_the_triton_kernels(h100_mesh, shape, dtype):
-    def value_and_grads(lhs, rhs, sizes):
-        loss = lambda a, b: jnp.sum(gmm(a, b, sizes, impl="auto").astype(jnp.float32))
-        return jax.value_and_grad(loss, argnums=(0, 1))(lhs, rhs)
-
-    names = _kernel_names(value_and_grads, h100_mesh, *_gmm_operands(GMM_SHAPES[shape], dtype))
+def test_gmm_on_hopper_compiles_to_the_mosaic_gpu_kernels_only(h100_mesh, shape, dtype):
+    operands = _gmm_operands(GMM_SHAPES[shape], dtype)
+    names = _kernel_names(_gmm_value_and_grads, h100_mesh, *operands, target=MOSAIC_GPU_CALL)
     # The forward, the lhs gradient (gmm against rhs transposed) and the rhs gradient (tgmm).
+    assert names == ["moejax_gmm_mosaic", "moejax_gmm_mosaic", "moejax_tgmm_mosaic"]
+    assert _kernel_names(_gmm_value_and_grads, h100_mesh, *operands) == []  # no Triton call
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GMM_SHAPES)
+def test_gmm_on_a100_compiles_to_the_triton_kernels_that_fit_it(shape, dtype):
+    """Mosaic GPU does not serve the A100 (no WGMMA): the Triton kernels, sized to its 163 KiB
+    of shared memory per block."""
+    mesh = _mesh(gpu_chips.GPU_CHIPS["a100"])
+    names = _kernel_names(_gmm_value_and_grads, mesh, *_gmm_operands(GMM_SHAPES[shape], dtype))
     assert names == ["moejax_gmm", "moejax_gmm", "moejax_tgmm"]
 
 

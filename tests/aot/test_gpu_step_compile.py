@@ -1,6 +1,7 @@
 """The train steps of configs/default.py and configs/moe_1b.py compile for a node of 8 H100s,
-data parallel and expert parallel, fit the GPUs' memory, run our Triton kernels and exchange
-tokens by all-to-all wherever experts are sharded.
+data parallel and expert parallel, fit the GPUs' memory, run our Mosaic GPU grouped-matmul
+kernels (Hopper's; no Triton kernel) and exchange tokens by all-to-all wherever experts are
+sharded.
 
 Compiled ahead of time on this CPU machine with jax's CUDA plugin (`moejax.aot.compile_step`,
 topology "h100:8"): the step that failed on a real H100 node with "Shared memory size limit
@@ -64,11 +65,12 @@ def _parameter_bytes_per_device(config, expert_shards: int) -> int:
 
 
 def _kernel_calls(text: str) -> list[str]:
-    """The moejax Pallas kernels among the program's Triton custom calls, by name."""
+    """The moejax Pallas kernels among the program's Mosaic GPU and Triton custom calls."""
+    targets = ('custom_call_target="mosaic_gpu_v2"', 'custom_call_target="__gpu$xla.gpu.triton"')
     return [
         re.search(r"moejax_\w+", line).group()
         for line in text.splitlines()
-        if 'custom_call_target="__gpu$xla.gpu.triton"' in line and "moejax_" in line
+        if any(target in line for target in targets) and "moejax_" in line
     ]
 
 
@@ -81,9 +83,11 @@ def test_step_compiles_for_8_h100_fits_and_exchanges_as_its_mesh_calls_for(name)
     assert report.memory.total > 0 and report.fits, report.format()
     calls = _kernel_calls(report.hlo_text)
     layers = config.model.num_layers
-    # Each MoE layer: three gmms forward (gate, up, down), and per gmm a gmm and a tgmm backward.
-    assert calls.count("moejax_tgmm") == 3 * layers, calls
-    assert calls.count("moejax_gmm") == 6 * layers, calls
+    # Each MoE layer: three gmms forward (gate, up, down), and per gmm a gmm and a tgmm backward,
+    # all Mosaic GPU kernels on Hopper (no Triton kernel: no deprecated backend).
+    assert calls.count("moejax_tgmm_mosaic") == 3 * layers, calls
+    assert calls.count("moejax_gmm_mosaic") == 6 * layers, calls
+    assert len(calls) == 9 * layers, calls
     totals = hlo.bytes_by_kind(report.collectives)
     ragged = sum(c.executions for c in hlo.of_kind(report.collectives, "ragged-all-to-all"))
     padded = sum(c.executions for c in hlo.of_kind(report.collectives, "all-to-all"))

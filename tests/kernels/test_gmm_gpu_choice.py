@@ -14,6 +14,7 @@ from kernels_pallas import gmm
 from kernels_pallas.grouped_matmul import resolve_impl
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
+MOSAIC_GPU_CALL = "mosaic_gpu_v2"
 RAGGED_DOT_OP = re.compile(r"\b(chlo|stablehlo)\.ragged_dot")
 H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
 GPU_MESH = AbstractMesh((1,), ("x",), (AxisType.Auto,), abstract_device=H100)
@@ -31,7 +32,10 @@ def _gpu_module(impl: str) -> str:
         exported = export.export(
             jax.jit(lambda lhs, rhs, sizes: gmm(lhs, rhs, sizes, impl=impl)),
             platforms=["cuda"],
-            disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+            disabled_checks=[
+                export.DisabledSafetyCheck.custom_call(call)
+                for call in (TRITON_CALL, MOSAIC_GPU_CALL)
+            ],
         )(*OPERANDS)
     return exported.mlir_module()
 
@@ -42,9 +46,10 @@ def test_auto_is_the_pallas_kernel_on_gpu_and_xla_tiled_on_cpu():
     assert resolve_impl("auto") == "xla_tiled"
 
 
-def test_auto_on_gpu_compiles_to_the_kernel_without_ragged_dot():
+def test_auto_on_hopper_is_the_mosaic_gpu_kernel_without_ragged_dot():
     module = _gpu_module("auto")
-    assert f"stablehlo.custom_call @{TRITON_CALL}" in module
+    assert f"stablehlo.custom_call @{MOSAIC_GPU_CALL}" in module
+    assert TRITON_CALL not in module
     assert not RAGGED_DOT_OP.search(module)
 
 
