@@ -8,7 +8,8 @@ validation loss, bits per byte, perplexity and per-layer routing statistics to
 DIR/eval/step_<N>.json. It reads checkpoints without taking the training lock (it may run beside
 train.py) and never creates or deletes anything under DIR/checkpoints. A damaged --step N is an
 error, not a substitution. Several processes evaluate together as they train together (the
-flags of moejax/distributed.py); process 0 prints and writes. Processes started with different
+flags of moejax/parallel/distributed.py); process 0 prints and writes. Processes started with
+different
 flags or code all exit with status 2 before reading anything, naming each flag that differs.
 """
 
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from moejax import cli, distributed
+from moejax import cli
 from moejax import config as config_lib
+from moejax.parallel import distributed
 
 
 def main(argv: list[str]) -> int:

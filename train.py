@@ -8,7 +8,8 @@ A config file says what it runs with a module-level `TASK` (one of `TASKS` at th
 file): none trains the language model; `TASK = "lottery"` runs the lottery-ticket experiment.
 
 Several processes (a multi-host TPU slice, a SLURM job, or `--coordinator_address HOST:PORT
---num_processes N --process_id I` on each) train one run together: see moejax/distributed.py.
+--num_processes N --process_id I` on each) train one run together: see
+moejax/parallel/distributed.py.
 Starting again in the same workdir resumes from its newest usable checkpoint. SIGTERM or
 SIGINT saves the step in progress, waits for the save, and exits with status 0. One train.py
 at a time may use a workdir. Input errors print one paragraph and exit with status 2; so do
@@ -23,8 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from moejax import cli, distributed
+from moejax import cli
 from moejax import config as config_lib
+from moejax.parallel import distributed
 
 
 def main(argv: list[str]) -> int:

@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from moejax import expert_parallel, moe, sharding
+from moejax import expert_parallel, moe
+from moejax.parallel import sharding
 
 ZIPF_S = 1.2
 TOP_K = 2

@@ -19,7 +19,8 @@ and the weights expert-sharded as the train step lays them out:
 Routing: "uniform" draws every assignment's expert uniformly; "zipf" draws it from a Zipf law
 (s = 1.2) over the experts, so expert 0's shard receives most rows. Top-k experts are distinct per
 token; nothing is dropped on either path. Per row: bytes the collectives produce per step on one
-device (`moejax.hlo.bytes_by_kind`, summed; see there what a byte counts), the step time (median
+device (`moejax.parallel.hlo.bytes_by_kind`, summed; see there what a byte counts), the step time
+(median
 of `--repeats` after a warm-up), and the load of the expert shards: the max over shards of the
 rows a shard's grouped matmuls compute (`expert_parallel.shard_loads`, the same plan the step
 runs), over the mean; the worst group of devices that exchange among themselves. The
@@ -55,8 +56,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from moejax import expert_parallel, hlo, llep, moe, sharding  # noqa: E402
-from moejax.routing import Routing  # noqa: E402
+from moejax import expert_parallel, llep, moe  # noqa: E402
+from moejax.parallel import hlo, sharding  # noqa: E402
+from moejax.routers.base import Routing  # noqa: E402
 
 TOKENS, D_MODEL, D_FF, NUM_EXPERTS, TOP_K = 4096, 256, 512, 16, 2
 ZIPF_S = 1.2

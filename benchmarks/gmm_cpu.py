@@ -27,7 +27,8 @@ import numpy as np
 from kernels_pallas import gmm
 from kernels_pallas.grouped_matmul.xla_tiled import default_tile_m
 from moejax.moe import init_expert_params, moe_ffn
-from moejax.routing import Routing, softmax_top_k
+from moejax.routers.base import Routing
+from moejax.routers.softmax_top_k import softmax_top_k
 
 # (m, k, n, num_groups)
 GMM_CASES = ((8192, 128, 256, 4), (8192, 512, 1024, 8), (32768, 512, 128, 64))

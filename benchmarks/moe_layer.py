@@ -15,7 +15,7 @@ with respect to x, the expert parameters and the router logits, for these paths:
       outside the top-k;
   and the default `moe_ffn(strategy="dropless", gmm_impl="auto")`.
 
-Every MoE path routes inside the step with `moejax.routing.softmax_top_k` on seeded random
+Every MoE path routes inside the step with `moejax.routers.softmax_top_k` on seeded random
 logits plus a per-expert bias, so experts are unevenly loaded as in a trained router. Every path
 takes the same arguments, all experts' weights included, and returns gradients of the same
 shapes, so the argument and output buffers are equal across rows and peak memory differs only by
@@ -48,7 +48,8 @@ import numpy as np
 
 from kernels_pallas.grouped_matmul.ops import resolve_impl
 from moejax.moe import ExpertParams, expert_capacity, init_expert_params, moe_ffn
-from moejax.routing import routing_statistics, softmax_top_k
+from moejax.routers.base import routing_statistics
+from moejax.routers.softmax_top_k import softmax_top_k
 
 # (tokens, d_model, d_ff, num_experts, top_k); the first is the case the timing targets name.
 CASES = ((4096, 512, 1024, 8, 2), (4096, 512, 128, 64, 8))

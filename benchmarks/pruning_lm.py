@@ -35,9 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from moejax import cli, sharding  # noqa: E402
+from moejax import cli  # noqa: E402
 from moejax import config as config_lib  # noqa: E402
 from moejax.config import Config  # noqa: E402
+from moejax.parallel import sharding  # noqa: E402
 from moejax.pruning import apply_masks  # noqa: E402
 from moejax.pruning import lm as prune_lm  # noqa: E402
 from moejax.training import corpus  # noqa: E402

@@ -59,7 +59,7 @@ ROUTER_VARIANTS: dict[str, Callable[[ModelConfig], list[str]]] = {
         "model.router.load_balance_weight=0",
     ],
     "cosine": lambda model: ["model.router.name=cosine"],
-    "hash": lambda model: ["model.router.name=hash"],
+    "hash_layer": lambda model: ["model.router.name=hash_layer"],
     "random_fixed": lambda model: ["model.router.name=random_fixed"],
     # Parameter-free: there are no router logits to balance or to keep small.
     "kmeans": lambda model: [

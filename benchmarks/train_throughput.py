@@ -41,7 +41,7 @@ def measure(config_path: str, overrides: list[str], steps: int) -> dict:
     import jax
 
     from moejax import config as config_lib
-    from moejax import sharding
+    from moejax.parallel import sharding
     from moejax.training import corpus
     from moejax.training import state as state_lib
     from moejax.training.step import global_batch, make_train_step

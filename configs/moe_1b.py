@@ -13,7 +13,7 @@ Active per token: 253,298,688 (everything but 30 of each layer's 32 experts).
 
 Experts are sharded over mesh.expert=8 by default (dropless dispatch then exchanges tokens
 between the expert shards); the rest of the devices split the batch. It is meant for
-`python -m moejax.aot --config configs/moe_1b.py --topology v5p:4x4x4` (a v5p-64), where
+`python -m moejax.training.aot --config configs/moe_1b.py --topology v5p:4x4x4` (a v5p-64), where
 it compiles in the README's table; training it on the Shakespeare corpus is possible but
 pointless.
 """

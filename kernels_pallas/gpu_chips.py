@@ -6,7 +6,8 @@ tiles for us. The kernels therefore read the chip they are traced for (`target_c
 kind of the ambient mesh, else of the default device) and size their tiles to its limits.
 
 The same table describes the chips to XLA when compiling for a GPU node without a GPU
-(`moejax.aot`, `target_config`): the numbers are the vendor's published ones, as the CUDA driver
+(`moejax.parallel.aot`, `target_config`): the numbers are the vendor's published ones, as the CUDA
+driver
 reports them (`cudaDeviceProp`), not copied from any compiler's files.
 
 A GPU the table does not know gets `FALLBACK_CHIP`'s limits, the smallest shared memory of the

@@ -2,7 +2,8 @@
 
 `jax.default_backend()` names where this process runs arrays, which is not always where the code
 being traced will run: a step compiled ahead of time for a TPU topology on a CPU machine
-(`moejax.aot`) is traced with CPU as the default backend but for TPU devices. The devices of
+(`moejax.parallel.aot`) is traced with CPU as the default backend but for TPU devices. The devices
+of
 the mesh the code is traced under say which, so implementation choices ("auto") and the
 "pallas" refusal on CPU follow the mesh when there is one.
 """

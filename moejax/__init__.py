@@ -10,8 +10,9 @@ The layers are Flax NNX modules whose math lives in pure functions:
 
 Subpackages: `routers` (one file per router, `RouterSpec` registry), `moe` (dispatch: capacity,
 dropless, expert-parallel), `sparse_attention` (block masks, MoBA, routing), `pruning` (masks,
-schedules, the optax wrapper, N:M), `depth` (mixture-of-depths, layer routers), `sharding`
-(logical axes and meshes), `config` (the typed experiment config of `train.py`).
+schedules, the optax wrapper, N:M), `depth` (mixture-of-depths, layer routers), `parallel`
+(meshes and logical axes, several processes, ahead-of-time compiles), `config` (the typed
+experiment config of `train.py`).
 """
 
 # First, before anything imports JAX: glibc malloc settings that XLA:CPU's per-step temporaries
@@ -29,9 +30,9 @@ from moejax import (
     errors,
     metrics,
     moe,
+    parallel,
     pruning,
     routers,
-    sharding,
     sparse_attention,
 )
 from moejax.attention import Attention
@@ -72,8 +73,8 @@ __all__ = [
     "masks",
     "metrics",
     "moe",
+    "parallel",
     "pruning",
     "routers",
-    "sharding",
     "sparse_attention",
 ]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.errors import require
-from moejax.sharding import constrain, param
+from moejax.parallel.sharding import constrain, param
 
 
 def check_hidden(layer: str, x: jax.Array, d_model: int) -> None:

@@ -140,7 +140,7 @@ def evaluate_workdir(
     checkpoints is created, moved or deleted, and no lock is taken.
     """
     from moejax import config as config_lib
-    from moejax import sharding
+    from moejax.parallel import sharding
     from moejax.training import corpus
     from moejax.training import state as state_lib
     from moejax.training.checkpoint import CheckpointError

@@ -45,7 +45,8 @@ from jax.sharding import PartitionSpec
 from kernels_pallas import gmm
 from kernels_pallas.platform import target_platform
 from kernels_pallas.varying import vary_together
-from moejax import llep, sharding
+from moejax import llep
+from moejax.parallel import sharding
 
 EXCHANGES = ("auto", "ragged", "padded")
 # "none": plain expert parallelism; "llep": Least-Loaded Expert Parallelism (`moejax.llep`).

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.routing import Routing, routing_statistics
+from moejax.routers.base import Routing, routing_statistics
 
 
 def active_slots(expert_index: jax.Array, combine_weights: jax.Array) -> jax.Array:

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import gmm
-from moejax import expert_parallel, sharding
+from moejax import expert_parallel
+from moejax.parallel import sharding
 from moejax.routers.base import Routing, expert_capacity
 
 ExpertParams = dict[str, jax.Array]
@@ -318,7 +319,7 @@ def moe_ffn(
 
     Args:
       x: [tokens, d_model].
-      routing: from a router in `moejax.routing` or `moejax.routers`.
+      routing: from a router in `moejax.routers`.
       expert_params: see the module docstring.
       strategy: one of `DISPATCH_STRATEGIES`. Traced under a mesh of several devices, "dropless"
         and "expert_parallel" run inside `jax.shard_map` (`expert_parallel.sharded_dropless`),

@@ -8,8 +8,8 @@ import math
 
 from moejax.config.model import ModelConfig
 from moejax.errors import require_config, require_positive
+from moejax.parallel.sharding import MESH_AXES
 from moejax.pruning.config import LMPruningConfig
-from moejax.sharding import MESH_AXES
 from moejax.sparse_attention.options import AttentionOptions
 
 

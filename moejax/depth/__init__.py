@@ -13,7 +13,7 @@ All are pure functions around a caller's `block_fn`, so the transformer can wrap
 Contract for `block_fn`: it receives `[batch, n, d_model]` tokens and returns the block's
 residual *update* (what the block adds to its input), same shape. Causal masking inside the
 tokens it is given is the block's job; routing decides only which tokens it is given.
-Routing math runs in float32 whatever the activation dtype, as in `moejax.routing`.
+Routing math runs in float32 whatever the activation dtype, as in `moejax.routers`.
 """
 
 from moejax.depth.halting import (

@@ -1,19 +1,15 @@
 """Feed-forward building blocks: RMSNorm and a dense SwiGLU MLP.
 
-The mixture-of-experts layer lives in `moejax.models.moe_layer` and the `RouterState` variable
-type in `moejax.routers.base`; both are re-exported at the end of this module so older imports
-keep working.
+The mixture-of-experts layer is `moejax.models.moe_layer`.
 """
 
 from __future__ import annotations
-
-import importlib
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.sharding import param
+from moejax.parallel.sharding import param
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -78,20 +74,3 @@ class MLP(nnx.Module):
             self.w_up[...].astype(dt),
             self.w_down[...].astype(dt),
         )
-
-
-_MOVED = {
-    "ROUTING_TRACE_KEYS": "moejax.models.moe_layer",
-    "MoELayer": "moejax.models.moe_layer",
-    "MoEOptions": "moejax.models.moe_layer",
-    "RouterContext": "moejax.models.moe_layer",
-    "RouterState": "moejax.routers.base",
-}
-
-
-def __getattr__(name: str):
-    """Names that moved out of this module, looked up on first use: `moe_layer` imports this
-    module, so importing it back at the top would be circular."""
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

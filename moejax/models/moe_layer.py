@@ -20,8 +20,8 @@ from moejax.attention import check_hidden
 from moejax.config import MoEConfig, RouterConfig
 from moejax.errors import require
 from moejax.models.layers import dense_init
+from moejax.parallel.sharding import constrain, param
 from moejax.routers.base import ROUTER_INIT_STD, RouterState
-from moejax.sharding import constrain, param
 
 # Per-token entries of a MoE layer's aux dict: read by evaluation, not averaged into metrics.
 ROUTING_TRACE_KEYS = ("top1_expert",)

@@ -19,8 +19,8 @@ from moejax.attention import Attention
 from moejax.config import ModelConfig
 from moejax.models.layers import MLP, RMSNorm
 from moejax.models.moe_layer import MoELayer, RouterContext
+from moejax.parallel.sharding import constrain, param
 from moejax.routers.dynamic import capacity_schedule
-from moejax.sharding import constrain, param
 from moejax.sparse_attention import AttentionOptions, SparseAttention
 
 ACTIVATION = ("batch", "length", "activation_embed")

@@ -2,7 +2,7 @@
 
 A mask tree has exactly the structure and shapes of the params tree (bool or the params'
 dtype), non-prunable parameters included (all True). Same structure means the optimizer-state
-sharding rule (`moejax.sharding.like_params`) shards masks like the parameters they mask.
+sharding rule (`moejax.parallel.sharding.like_params`) shards masks like the parameters they mask.
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ from moejax.routers import (
     bias_balanced,
     cosine,
     expert_choice,
-    hash,
+    hash_layer,
     kmeans,
-    noisy,
+    noisy_top_k,
     random_fixed,
     recurrent,
     relu_rmsnorm,
@@ -23,33 +23,20 @@ from moejax.routers import (
     sinkhorn,
     top_p,
 )
-from moejax.routers.attention_aware import attention_aware_router
 from moejax.routers.base import ROUTERS, RouterSpec, RouterStateSpec, Routing, get, register
-from moejax.routers.dynamic import capacity_schedule
-from moejax.routers.hash import hash_router
-from moejax.routers.noisy import noisy_top_k
-from moejax.routers.similarity_aware import similarity_aware_router
-from moejax.routers.sinkhorn import sinkhorn as sinkhorn_router
-from moejax.routers.sinkhorn import sinkhorn_log_plan
-from moejax.routers.top_p import active_experts, top_p_router
 
 __all__ = [
     "ROUTERS",
     "RouterSpec",
     "RouterStateSpec",
     "Routing",
-    "active_experts",
     "attention_aware",
-    "attention_aware_router",
     "bias_balanced",
-    "capacity_schedule",
     "cosine",
     "expert_choice",
     "get",
-    "hash",
-    "hash_router",
+    "hash_layer",
     "kmeans",
-    "noisy",
     "noisy_top_k",
     "random_fixed",
     "recurrent",
@@ -57,11 +44,7 @@ __all__ = [
     "relu_rmsnorm",
     "selective_sinkhorn",
     "similarity_aware",
-    "similarity_aware_router",
     "sinkhorn",
-    "sinkhorn_log_plan",
-    "sinkhorn_router",
     "softmax_top_k",
     "top_p",
-    "top_p_router",
 ]

@@ -1,9 +1,10 @@
 """Random-fixed routing: experts fixed per token id by a seeded random table (the "random-fixed"
-baseline of "Equifinality in Mixture of Experts"); the table is in `moejax.routers.hashing`.
+baseline of "Equifinality in Mixture of Experts"); the table is in `moejax.routers._hashing`.
 """
 
 import jax
 
+from moejax.routers._hashing import fixed_routing, random_fixed_table
 from moejax.routers.base import (
     RouterSpec,
     Routing,
@@ -13,7 +14,6 @@ from moejax.routers.base import (
     register,
     require,
 )
-from moejax.routers.hashing import fixed_routing, random_fixed_table
 
 
 def random_fixed(

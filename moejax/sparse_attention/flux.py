@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from moejax.sharding import param
+from moejax.parallel.sharding import param
 
 ROUTER_NAME = "flux_router"
 

@@ -22,8 +22,8 @@ from moejax.attention import (
     init_projections,
     rotary_angles,
 )
+from moejax.parallel.sharding import constrain, param
 from moejax.routers.base import RouterState
-from moejax.sharding import constrain, param
 from moejax.sparse_attention import masks, sharded_kernel
 from moejax.sparse_attention.bilevel import bilevel_select
 from moejax.sparse_attention.dynamic_mask import (

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec
 
 import kernels_pallas
 from kernels_pallas.block_sparse_attention import mask_info
-from moejax.sharding import kernel_mesh, logical_to_mesh
+from moejax.parallel.sharding import kernel_mesh, logical_to_mesh
 
 
 def _free_axes(mesh: jax.sharding.AbstractMesh, axes: Any) -> tuple[str, ...]:
@@ -68,7 +68,7 @@ def block_sparse_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, block_mask: Any, **kernel_args: Any
 ) -> jax.Array:
     """`kernels_pallas.block_sparse_attention` with the same arguments, inside `jax.shard_map`
-    over `moejax.sharding.kernel_mesh()` when there is one, called directly otherwise.
+    over `moejax.parallel.sharding.kernel_mesh()` when there is one, called directly otherwise.
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
     block_mask: [batch or 1, heads or 1, q_blocks, kv_blocks]. Returns the shape of q.

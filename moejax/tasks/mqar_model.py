@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.models.layers import MLP, RMSNorm
-from moejax.sharding import param
+from moejax.parallel.sharding import param
 from moejax.sparse_attention import AttentionOptions, SparseAttention
 
 

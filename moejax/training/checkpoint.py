@@ -13,7 +13,7 @@ process 0 writes the data-iterator state, which must be the same on every proces
 whether each checkpoint is usable (one whose shards fail to read on one process only is skipped
 by all), so they never resume from different steps, and only process 0 moves damaged steps
 aside. A disagreement they cannot resolve is a `DistributedError` on every process
-(`moejax.distributed.Agreement`).
+(`moejax.parallel.distributed.Agreement`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from moejax import distributed
 from moejax.errors import UserError
+from moejax.parallel import distributed
 
 log = logging.getLogger(__name__)
 

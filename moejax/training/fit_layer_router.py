@@ -38,9 +38,9 @@ from moejax.depth.layer_router import (
     layer_router_logits,
     layer_router_loss,
 )
-from moejax.models.layers import RouterContext
+from moejax.models.moe_layer import RouterContext
 from moejax.models.transformer import ACTIVATION, TransformerLM
-from moejax.sharding import constrain
+from moejax.parallel.sharding import constrain
 
 # The variables the fit may change: every block's layer-router weights and nothing else.
 ROUTER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("layer_router"))

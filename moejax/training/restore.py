@@ -19,8 +19,8 @@ import jax
 from flax import nnx
 
 from moejax import config as config_lib
-from moejax import sharding
-from moejax.models.layers import RouterState
+from moejax.parallel import sharding
+from moejax.routers.base import RouterState
 from moejax.training import corpus
 from moejax.training import state as state_lib
 from moejax.training import workdir as workdir_lib

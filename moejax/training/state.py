@@ -16,12 +16,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moejax import sharding
 from moejax.config import Config, ConfigError, ModelConfig, TrainConfig
-from moejax.models.layers import RouterState
 from moejax.models.transformer import TransformerLM
+from moejax.parallel import sharding
 from moejax.pruning.config import PruningConfig, wrap_optimizer
 from moejax.pruning.lm import LMPruning, deployed_params
+from moejax.routers.base import RouterState
 from moejax.sparse_attention.options import AttentionOptions
 
 # {"step": int32 [], "params": pure dict, "opt_state": optax state} and, for routers with

@@ -11,8 +11,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moejax import sharding
-from moejax.models.layers import ROUTING_TRACE_KEYS, RouterState
+from moejax.models.moe_layer import ROUTING_TRACE_KEYS
+from moejax.parallel import sharding
+from moejax.routers.base import RouterState
 from moejax.training.state import ModelSpec, StateLayout, TrainState
 
 Batch = dict[str, jax.Array]  # {"inputs": [batch, length] int32, "targets": [batch, length]}

@@ -1,4 +1,5 @@
-"""`python -m moejax.aot`: a report and status 0 when the step fits, status 1 when it does not,
+"""`python -m moejax.training.aot`: a report and status 0 when the step fits, status 1 when it does
+not,
 one line and status 2 for a topology or config it cannot compile for."""
 
 import pathlib
@@ -9,14 +10,14 @@ import pytest
 
 pytest.importorskip("libtpu", reason="compiling for a TPU topology needs libtpu ([tpu] extra)")
 
-from moejax import hlo  # noqa: E402
+from moejax.parallel import hlo  # noqa: E402
 
 ROOT = pathlib.Path(__file__).parents[2]
 
 
 def _aot(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "moejax.aot", *args],
+        [sys.executable, "-m", "moejax.training.aot", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

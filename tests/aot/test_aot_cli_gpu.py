@@ -1,4 +1,5 @@
-"""`python -m moejax.aot --topology h100:8`: the GPU report, and one line with exit 2 for a GPU
+"""`python -m moejax.training.aot --topology h100:8`: the GPU report, and one line with exit 2 for
+a GPU
 topology it cannot compile for."""
 
 import pathlib
@@ -9,14 +10,14 @@ import pytest
 
 pytest.importorskip("jax_plugins.xla_cuda12", reason="GPU compiles need the [cuda-aot] extra")
 
-from moejax import hlo  # noqa: E402
+from moejax.parallel import hlo  # noqa: E402
 
 ROOT = pathlib.Path(__file__).parents[2]
 
 
 def _aot(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "moejax.aot", *args],
+        [sys.executable, "-m", "moejax.training.aot", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -2,7 +2,8 @@
 tgmm, in bfloat16 and float32, at the shapes the configs use; and the shared memory they ask for
 is what their pipeline depth was chosen by.
 
-Compiled ahead of time on this CPU machine with jax's CUDA plugin (`moejax.aot`, no GPU): Mosaic
+Compiled ahead of time on this CPU machine with jax's CUDA plugin (`moejax.parallel.aot`, no GPU):
+Mosaic
 GPU lowers each kernel for sm_90a here, so an operand layout WGMMA does not take ("Only f16
 WGMMA supports transposes") or a kernel over the chip's shared memory fails here, not on a
 rented node.
@@ -23,7 +24,7 @@ from jax.experimental.mosaic.gpu.core import artificial_shared_memory_limit  # n
 from kernels_pallas import gpu_chips  # noqa: E402
 from kernels_pallas.grouped_matmul import mosaic_gpu  # noqa: E402
 from kernels_pallas.grouped_matmul import tiling as tiling_lib  # noqa: E402
-from moejax import aot, sharding  # noqa: E402
+from moejax.parallel import aot, sharding  # noqa: E402
 
 MOSAIC_GPU_CALL = 'custom_call_target="mosaic_gpu_v2"'
 TRITON_CALL = 'custom_call_target="__gpu$xla.gpu.triton"'

@@ -2,7 +2,8 @@
 bfloat16, at the shapes the configs use; and the shared memory they ask for stays under the bound
 their tiles were chosen by.
 
-Compiled ahead of time on this CPU machine with jax's CUDA plugin (`moejax.aot.parse_topology`,
+Compiled ahead of time on this CPU machine with jax's CUDA plugin
+(`moejax.parallel.aot.parse_topology`,
 no GPU): Triton generates the kernels for sm_90 and ptxas assembles them, so a tile too large for
 the chip's shared memory fails here, not on a rented node.
 """
@@ -24,7 +25,7 @@ from kernels_pallas.block_sparse_attention import gpu as attention_gpu  # noqa: 
 from kernels_pallas.block_sparse_attention.spec import AttentionSpec  # noqa: E402
 from kernels_pallas.grouped_matmul import gpu as gmm_gpu  # noqa: E402
 from kernels_pallas.grouped_matmul import tiling as tiling_lib  # noqa: E402
-from moejax import aot, sharding  # noqa: E402
+from moejax.parallel import aot, sharding  # noqa: E402
 
 TRITON_CALL = 'custom_call_target="__gpu$xla.gpu.triton"'
 MOSAIC_GPU_CALL = 'custom_call_target="mosaic_gpu_v2"'

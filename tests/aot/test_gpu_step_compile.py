@@ -3,7 +3,8 @@ data parallel and expert parallel, fit the GPUs' memory, run our Mosaic GPU grou
 kernels (Hopper's; no Triton kernel) and exchange tokens by all-to-all wherever experts are
 sharded.
 
-Compiled ahead of time on this CPU machine with jax's CUDA plugin (`moejax.aot.compile_step`,
+Compiled ahead of time on this CPU machine with jax's CUDA plugin
+(`moejax.training.aot.compile_step`,
 topology "h100:8"): the step that failed on a real H100 node with "Shared memory size limit
 exceeded" fails here first. moe_1b runs with 2 of its 16 layers and one sequence per GPU, which
 keeps every shape of the model and compiles in a fraction of the time (the README's table has
@@ -19,8 +20,9 @@ import pytest
 
 pytest.importorskip("jax_plugins.xla_cuda12", reason="GPU compiles need the [cuda-aot] extra")
 
-from moejax import aot, hlo  # noqa: E402
 from moejax import config as config_lib  # noqa: E402
+from moejax.parallel import hlo  # noqa: E402
+from moejax.training.aot import compile_step  # noqa: E402
 from moejax.training.state import model_spec  # noqa: E402
 
 TOPOLOGY = "h100:8"
@@ -77,7 +79,7 @@ def _kernel_calls(text: str) -> list[str]:
 @pytest.mark.parametrize("name", STEPS)
 def test_step_compiles_for_8_h100_fits_and_exchanges_as_its_mesh_calls_for(name):
     config = _config(name)
-    report = aot.compile_step(config, TOPOLOGY)
+    report = compile_step(config, TOPOLOGY)
     assert (report.platform, report.num_devices) == ("gpu", 8)
     assert report.device_kind == "NVIDIA H100 80GB HBM3"
     assert report.memory.total > 0 and report.fits, report.format()

@@ -1,4 +1,5 @@
-"""moejax.hlo reads the collectives of real compiled programs: kinds, shapes, bytes, counts.
+"""moejax.parallel.hlo reads the collectives of real compiled programs: kinds, shapes, bytes,
+counts.
 
 The CPU programs run on the eight fake devices of tests/conftest.py. XLA:CPU compiles every
 collective synchronously and in float32, so the asynchronous `-start` / `-done` forms and bf16
@@ -13,7 +14,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moejax import hlo
+from moejax.parallel import hlo
 
 
 def _compiled_text(body, mesh, *shapes, out_specs) -> str:

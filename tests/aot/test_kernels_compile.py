@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("libtpu", reason="compiling for a TPU topology needs libtpu ([tpu] extra)")
 
 from kernels_pallas import block_sparse_attention, gmm  # noqa: E402
-from moejax import aot, sharding  # noqa: E402
+from moejax.parallel import aot, sharding  # noqa: E402
 
 TOPOLOGIES = ("v5e:1x1", "v5p:1x1x1", "v6e:1x1")
 GMM_M, GMM_K, GMM_N = 16384, 4096, 4096

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 pytest.importorskip("libtpu", reason="compiling for a TPU topology needs libtpu ([tpu] extra)")
 
 from kernels_pallas import block_sparse_attention, gmm  # noqa: E402
-from moejax import aot, sharding  # noqa: E402
+from moejax.parallel import aot, sharding  # noqa: E402
 
 BATCH, LENGTH, HEADS, HEAD_DIM, BLOCK = 8, 1024, 4, 128, 128
 

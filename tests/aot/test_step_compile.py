@@ -1,7 +1,7 @@
 """The default model's train step compiles for a v5p-8 (v5p:2x2x2) on five meshes, with the
 communication each mesh calls for.
 
-Compiled ahead of time on this CPU machine with libtpu (`moejax.aot.compile_step`), Pallas
+Compiled ahead of time on this CPU machine with libtpu (`moejax.training.aot.compile_step`), Pallas
 kernels included: a step that only XLA:CPU can partition, or one that silently gathers every
 expert onto every chip, fails here instead of on a pod. Each configuration compiles once per
 session, and one test reads its report.
@@ -16,9 +16,10 @@ import pytest
 
 pytest.importorskip("libtpu", reason="compiling for a TPU topology needs libtpu ([tpu] extra)")
 
-from moejax import aot, hlo, sharding  # noqa: E402
 from moejax import config as config_lib  # noqa: E402
 from moejax.config import Config  # noqa: E402
+from moejax.parallel import aot, hlo, sharding  # noqa: E402
+from moejax.training.aot import compile_step  # noqa: E402
 from moejax.training.state import model_spec  # noqa: E402
 
 TOPOLOGY = "v5p:2x2x2"
@@ -49,7 +50,7 @@ def compiled_step():
     def get(name: str) -> aot.CompiledReport:
         if name not in reports:
             try:
-                reports[name] = aot.compile_step(_config(name), TOPOLOGY)
+                reports[name] = compile_step(_config(name), TOPOLOGY)
             except Exception as error:
                 reports[name] = error
         if isinstance(reports[name], Exception):

@@ -4,7 +4,7 @@ import pytest
 
 pytest.importorskip("libtpu", reason="TPU topology descriptions need libtpu ([tpu] extra)")
 
-from moejax import aot, sharding  # noqa: E402
+from moejax.parallel import aot, sharding  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.moe import moe_ffn
-from moejax.routing import softmax_top_k
+from moejax.routers.softmax_top_k import softmax_top_k
 
 
 @functools.partial(jax.jit, static_argnames="gmm_impl")

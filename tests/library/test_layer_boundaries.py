@@ -48,7 +48,7 @@ def test_moe_layer_names_a_wrong_input_shape(x: jax.Array, got: tuple[int, ...])
 
 
 def test_hash_router_without_token_ids_says_how_to_pass_them() -> None:
-    layer, x = _moe("hash"), jnp.ones((2, 6, D_MODEL))
+    layer, x = _moe("hash_layer"), jnp.ones((2, 6, D_MODEL))
     with pytest.raises(
         ValueError,
         match=re.escape(

@@ -10,8 +10,8 @@ from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from moejax import sharding
 from moejax.models.moe_layer import MoELayer
+from moejax.parallel import sharding
 
 D_MODEL, D_FF, EXPERTS, TOP_K = 8, 16, 4, 2
 USER_RULES = (("expert", "model"), ("batch", "data"))

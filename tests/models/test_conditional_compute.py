@@ -13,10 +13,10 @@ from flax import nnx
 
 from moejax import depth
 from moejax.config import ConfigError, load_config_file, with_fields
-from moejax.models.layers import RouterContext
+from moejax.models.moe_layer import RouterContext
 from moejax.models.transformer import TransformerLM
 from moejax.routers.dynamic import capacity_schedule
-from moejax.routers.learned import gru_cell
+from moejax.routers.recurrent import gru_cell
 
 SMALL = dataclasses.replace(
     load_config_file(Path(__file__).resolve().parents[2] / "configs" / "tiny.py").model,

@@ -12,7 +12,8 @@ from flax import nnx
 
 from moejax import routers
 from moejax.config import load_config_file, with_fields
-from moejax.models.layers import MLP, MoELayer, RMSNorm, rms_norm
+from moejax.models.layers import MLP, RMSNorm, rms_norm
+from moejax.models.moe_layer import MoELayer
 from moejax.models.transformer import TransformerLM
 
 SMALL = dataclasses.replace(

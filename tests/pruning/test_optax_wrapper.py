@@ -211,7 +211,7 @@ def test_masks_get_the_shardings_of_their_params_in_the_lm_train_state():
     import dataclasses
 
     from moejax import config as config_lib
-    from moejax import sharding
+    from moejax.parallel import sharding
     from moejax.pruning import wrap_optimizer
     from moejax.training import state as state_lib
 

@@ -9,7 +9,7 @@ import pytest
 
 from moejax.moe import DISPATCH_STRATEGIES, moe_ffn
 from moejax.routers.base import ROUTERS
-from moejax.routing import get_router
+from moejax.routers.base import get as get_router_spec
 from tests.routers.routing_helpers import (
     D_MODEL,
     EXPERTS,
@@ -52,7 +52,7 @@ def test_every_router_matches_loop_reference_under_both_strategies(name: str) ->
     # Peaked rows (for top_p's single-expert tokens) next to flat ones.
     logits = normal_logits(tokens, experts, seed=2, scale=3.0)
     options = {"rng": jax.random.key(0)} if name in ("noisy_top_k", "selective_sinkhorn") else {}
-    if name in ("hash", "random_fixed"):
+    if name in ("hash_layer", "random_fixed"):
         options["token_ids"] = jnp.asarray(rng.integers(0, 256, tokens), jnp.int32)
     if name == "kmeans":
         options["hidden"] = x
@@ -65,7 +65,7 @@ def test_every_router_matches_loop_reference_under_both_strategies(name: str) ->
     if name == "bias_balanced":
         options["expert_bias"] = jnp.asarray(rng.standard_normal(experts), jnp.float32)
     static = ("top_k", "seq_len") if name == "similarity_aware" else ("top_k",)
-    routed = jit_router(get_router(name), *static)(logits, top_k=top_k, **options)
+    routed = jit_router(get_router_spec(name).route, *static)(logits, top_k=top_k, **options)
     chex.assert_shape([routed.expert_index, routed.combine_weights], (tokens, top_k))
     chex.assert_type([routed.expert_index, routed.combine_weights], [jnp.int32, jnp.float32])
     assert {"load_balance", "router_z"} <= set(routed.aux_losses)

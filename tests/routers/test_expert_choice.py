@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moejax.moe import DISPATCH_STRATEGIES, moe_ffn
-from moejax.routers.base import ROUTERS
+from moejax.routers.base import ROUTERS, Routing
+from moejax.routers.base import get as get_router_spec
 from moejax.routers.expert_choice import expert_choice, expert_choice_capacity
-from moejax.routing import Routing, get_router
 from tests.routers.routing_helpers import draw_normal, swiglu64, swiglu_params
 
 jit_moe_ffn = jax.jit(
@@ -49,7 +49,7 @@ def _active_pairs(result: Routing, num_experts: int) -> np.ndarray:
 
 def test_expert_choice_is_registered() -> None:
     assert "expert_choice" in ROUTERS
-    assert get_router("expert_choice") is expert_choice
+    assert get_router_spec("expert_choice").route is expert_choice
 
 
 @settings(max_examples=12, deadline=None)

@@ -5,8 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from moejax import routing
 from moejax.routers import graph
+from moejax.routers.base import get as get_router_spec
+from moejax.routers.softmax_top_k import softmax_top_k
 from tests.routers.routing_helpers import key_logits
 
 
@@ -32,7 +33,7 @@ def test_mix_zero_is_softmax_top_k(name):
     options = {"seq_len": 6} if name == "similarity_aware" else {}
     if name == "attention_aware":
         options["attention_probs"] = jax.nn.softmax(jax.random.normal(jax.random.key(1), (2, 6, 6)))
-    got = routing.get_router(name)(logits, top_k=2, mix=0.0, **options)
-    want = routing.softmax_top_k(logits, top_k=2)
+    got = get_router_spec(name).route(logits, top_k=2, mix=0.0, **options)
+    want = softmax_top_k(logits, top_k=2)
     np.testing.assert_array_equal(got.expert_index, want.expert_index)
     np.testing.assert_allclose(got.combine_weights, want.combine_weights, rtol=1e-6)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.routers.hash import hash_router
+from moejax.routers.hash_layer import hash_router
 from tests.routers.routing_helpers import normal_logits
 
 

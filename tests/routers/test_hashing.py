@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.routers.hash import hash_router
-from moejax.routers.hashing import hash_expert_index
+from moejax.routers._hashing import hash_expert_index
+from moejax.routers.hash_layer import hash_router
 from moejax.routers.random_fixed import random_fixed
 from tests.routers.routing_helpers import normal_logits
 

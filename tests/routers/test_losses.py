@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.routers.losses import active_load_balance_loss
-from moejax.routing import load_balance_loss, router_z_loss, softmax_top_k
+from moejax.routers.losses import active_load_balance_loss, load_balance_loss, router_z_loss
+from moejax.routers.softmax_top_k import softmax_top_k
 from tests.routers.routing_helpers import key_logits
 
 

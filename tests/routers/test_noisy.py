@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.routers.noisy import noisy_top_k
+from moejax.routers.noisy_top_k import noisy_top_k
 from moejax.routers.softmax_top_k import softmax_top_k
 from tests.routers.routing_helpers import assert_same_routing, jit_router, normal_logits
 

@@ -19,14 +19,14 @@ from moejax.routers.base import (
     get,
     register,
 )
+from moejax.routers.base import get as get_router_spec
 from moejax.routers.softmax_top_k import softmax_top_k
-from moejax.routing import get_router
 from tests.routers.layer_helpers import hidden, make_layer
 
 ROUTERS_DIR = Path(routers.__file__).parent
-# Routers whose file is named after them; noisy_top_k keeps noisy.py, whose name the
-# `moejax.routers.noisy_top_k` function export would otherwise shadow.
+# Every router's file is named after it.
 OWN_FILE = [
+    "noisy_top_k",
     "softmax_top_k",
     "top_p",
     "bias_balanced",
@@ -38,12 +38,19 @@ OWN_FILE = [
     "expert_choice",
     "sinkhorn",
     "selective_sinkhorn",
-    "hash",
+    "hash_layer",
     "random_fixed",
     "relu_rmsnorm",
 ]
 # The routers that came after softmax_top_k (the default, registered first).
-NEW_ROUTERS = ("noisy_top_k", "sinkhorn", "selective_sinkhorn", "hash", "random_fixed", "top_p")
+NEW_ROUTERS = (
+    "noisy_top_k",
+    "sinkhorn",
+    "selective_sinkhorn",
+    "hash_layer",
+    "random_fixed",
+    "top_p",
+)
 
 
 @pytest.mark.parametrize("name", sorted(ROUTERS))
@@ -130,12 +137,12 @@ def test_new_routers_are_registered_after_softmax_top_k() -> None:
     assert list(ROUTERS)[0] == "softmax_top_k"
     assert set(NEW_ROUTERS) <= set(ROUTERS)
     with pytest.raises(ValueError, match=r"allowed: softmax_top_k, .*top_p"):
-        get_router("nope")
+        get_router_spec("nope")
 
 
 def test_get_router_names_unknown_router_and_allowed() -> None:
     with pytest.raises(ValueError, match=r"router: got 'foo'; allowed: softmax_top_k, "):
-        get_router("foo")
+        get_router_spec("foo")
 
 
 def test_register_rejects_duplicate_names() -> None:

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moejax.routers.base import ROUTERS
+from moejax.routers.base import ROUTERS, Routing
+from moejax.routers.base import get as get_router_spec
 from moejax.routers.softmax_top_k import softmax_top_k
-from moejax.routing import Routing, get_router
 from tests.routers.routing_helpers import key_logits
 
 
@@ -64,7 +64,7 @@ def test_softmax_top_k_rejects_top_k_out_of_range(top_k: int) -> None:
 
 def test_softmax_top_k_is_registered_and_jits() -> None:
     assert "softmax_top_k" in ROUTERS
-    router = get_router("softmax_top_k")
+    router = get_router_spec("softmax_top_k").route
     assert router is softmax_top_k
     routing = jax.jit(router, static_argnames="top_k")(key_logits(5, 4), top_k=2)
     assert isinstance(routing, Routing)

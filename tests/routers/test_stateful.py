@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import routers, sharding
+from moejax import routers
 from moejax.config import apply_overrides, load_config_file
-from moejax.models.layers import MoELayer, RouterState
+from moejax.models.moe_layer import MoELayer
+from moejax.parallel import sharding
+from moejax.routers.base import RouterState
 from moejax.routers.bias_balanced import BIAS_UPDATE_RATE
 from moejax.routers.kmeans import CENTROID_MOMENTUM
 from moejax.training import state as state_lib

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import sharding
 from moejax.config import apply_overrides, load_config_file
+from moejax.parallel import sharding
 from moejax.routers.base import ROUTERS, RouterSpec, register
 from moejax.routers.softmax_top_k import softmax_top_k
 from moejax.training import state as state_lib

@@ -33,7 +33,8 @@ def masked_attention(q, k, v, mask, scale, bias=None):
 
 
 def rotary(x, base):
-    """Rotary positions on x [b, t, h, d] in float64, halves rotated as in moejax.attention."""
+    """Rotary positions on x [b, t, h, d] in float64, halves rotated as in
+    moejax.attention."""
     t, d = x.shape[1], x.shape[-1]
     inv_freq = base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
     angles = np.arange(t, dtype=np.float64)[:, None] * inv_freq[None, :]

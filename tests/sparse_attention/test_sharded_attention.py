@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import kernels_pallas
-from moejax.sharding import logical_axes, logical_to_mesh, make_mesh, tree_shardings
+from moejax.parallel.sharding import logical_axes, logical_to_mesh, make_mesh, tree_shardings
 from moejax.sparse_attention import AttentionOptions, SparseAttention
 from moejax.sparse_attention.sharded_kernel import attention_spec, block_sparse_attention
 

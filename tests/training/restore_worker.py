@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from moejax import distributed
+from moejax.parallel import distributed
 
 if __name__ == "__main__":
     port, process_id, workdir, step, out = sys.argv[1:6]
@@ -18,7 +18,7 @@ if __name__ == "__main__":
     import jax
 
     from moejax import config as config_lib
-    from moejax import sharding
+    from moejax.parallel import sharding
     from moejax.training import state as state_lib
     from moejax.training.restore import read_run, restore_checkpoint
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from moejax import config as config_lib
-from moejax import sharding
+from moejax.parallel import sharding
 from moejax.training import state as state_lib
 from moejax.training.checkpoint import Checkpointer
 

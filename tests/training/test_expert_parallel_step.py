@@ -8,7 +8,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moejax import config as config_lib
-from moejax import hlo, sharding
+from moejax.parallel import hlo, sharding
 from moejax.training import state as state_lib
 from moejax.training import step as step_lib
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 
 from moejax import depth
 from moejax.config import DepthConfig, ModelConfig, MoEConfig
-from moejax.models.layers import RouterContext
+from moejax.models.moe_layer import RouterContext
 from moejax.models.transformer import TransformerLM
 from moejax.training import fit_layer_router as fit
 

@@ -85,7 +85,7 @@ def test_processes_with_different_configs_and_code_all_exit_2_before_building_an
         "has 0.01; code differs between processes: moejax/moe.py: process 0 has '"
     ), line
     assert "Start every process with the same config file" in line
-    assert "moejax/distributed.py" not in line  # the same file on both
+    assert "moejax/parallel/distributed.py" not in line  # the same file on both
     assert not workdir.exists()
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from moejax import config as config_lib
-from moejax import sharding
 from moejax.evaluation import evaluate_workdir
+from moejax.parallel import sharding
 from moejax.pruning import find_prune_state, get_masks
 from moejax.pruning.dsnot import dsnot
 from moejax.pruning.lm import (

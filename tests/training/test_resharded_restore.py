@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import run_processes as processes
 
-from moejax import sharding
+from moejax.parallel import sharding
 from moejax.training import state as state_lib
 from moejax.training.loop import train
 from moejax.training.restore import restore_checkpoint

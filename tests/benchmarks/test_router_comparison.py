@@ -9,7 +9,7 @@ import sys
 import matplotlib.image
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_writes_table_json_and_curves_for_each_router(router_comparison, data_di
             "0",
             "--routers",
             "softmax_top_k",
-            "hash",
+            "hash_layer",
             "--out",
             str(out),
         ]
@@ -47,7 +47,7 @@ def test_writes_table_json_and_curves_for_each_router(router_comparison, data_di
     assert status == 0
     results = json.loads((out / "results.json").read_text())
     rows = {row["router"]: row for row in results["rows"]}
-    assert set(rows) == {"softmax_top_k", "hash"}
+    assert set(rows) == {"softmax_top_k", "hash_layer"}
     for row in rows.values():
         assert row["seeds"] == [0] and not row["errors"]
         assert math.isfinite(row["bits_per_byte_mean"])
@@ -83,9 +83,9 @@ def test_failed_router_is_reported_and_the_rest_summarised(router_comparison):
             "tokens_per_second": 100.0,
             "curve": [[0, 8.0], [10, 2.0]],
         },
-        {"router": "hash", "seed": 0, "error": "ValueError: boom"},
+        {"router": "hash_layer", "seed": 0, "error": "ValueError: boom"},
     ]
-    rows = router_comparison.summarise(runs, ["softmax_top_k", "hash"])
+    rows = router_comparison.summarise(runs, ["softmax_top_k", "hash_layer"])
     assert rows[0]["vs_softmax_top_k_percent"] == 0.0
     assert rows[1]["bits_per_byte_mean"] is None and rows[1]["errors"] == [
         "seed 0: ValueError: boom"

@@ -4,8 +4,8 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from moejax import sharding
 from moejax.config import Config, ModelConfig, MoEConfig
+from moejax.parallel import sharding
 from moejax.training import state as state_lib
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from moejax import stats
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_sample_std_divides_by_n_minus_one() -> None:

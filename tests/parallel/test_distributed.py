@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from moejax import distributed
-from moejax.distributed import ABSENT, DistributedError, Launch, flatten
+from moejax.parallel import distributed
+from moejax.parallel.distributed import ABSENT, DistributedError, Launch, flatten
 from moejax.training.workdir import WorkdirError
 
 SLURM_TWO_TASKS = {"SLURM_JOB_ID": "123", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}
@@ -84,7 +84,7 @@ def test_train_py_reports_a_bad_launch_flag_with_status_2(capsys):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "train.py"
+    path = Path(__file__).resolve().parents[2] / "train.py"
     spec = importlib.util.spec_from_file_location("moejax_train_cli", path)
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
@@ -95,7 +95,7 @@ def test_train_py_reports_a_bad_launch_flag_with_status_2(capsys):
 def _tiny(*overrides: str):
     from moejax import config as config_lib
 
-    config = config_lib.load_config_file(Path(__file__).resolve().parents[1] / "configs/tiny.py")
+    config = config_lib.load_config_file(Path(__file__).resolve().parents[2] / "configs/tiny.py")
     return config_lib.apply_overrides(config, list(overrides))
 
 
@@ -232,7 +232,10 @@ def test_an_agreement_in_one_process_only_runs_the_block():
 def test_code_version_digests_every_source_file_and_names_the_libraries():
     version = distributed.code_version()
     source = Path(distributed.__file__)
-    assert version["moejax/distributed.py"] == hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    assert (
+        version["moejax/parallel/distributed.py"]
+        == hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    )
     assert "kernels_pallas/__init__.py" in version
     assert not [name for name in version if "__pycache__" in name]
     assert version["jax"] == importlib.metadata.version("jax")

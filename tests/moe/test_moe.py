@@ -20,7 +20,8 @@ from moejax.moe import (
     expert_capacity,
     moe_ffn,
 )
-from moejax.routing import Routing, softmax_top_k
+from moejax.routers.base import Routing
+from moejax.routers.softmax_top_k import softmax_top_k
 
 # Strategy, capacity factor and kernel choice pick the program, so they are static under jit.
 jit_moe_ffn = jax.jit(moe_ffn, static_argnames=("strategy", "capacity_factor", "gmm_impl"))

@@ -1,14 +1,9 @@
-"""Compile the train step for a TPU pod or GPU nodes from a CPU machine: per-device memory,
-FLOPs, collectives.
+"""Devices that are only descriptions: TPU and GPU topologies compiled for from a CPU machine,
+and what a compiled program needs there (memory per device, FLOPs, collectives).
 
-    python -m moejax.aot --config configs/default.py --topology v5p:4x4x4 \\
-        [--config.mesh.expert=8 ...]   (overrides as for train.py)
-    python -m moejax.aot --topology h100:8          (one node of 8 H100s)
-
-XLA compiles for a description of the devices without any attached, so whether a config fits a
-v5p-64 or an H100 node and what it communicates is known before renting one. The step compiled
-is the real one (`moejax.training.step.make_train_step`): traced under a mesh of the described
-devices, the kernels choose the Pallas implementation and the tile sizes of that chip.
+XLA compiles for a description of the devices without any attached, so whether a program fits a
+v5p-64 or an H100 node and what it communicates is known before renting one. The train step's
+command line is `python -m moejax.training.aot` (`moejax.training.aot`).
 
 TPU topologies are libtpu's names, `<chip>:<chips per axis>`: "v5p:2x2x2", "v5p:4x4x4"
 (v5p-64), "v5p:4x8x8" (v5p-256), "v5e:2x2", "v6e:1x1", "v4:2x2x1". They need libtpu (the `[tpu]`
@@ -21,28 +16,19 @@ installed jax (the `[cuda-aot]` extra: no GPU, no driver). XLA is told the chip 
 read from the plugin's embedded files: the table is what the kernels size their tiles by, so
 the compiler checks the very limits the tiles were chosen for, and it names the chips by the
 names users type. `cost_analysis()` is empty for GPU programs, so the FLOP line reads 0.
-
-Exit status: 0 when the step fits the chips' HBM, 1 when it does not (the compiler's report or
-the memory table says by how much), 2 for an input error (config, topology, no libtpu or CUDA
-plugin).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import math
 import os
 import re
-import sys
-from collections.abc import Sequence
 
 from kernels_pallas import gpu_chips
-from moejax import cli, hlo
-from moejax import config as config_lib
-from moejax.config import Config
 from moejax.errors import UserError
+from moejax.parallel import hlo
 
 GIB = 1024**3
 
@@ -92,7 +78,7 @@ class CompiledReport:
     operations, and Pallas kernels only as far as they declare a cost estimate (ours do not: the
     expert and block-sparse attention matmuls are missing from it). 0 on GPU, where XLA gives
     no cost analysis.
-    collectives: from the step's HLO, bytes as `moejax.hlo` defines them.
+    collectives: from the step's HLO, bytes as `moejax.parallel.hlo` defines them.
     """
 
     topology: str
@@ -112,7 +98,7 @@ class CompiledReport:
         return self.memory.total <= self.hbm_bytes
 
     def format(self) -> str:
-        """The report as printed by `python -m moejax.aot`."""
+        """The report as printed by `python -m moejax.parallel.aot`."""
         mesh = " ".join(f"{axis}={size}" for axis, size in self.mesh.items())
         memory = self.memory
         rows = [
@@ -234,37 +220,23 @@ def topology_devices(topology: str) -> list:
     return parse_topology(topology).devices
 
 
-def compile_step(config: Config, topology: str) -> CompiledReport:
-    """Compiles `config`'s train step for every device of `topology` and reports its needs.
+def compile_report(
+    step, args: tuple, target: Topology, topology: str, mesh_sizes: dict[str, int]
+) -> CompiledReport:
+    """Compiles the jitted `step` on `args` (abstract arrays sharded over `target`'s devices)
+    and reports its memory per device, FLOPs and collectives.
 
-    The config is validated for the topology's device count first (mesh sizes, batch and model
-    divisibility: `ConfigError`). See `topology_devices` for what the process needs. Raises
-    `DoesNotFit` when XLA refuses the program for lack of HBM.
+    Raises `DoesNotFit` when XLA refuses the program for lack of HBM; a kernel asking for more
+    shared memory than the chip has re-raises XLA's error (a bug in its tiles, not a model too
+    large for the devices).
     """
     import jax
-    import jax.numpy as jnp
 
-    from moejax import sharding
-    from moejax.training.state import state_layout
-    from moejax.training.step import make_train_step
-
-    target = parse_topology(topology)
     devices = target.devices
-    sizes = config_lib.validate(config, len(devices))
-    mesh = sharding.make_mesh(sizes, devices)
-    layout = state_layout(config, mesh)
-    step = make_train_step(layout, mesh)
-    tokens = jax.ShapeDtypeStruct(
-        (config.data.global_batch_size, config.data.seq_len),
-        jnp.int32,
-        sharding=sharding.batch_sharding(mesh),
-    )
     hbm_bytes = target.hbm_bytes
     try:
-        compiled = step.compile(layout.restore_target(), {"inputs": tokens, "targets": tokens})
+        compiled = step.compile(*args)
     except jax.errors.JaxRuntimeError as error:
-        # A kernel asking for more shared memory than the chip has is a bug in its tiles, not a
-        # model too large for the devices.
         if "RESOURCE_EXHAUSTED" not in str(error) or "Shared memory" in str(error):
             raise
         raise DoesNotFit(
@@ -286,7 +258,7 @@ def compile_step(config: Config, topology: str) -> CompiledReport:
         platform=target.platform,
         device_kind=devices[0].device_kind,
         num_devices=len(devices),
-        mesh=sizes,
+        mesh=mesh_sizes,
         memory=memory,
         hbm_bytes=hbm_bytes,
         flops=float(_cost(compiled).get("flops", 0.0)),
@@ -305,8 +277,9 @@ def _first_lines(text: str, count: int) -> str:
     return "\n".join(text.strip().splitlines()[:count])
 
 
-def main(argv: Sequence[str]) -> int:
-    # Before jax starts any backend: compile on CPU for devices that are only descriptions.
+def prepare_deviceless_compile() -> None:
+    """Process settings for compiling on CPU for devices that are only descriptions; call before
+    jax starts any backend."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     # libtpu's lock file guards real chips; several compiles may run at once on one machine.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -319,35 +292,3 @@ def main(argv: Sequence[str]) -> int:
     jax.config.update("jax_platforms", "cpu")
     # An executable compiled without a TPU client cannot be read back from the persistent cache.
     jax.config.update("jax_enable_compilation_cache", False)
-    return cli.report_user_errors(lambda: _main(argv), argv)
-
-
-def _main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m moejax.aot", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--config", default=cli.DEFAULT_CONFIG, help="a Python config file")
-    parser.add_argument(
-        "--topology", required=True, help="TPU or GPU devices, e.g. v5p:4x4x4, h100:8, h100:2x8"
-    )
-    cli.add_debug_flag(parser)
-    args, overrides = cli.parse(parser, argv)
-    config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
-    try:
-        report = compile_step(config, args.topology)
-    except DoesNotFit as error:
-        print(f"does not fit: {error}", file=sys.stderr)
-        return 1
-    print(report.format())
-    if not report.fits:
-        print(
-            f"does not fit: {report.memory.total / GIB:.2f} GiB per device needed, "
-            f"{report.hbm_bytes / GIB:.2f} GiB of HBM on each {report.chip} device",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -12,9 +12,9 @@ import jax
 import numpy as np
 from expert_mesh import emulated_ragged_all_to_all
 
-from moejax import sharding
+from moejax.parallel import sharding
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "accelerator_check.sh"
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from moejax import sharding
+from moejax.parallel import sharding
 
 WEIGHT_AXES = {
     "w_gate": ("expert", "embed", "expert_mlp"),

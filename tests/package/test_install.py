@@ -6,7 +6,7 @@ import subprocess
 import sys
 import tomllib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 # Import names of the extras' packages (flax itself depends on orbax-checkpoint).
 EXTRAS_ONLY = (

@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
 # Per notebook: a notebook that takes longer than this on 2 CPU cores is too slow for Colab's
 # promise of "a few minutes" and for CI.

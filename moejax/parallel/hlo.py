@@ -3,7 +3,7 @@
 A compiled step's communication is what decides whether it scales: an expert-parallel step should
 exchange tokens with all-to-all and never all-gather the expert weights. `collectives` lists every
 collective of the program with its result shapes and the bytes it produces per step, so tests can
-assert on the communication and `moejax.aot` can print it.
+assert on the communication and `moejax.parallel.aot` can print it.
 
 "Bytes" here are the bytes of the collective's *result on one chip*, times the number of times
 it runs per step: an all-gather producing `bf16[64, 1024]` counts 131072 bytes per execution,

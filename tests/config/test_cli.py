@@ -12,7 +12,7 @@ from moejax import config as config_lib
 from moejax.config import Config, MoEConfig, TrainConfig
 from moejax.pruning.config import LMPruningConfig
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 CONFIG_WITH_ARG = """
 import dataclasses

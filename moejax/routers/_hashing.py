@@ -7,7 +7,7 @@ They are the "hash" and "random-fixed" baselines of the routing-topology compari
 Quality".
 
 This module holds the hashing and the routing they share; the routers are
-`moejax.routers.hash` and `moejax.routers.random_fixed`.
+`moejax.routers.hash_layer` and `moejax.routers.random_fixed`.
 """
 
 import jax

@@ -15,7 +15,7 @@ from moejax.moe import (
     moe_ffn,
     shared_expert_ffn,
 )
-from moejax.routing import softmax_top_k
+from moejax.routers.softmax_top_k import softmax_top_k
 from tests.routers.routing_helpers import draw_normal, swiglu64, swiglu_params
 
 jit_moe_ffn = jax.jit(

@@ -11,7 +11,7 @@ from moejax.config import load_config_file
 from moejax.models.transformer import TransformerLM
 from moejax.sampling import generate
 
-CONFIG = load_config_file(Path(__file__).resolve().parents[1] / "configs" / "tiny.py").model
+CONFIG = load_config_file(Path(__file__).resolve().parents[2] / "configs" / "tiny.py").model
 
 
 def _model():

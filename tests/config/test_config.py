@@ -11,7 +11,7 @@ import pytest
 from moejax import config as config_lib
 from moejax.config import Config, ConfigError, MeshConfig, MoEConfig, RouterConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 BAD = [

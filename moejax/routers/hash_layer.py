@@ -1,9 +1,10 @@
 """Hash routing: experts fixed by a hash of the token id (Roller et al., "Hash Layers For Large
-Sparse Models", 2021); the hashing is in `moejax.routers.hashing`.
+Sparse Models", 2021); the hashing is in `moejax.routers._hashing`.
 """
 
 import jax
 
+from moejax.routers._hashing import fixed_routing, hash_expert_index
 from moejax.routers.base import (
     RouterSpec,
     Routing,
@@ -13,7 +14,6 @@ from moejax.routers.base import (
     register,
     require,
 )
-from moejax.routers.hashing import fixed_routing, hash_expert_index
 
 
 def hash_router(
@@ -46,12 +46,12 @@ def hash_router(
       loss), "load_balance_unweighted" and "router_z".
     """
     num_experts = check_router_inputs(router_logits, top_k)
-    token_ids = check_token_ids(token_ids, router_logits.shape[0], "hash")
+    token_ids = check_token_ids(token_ids, router_logits.shape[0], "hash_layer")
     require(isinstance(hash_seed, int), "hash_seed", hash_seed, "an int")
     expert_index = hash_expert_index(token_ids, num_experts, top_k, hash_seed)
     return fixed_routing(router_logits, expert_index, renormalize=renormalize, gate=gate)
 
 
 SPEC = register(
-    RouterSpec("hash", hash_router, needs=("router_logits", "token_ids"), options=TopKOptions)
+    RouterSpec("hash_layer", hash_router, needs=("router_logits", "token_ids"), options=TopKOptions)
 )

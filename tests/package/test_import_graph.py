@@ -14,7 +14,7 @@ import ast
 import pathlib
 from collections.abc import Iterable
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TOP_PACKAGES = ("moejax", "kernels_pallas")
 
 # Edges (importer unit, imported unit) that are still there and are being removed under
@@ -26,7 +26,6 @@ KNOWN_EDGES: set[tuple[str, str]] = set()
 LOWER = (
     "kernels_pallas",
     "moejax.routers",
-    "moejax.routing",
     "moejax.sparse_attention",
     "moejax.pruning",
     "moejax.depth",

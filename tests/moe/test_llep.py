@@ -20,10 +20,11 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moejax import expert_parallel, llep, moe, sharding
+from moejax import expert_parallel, llep, moe
 from moejax.config import ConfigError, MoEConfig, load_config_file, with_fields
 from moejax.models.transformer import TransformerLM
-from moejax.routing import Routing
+from moejax.parallel import sharding
+from moejax.routers.base import Routing
 
 NUM_EXPERTS, D_MODEL, D_FF, TOKENS, TOP_K = 16, 16, 32, 256, 2
 MARGIN = 0.1
@@ -364,7 +365,7 @@ def test_model_config_reaches_the_dispatch(monkeypatch):
         return dispatch(*args, **kwargs)
 
     monkeypatch.setattr(expert_parallel, "sharded_dropless", recording)
-    tiny = load_config_file(Path(__file__).resolve().parents[1] / "configs" / "tiny.py").model
+    tiny = load_config_file(Path(__file__).resolve().parents[2] / "configs" / "tiny.py").model
     tokens = jax.random.randint(jax.random.key(0), (8, 16), 0, 256, jnp.int32)
     logits = {}
     for balance in ("none", "llep"):

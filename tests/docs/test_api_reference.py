@@ -11,7 +11,7 @@ import pytest
 
 import moejax
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_all_names_exist_and_version_is_set():

@@ -25,7 +25,8 @@ from moejax.metrics import (
     routing_fluctuation_from_probs,
     token_sparsity,
 )
-from moejax.routing import Routing, routing_statistics, softmax_top_k
+from moejax.routers.base import Routing, routing_statistics
+from moejax.routers.softmax_top_k import softmax_top_k
 
 SEEDS = st.integers(0, 2**31 - 1)
 

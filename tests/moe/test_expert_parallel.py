@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import pytest
 from expert_mesh import emulated_ragged_all_to_all, mesh_of, step_shardings
 
-from moejax import expert_parallel, hlo, moe, sharding
-from moejax.routing import Routing
+from moejax import expert_parallel, moe
+from moejax.parallel import hlo, sharding
+from moejax.routers.base import Routing
 
 NUM_EXPERTS, D_MODEL, D_FF, TOKENS, TOP_K = 8, 16, 32, 64, 2
 # (data, fsdp, expert, tensor)

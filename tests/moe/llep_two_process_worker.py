@@ -45,7 +45,8 @@ def _check(shape) -> dict:
     from expert_mesh import mesh_of, step_shardings
     from jax.experimental import multihost_utils
 
-    from moejax import expert_parallel, llep, sharding
+    from moejax import expert_parallel, llep
+    from moejax.parallel import sharding
 
     mesh = mesh_of(shape)
     tokens, weight_shardings = step_shardings(mesh)
