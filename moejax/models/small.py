@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-MODELS = ("lenet", "conv")
+from moejax.errors import require_one_of
+
 OUTPUT_LAYER = "out"
 
 
@@ -56,13 +57,14 @@ class SmallConvNet(nnx.Module):
         return self.out(h)
 
 
+# The classifiers by the name a config gives them.
+MODELS: dict[str, type[nnx.Module]] = {"lenet": LeNet300100, "conv": SmallConvNet}
+
+
 def make_model(name: str, key: jax.Array, num_classes: int = 10) -> nnx.Module:
-    """The model called `name` ("lenet" or "conv"), initialised from `key`."""
-    if name == "lenet":
-        return LeNet300100(num_classes, rngs=nnx.Rngs(key))
-    if name == "conv":
-        return SmallConvNet(num_classes, rngs=nnx.Rngs(key))
-    raise ValueError(f"model={name!r} is not allowed; allowed values: {MODELS}.")
+    """The model registered as `name` in `MODELS`, initialised from `key`."""
+    require_one_of("model", name, list(MODELS))
+    return MODELS[name](num_classes, rngs=nnx.Rngs(key))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
