@@ -15,6 +15,7 @@ from typing import Any
 from moejax.config.groups import Config
 from moejax.config.model import RouterConfig
 from moejax.errors import ConfigError
+from moejax.sparse_attention.base import KINDS as ATTENTION_KINDS
 
 
 def load_config_module(path: str | Path) -> ModuleType:
@@ -200,6 +201,8 @@ def _rebuild(group: Any, changes: dict[str, Any], path: str, parse: Callable) ->
     if unknown:
         moved = _FLAT_MODEL_FIELDS.get(unknown[0]) if path == "model" else None
         hint = f" (it is model.{'.'.join(moved)} now)" if moved else ""
+        if path == "attention" and unknown[0] in _FLAT_ATTENTION_OPTIONS:
+            hint = _flat_attention_hint(unknown[0])
         leaf, change = [path, unknown[0]], changes[unknown[0]]
         while isinstance(change, dict) and change:  # name the whole path the user wrote
             leaf.append(next(iter(change)))
@@ -274,6 +277,31 @@ _FLAT_ROUTER_OPTIONS = {
     "relu_sparsity_weight": "sparsity_weight",
     "chunk_sparsity_weight": "chunk_sparsity_weight",
 }
+
+
+# Fields of the flat `attention` group before each kind got its own options: now options of
+# the kinds that have them, `attention.options.<field>`.
+_FLAT_ATTENTION_OPTIONS = (
+    "top_k",
+    "window",
+    "num_global",
+    "query_block_size",
+    "num_clusters",
+    "centroid_momentum",
+    "shared_qk",
+)
+
+
+def _flat_attention_hint(field: str) -> str:
+    kinds = [
+        name
+        for name, spec in ATTENTION_KINDS.items()
+        if field in {f.name for f in dataclasses.fields(spec.options)}
+    ]
+    return (
+        f" (it is attention.options.{field} now, an option of the attention kinds "
+        f"{', '.join(kinds)}: set attention.kind first)"
+    )
 
 
 def _is_flat_model(model: dict[str, Any]) -> bool:
