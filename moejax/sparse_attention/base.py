@@ -182,9 +182,14 @@ class AttentionKindSpec:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         ]
         require(not missing, f"{where}.options", missing, "fields with defaults (the kind's)")
+        try:
+            self.options()
+        except ValueError as error:
+            raise ValueError(f"{where}.options: its defaults are refused: {error}") from None
         keywords = inspect.signature(self.plan).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in keywords.values())
         takes = {"length", "block_size", "options", *self.needs}
-        absent = sorted(name for name in takes if name not in keywords)
+        absent = sorted(name for name in takes if name not in keywords and not takes_any)
         require(
             not absent,
             f"{where}.plan",

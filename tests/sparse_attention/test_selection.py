@@ -4,17 +4,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from moejax.sparse_attention.routing_transformer import (
+
+from moejax.sparse_attention.bilevel import bilevel_select
+from moejax.sparse_attention.dynamic_mask import append_key_bias, dynamic_mask_select
+from moejax.sparse_attention.moba import causal_key_conv, moba_select
+from moejax.sparse_attention.routing import (
     cluster_select,
     normalise,
     shared_keys,
     shift_to_previous,
     update_centroids,
 )
-
-from moejax.sparse_attention.bilevel import bilevel_select
-from moejax.sparse_attention.dynamic_mask import append_key_bias, dynamic_mask_select
-from moejax.sparse_attention.moba import causal_key_conv, moba_select
 from moejax.sparse_attention.selection import causal_density
 
 B, T, H, KVH, D = 2, 64, 4, 2, 8
