@@ -176,12 +176,15 @@ def from_dict(data: dict[str, Any]) -> Config:
     """Inverse of `to_dict`; fields unknown to this version are an error, missing ones default.
 
     A `model` group written before the model was split into subgroups (flat fields such as
-    `num_experts`, `router` a name) is read as the same model in today's layout.
+    `num_experts`, `router` a name) is read as the same model in today's layout, and so is an
+    `attention` group written before each kind got its own options (flat `top_k`, `window`).
     """
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected an object of groups, got {type(data).__name__}")
     if isinstance(data.get("model"), dict) and _is_flat_model(data["model"]):
         data = {**data, "model": _nest_flat_model(data["model"])}
+    if isinstance(data.get("attention"), dict) and "options" not in data["attention"]:
+        data = {**data, "attention": _nest_flat_attention(data["attention"])}
     return _rebuild(Config(), data, "", _typed_json_value)
 
 
@@ -302,6 +305,21 @@ def _flat_attention_hint(field: str) -> str:
         f" (it is attention.options.{field} now, an option of the attention kinds "
         f"{', '.join(kinds)}: set attention.kind first)"
     )
+
+
+def _nest_flat_attention(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flat `attention` group (every kind's options side by side) in today's layout: the
+    options the named kind has go under `options`; the others did nothing and are dropped."""
+    kind = flat.get("kind")
+    spec = ATTENTION_KINDS.get(kind) if isinstance(kind, str) else None
+    option_fields = {f.name for f in dataclasses.fields(spec.options)} if spec else set()
+    nested: dict[str, Any] = {"options": {}}
+    for name, value in flat.items():
+        if name not in _FLAT_ATTENTION_OPTIONS:
+            nested[name] = value
+        elif name in option_fields:
+            nested["options"][name] = value
+    return nested
 
 
 def _is_flat_model(model: dict[str, Any]) -> bool:

@@ -88,3 +88,28 @@ def test_of_builds_the_kinds_options():
     assert attention.shares_qk and attention.uses_block_kernel
     assert not AttentionConfig().uses_block_kernel
     assert AttentionConfig.of("dense", flux_router=True).uses_block_kernel
+
+
+def test_a_config_json_with_the_flat_attention_group_reads_as_its_kind_and_options():
+    """Runs saved before the kinds had their own options keep loading (eval.py, resume)."""
+    saved = config_lib.to_dict(config_lib.Config())
+    saved["attention"] = {
+        "kind": "moba",
+        "block_size": 32,
+        "query_block_size": 8,
+        "top_k": 2,
+        "window": 256,
+        "num_global": 0,
+        "key_conv_width": 3,
+        "num_clusters": 4,
+        "centroid_momentum": 0.99,
+        "shared_qk": True,
+        "flux_router": False,
+        "flux_hidden": 32,
+        "flux_target_full_share": 0.5,
+        "impl": "auto",
+    }
+    attention = config_lib.from_dict(saved).attention
+    assert attention == AttentionConfig.of(
+        "moba", options={"top_k": 2, "query_block_size": 8}, block_size=32, key_conv_width=3
+    )
