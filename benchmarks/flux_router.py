@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from moejax import config as config_lib  # noqa: E402
-from moejax import stats  # noqa: E402
+from moejax import sparse_attention, stats  # noqa: E402
 from moejax.models.transformer import TransformerLM  # noqa: E402
 from moejax.sparse_attention.flux import router_param_filter  # noqa: E402
 from moejax.training import flux_fit  # noqa: E402
@@ -51,17 +51,19 @@ BITS = 1.0 / math.log(2.0)
 
 def routed_model(config: config_lib.Config, variables: dict, args: argparse.Namespace):
     """The run's model with Flux routers between dense attention and `args.kind`."""
-    if config.attention.kind != "dense" or config.attention.flux_router:
+    if config.attention.uses_block_kernel:
         raise ValueError(
             f"--workdir: the run used attention.kind={config.attention.kind} "
-            f"(flux_router={config.attention.flux_router}); Flux routes a dense-trained model"
+            f"(flux_router={config.attention.flux_router}, key_conv_width="
+            f"{config.attention.key_conv_width}); Flux routes a dense-trained model"
         )
+    # --window and --top_k set the options of the kinds that have them.
+    option_fields = {f.name for f in dataclasses.fields(sparse_attention.get(args.kind).options)}
+    options = {name: getattr(args, name) for name in ("window", "top_k") if name in option_fields}
     attention = dataclasses.replace(
-        config.attention,
-        kind=args.kind,
+        sparse_attention.AttentionConfig.of(args.kind, options=options),
         block_size=args.block_size,
-        window=args.window,
-        top_k=args.top_k,
+        impl=config.attention.impl,
         flux_router=True,
         flux_target_full_share=args.target,
     )
@@ -160,8 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", required=True, help="a dense-attention training run")
     parser.add_argument("--kind", default="local", help="the sparse attention kind to route to")
     parser.add_argument("--block_size", type=int, default=32)
-    parser.add_argument("--window", type=int, default=32)
-    parser.add_argument("--top_k", type=int, default=2)
+    parser.add_argument("--window", type=int, default=32, help="for kinds with a window")
+    parser.add_argument("--top_k", type=int, default=2, help="for kinds with a top_k")
     parser.add_argument("--target", type=float, default=0.5, help="target share of full")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--budget_weight", type=float, default=1.0)

@@ -25,39 +25,41 @@ import pathlib
 import numpy as np
 
 from moejax import stats
-from moejax.sparse_attention import AttentionOptions
+from moejax.sparse_attention import AttentionConfig
 from moejax.tasks.mqar import MQARConfig
-from moejax.tasks.mqar_train import TrainConfig, train_mqar
+from moejax.tasks.mqar_train import MQARTrainConfig, train_mqar
 
 
-def sweep(routed_tokens: int, window: int, query_block: int) -> dict[str, AttentionOptions]:
+def sweep(routed_tokens: int, window: int, query_block: int) -> dict[str, AttentionConfig]:
     """The compared kinds; every MoBA variant routes `routed_tokens` keys per query block."""
+    of = AttentionConfig.of
     runs = {
-        "dense": AttentionOptions(kind="dense", block_size=64),
+        "dense": of("dense", block_size=64),
         # The key convolution alone gives a token its predecessor's key, the first half of an
         # induction head; dense with it separates that effect from routing.
-        "dense +kconv3": AttentionOptions(kind="dense", block_size=64, key_conv_width=3),
-        f"sliding window {window}": AttentionOptions(kind="local", block_size=64, window=window),
+        "dense +kconv3": of("dense", block_size=64, key_conv_width=3),
+        f"sliding window {window}": of("local", options={"window": window}, block_size=64),
     }
     for block in (128, 64, 32, 16):
         top_k = max(routed_tokens // block, 1)
         for conv in (0, 3):
             name = f"moba b{block} top{top_k}" + (" +kconv3" if conv else "")
-            runs[name] = AttentionOptions(
-                kind="moba",
+            runs[name] = of(
+                "moba",
+                options={"top_k": top_k, "query_block_size": min(query_block, block)},
                 block_size=block,
-                top_k=top_k,
-                query_block_size=min(query_block, block),
                 key_conv_width=conv,
             )
-    runs["routing transformer b16"] = AttentionOptions(
-        kind="routing", block_size=16, top_k=routed_tokens // 16, window=16, num_clusters=4
+    runs["routing transformer b16"] = of(
+        "routing",
+        options={"top_k": routed_tokens // 16, "window": 16, "num_clusters": 4},
+        block_size=16,
     )
     runs["routing transformer b16 +kconv3"] = dataclasses.replace(
         runs["routing transformer b16"], key_conv_width=3
     )
-    runs["dynamic mask b16"] = AttentionOptions(
-        kind="dynamic_mask", block_size=16, top_k=routed_tokens // 16, window=16
+    runs["dynamic mask b16"] = of(
+        "dynamic_mask", options={"top_k": routed_tokens // 16, "window": 16}, block_size=16
     )
     runs["dynamic mask b16 +kconv3"] = dataclasses.replace(
         runs["dynamic mask b16"], key_conv_width=3
@@ -175,7 +177,7 @@ def main() -> None:
         num_values=args.keys,
         layout=args.layout,
     )
-    config = TrainConfig(
+    config = MQARTrainConfig(
         steps=args.steps,
         batch=args.batch,
         learning_rate=args.learning_rate,

@@ -41,7 +41,7 @@ from moejax.errors import ConfigError, UserError
 from moejax.models.moe_layer import MoELayer, RouterContext
 from moejax.models.transformer import TransformerLM
 from moejax.routers.base import RouterOptions, RouterSpec, RouterState, Routing
-from moejax.sparse_attention import AttentionOptions, SparseAttention, masks
+from moejax.sparse_attention import AttentionConfig, SparseAttention, masks
 
 try:
     __version__ = _metadata.version("moejax")
@@ -50,7 +50,7 @@ except _metadata.PackageNotFoundError:  # a checkout on sys.path, not installed
 
 __all__ = [
     "Attention",
-    "AttentionOptions",
+    "AttentionConfig",
     "Config",
     "ConfigError",
     "DepthConfig",

@@ -1,7 +1,8 @@
 """Typed experiment configuration: frozen dataclasses, CLI overrides, and validation.
 
 A config is six groups (`model`, `attention`, `data`, `mesh`, `train`, `pruning`); `model` holds
-the subgroups `moe`, `router` (with the router's typed `options`) and `depth`. Config files in
+the subgroups `moe`, `router` (with the router's typed `options`) and `depth`; `attention` holds
+the attention kind's typed `options`. Config files in
 `configs/` define `get_config() -> Config`; the command line overrides single fields with
 `--config.model.moe.num_experts=8`. Every group checks its own fields when built and `validate`
 checks what spans groups and the devices, before anything is compiled; both raise `ConfigError`
@@ -26,10 +27,12 @@ from moejax.config.model import DTYPES, DepthConfig, ModelConfig, MoEConfig, Rou
 from moejax.config.validation import validate, validate_attention, validate_mesh
 from moejax.errors import ConfigError
 from moejax.pruning.config import PRUNING_MODES, LMPruningConfig
+from moejax.sparse_attention.config import AttentionConfig
 
 __all__ = [
     "DTYPES",
     "PRUNING_MODES",
+    "AttentionConfig",
     "Config",
     "ConfigError",
     "DataConfig",

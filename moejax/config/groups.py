@@ -10,7 +10,7 @@ from moejax.config.model import ModelConfig
 from moejax.errors import require_config, require_positive
 from moejax.parallel.sharding import MESH_AXES
 from moejax.pruning.config import LMPruningConfig
-from moejax.sparse_attention.options import AttentionOptions
+from moejax.sparse_attention.config import AttentionConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,10 +148,11 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    # The attention of every block: `kind` dense (the default), local, global_local, moba,
-    # routing, bilevel or dynamic_mask, with its block size, top-k, window ... (see
-    # `moejax.sparse_attention.options.AttentionOptions`).
-    attention: AttentionOptions = dataclasses.field(default_factory=AttentionOptions)
+    # The attention of every block: `kind` (a name from moejax.sparse_attention.KINDS, dense by
+    # default), its typed `options` (attention.options.top_k, ...) and the block size, key
+    # convolution, Flux router and kernel every kind shares (see
+    # `moejax.sparse_attention.config.AttentionConfig`).
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

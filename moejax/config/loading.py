@@ -15,6 +15,7 @@ from typing import Any
 from moejax.config.groups import Config
 from moejax.config.model import RouterConfig
 from moejax.errors import ConfigError
+from moejax.sparse_attention.base import KINDS as ATTENTION_KINDS
 
 
 def load_config_module(path: str | Path) -> ModuleType:
@@ -175,12 +176,15 @@ def from_dict(data: dict[str, Any]) -> Config:
     """Inverse of `to_dict`; fields unknown to this version are an error, missing ones default.
 
     A `model` group written before the model was split into subgroups (flat fields such as
-    `num_experts`, `router` a name) is read as the same model in today's layout.
+    `num_experts`, `router` a name) is read as the same model in today's layout, and so is an
+    `attention` group written before each kind got its own options (flat `top_k`, `window`).
     """
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected an object of groups, got {type(data).__name__}")
     if isinstance(data.get("model"), dict) and _is_flat_model(data["model"]):
         data = {**data, "model": _nest_flat_model(data["model"])}
+    if isinstance(data.get("attention"), dict) and "options" not in data["attention"]:
+        data = {**data, "attention": _nest_flat_attention(data["attention"])}
     return _rebuild(Config(), data, "", _typed_json_value)
 
 
@@ -200,6 +204,8 @@ def _rebuild(group: Any, changes: dict[str, Any], path: str, parse: Callable) ->
     if unknown:
         moved = _FLAT_MODEL_FIELDS.get(unknown[0]) if path == "model" else None
         hint = f" (it is model.{'.'.join(moved)} now)" if moved else ""
+        if path == "attention" and unknown[0] in _FLAT_ATTENTION_OPTIONS:
+            hint = _flat_attention_hint(unknown[0])
         leaf, change = [path, unknown[0]], changes[unknown[0]]
         while isinstance(change, dict) and change:  # name the whole path the user wrote
             leaf.append(next(iter(change)))
@@ -274,6 +280,46 @@ _FLAT_ROUTER_OPTIONS = {
     "relu_sparsity_weight": "sparsity_weight",
     "chunk_sparsity_weight": "chunk_sparsity_weight",
 }
+
+
+# Fields of the flat `attention` group before each kind got its own options: now options of
+# the kinds that have them, `attention.options.<field>`.
+_FLAT_ATTENTION_OPTIONS = (
+    "top_k",
+    "window",
+    "num_global",
+    "query_block_size",
+    "num_clusters",
+    "centroid_momentum",
+    "shared_qk",
+)
+
+
+def _flat_attention_hint(field: str) -> str:
+    kinds = [
+        name
+        for name, spec in ATTENTION_KINDS.items()
+        if field in {f.name for f in dataclasses.fields(spec.options)}
+    ]
+    return (
+        f" (it is attention.options.{field} now, an option of the attention kinds "
+        f"{', '.join(kinds)}: set attention.kind first)"
+    )
+
+
+def _nest_flat_attention(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flat `attention` group (every kind's options side by side) in today's layout: the
+    options the named kind has go under `options`; the others did nothing and are dropped."""
+    kind = flat.get("kind")
+    spec = ATTENTION_KINDS.get(kind) if isinstance(kind, str) else None
+    option_fields = {f.name for f in dataclasses.fields(spec.options)} if spec else set()
+    nested: dict[str, Any] = {"options": {}}
+    for name, value in flat.items():
+        if name not in _FLAT_ATTENTION_OPTIONS:
+            nested[name] = value
+        elif name in option_fields:
+            nested["options"][name] = value
+    return nested
 
 
 def _is_flat_model(model: dict[str, Any]) -> bool:

@@ -9,7 +9,7 @@ import math
 from moejax.config.groups import Config, MeshConfig
 from moejax.config.model import ModelConfig
 from moejax.errors import ConfigError, require_config
-from moejax.sparse_attention.options import AttentionOptions
+from moejax.sparse_attention.config import AttentionConfig
 
 
 def validate_mesh(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
@@ -31,9 +31,9 @@ def validate_mesh(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
     return mesh.resolve(num_devices)
 
 
-def validate_attention(attention: AttentionOptions, model: ModelConfig, seq_len: int) -> None:
+def validate_attention(attention: AttentionConfig, model: ModelConfig, seq_len: int) -> None:
     """Checks the attention group against the model and the sequence length."""
-    if attention.kind == "dense" and not attention.flux_router:
+    if not attention.uses_block_kernel:
         return
     described = f"attention.kind={attention.kind!r}"
     require_config(

@@ -21,7 +21,7 @@ from moejax.models.layers import MLP, RMSNorm
 from moejax.models.moe_layer import MoELayer, RouterContext
 from moejax.parallel.sharding import constrain, param
 from moejax.routers.dynamic import capacity_schedule
-from moejax.sparse_attention import AttentionOptions, SparseAttention
+from moejax.sparse_attention import AttentionConfig, SparseAttention
 
 ACTIVATION = ("batch", "length", "activation_embed")
 # Mixture-of-depths weighs the block output by sigmoid(router score): bounded, so an untrained
@@ -63,16 +63,16 @@ class Block(nnx.Module):
         layer: int,
         *,
         capacity_factor: float,
-        attention: AttentionOptions,
+        attention: AttentionConfig,
         rngs: nnx.Rngs,
     ):
         dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
         self.attention_norm = RMSNorm(config.d_model, param_dtype=param_dtype)
-        # Dense attention keeps its own module: it takes token positions (mixture-of-depths) and
+        # Full attention keeps its own module: it takes token positions (mixture-of-depths) and
         # returns its weights (attention-aware routing), which block-sparse kinds do not.
-        self.is_sparse_attention = attention.kind != "dense" or attention.flux_router
+        self.is_sparse_attention = attention.uses_block_kernel
         attention_class = SparseAttention if self.is_sparse_attention else Attention
-        options = {"options": attention} if self.is_sparse_attention else {}
+        options = {"attention": attention} if self.is_sparse_attention else {}
         self.attention = attention_class(
             config.d_model,
             config.num_heads,
@@ -275,10 +275,10 @@ class TransformerLM(nnx.Module):
         config: ModelConfig,
         *,
         rngs: nnx.Rngs,
-        attention: AttentionOptions | None = None,
+        attention: AttentionConfig | None = None,
     ):
         self.config = config
-        attention = AttentionOptions() if attention is None else attention
+        attention = AttentionConfig() if attention is None else attention
         param_dtype = jnp.dtype(config.param_dtype)
         self.embedding = param(
             jax.random.normal(rngs.params(), (config.vocab_size, config.d_model), param_dtype)

@@ -11,9 +11,13 @@ causal inside the own region.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from moejax.sparse_attention._plans import clamp_top_k, require_at_least, routed_plan
+from moejax.sparse_attention.base import AttentionKindSpec, AttentionPlan, KindOptions, register
 from moejax.sparse_attention.selection import (
     BlockSelection,
     expand_kv_heads,
@@ -44,3 +48,28 @@ def bilevel_select(q: jax.Array, k: jax.Array, *, block: int, top_k: int) -> Blo
     eligible = past_blocks(regions, regions, block, block)
     own = own_kv_block(regions, block, block)[:, None] == jnp.arange(regions)[None, :]
     return select_top_k(affinity, eligible, top_k, own)
+
+
+@dataclasses.dataclass(frozen=True)
+class BilevelOptions(KindOptions):
+    """top_k: routed regions per query region besides its own (clamped to the regions before
+    it); a region is one `attention.block_size` block."""
+
+    top_k: int = 3
+
+    def __post_init__(self) -> None:
+        require_at_least(self, ("top_k",), 1)
+
+
+def bilevel_plan(
+    *, length: int, block_size: int, options: BilevelOptions, queries: jax.Array, keys: jax.Array
+) -> AttentionPlan:
+    """`bilevel_select` with regions of `block_size` tokens, one decision for all heads."""
+    top_k = clamp_top_k(options.top_k, length, block_size)
+    selection = bilevel_select(queries, keys, block=block_size, top_k=top_k)
+    return routed_plan(selection, block_size, block_size, top_k + 1)
+
+
+BILEVEL = register(
+    AttentionKindSpec("bilevel", bilevel_plan, needs=("queries", "keys"), options=BilevelOptions)
+)

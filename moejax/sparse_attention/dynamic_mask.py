@@ -12,9 +12,20 @@ the rest; the bias stays per key.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from moejax.sparse_attention._plans import clamp_top_k, num_local, require_at_least, routed_plan
+from moejax.sparse_attention.base import (
+    AttentionKindSpec,
+    AttentionPlan,
+    HeadShape,
+    KindOptions,
+    Params,
+    register,
+)
 from moejax.sparse_attention.selection import (
     BlockSelection,
     expand_kv_heads,
@@ -81,3 +92,53 @@ def append_key_bias(
     k_aug = jnp.pad(jnp.concatenate([k, k_bias], axis=-1), zeros)
     v_aug = jnp.pad(v, [(0, 0)] * 3 + [(0, extra)])
     return q_aug, k_aug, v_aug
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicMaskOptions(KindOptions):
+    """top_k: blocks of highest importance per query block besides the local band (clamped to
+    the blocks before it); window: tokens of the local band, rounded out to whole blocks."""
+
+    top_k: int = 3
+    window: int = 256
+
+    def __post_init__(self) -> None:
+        require_at_least(self, ("top_k", "window"), 1)
+
+
+def init_dynamic_mask_params(key: jax.Array, shape: HeadShape, options: KindOptions) -> Params:
+    """`dma_delta [kv_heads, head_dim]` (scaled normal) and `dma_gain [kv_heads]` (ones)."""
+    delta = jax.random.normal(key, (shape.num_kv_heads, shape.head_dim)) * shape.head_dim**-0.5
+    return {"dma_delta": delta, "dma_gain": jnp.ones((shape.num_kv_heads,))}
+
+
+def dynamic_mask_plan(
+    *,
+    length: int,
+    block_size: int,
+    options: DynamicMaskOptions,
+    values: jax.Array,
+    num_heads: int,
+    params: Params,
+) -> AttentionPlan:
+    """The local band plus the top-k most important blocks; the importance is also the plan's
+    `key_bias`, through which `dma_delta` and `dma_gain` learn."""
+    importance = key_importance(values, params["dma_delta"], params["dma_gain"])
+    top_k = clamp_top_k(options.top_k, length, block_size)
+    band = num_local(options.window, block_size)
+    selection = dynamic_mask_select(
+        importance, heads=num_heads, block=block_size, top_k=top_k, num_local=band
+    )
+    return routed_plan(selection, block_size, block_size, top_k + band, key_bias=importance)
+
+
+DYNAMIC_MASK = register(
+    AttentionKindSpec(
+        "dynamic_mask",
+        dynamic_mask_plan,
+        needs=("values", "num_heads", "params"),
+        options=DynamicMaskOptions,
+        init_params=init_dynamic_mask_params,
+        param_axes={"dma_delta": ("kv_heads", "head_dim"), "dma_gain": ("kv_heads",)},
+    )
+)

@@ -13,9 +13,14 @@ shares one visit list per query block, so routing here is per query block of `bl
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from moejax.errors import require_config
+from moejax.sparse_attention._plans import clamp_top_k, require_at_least, routed_plan
+from moejax.sparse_attention.base import AttentionKindSpec, AttentionPlan, KindOptions, register
 from moejax.sparse_attention.selection import (
     BlockSelection,
     expand_kv_heads,
@@ -73,3 +78,49 @@ def moba_select(
     eligible = past_blocks(q_blocks, kv_blocks, block_q, block_kv)
     own = own_kv_block(q_blocks, block_q, block_kv)[:, None] == jnp.arange(kv_blocks)[None, :]
     return select_top_k(scores, eligible, top_k, own)
+
+
+@dataclasses.dataclass(frozen=True)
+class MobaOptions(KindOptions):
+    """top_k: routed blocks per query block besides its own (clamped to the blocks before it,
+    so a large top_k is dense). query_block_size: query tokens sharing one routing decision, a
+    divisor of `attention.block_size`; None means the block size, 1 per-token routing as in the
+    MoBA paper."""
+
+    top_k: int = 3
+    query_block_size: int | None = None
+
+    def __post_init__(self) -> None:
+        require_at_least(self, ("top_k",), 1)
+        qb = self.query_block_size
+        require_config(
+            qb is None or qb >= 1, "attention.options.query_block_size", qb, "None or >= 1"
+        )
+
+    def check(self, block_size: int) -> None:
+        qb = self.query_block_size
+        require_config(
+            qb is None or block_size % qb == 0,
+            "attention.options.query_block_size",
+            qb,
+            f"None or a divisor of attention.block_size={block_size}",
+        )
+
+    @property
+    def query_block(self) -> int | None:
+        return self.query_block_size
+
+
+def moba_plan(
+    *, length: int, block_size: int, options: MobaOptions, queries: jax.Array, keys: jax.Array
+) -> AttentionPlan:
+    """`moba_select` per query block of `query_block_size` (default `block_size`) tokens."""
+    top_k = clamp_top_k(options.top_k, length, block_size)
+    block_q = options.query_block_size or block_size
+    selection = moba_select(queries, keys, block_q=block_q, block_kv=block_size, top_k=top_k)
+    return routed_plan(selection, block_q, block_size, top_k + 1)
+
+
+MOBA = register(
+    AttentionKindSpec("moba", moba_plan, needs=("queries", "keys"), options=MobaOptions)
+)

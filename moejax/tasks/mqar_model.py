@@ -9,11 +9,11 @@ from flax import nnx
 
 from moejax.models.layers import MLP, RMSNorm
 from moejax.parallel.sharding import param
-from moejax.sparse_attention import AttentionOptions, SparseAttention
+from moejax.sparse_attention import AttentionConfig, SparseAttention
 
 
 class RecallBlock(nnx.Module):
-    def __init__(self, d_model: int, num_heads: int, options: AttentionOptions, *, rngs):
+    def __init__(self, d_model: int, num_heads: int, attention: AttentionConfig, *, rngs):
         f32 = jnp.float32
         self.attention_norm = RMSNorm(d_model, param_dtype=f32)
         self.attention = SparseAttention(
@@ -22,7 +22,7 @@ class RecallBlock(nnx.Module):
             num_heads,
             d_model // num_heads,
             10000.0,
-            options=options,
+            attention=attention,
             dtype=f32,
             param_dtype=f32,
             rngs=rngs,
@@ -45,14 +45,14 @@ class RecallModel(nnx.Module):
         d_model: int,
         num_heads: int,
         num_layers: int,
-        options: AttentionOptions,
+        attention: AttentionConfig,
         *,
         rngs: nnx.Rngs,
     ):
         init = jax.nn.initializers.normal(1.0)
         self.embed = param(init(rngs.params(), (vocab_size, d_model)), ("vocab", "embed"))
         self.blocks = nnx.List(
-            [RecallBlock(d_model, num_heads, options, rngs=rngs) for _ in range(num_layers)]
+            [RecallBlock(d_model, num_heads, attention, rngs=rngs) for _ in range(num_layers)]
         )
         self.final_norm = RMSNorm(d_model, param_dtype=jnp.float32)
         head_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")

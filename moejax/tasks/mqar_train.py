@@ -13,16 +13,21 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moejax.sparse_attention import AttentionOptions
+from moejax.sparse_attention import AttentionConfig
 from moejax.tasks.mqar import MQARConfig, mqar_batch
 from moejax.tasks.mqar_model import RecallModel
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation and model size. The first `curriculum_steps` of the `steps` train on
-    sequences of `curriculum_length` tokens (batch doubled): the recall circuit forms quickly
-    on short sequences and then carries over to the full length, which is what is evaluated."""
+class MQARTrainConfig:
+    """One MQAR run's optimisation and model size. The language model's runs are configured by
+    `moejax.config.TrainConfig` and `ModelConfig`; this task trains its own small
+    `RecallModel` in its own loop (batch size, model width and a length curriculum, no
+    checkpoints or schedules to share), so its settings are a group of their own.
+
+    The first `curriculum_steps` of the `steps` train on sequences of `curriculum_length`
+    tokens (batch doubled): the recall circuit forms quickly on short sequences and then
+    carries over to the full length, which is what is evaluated."""
 
     steps: int = 1500
     batch: int = 32
@@ -65,14 +70,14 @@ def routing_recall(
     return jnp.sum(hit & query) / jnp.maximum(jnp.sum(query), 1)
 
 
-def train_mqar(task: MQARConfig, options: AttentionOptions, config: TrainConfig) -> dict:
+def train_mqar(task: MQARConfig, attention: AttentionConfig, config: MQARTrainConfig) -> dict:
     """Trains from scratch; returns final accuracy, routing recall, density, loss and timing."""
     model = RecallModel(
         task.vocab_size,
         config.d_model,
         config.num_heads,
         config.num_layers,
-        options,
+        attention,
         rngs=nnx.Rngs(config.seed),
     )
     schedule = optax.warmup_cosine_decay_schedule(
@@ -103,9 +108,9 @@ def train_mqar(task: MQARConfig, options: AttentionOptions, config: TrainConfig)
         (logits, metrics), sown = capture(model, batch["inputs"])
         loss, accuracy = masked_loss(logits, batch)
         last = nnx.to_pure_dict(sown)["blocks"][len(model.blocks) - 1]["attention"]
-        shift = int(options.kind == "routing" and options.shared_qk)
+        shift = int(attention.shares_qk)
         recall = routing_recall(
-            last["block_mask"][0], batch, options.block_q, options.block_size, shift
+            last["block_mask"][0], batch, attention.block_q, attention.block_size, shift
         )
         density = jnp.mean(jnp.stack([m["attention_density"] for m in metrics]))
         return {"loss": loss, "accuracy": accuracy, "routing_recall": recall, "density": density}

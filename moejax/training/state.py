@@ -22,7 +22,7 @@ from moejax.parallel import sharding
 from moejax.pruning.config import PruningConfig, wrap_optimizer
 from moejax.pruning.lm import LMPruning, deployed_params
 from moejax.routers.base import RouterState
-from moejax.sparse_attention.options import AttentionOptions
+from moejax.sparse_attention.config import AttentionConfig
 
 # {"step": int32 [], "params": pure dict, "opt_state": optax state} and, for routers with
 # state (expert biases, centroids), "router_state": pure dict. Models without router state
@@ -86,7 +86,7 @@ class ModelSpec:
         return nnx.merge(self.graphdef, variables["params"], variables["router_state"])
 
 
-def model_spec(model_config: ModelConfig, attention: AttentionOptions | None = None) -> ModelSpec:
+def model_spec(model_config: ModelConfig, attention: AttentionConfig | None = None) -> ModelSpec:
     """Builds the model abstractly (no memory, no compute) to read its structure."""
     abstract = nnx.eval_shape(
         lambda: TransformerLM(model_config, attention=attention, rngs=nnx.Rngs(0))

@@ -49,9 +49,9 @@ def test_help_lists_every_config_field_with_its_type_default_and_meaning(capsys)
     assert "--config.model.moe.eval_capacity_factor FLOAT Capacity factor at evaluation;" in text
     assert "--config.model.router.options.renormalize BOOL" in text
     assert "--config.data.eval_batches INT Number of validation batches per evaluation;" in text
-    # From the class docstrings: AttentionOptions' entries, and flow_begin, flow_end,
+    # From the class docstrings: AttentionConfig's entries, and flow_begin, flow_end,
     # flow_intervals of LMPruningConfig, one entry for three fields continued on unindented lines.
-    assert "--config.attention.window INT tokens of the local band" in text
+    assert "--config.attention.block_size INT kv block" in text
     assert "--config.pruning.flow_intervals INT *Progressive Gradient Flow" in text
     assert "model.moe (MoEConfig; defaults from moejax.config.Config" in text
 

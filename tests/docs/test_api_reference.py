@@ -22,11 +22,11 @@ def test_all_names_exist_and_version_is_set():
 
 
 def test_the_layers_and_configs_are_importable_from_the_top():
-    from moejax import AttentionOptions, MoEConfig, MoELayer, RouterConfig, SparseAttention
+    from moejax import AttentionConfig, MoEConfig, MoELayer, RouterConfig, SparseAttention
 
     assert MoELayer.__module__ == "moejax.models.moe_layer"
     assert SparseAttention.__module__ == "moejax.sparse_attention.layer"
-    assert {MoEConfig, RouterConfig, AttentionOptions} <= {
+    assert {MoEConfig, RouterConfig, AttentionConfig} <= {
         getattr(moejax, n) for n in moejax.__all__
     }
 

@@ -12,18 +12,25 @@ from flax import nnx
 
 from moejax import config as config_lib
 from moejax.models.transformer import TransformerLM
-from moejax.sparse_attention import KINDS, AttentionOptions, SparseAttention
+from moejax.sparse_attention import KINDS, AttentionConfig, SparseAttention
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = dataclasses.replace(
     config_lib.load_config_file(ROOT / "configs" / "tiny.py").model, num_layers=2
 )
-OPTIONS = {"block_size": 8, "top_k": 1, "window": 8, "num_global": 8, "num_clusters": 2}
+# Every kind takes those of these options it has.
+OPTIONS = {"top_k": 1, "window": 8, "num_global": 8, "num_clusters": 2}
 
 
-@pytest.mark.parametrize("kind", [k for k in KINDS if k != "dense"])
+def small_attention(kind: str) -> AttentionConfig:
+    fields = {f.name for f in dataclasses.fields(KINDS[kind].options)}
+    options = {name: value for name, value in OPTIONS.items() if name in fields}
+    return AttentionConfig.of(kind, options=options, block_size=8)
+
+
+@pytest.mark.parametrize("kind", [k for k, spec in KINDS.items() if not spec.full_attention])
 def test_language_model_trains_with_each_attention_kind(kind):
-    attention = AttentionOptions(kind=kind, **OPTIONS)
+    attention = small_attention(kind)
     model = TransformerLM(SMALL, attention=attention, rngs=nnx.Rngs(0))
     assert all(isinstance(block.attention, SparseAttention) for block in model.blocks)
     tokens = jax.random.randint(jax.random.key(0), (2, 32), 0, 256, jnp.int32)
@@ -48,7 +55,7 @@ def test_language_model_trains_with_each_attention_kind(kind):
 
 def test_dense_kind_keeps_the_dense_module_and_its_checkpoint_layout():
     dense = TransformerLM(SMALL, rngs=nnx.Rngs(0))
-    explicit = TransformerLM(SMALL, attention=AttentionOptions(kind="dense"), rngs=nnx.Rngs(0))
+    explicit = TransformerLM(SMALL, attention=AttentionConfig.of("dense"), rngs=nnx.Rngs(0))
     assert jax.tree.structure(nnx.state(dense)) == jax.tree.structure(nnx.state(explicit))
     assert not any(isinstance(b.attention, SparseAttention) for b in dense.blocks)
 
@@ -66,9 +73,19 @@ def test_dense_kind_keeps_the_dense_module_and_its_checkpoint_layout():
             "model.router.name",
         ),
         (["attention.kind=sparse"], "attention.kind"),
+        (["attention.kind=moba", "attention.window=8"], "attention.options.window now"),
+        (["attention.kind=moba", "attention.options.window=8"], "MobaOptions.: top_k"),
     ],
 )
 def test_attention_config_errors_name_the_field(overrides, field):
     base = config_lib.load_config_file(ROOT / "configs" / "tiny.py")
     with pytest.raises(config_lib.ConfigError, match=field):
         config_lib.validate(config_lib.apply_overrides(base, overrides), 1)
+
+
+def test_dense_kind_with_a_key_convolution_runs_the_block_kernel():
+    # The dense module has no key convolution: it would silently drop it.
+    attention = AttentionConfig.of("dense", block_size=8, key_conv_width=3)
+    model = TransformerLM(SMALL, attention=attention, rngs=nnx.Rngs(0))
+    assert all(isinstance(block.attention, SparseAttention) for block in model.blocks)
+    assert all(block.attention.key_conv[...].shape[0] == 3 for block in model.blocks)

@@ -110,6 +110,8 @@ def test_differences_name_the_dotted_path_of_each_differing_nested_field():
         "model.router.options.top_p": [ABSENT, 0.4, ABSENT],
         "model.router.options.entropy_weight": [ABSENT, 0.0001, ABSENT],
         "attention.kind": ["dense", "local", "dense"],
+        # Likewise the options only the local attention kind has.
+        "attention.options.window": [ABSENT, 256, ABSENT],
     }
     assert distributed.differences([base, _tiny()]) == {}
 

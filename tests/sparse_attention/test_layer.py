@@ -8,20 +8,21 @@ from flax import nnx
 from sparse_reference import causal_conv, expand_block_mask, masked_attention, rotary
 
 from moejax.attention import Attention
-from moejax.sparse_attention import KINDS, AttentionOptions, SparseAttention
+from moejax.errors import ConfigError
+from moejax.sparse_attention import KINDS, AttentionConfig, SparseAttention
 
 D_MODEL, HEADS, KV_HEADS, HEAD_DIM, BASE = 32, 4, 2, 16, 10000.0
 LENGTH = 64
 
 
-def _layer(options: AttentionOptions, seed: int = 0) -> SparseAttention:
+def _layer(attention: AttentionConfig, seed: int = 0) -> SparseAttention:
     return SparseAttention(
         D_MODEL,
         HEADS,
         KV_HEADS,
         HEAD_DIM,
         BASE,
-        options=options,
+        attention=attention,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs=nnx.Rngs(seed),
@@ -43,11 +44,11 @@ def _reference(layer: SparseAttention, x, block_mask, block_q, block_kv):
     else:
         k = np.einsum("bld,dhk->blhk", x, p["w_k"])
     v = np.einsum("bld,dhk->blhk", x, p["w_v"])
-    options = layer.options
-    if options.key_conv_width:
+    attention = layer.attention
+    if attention.key_conv_width:
         k = causal_conv(k, np.asarray(layer.key_conv[...], np.float64))
     bias = None
-    if options.kind == "dynamic_mask":
+    if attention.kind == "dynamic_mask":
         delta = np.asarray(layer.dma_delta[...], np.float64)
         gain = np.asarray(layer.dma_gain[...], np.float64)
         bias = gain * np.logaddexp(0.0, np.einsum("blhd,hd->blh", v, delta))
@@ -60,26 +61,29 @@ def _reference(layer: SparseAttention, x, block_mask, block_q, block_kv):
     mask = expand_block_mask(np.asarray(block_mask), block_q, block_kv) & (
         pos[None] <= pos[:, None]
     )
-    if options.kind == "local":
-        mask &= pos[None] > pos[:, None] - options.window
+    if attention.kind == "local":
+        mask &= pos[None] > pos[:, None] - attention.options.window
     out = masked_attention(q, k, v, mask, HEAD_DIM**-0.5, bias)
     return np.einsum("blhk,hkd->bld", out, np.asarray(layer.w_o[...], np.float64))
 
 
+_of = AttentionConfig.of
 OPTIONS = {
-    "dense": AttentionOptions(kind="dense", block_size=16),
-    "local": AttentionOptions(kind="local", block_size=16, window=20),
-    "global_local": AttentionOptions(kind="global_local", block_size=8, window=16, num_global=8),
-    "moba": AttentionOptions(kind="moba", block_size=16, top_k=1, key_conv_width=3),
-    "moba_small_query_blocks": AttentionOptions(
-        kind="moba", block_size=16, query_block_size=4, top_k=2
+    "dense": _of("dense", block_size=16),
+    "local": _of("local", options={"window": 20}, block_size=16),
+    "global_local": _of("global_local", options={"window": 16, "num_global": 8}, block_size=8),
+    "moba": _of("moba", options={"top_k": 1}, block_size=16, key_conv_width=3),
+    "moba_small_query_blocks": _of(
+        "moba", options={"query_block_size": 4, "top_k": 2}, block_size=16
     ),
-    "routing": AttentionOptions(kind="routing", block_size=8, top_k=2, window=8, num_clusters=3),
-    "routing_separate_keys": AttentionOptions(
-        kind="routing", block_size=8, top_k=2, window=8, num_clusters=3, shared_qk=False
+    "routing": _of("routing", options={"top_k": 2, "window": 8, "num_clusters": 3}, block_size=8),
+    "routing_separate_keys": _of(
+        "routing",
+        options={"top_k": 2, "window": 8, "num_clusters": 3, "shared_qk": False},
+        block_size=8,
     ),
-    "bilevel": AttentionOptions(kind="bilevel", block_size=8, top_k=2),
-    "dynamic_mask": AttentionOptions(kind="dynamic_mask", block_size=8, top_k=2, window=16),
+    "bilevel": _of("bilevel", options={"top_k": 2}, block_size=8),
+    "dynamic_mask": _of("dynamic_mask", options={"top_k": 2, "window": 16}, block_size=8),
 }
 
 
@@ -109,8 +113,7 @@ def test_every_kind_is_covered():
 
 
 def test_moba_with_all_blocks_equals_dense_causal_attention():
-    options = AttentionOptions(kind="moba", block_size=8, top_k=LENGTH // 8)
-    sparse = _layer(options, seed=1)
+    sparse = _layer(_of("moba", options={"top_k": LENGTH // 8}, block_size=8), seed=1)
     dense = Attention(
         D_MODEL, HEADS, KV_HEADS, HEAD_DIM, BASE,
         dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(1),
@@ -152,8 +155,7 @@ def test_routing_updates_centroids_only_in_training():
 
 
 def test_flux_router_mixes_dense_and_sparse_per_sequence():
-    options = AttentionOptions(kind="local", block_size=16, window=16, flux_router=True)
-    layer = _layer(options)
+    layer = _layer(_of("local", options={"window": 16}, block_size=16, flux_router=True))
     x = _inputs()
     y_full, m_full = layer(x, train=False)  # the router starts preferring full attention
     assert float(m_full["flux_full_share"]) == 1.0
@@ -165,23 +167,31 @@ def test_flux_router_mixes_dense_and_sparse_per_sequence():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kind", "options", "shared", "message"),
     [
-        ({"kind": "strided"}, "attention.kind: got 'strided'; allowed: dense"),
-        ({"block_size": 0}, "attention.block_size: got 0"),
-        ({"top_k": 0}, "attention.top_k: got 0"),
-        ({"kind": "moba", "query_block_size": 5}, "attention.query_block_size: got 5"),
-        ({"key_conv_width": -1}, "attention.key_conv_width: got -1"),
-        ({"impl": "cuda"}, "attention.impl: got 'cuda'"),
-        ({"centroid_momentum": 1.0}, "attention.centroid_momentum: got 1.0"),
+        ("strided", {}, {}, "attention.kind: got 'strided'; allowed: dense, local"),
+        ("dense", {}, {"block_size": 0}, "attention.block_size: got 0"),
+        ("moba", {"top_k": 0}, {}, "attention.options.top_k: got 0"),
+        ("moba", {"query_block_size": 5}, {}, "attention.options.query_block_size: got 5"),
+        ("dense", {}, {"key_conv_width": -1}, "attention.key_conv_width: got -1"),
+        ("dense", {}, {"impl": "cuda"}, "attention.impl: got 'cuda'"),
+        ("routing", {"centroid_momentum": 1.0}, {}, "attention.options.centroid_momentum: got 1.0"),
     ],
 )
-def test_bad_options_raise(kwargs, message):
+def test_bad_options_raise(kind, options, shared, message):
     with pytest.raises(ValueError, match=message):
-        AttentionOptions(**kwargs)
+        AttentionConfig.of(kind, options=options, **shared)
+
+
+def test_options_of_another_kind_are_refused():
+    moba_options = KINDS["moba"].options(top_k=2)
+    with pytest.raises(
+        ConfigError, match="a LocalOptions \\(the options of attention kind 'local'\\)"
+    ):
+        AttentionConfig(kind="local", options=moba_options)
 
 
 def test_length_not_multiple_of_block_is_rejected():
-    layer = _layer(AttentionOptions(kind="moba", block_size=16))
+    layer = _layer(_of("moba", block_size=16))
     with pytest.raises(ValueError, match="not a multiple of block_size=16"):
         layer(_inputs(length=40))

@@ -8,7 +8,7 @@ import pytest
 from moejax.sparse_attention.bilevel import bilevel_select
 from moejax.sparse_attention.dynamic_mask import append_key_bias, dynamic_mask_select
 from moejax.sparse_attention.moba import causal_key_conv, moba_select
-from moejax.sparse_attention.routing_transformer import (
+from moejax.sparse_attention.routing import (
     cluster_select,
     normalise,
     shared_keys,

@@ -15,21 +15,22 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import kernels_pallas
 from moejax.parallel.sharding import logical_axes, logical_to_mesh, make_mesh, tree_shardings
-from moejax.sparse_attention import AttentionOptions, SparseAttention
+from moejax.sparse_attention import AttentionConfig, SparseAttention
 from moejax.sparse_attention.sharded_kernel import attention_spec, block_sparse_attention
 
 D_MODEL, HEADS, KV_HEADS, HEAD_DIM, BASE = 16, 8, 4, 8, 10000.0
 BATCH, LENGTH = 8, 32
 
+_of = AttentionConfig.of
 OPTIONS = {
-    "dense": AttentionOptions(kind="dense", block_size=8),
-    "local": AttentionOptions(kind="local", block_size=8, window=12),
-    "global_local": AttentionOptions(kind="global_local", block_size=8, window=8, num_global=8),
-    "moba": AttentionOptions(kind="moba", block_size=8, top_k=1, key_conv_width=2),
-    "bilevel": AttentionOptions(kind="bilevel", block_size=8, top_k=1),
-    "routing": AttentionOptions(kind="routing", block_size=8, top_k=1, window=8, num_clusters=2),
-    "dynamic_mask": AttentionOptions(kind="dynamic_mask", block_size=8, top_k=1, window=8),
-    "flux": AttentionOptions(kind="moba", block_size=8, top_k=1, flux_router=True),
+    "dense": _of("dense", block_size=8),
+    "local": _of("local", options={"window": 12}, block_size=8),
+    "global_local": _of("global_local", options={"window": 8, "num_global": 8}, block_size=8),
+    "moba": _of("moba", options={"top_k": 1}, block_size=8, key_conv_width=2),
+    "bilevel": _of("bilevel", options={"top_k": 1}, block_size=8),
+    "routing": _of("routing", options={"top_k": 1, "window": 8, "num_clusters": 2}, block_size=8),
+    "dynamic_mask": _of("dynamic_mask", options={"top_k": 1, "window": 8}, block_size=8),
+    "flux": _of("moba", options={"top_k": 1}, block_size=8, flux_router=True),
 }
 
 # (data, fsdp, expert, tensor). The last splits no heads: 8 does not divide KV_HEADS.
@@ -47,21 +48,21 @@ def _mesh(name: str) -> jax.sharding.Mesh:
     return make_mesh(sizes)
 
 
-def _layer(options: AttentionOptions) -> SparseAttention:
+def _layer(options: AttentionConfig) -> SparseAttention:
     return SparseAttention(
         D_MODEL,
         HEADS,
         KV_HEADS,
         HEAD_DIM,
         BASE,
-        options=options,
+        attention=options,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs=nnx.Rngs(0),
     )
 
 
-def _value_and_grads(options: AttentionOptions, length: int = LENGTH):
+def _value_and_grads(options: AttentionConfig, length: int = LENGTH):
     """A function of (params, x) giving the layer's output and the gradients of a random
     projection of it (plus its metrics) w.r.t. params and x; and its params and inputs."""
     graphdef, params, rest = nnx.split(_layer(options), nnx.Param, ...)
@@ -82,7 +83,7 @@ def _value_and_grads(options: AttentionOptions, length: int = LENGTH):
     return value_and_grads, nnx.to_pure_dict(params), x
 
 
-def _param_shardings(mesh: jax.sharding.Mesh, options: AttentionOptions):
+def _param_shardings(mesh: jax.sharding.Mesh, options: AttentionConfig):
     """Params by their logical axes, as the train step places them; replicated where the mesh
     does not divide them (the tensor-8 mesh, which config validation would reject)."""
     params = nnx.to_pure_dict(_layer_params(options))
@@ -98,7 +99,7 @@ def _param_shardings(mesh: jax.sharding.Mesh, options: AttentionOptions):
     return jax.tree.map(fit, params, by_rules)
 
 
-def _sharded(options: AttentionOptions, mesh: jax.sharding.Mesh):
+def _sharded(options: AttentionConfig, mesh: jax.sharding.Mesh):
     """The same values computed under `mesh`: x split over the batch axes, params by their
     logical axes."""
     value_and_grads, params, x = _value_and_grads(options)
@@ -110,12 +111,12 @@ def _sharded(options: AttentionOptions, mesh: jax.sharding.Mesh):
         return jax.jit(lambda p, x: value_and_grads(nnx.State(p), x))(params, x)
 
 
-def _layer_params(options: AttentionOptions) -> nnx.State:
+def _layer_params(options: AttentionConfig) -> nnx.State:
     return nnx.state(_layer(options), nnx.Param)
 
 
 @functools.cache
-def _unsharded(options: AttentionOptions):
+def _unsharded(options: AttentionConfig):
     value_and_grads, params, x = _value_and_grads(options)
     return jax.jit(lambda p, x: value_and_grads(nnx.State(p), x))(params, x)
 
@@ -128,7 +129,7 @@ def _assert_trees_close(actual, expected):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=2e-5)
 
 
-def _check_matches_single_device(options: AttentionOptions, mesh_name: str):
+def _check_matches_single_device(options: AttentionConfig, mesh_name: str):
     y, (grad_params, grad_x) = _sharded(options, _mesh(mesh_name))
     y_ref, (grad_params_ref, grad_x_ref) = _unsharded(options)
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=2e-5)
@@ -163,7 +164,8 @@ def test_static_and_routed_masks_match_single_device_on_other_meshes(kind, mesh_
 
 @pytest.mark.parametrize("kind", ["dense", "moba"])  # a host mask closed over; a traced one
 def test_pallas_kernel_in_interpret_mode_matches_single_device(kind):
-    options = AttentionOptions(kind=kind, block_size=8, top_k=1, window=8, impl="interpret")
+    kind_options = {"top_k": 1} if kind == "moba" else {}
+    options = _of(kind, options=kind_options, block_size=8, impl="interpret")
     _check_matches_single_device(options, "data2_fsdp2_tensor2")
 
 
@@ -263,7 +265,7 @@ def test_moba_forward_and_backward_compile_for_a_tpu_mesh():
     """Mosaic kernels cannot be partitioned by the compiler: without the shard_map this fails
     with "Mosaic kernels cannot be automatically partitioned"."""
     mesh = make_mesh({"data": 8, "fsdp": 1, "expert": 1, "tensor": 1}, _tpu_devices())
-    options = AttentionOptions(kind="moba", block_size=128, top_k=1, impl="auto")
+    options = _of("moba", options={"top_k": 1}, block_size=128, impl="auto")
     value_and_grads, params, _ = _value_and_grads(options, length=512)
     param_shardings = tree_shardings(mesh, logical_axes(_layer_params(options)))
     batch = NamedSharding(mesh, logical_to_mesh(("batch", "length", "activation_embed")))

@@ -12,7 +12,7 @@ from flax import nnx
 
 from moejax import config as config_lib
 from moejax.models.transformer import TransformerLM
-from moejax.sparse_attention import AttentionOptions
+from moejax.sparse_attention import AttentionConfig
 from moejax.sparse_attention.flux import router_param_filter
 from moejax.training import flux_fit as ff
 from moejax.training.restore import load_trained
@@ -21,12 +21,12 @@ ROOT = Path(__file__).resolve().parents[2]
 SMALL = dataclasses.replace(
     config_lib.load_config_file(ROOT / "configs" / "tiny.py").model, num_layers=2
 )
-LOCAL = AttentionOptions(kind="local", block_size=8, window=8)
+LOCAL = AttentionConfig.of("local", options={"window": 8}, block_size=8)
 FLUX = dataclasses.replace(LOCAL, flux_router=True, flux_target_full_share=0.0)
 BATCH, LENGTH = 8, 32
 
 
-def trained_variables(attention: AttentionOptions | None = None, seed: int = 0) -> dict:
+def trained_variables(attention: AttentionConfig | None = None, seed: int = 0) -> dict:
     """Pure-dict variables of a model standing in for a trained run."""
     model = TransformerLM(SMALL, attention=attention, rngs=nnx.Rngs(seed))
     return {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)), "router_state": {}}

@@ -1,13 +1,9 @@
-"""The MQAR generator's invariants and the Flux router's training filter."""
+"""The MQAR task: the generator's invariants and the routing recall it measures."""
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from flax import nnx
 
-from moejax.sparse_attention import AttentionOptions, SparseAttention
-from moejax.sparse_attention.flux import freeze_all_but_router, router_param_filter
 from moejax.tasks.mqar import MQARConfig, mqar_batch
 from moejax.tasks.mqar_train import routing_recall
 
@@ -61,24 +57,3 @@ def test_routing_recall_counts_queries_whose_value_block_is_visited():
     mask[0, 0, 2, 0] = True  # query at 4 sees the block of value 1
     mask[0, 1, 3, 2] = True  # query at 7 sees the block of value 5 (another head)
     assert float(routing_recall(jnp.asarray(mask), batch, 2, 2)) == pytest.approx(2 / 3)
-
-
-def test_flux_freeze_trains_only_the_router():
-    options = AttentionOptions(kind="local", block_size=16, window=16, flux_router=True)
-    layer = SparseAttention(
-        16, 2, 2, 8, 1e4, options=options, dtype=jnp.float32, param_dtype=jnp.float32,
-        rngs=nnx.Rngs(0),
-    )  # fmt: skip
-    router_params = nnx.state(layer, router_param_filter)
-    assert set(nnx.to_pure_dict(router_params)) == {"flux_router"}
-    params = nnx.to_pure_dict(nnx.state(layer, nnx.Param))
-    tx = freeze_all_but_router(optax.sgd(1.0), params)
-    grads = {
-        name: {k: jnp.ones_like(v) for k, v in value.items()}
-        if isinstance(value, dict)
-        else jnp.ones_like(value)
-        for name, value in params.items()
-    }
-    updates, _ = tx.update(grads, tx.init(params), params)
-    assert float(jnp.abs(updates["w_q"]).sum()) == 0.0
-    assert all(float(jnp.abs(u).sum()) > 0 for u in updates["flux_router"].values())

@@ -1,5 +1,5 @@
-"""Routing Transformer attention: online k-means over queries and keys, attention within
-clusters, combined with local attention.
+"""The `routing` kind, Routing Transformer attention: online k-means over queries and keys,
+attention within clusters, combined with local attention.
 
 Efficient Content-Based Sparse Attention with Routing Transformers (Roy et al., 2021).
 
@@ -24,6 +24,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from moejax.errors import require_config
+from moejax.sparse_attention._plans import clamp_top_k, num_local, require_at_least, routed_plan
+from moejax.sparse_attention.base import (
+    AttentionKindSpec,
+    AttentionPlan,
+    HeadShape,
+    KindOptions,
+    KindStateSpec,
+    register,
+)
 from moejax.sparse_attention.selection import (
     BlockSelection,
     expand_kv_heads,
@@ -158,3 +168,68 @@ def routing_centroid_update(
         [routing.q_cluster.reshape(-1, heads), routing.k_cluster.reshape(-1, heads)]
     )
     return jax.lax.stop_gradient(update_centroids(centroids, vectors, cluster, momentum=momentum))
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingOptions(KindOptions):
+    """top_k: same-cluster blocks per query block besides the local band (clamped to the
+    blocks before it); window: tokens of the local band, rounded out to whole blocks;
+    num_clusters, centroid_momentum: the online k-means; shared_qk: keys are the
+    (group-averaged) queries, as the paper does for causal LMs, and the layer has no key
+    projection. False keeps a separate key projection (routing then stays near chance on MQAR:
+    nothing aligns the two)."""
+
+    top_k: int = 3
+    window: int = 256
+    num_clusters: int = 4
+    centroid_momentum: float = 0.99
+    shared_qk: bool = True
+
+    def __post_init__(self) -> None:
+        require_at_least(self, ("top_k", "window", "num_clusters"), 1)
+        require_config(
+            0.0 <= self.centroid_momentum < 1.0,
+            "attention.options.centroid_momentum",
+            self.centroid_momentum,
+            "in [0, 1)",
+        )
+
+    @property
+    def shares_qk(self) -> bool:
+        return self.shared_qk
+
+
+def init_centroids(key: jax.Array, shape: HeadShape, options: RoutingOptions) -> jax.Array:
+    """`[heads, num_clusters, head_dim]` float32 unit vectors in random directions."""
+    centroids = jax.random.normal(
+        key, (shape.num_heads, options.num_clusters, shape.head_dim), jnp.float32
+    )
+    return normalise(centroids)
+
+
+def routing_plan(
+    *,
+    length: int,
+    block_size: int,
+    options: RoutingOptions,
+    queries: jax.Array,
+    keys: jax.Array,
+    state: jax.Array,
+) -> tuple[AttentionPlan, jax.Array]:
+    """`cluster_select` with the centroids `state`, and the centroids after one k-means step."""
+    top_k = clamp_top_k(options.top_k, length, block_size)
+    band = num_local(options.window, block_size)
+    routing = cluster_select(queries, keys, state, block=block_size, top_k=top_k, num_local=band)
+    centroids = routing_centroid_update(state, routing, momentum=options.centroid_momentum)
+    return routed_plan(routing.selection, block_size, block_size, top_k + band), centroids
+
+
+ROUTING = register(
+    AttentionKindSpec(
+        "routing",
+        routing_plan,
+        needs=("queries", "keys", "state"),
+        options=RoutingOptions,
+        state=KindStateSpec("centroids", init_centroids, (None, None, None)),
+    )
+)
