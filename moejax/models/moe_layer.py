@@ -21,7 +21,7 @@ from moejax.config import MoEConfig, RouterConfig
 from moejax.errors import require
 from moejax.models.layers import dense_init
 from moejax.parallel.sharding import constrain, param
-from moejax.routers.base import ROUTER_INIT_STD, RouterState
+from moejax.routers.base import ROUTER_INIT_STD, RouterState, Routing
 
 # Per-token entries of a MoE layer's aux dict: read by evaluation, not averaged into metrics.
 ROUTING_TRACE_KEYS = ("top1_expert",)
@@ -180,6 +180,21 @@ class MoELayer(nnx.Module):
             param_dtype=param_dtype,
             rngs=rngs,
         )
+
+    def route(
+        self, x: jax.Array, context: RouterContext | None = None, *, train: bool = True
+    ) -> Routing:
+        """The routing `__call__` uses for `x [batch, length, d_model]`: a `Routing` of its
+        `batch * length` tokens (`expert_index [tokens, top_k]`, ...). Runs no expert and
+        updates no router state. The public way for drivers above the layer (DSnoT's
+        calibration inputs per expert, routing analyses) to learn which tokens reach which
+        expert."""
+        context = RouterContext() if context is None else context
+        check_hidden("MoELayer", x, self.d_model)
+        batch, length, d_model = x.shape
+        self._check_context(context, batch, length)
+        tokens = x.reshape(batch * length, d_model).astype(self.dtype)  # [tokens, d_model]
+        return self._route(tokens, context, train=train, length=length)[0]
 
     def _check_context(self, context: RouterContext, batch: int, length: int) -> None:
         """ValueError naming the router and the missing or misshapen context input."""
