@@ -40,8 +40,8 @@ from moejax import config as config_lib  # noqa: E402
 from moejax.config import Config  # noqa: E402
 from moejax.parallel import sharding  # noqa: E402
 from moejax.pruning import apply_masks  # noqa: E402
-from moejax.pruning import lm as prune_lm  # noqa: E402
 from moejax.training import corpus  # noqa: E402
+from moejax.training import pruning as prune_lm  # noqa: E402
 from moejax.training import state as state_lib  # noqa: E402
 from moejax.training.checkpoint import Checkpointer  # noqa: E402
 from moejax.training.evaluate import evaluate  # noqa: E402

@@ -13,7 +13,8 @@ import dataclasses
 from pathlib import Path
 
 from moejax.config import Config, LMPruningConfig, load_config_file
-from moejax.pruning.lm import EXPERT_MIN_NDIM, EXPERT_WEIGHTS
+from moejax.pruning import MethodConfig, PatternConfig, ScheduleConfig, ScoreConfig
+from moejax.training.pruning import EXPERT_MIN_NDIM, EXPERT_WEIGHTS
 
 
 def get_config() -> Config:
@@ -21,13 +22,10 @@ def get_config() -> Config:
     return dataclasses.replace(
         base,
         pruning=LMPruningConfig(
-            method="magnitude",
-            mode="srste",
-            pattern="nm",
-            n=2,
-            m=4,
-            nm_axis=1,
-            schedule="none",
+            method=MethodConfig.of("srste", decay=2e-4),
+            score=ScoreConfig("magnitude"),
+            pattern=PatternConfig.of("nm", n=2, m=4, axis=1),
+            schedule=ScheduleConfig("none"),
             param_regex=EXPERT_WEIGHTS,
             min_ndim=EXPERT_MIN_NDIM,
         ),

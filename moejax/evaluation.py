@@ -82,7 +82,7 @@ def routing_dynamics(
 def sparsity_results(config: Any, variables: dict[str, Any]) -> dict[str, float]:
     """Per-layer and total sparsity (shares of exact zeros) of the restored params of a pruned
     run: `sparsity/layer{i}`, `sparsity/prunable`, `sparsity/total`; {} when unpruned."""
-    from moejax.pruning.lm import param_sparsity
+    from moejax.training.pruning import param_sparsity
 
     return param_sparsity(config.pruning, variables["params"])
 

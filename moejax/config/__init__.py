@@ -26,12 +26,11 @@ from moejax.config.loading import (
 from moejax.config.model import DTYPES, DepthConfig, ModelConfig, MoEConfig, RouterConfig
 from moejax.config.validation import validate, validate_attention, validate_mesh
 from moejax.errors import ConfigError
-from moejax.pruning.config import PRUNING_MODES, LMPruningConfig
+from moejax.pruning.config import LMPruningConfig
 from moejax.sparse_attention.config import AttentionConfig
 
 __all__ = [
     "DTYPES",
-    "PRUNING_MODES",
     "AttentionConfig",
     "Config",
     "ConfigError",

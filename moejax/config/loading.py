@@ -202,8 +202,8 @@ def _rebuild(group: Any, changes: dict[str, Any], path: str, parse: Callable) ->
     fields = [f.name for f in dataclasses.fields(group)]
     unknown = sorted(set(changes) - set(fields))
     if unknown:
-        moved = _FLAT_MODEL_FIELDS.get(unknown[0]) if path == "model" else None
-        hint = f" (it is model.{'.'.join(moved)} now)" if moved else ""
+        moved = _MOVED_FIELDS.get(path, {}).get(unknown[0])
+        hint = f" (it is {path}.{'.'.join(moved)} now)" if moved else ""
         if path == "attention" and unknown[0] in _FLAT_ATTENTION_OPTIONS:
             hint = _flat_attention_hint(unknown[0])
         leaf, change = [path, unknown[0]], changes[unknown[0]]
@@ -280,6 +280,28 @@ _FLAT_ROUTER_OPTIONS = {
     "relu_sparsity_weight": "sparsity_weight",
     "chunk_sparsity_weight": "chunk_sparsity_weight",
 }
+
+# Where each flat field of the `pruning` group before its choices were nested under their names
+# (`pruning.pattern.options.n`) now lives; `method`, `pattern` and `schedule` are groups now.
+_FLAT_PRUNING_FIELDS = {
+    "mode": ("method", "name"),
+    "srste_decay": ("method", "options", "decay"),
+    **{name: ("method", "options", name) for name in ("flow_begin", "flow_end", "flow_intervals")},
+    "scope": ("pattern", "options", "scope"),
+    "density": ("pattern", "options", "density"),
+    "n": ("pattern", "options", "n"),
+    "m": ("pattern", "options", "m"),
+    "nm_axis": ("pattern", "options", "axis"),
+    "slice_axis": ("pattern", "options", "axis"),
+    "block_rows": ("pattern", "options", "rows"),
+    "block_cols": ("pattern", "options", "cols"),
+    **{
+        name: ("schedule", "options", name)
+        for name in ("begin_step", "end_step", "frequency", "rounds", "initial_sparsity")
+    },
+}
+# Fields moved out of a group, by the group's path: their hint names the new path.
+_MOVED_FIELDS = {"model": _FLAT_MODEL_FIELDS, "pruning": _FLAT_PRUNING_FIELDS}
 
 
 # Fields of the flat `attention` group before each kind got its own options: now options of

@@ -75,12 +75,12 @@ def validate(config: Config, num_devices: int) -> dict[str, int]:
         model.vocab_size,
         ">= 256 (the corpus is byte-level)",
     )
-    pruning = config.pruning
-    if pruning.enabled and pruning.schedule != "none":
+    first_prune_step = config.pruning.first_prune_step()
+    if first_prune_step is not None:
         require_config(
-            pruning.begin_step < train.steps,
-            "pruning.begin_step",
-            pruning.begin_step,
+            first_prune_step < train.steps,
+            "pruning.schedule.options.begin_step",
+            first_prune_step,
             f"< train.steps={train.steps} (the schedule would never prune)",
         )
 

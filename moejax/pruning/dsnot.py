@@ -1,4 +1,4 @@
-"""Training-free refinement of a sparse layer's mask by prune-and-grow swaps.
+"""The method "dsnot": training-free refinement of a sparse layer's mask by prune-and-grow swaps.
 
 *Dynamic Sparse No Training: Training-Free Fine-tuning for Sparse LLMs* (DSnoT). For output r
 of a linear layer with dense weights W and mask M, the expected reconstruction error over the
@@ -18,9 +18,16 @@ keeps the number of weights per output. No gradients; each cycle is linear in th
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from moejax.errors import require
+from moejax.pruning.base import MethodSpec, PruningOptions, register
+from moejax.pruning.masks import path_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,3 +105,121 @@ def dsnot(
     # Recomputed rather than carried so that float drift over many swaps is not reported.
     error = expected_error(w32, mask, mean_x)
     return DsnotResult(mask, jnp.abs(error0), jnp.abs(error), swaps)
+
+
+# --- mixture-of-experts layers ----------------------------------------------------------
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def moment_rows(x: np.ndarray) -> np.ndarray:
+    """Two rows, mean - std and mean + std per feature: x [tokens, d] -> [2, d].
+
+    `dsnot` reads its inputs only through the per-feature mean, variance and norm. These two
+    rows have the same mean and variance, and norms sqrt(2 / tokens) times the true ones for
+    every feature, which changes no choice DSnoT makes (the norms are compared within a
+    column). So every expert's refinement has the same static shapes and compiles once.
+    """
+    x64 = np.asarray(x, np.float64)
+    mean, std = x64.mean(axis=0), x64.std(axis=0)
+    return np.stack([mean - std, mean + std]).astype(np.float32)
+
+
+@jax.jit(static_argnames="max_cycles")
+def _dsnot(w: jax.Array, mask: jax.Array, x: jax.Array, max_cycles: int):
+    result = dsnot(w, mask, x, max_cycles=max_cycles)
+    return result.mask, jnp.sum(result.error_before), jnp.sum(result.error_after), result.swaps
+
+
+def dsnot_experts(
+    weights: dict[str, np.ndarray],
+    masks: dict[str, np.ndarray],
+    x: np.ndarray,
+    expert_index: np.ndarray,
+    *,
+    refine: Iterable[str] = ("w_gate", "w_up", "w_down"),
+    max_cycles: int = 50,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """DSnoT on every expert of one MoE layer, each with the calibration tokens routed to it.
+
+    *Dynamic Sparse No Training: Training-Free Fine-tuning for Sparse LLMs.* weights:
+    {"w_gate", "w_up": [experts, d_model, d_ff], "w_down": [experts, d_ff, d_model]}; masks:
+    bool, the same shapes; x: [tokens, d_model] the layer's feed-forward inputs;
+    expert_index: [tokens, top_k]. w_gate and w_up see the tokens routed to the expert; w_down
+    sees the expert's hidden activation computed with the refined w_gate and w_up masks, as
+    the sparse model will. Only the names in `refine` change; an expert with fewer than two
+    routed tokens keeps its masks. Returns (new masks, report of the summed |ε| over all
+    columns before and after, and the number of swaps).
+    """
+    new = {name: np.array(mask, dtype=bool) for name, mask in masks.items()}
+    report = {"error_before": 0.0, "error_after": 0.0, "swaps": 0.0}
+
+    def refine_one(name: str, expert: int, inputs: np.ndarray) -> None:
+        w = jnp.asarray(weights[name][expert], jnp.float32)
+        mask, before, after, swaps = _dsnot(
+            w, jnp.asarray(new[name][expert]), jnp.asarray(moment_rows(inputs)), max_cycles
+        )
+        new[name][expert] = np.asarray(mask)
+        report["error_before"] += float(before)
+        report["error_after"] += float(after)
+        report["swaps"] += float(jnp.sum(swaps))
+
+    for expert in range(weights["w_gate"].shape[0]):
+        rows = np.any(expert_index == expert, axis=1)
+        inputs = np.asarray(x[rows], np.float32)  # [tokens routed to the expert, d_model]
+        if inputs.shape[0] < 2:
+            continue
+        for name in ("w_gate", "w_up"):
+            if name in refine:
+                refine_one(name, expert, inputs)
+        if "w_down" in refine:
+            gate = inputs @ np.where(new["w_gate"][expert], weights["w_gate"][expert], 0.0)
+            up = inputs @ np.where(new["w_up"][expert], weights["w_up"][expert], 0.0)
+            refine_one("w_down", expert, _silu(gate) * up)  # [tokens, d_ff]
+    return new, report
+
+
+# --- the registered method ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DsnotOptions(PruningOptions):
+    """Options of "dsnot": at most `max_cycles` swap cycles per matrix; outputs with
+    |ε_r| <= `tolerance` stop; `use_variance` divides the grow gain by Var(x_i)."""
+
+    max_cycles: int = 50
+    tolerance: float = 0.0
+    use_variance: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.max_cycles >= 0, "max_cycles", self.max_cycles, ">= 0")
+        require(self.tolerance >= 0, "tolerance", self.tolerance, ">= 0")
+
+
+def dsnot_refine(
+    params: Any, masks: Any, *, prunable: Any, options: DsnotOptions, calibration: dict
+) -> Any:
+    """DSnoT on every prunable 2-D leaf [d_in, d_out] that `calibration` holds inputs
+    [tokens, d_in] for (by path name); other leaves keep their masks."""
+    flags = iter(jax.tree.leaves(prunable))
+
+    def refine(path, w, mask):
+        name = path_name(path)
+        if not next(flags) or name not in calibration:
+            return mask
+        result = dsnot(
+            w,
+            mask,
+            calibration[name],
+            max_cycles=options.max_cycles,
+            tolerance=options.tolerance,
+            use_variance=options.use_variance,
+        )
+        return result.mask
+
+    return jax.tree_util.tree_map_with_path(refine, params, masks)
+
+
+DSNOT = register(MethodSpec("dsnot", DsnotOptions, refine=dsnot_refine, needs=("calibration",)))

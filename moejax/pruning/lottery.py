@@ -1,5 +1,5 @@
-"""Lottery-ticket pruning rounds: the mask arithmetic of iterative magnitude pruning and of its
-random-pruning control.
+"""The method "lottery": the mask arithmetic of the rounds of iterative magnitude pruning and
+of its random-pruning control.
 
 *The Lottery Ticket Hypothesis: Finding Sparse, Trainable Neural Networks*: train; prune
 `prune_rate` of the remaining weights of each layer by magnitude (the output layer at
@@ -9,13 +9,16 @@ experiment that trains the networks, with its controls and report, is `moejax.ta
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.errors import require
 from moejax.pruning import patterns
+from moejax.pruning.base import MethodSpec, PruningOptions, register
 from moejax.pruning.masks import ParamFilter, path_name, prunable_tree
 
 
@@ -76,3 +79,38 @@ def remaining_fraction(masks: Any, params: Any) -> float:
             kept += int(np.sum(m))
             total += m.size
     return kept / total
+
+
+# --- the registered method ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LotteryOptions(PruningOptions):
+    """Options of "lottery": each round prunes `prune_rate` of every layer's remaining weights
+    by magnitude (`output_prune_rate` for the weights under the top-level module
+    `output_layer`); survivors rewind to their values before update `rewind_step` (0: the
+    initialisation; `Pruner(rewind_step=...)` stores them)."""
+
+    prune_rate: float = 0.2
+    output_prune_rate: float = 0.1
+    output_layer: str = "out"
+    rewind_step: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("prune_rate", "output_prune_rate"):
+            value = getattr(self, name)
+            require(0.0 < value < 1.0, name, value, "in (0, 1)")
+        require(self.rewind_step >= 0, "rewind_step", self.rewind_step, ">= 0")
+
+
+def lottery_round(params: Any, masks: Any, *, prunable: Any, options: LotteryOptions) -> Any:
+    """One round of iterative magnitude pruning on the trained `params` (`magnitude_round`
+    at the options' rates); training then restarts from the rewind point under these masks."""
+    del prunable  # the kernels (ParamFilter's default), as the paper prunes
+    rates = layer_rates(
+        params, options.prune_rate, options.output_prune_rate, output_layer=options.output_layer
+    )
+    return magnitude_round(params, masks, rates)
+
+
+LOTTERY = register(MethodSpec("lottery", LotteryOptions, refine=lottery_round))

@@ -1,4 +1,4 @@
-"""Learnable N:M masks with frozen weights.
+"""The method "maskllm": learnable N:M masks with frozen weights.
 
 *MaskLLM: Learnable Semi-Structured Sparsity for Large Language Models.* Every group of M
 consecutive weights (along `axis`) gets logits over the C(M, N) candidate masks that keep N of
@@ -11,14 +11,19 @@ mask is each group's argmax candidate. Logits may start from a prior mask (magni
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from moejax.errors import require
+from moejax.pruning.base import MethodSpec, PruningOptions, register
+from moejax.pruning.masks import path_name
 from moejax.pruning.patterns import nm_mask
 
 
@@ -136,3 +141,64 @@ def learn_masks(
     (logits, _), losses = jax.lax.scan(body, (logits, optimizer.init(logits)), jnp.arange(steps))
     masks = {k: hard_mask(logits[k], candidates, w.shape, axis) for k, w in weights.items()}
     return masks, logits, losses
+
+
+# --- the registered method ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskLLMOptions(PruningOptions):
+    """Options of "maskllm": n:m groups of `m` along `axis`, `steps` Adam steps at
+    `learning_rate`, τ annealed from `temperature_start` to `temperature_end`, κ from
+    `scale_start` to `scale_end`, logits starting at `prior_strength` on the magnitude mask."""
+
+    n: int = 2
+    m: int = 4
+    axis: int = 0
+    steps: int = 200
+    learning_rate: float = 0.05
+    temperature_start: float = 4.0
+    temperature_end: float = 0.05
+    scale_start: float = 1.0
+    scale_end: float = 5.0
+    prior_strength: float = 0.0
+
+    def __post_init__(self) -> None:
+        require(0 < self.n <= self.m, "n", self.n, f"0 < n <= m={self.m}")
+        require(self.steps >= 1, "steps", self.steps, ">= 1")
+        require(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
+
+
+def maskllm_refine(
+    params: Any,
+    masks: Any,
+    *,
+    prunable: Any,
+    options: MaskLLMOptions,
+    loss_fn: Callable[[dict[str, jax.Array]], jax.Array],
+    key: jax.Array,
+) -> Any:
+    """Learns the n:m masks of the prunable leaves with the weights frozen (`learn_masks`);
+    `loss_fn` maps {path name: masked weight} to the task loss. Other leaves keep `masks`."""
+    named = jax.tree_util.tree_leaves_with_path(params)
+    flags = jax.tree.leaves(prunable)
+    weights = {path_name(p): w for (p, w), keep in zip(named, flags, strict=True) if keep}
+    learned, _, _ = learn_masks(
+        loss_fn,
+        weights,
+        n=options.n,
+        m=options.m,
+        axis=options.axis,
+        steps=options.steps,
+        learning_rate=options.learning_rate,
+        temperature=(options.temperature_start, options.temperature_end),
+        scale=(options.scale_start, options.scale_end),
+        prior_strength=options.prior_strength,
+        key=key,
+    )
+    return jax.tree_util.tree_map_with_path(lambda path, m: learned.get(path_name(path), m), masks)
+
+
+MASKLLM = register(
+    MethodSpec("maskllm", MaskLLMOptions, refine=maskllm_refine, needs=("loss_fn", "key"))
+)

@@ -10,7 +10,6 @@ weight decay). Masks change only at the schedule's update steps.
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -18,19 +17,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moejax.pruning import patterns, scores
+from moejax.errors import message, require
+from moejax.pruning import patterns
+from moejax.pruning.base import PruningOptions, get_pattern, get_score, options_of
 from moejax.pruning.masks import ParamFilter, apply_masks, ones_masks, path_name, prunable_tree
 from moejax.pruning.schedules import NoUpdates, Schedule
-
-PATTERNS = ("unstructured", "nm", "block", "neuron", "expert", "layer")
-SCORES = ("magnitude", "random", "snip")
-SCOPES = ("layer", "global")
-DENSITIES = ("uniform", "erk")
-
-
-def _check_choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; allowed values: {allowed}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,26 +29,19 @@ class Pruner:
     """How masks are computed: which params (`param_filter`), ranked by which `score`, cut by
     which `pattern`, when (`schedule`), and whether a pruned weight may come back.
 
-    pattern: "unstructured" | "nm" (n of every m along `axis`) | "block" (`block_shape` tiles of
-    the last two dims) | "neuron" (whole slices along `slice_axis`) | "expert" (whole experts:
-    axis 0 of the sibling leaves under one parent, pruned together) | "layer" (whole tensors).
-    score: "magnitude" | "random" | "snip" (|grad * param| with the gradient of the step).
-    scope: unstructured only; "layer" gives each tensor the sparsity (uniform or ERK `density`),
-    "global" ranks all prunable entries together.
-    rewind_step: if set, the params before update number `rewind_step` (0: the initial params)
-    are stored in the state for lottery-ticket rewinding.
+    pattern: a name of the pattern registry (`moejax.pruning.base.PATTERNS`: "unstructured",
+    "nm", "block", "neuron", "expert", "layer", ...) with `pattern_options` its options (None:
+    its defaults, e.g. `NMOptions(n=2, m=4, axis=0)`). score: a name of the score registry
+    ("magnitude", "random", "snip", ...) with `score_options`. rewind_step: if set, the params
+    before update number `rewind_step` (0: the initial params) are stored in the state for
+    lottery-ticket rewinding.
     """
 
     schedule: Schedule = NoUpdates()
     pattern: str = "unstructured"
+    pattern_options: PruningOptions | None = None
     score: str = "magnitude"
-    scope: str = "layer"
-    density: str = "uniform"
-    n: int = 2
-    m: int = 4
-    axis: int = 0
-    block_shape: tuple[int, int] = (4, 4)
-    slice_axis: int = -1
+    score_options: PruningOptions | None = None
     param_filter: Callable[[str, Any], bool] = ParamFilter()
     allow_regrowth: bool = False
     rewind_step: int | None = None
@@ -65,14 +49,16 @@ class Pruner:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice("pattern", self.pattern, PATTERNS)
-        _check_choice("score", self.score, SCORES)
-        _check_choice("scope", self.scope, SCOPES)
-        _check_choice("density", self.density, DENSITIES)
-        if self.pattern == "nm" and not 0 < self.n <= self.m:
-            raise ValueError(f"n must satisfy 0 < n <= m, got n={self.n}, m={self.m}.")
-        if self.rewind_step is not None and self.rewind_step < 0:
-            raise ValueError(f"rewind_step must be None or >= 0, got {self.rewind_step}.")
+        pattern_options = options_of(get_pattern(self.pattern), self.pattern_options)
+        score_options = options_of(get_score(self.score), self.score_options)
+        object.__setattr__(self, "pattern_options", pattern_options)
+        object.__setattr__(self, "score_options", score_options)
+        require(
+            self.rewind_step is None or self.rewind_step >= 0,
+            "rewind_step",
+            self.rewind_step,
+            "None or an int >= 0",
+        )
 
     def prunable(self, params: Any) -> Any:
         """A tree of Python bools like params."""
@@ -80,6 +66,12 @@ class Pruner:
 
     def init_masks(self, params: Any) -> Any:
         return ones_masks(params, self.mask_dtype)
+
+    def scores(self, params: Any, key: jax.Array, grads: Any = None) -> Any:
+        """The score tree (like params) of `self.score`, given what its spec needs."""
+        spec = get_score(self.score)
+        available = {"params": params, "grads": grads, "key": key}
+        return spec.score(**{n: available[n] for n in spec.needs}, options=self.score_options)
 
     def compute_masks(
         self,
@@ -97,18 +89,23 @@ class Pruner:
         entries pruned in `masks` stay pruned.
         """
         if score_tree is None:
-            score_tree = self._scores(params, key, grads)
+            score_tree = self.scores(params, key, grads)
         prunable = self.prunable(params)
         leaves, treedef = jax.tree_util.tree_flatten_with_path(score_tree)
         old = jax.tree.leaves(masks)
         flags = jax.tree.leaves(prunable)
         chosen = [i for i, flag in enumerate(flags) if flag]
-        ranked = {
-            i: patterns.masked_scores(leaves[i][1], None if self.allow_regrowth else old[i])
-            for i in chosen
-        }
-        names = {i: path_name(leaves[i][0]) for i in chosen}
-        new = self._pattern_masks(ranked, names, sparsity)
+        new = {}
+        if chosen:
+            ranked = [
+                patterns.masked_scores(leaves[i][1], None if self.allow_regrowth else old[i])
+                for i in chosen
+            ]
+            names = [path_name(leaves[i][0]) for i in chosen]
+            kept = get_pattern(self.pattern).masks(
+                scores=ranked, names=names, sparsity=sparsity, options=self.pattern_options
+            )
+            new = dict(zip(chosen, kept, strict=True))
         out = []
         for i, mask in enumerate(old):
             if i in new:
@@ -117,64 +114,6 @@ class Pruner:
             else:
                 out.append(mask)
         return jax.tree.unflatten(treedef, out)
-
-    def _scores(self, params: Any, key: jax.Array, grads: Any) -> Any:
-        if self.score == "magnitude":
-            return jax.tree.map(scores.magnitude_scores, params)
-        if self.score == "snip":
-            if grads is None:
-                raise ValueError("score='snip' needs grads; pass grads= or use another score.")
-            return scores.snip_scores(grads, params)
-        leaves, treedef = jax.tree.flatten(params)
-        keys = jax.random.split(key, len(leaves))
-        return jax.tree.unflatten(
-            treedef,
-            [scores.random_scores(k, jnp.shape(p)) for k, p in zip(keys, leaves, strict=True)],
-        )
-
-    def _pattern_masks(self, ranked: dict, names: dict, sparsity) -> dict[int, jax.Array]:
-        if not ranked:
-            return {}
-        ids = list(ranked)
-        if self.pattern == "unstructured" and self.scope == "global":
-            kept = patterns.global_unstructured_masks([ranked[i] for i in ids], sparsity)
-            return dict(zip(ids, kept, strict=True))
-        if self.pattern == "layer":
-            kept = patterns.layer_masks([ranked[i] for i in ids], sparsity)
-            return dict(zip(ids, kept, strict=True))
-        if self.pattern == "expert":
-            return self._expert_masks(ranked, names, sparsity)
-        layer_sparsity = {i: sparsity for i in ids}
-        if self.pattern == "unstructured" and self.density == "erk":
-            densities = scores.erk_densities([ranked[i].shape for i in ids], 1.0 - sparsity)
-            layer_sparsity = {i: 1.0 - densities[j] for j, i in enumerate(ids)}
-        out = {}
-        for i in ids:
-            if self.pattern == "unstructured":
-                out[i] = patterns.unstructured_mask(ranked[i], layer_sparsity[i])
-            elif self.pattern == "nm":
-                out[i] = patterns.nm_mask(ranked[i], self.n, self.m, self.axis)
-            elif self.pattern == "block":
-                out[i] = patterns.block_mask(ranked[i], layer_sparsity[i], self.block_shape)
-            else:
-                out[i] = patterns.slice_mask(ranked[i], layer_sparsity[i], self.slice_axis)
-        return out
-
-    def _expert_masks(self, ranked: dict, names: dict, sparsity) -> dict[int, jax.Array]:
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, name in names.items():
-            groups[name.rpartition("/")[0]].append(i)
-        out = {}
-        for members in groups.values():
-            # One score per expert, summed over the experts' weights in every sibling leaf.
-            expert_scores = sum(
-                ranked[i].reshape(ranked[i].shape[0], -1).sum(axis=1) for i in members
-            )
-            kept = patterns.expert_masks(
-                {str(i): ranked[i] for i in members}, sparsity, expert_scores
-            )
-            out.update({i: kept[str(i)] for i in members})
-        return out
 
 
 class PruneState(NamedTuple):
@@ -209,8 +148,7 @@ def prune_optax(
         )
 
     def update(updates: Any, state: PruneState, params: Any = None, **extra_args: Any):
-        if params is None:
-            raise ValueError("params: prune_optax needs the params in update(), got None.")
+        require(params is not None, "params", params, "the params, passed to update()")
         grads = updates
         masked_grads = apply_masks(grads, state.masks)
         inner_updates, inner_state = inner.update(
@@ -249,7 +187,9 @@ def find_prune_state(opt_state: Any) -> PruneState:
                 return find_prune_state(child)
             except ValueError:
                 continue
-    raise ValueError(f"opt_state: no PruneState inside a {type(opt_state).__name__}.")
+    raise ValueError(
+        message("opt_state", type(opt_state).__name__, "an optimizer state built by prune_optax")
+    )
 
 
 def replace_prune_state(opt_state: Any, new: PruneState) -> Any:
@@ -272,6 +212,10 @@ def get_masks(opt_state: Any) -> Any:
 def rewound_params(opt_state: Any) -> Any:
     """The stored rewind point with the current masks applied (lottery-ticket rewinding)."""
     state = find_prune_state(opt_state)
-    if state.rewind_params is None:
-        raise ValueError("opt_state: the pruner has rewind_step=None, so nothing was stored.")
+    require(
+        state.rewind_params is not None,
+        "rewind_step",
+        None,
+        "an int >= 0 in the Pruner (rewind_step=None stores no rewind point)",
+    )
     return apply_masks(state.rewind_params, state.masks)

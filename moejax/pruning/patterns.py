@@ -12,11 +12,16 @@ with a static `top_k`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
+
+from moejax.errors import require
+from moejax.pruning.base import PatternSpec, PruningOptions, register
+from moejax.pruning.scores import erk_densities
 
 
 def _check_sparsity(sparsity: float | jax.Array) -> None:
@@ -188,3 +193,141 @@ def layer_masks(scores: list[jax.Array], sparsity: float) -> list[jax.Array]:
     means = jnp.stack([jnp.mean(s.astype(jnp.float32)) for s in scores])  # [layers]
     keep = unstructured_mask(means, sparsity)
     return [jnp.broadcast_to(keep[i], s.shape) for i, s in enumerate(scores)]
+
+
+# --- the registered patterns -------------------------------------------------------------
+# Each turns the ranked scores of all prunable leaves (a list, `names` their paths) into masks.
+
+
+@dataclasses.dataclass(frozen=True)
+class UnstructuredOptions(PruningOptions):
+    """Options of the "unstructured" pattern.
+
+    Attributes:
+      scope: "layer" gives each tensor its own sparsity (`density` says which), "global" ranks
+        all prunable entries together.
+      density: per-tensor densities when scope="layer": "uniform" (every tensor at the target)
+        or "erk" (Erdos-Renyi-Kernel proportions, *Rigging the Lottery*).
+    """
+
+    scope: str = "layer"
+    density: str = "uniform"
+
+    def __post_init__(self) -> None:
+        require(self.scope in SCOPES, "scope", self.scope, ", ".join(SCOPES))
+        require(
+            self.density in DENSITY_ALLOCATIONS,
+            "density",
+            self.density,
+            ", ".join(DENSITY_ALLOCATIONS),
+        )
+
+
+def _layer_unstructured(scores, sparsity, density: str) -> list[jax.Array]:
+    sparsities = DENSITY_ALLOCATIONS[density]([s.shape for s in scores], sparsity)
+    return [unstructured_mask(s, sparsities[i]) for i, s in enumerate(scores)]
+
+
+def _global_unstructured(scores, sparsity, density: str) -> list[jax.Array]:
+    del density  # one threshold over all tensors: no per-tensor allocation
+    return global_unstructured_masks(scores, sparsity)
+
+
+def _uniform_sparsities(shapes, sparsity) -> list:
+    return [sparsity] * len(shapes)
+
+
+def _erk_sparsities(shapes, sparsity) -> jax.Array:
+    return 1.0 - erk_densities(shapes, 1.0 - sparsity)
+
+
+# Per-tensor sparsities for the shapes of the prunable tensors at an overall sparsity.
+DENSITY_ALLOCATIONS = {"uniform": _uniform_sparsities, "erk": _erk_sparsities}
+SCOPES = {"layer": _layer_unstructured, "global": _global_unstructured}
+
+
+def unstructured_masks(scores, names, sparsity, options: UnstructuredOptions):
+    del names
+    return SCOPES[options.scope](scores, sparsity, options.density)
+
+
+@dataclasses.dataclass(frozen=True)
+class NMOptions(PruningOptions):
+    """Options of the "nm" pattern: keep `n` of every `m` consecutive entries along `axis` (for
+    a Flax kernel [d_in, d_out], axis 0 is the reduction axis sparse tensor cores need)."""
+
+    n: int = 2
+    m: int = 4
+    axis: int = 0
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an int >= 1")
+        require(isinstance(self.m, int) and self.m >= self.n, "m", self.m, f">= n={self.n}")
+
+
+def nm_masks(scores, names, sparsity, options: NMOptions):
+    del names, sparsity  # the pattern fixes the sparsity at 1 - n/m
+    return [nm_mask(s, options.n, options.m, options.axis) for s in scores]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockOptions(PruningOptions):
+    """Options of the "block" pattern: tiles of `rows x cols` of the last two dims."""
+
+    rows: int = 4
+    cols: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("rows", "cols"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, name, value, "an int >= 1")
+
+
+def block_masks(scores, names, sparsity, options: BlockOptions):
+    del names
+    return [block_mask(s, sparsity, (options.rows, options.cols)) for s in scores]
+
+
+@dataclasses.dataclass(frozen=True)
+class NeuronOptions(PruningOptions):
+    """Options of the "neuron" pattern: whole slices along `axis` (-1: the output neurons of a
+    dense kernel, the output channels of a conv kernel)."""
+
+    axis: int = -1
+
+
+def neuron_masks(scores, names, sparsity, options: NeuronOptions):
+    del names
+    return [slice_mask(s, sparsity, options.axis) for s in scores]
+
+
+def grouped_expert_masks(scores, names, sparsity, options: PruningOptions):
+    """Whole experts: axis 0 of the sibling leaves under one parent path, pruned together, each
+    expert scored by the sum of its scores over every sibling leaf."""
+    del options
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name.rpartition("/")[0], []).append(i)
+    out: list[jax.Array | None] = [None] * len(scores)
+    for members in groups.values():
+        expert_scores = sum(scores[i].reshape(scores[i].shape[0], -1).sum(axis=1) for i in members)
+        kept = expert_masks({str(i): scores[i] for i in members}, sparsity, expert_scores)
+        for i in members:
+            out[i] = kept[str(i)]
+    return out
+
+
+def whole_layer_masks(scores, names, sparsity, options: PruningOptions):
+    del names, options
+    return layer_masks(scores, sparsity)
+
+
+for _spec in (
+    PatternSpec("unstructured", unstructured_masks, UnstructuredOptions),
+    PatternSpec("nm", nm_masks, NMOptions),
+    PatternSpec("block", block_masks, BlockOptions),
+    PatternSpec("neuron", neuron_masks, NeuronOptions),
+    PatternSpec("expert", grouped_expert_masks),
+    PatternSpec("layer", whole_layer_masks),
+):
+    register(_spec)

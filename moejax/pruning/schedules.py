@@ -11,6 +11,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from moejax.errors import require
+from moejax.pruning.base import PruningOptions, ScheduleSpec, register
+
 
 def _check_fraction(name: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
@@ -129,3 +132,100 @@ class NoUpdates:
 
 
 Schedule = OneShot | Iterative | Polynomial | NoUpdates
+
+
+# --- the registered schedules ------------------------------------------------------------
+
+
+def _check_steps(options: PruningOptions, names: tuple[str, ...], minimum: int) -> None:
+    for name in names:
+        value = getattr(options, name)
+        require(isinstance(value, int) and value >= minimum, name, value, f"an int >= {minimum}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OneShotOptions(PruningOptions):
+    """Options of "one_shot": all of the target sparsity at `begin_step`."""
+
+    begin_step: int = 0
+
+    def __post_init__(self) -> None:
+        _check_steps(self, ("begin_step",), 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class IterativeOptions(PruningOptions):
+    """Options of "iterative": `rounds` prunings every `frequency` steps from `begin_step`."""
+
+    begin_step: int = 0
+    frequency: int = 100
+    rounds: int = 1
+
+    def __post_init__(self) -> None:
+        _check_steps(self, ("begin_step",), 0)
+        _check_steps(self, ("frequency", "rounds"), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolynomialOptions(PruningOptions):
+    """Options of "polynomial" (Zhu & Gupta): from `initial_sparsity` at `begin_step` to the
+    target at `end_step`, masks updated every `frequency` steps, exponent `power`."""
+
+    begin_step: int = 0
+    end_step: int = 1000
+    frequency: int = 100
+    initial_sparsity: float = 0.0
+    power: float = 3.0
+
+    def __post_init__(self) -> None:
+        _check_steps(self, ("begin_step",), 0)
+        _check_steps(self, ("frequency",), 1)
+        require(
+            self.end_step > self.begin_step,
+            "end_step",
+            self.end_step,
+            f"> begin_step={self.begin_step}",
+        )
+        require(
+            0.0 <= self.initial_sparsity < 1.0,
+            "initial_sparsity",
+            self.initial_sparsity,
+            "in [0, 1)",
+        )
+        require(self.power > 0, "power", self.power, "> 0")
+
+
+def _polynomial(target: float, options: PolynomialOptions) -> Polynomial:
+    require(
+        options.initial_sparsity <= target,
+        "initial_sparsity",
+        options.initial_sparsity,
+        f"<= the target sparsity {target}",
+    )
+    return Polynomial(
+        target,
+        options.begin_step,
+        options.end_step,
+        options.frequency,
+        options.initial_sparsity,
+        options.power,
+    )
+
+
+for _spec in (
+    ScheduleSpec(
+        "one_shot",
+        lambda target, o: OneShot(target, o.begin_step),
+        OneShotOptions,
+        first_step=lambda o: o.begin_step,
+    ),
+    ScheduleSpec(
+        "iterative",
+        lambda target, o: Iterative(target, o.rounds, o.frequency, o.begin_step),
+        IterativeOptions,
+        first_step=lambda o: o.begin_step,
+    ),
+    ScheduleSpec("polynomial", _polynomial, PolynomialOptions, first_step=lambda o: o.begin_step),
+    ScheduleSpec("none", lambda target, o: NoUpdates()),
+):
+    register(_spec)

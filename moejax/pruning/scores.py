@@ -13,6 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from moejax.errors import require
+from moejax.pruning.base import PruningOptions, ScoreSpec, register
+
 
 def magnitude_scores(w: jax.Array) -> jax.Array:
     """|w| in float32. w: any shape -> same shape."""
@@ -93,3 +96,37 @@ def uniform_densities(shapes: Sequence[Sequence[int]], density: float | jax.Arra
     if isinstance(density, int | float) and not 0.0 < density <= 1.0:
         raise ValueError(f"density must lie in (0, 1], got {density}.")
     return jnp.full(len(shapes), density, jnp.float32)
+
+
+# --- the registered scores ---------------------------------------------------------------
+
+
+def magnitude_tree(*, params: Any, options: PruningOptions) -> Any:
+    """|w| of every leaf."""
+    del options
+    return jax.tree.map(magnitude_scores, params)
+
+
+def random_tree(*, params: Any, key: jax.Array, options: PruningOptions) -> Any:
+    """I.i.d. uniform scores for every leaf, one key per leaf."""
+    del options
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        treedef, [random_scores(k, jnp.shape(p)) for k, p in zip(keys, leaves, strict=True)]
+    )
+
+
+def snip_tree(*, params: Any, grads: Any, options: PruningOptions) -> Any:
+    """|g * w| of every leaf with the gradient of the step."""
+    del options
+    require(grads is not None, "grads", grads, "the gradients of the step (SNIP scores |g * w|)")
+    return snip_scores(grads, params)
+
+
+for _spec in (
+    ScoreSpec("magnitude", magnitude_tree, needs=("params",)),
+    ScoreSpec("random", random_tree, needs=("params", "key")),
+    ScoreSpec("snip", snip_tree, needs=("params", "grads")),
+):
+    register(_spec)

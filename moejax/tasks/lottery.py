@@ -11,7 +11,9 @@ Controls at each round's sparsity: the ticket's masks with a fresh random initia
 ("reinit"), and random masks with the same per-layer sparsity at the original initialisation
 ("random"). Masks are held by `prune_optax`, which keeps pruned weights at zero during training.
 
-A program, so it lives in `tasks/`; the mask arithmetic of a round is `moejax.pruning.lottery`.
+A program, so it lives in `tasks/`; a round is the "lottery" pruning method's `refine`
+(`moejax.pruning.lottery`). Overrides (`--config.epochs=3`) go through the language model's
+parser (`moejax.config.apply_overrides`), so they parse and fail the same way.
 A config file selects it by declaring `TASK = "lottery"` (see `train.py`).
 """
 
@@ -22,7 +24,6 @@ import json
 import math
 import pathlib
 import time
-import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -32,10 +33,13 @@ import numpy as np
 import optax
 from flax import nnx
 
+from moejax import config as config_lib
 from moejax import plotting, stats
 from moejax.data import fashion_mnist
+from moejax.errors import ConfigError, require_config, require_one_of
 from moejax.models import small
-from moejax.pruning.lottery import layer_rates, magnitude_round, random_like, remaining_fraction
+from moejax.pruning.base import get_method
+from moejax.pruning.lottery import LotteryOptions, random_like, remaining_fraction
 from moejax.pruning.masks import apply_masks
 from moejax.pruning.optax_wrapper import Pruner, find_prune_state, prune_optax
 
@@ -65,43 +69,48 @@ class LotteryConfig:
     data_dir: str = "data/tfds"
 
     def __post_init__(self) -> None:
-        if self.model not in small.MODELS:
-            raise ValueError(f"model={self.model!r} is not allowed; allowed: {small.MODELS}.")
+        require_one_of("model", self.model, small.MODELS)
         for name in ("rounds", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1.")
-        for name in ("prune_rate", "output_prune_rate"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must lie in (0, 1).")
-        for name in ("rewind_step", "train_limit", "test_limit"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0.")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate={self.learning_rate!r} must be > 0.")
+            value = getattr(self, name)
+            require_config(value >= 1, name, value, ">= 1")
+        for name in ("train_limit", "test_limit"):
+            value = getattr(self, name)
+            require_config(value >= 0, name, value, ">= 0")
+        require_config(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
+        try:
+            self.method_options()
+        except ValueError as error:  # the method's own check, named by this config's field
+            raise ConfigError(str(error)) from None
         self.seed_list()
+
+    def method_options(self) -> LotteryOptions:
+        """The options of the "lottery" pruning method these fields set."""
+        return LotteryOptions(
+            prune_rate=self.prune_rate,
+            output_prune_rate=self.output_prune_rate,
+            output_layer=small.OUTPUT_LAYER,
+            rewind_step=self.rewind_step,
+        )
 
     def seed_list(self) -> list[int]:
         try:
             seeds = [int(s) for s in self.seeds.split(",") if s.strip()]
-        except ValueError as error:
-            raise ValueError(f"seeds={self.seeds!r}: expected integers like '0,1,2'.") from error
-        if not seeds or min(seeds) < 0:
-            raise ValueError(f"seeds={self.seeds!r}: expected non-negative integers like '0,1'.")
+        except ValueError:
+            seeds = []
+        require_config(
+            bool(seeds) and min(seeds) >= 0,
+            "seeds",
+            self.seeds,
+            "comma-separated non-negative integers like '0,1,2'",
+        )
         return seeds
 
 
 def apply_overrides(config: LotteryConfig, overrides: list[str]) -> LotteryConfig:
-    """`config` with `field=value` overrides (the `--config.field=value` flags) applied."""
-    hints = typing.get_type_hints(LotteryConfig)
-    changes: dict[str, Any] = {}
-    for override in overrides:
-        name, sep, text = override.partition("=")
-        if not sep or name not in hints:
-            raise ValueError(
-                f"override {override!r}: expected field=value with field one of {list(hints)}."
-            )
-        changes[name] = hints[name](text)
-    return dataclasses.replace(config, **changes)
+    """`config` with `field=value` overrides (the `--config.field=value` flags) applied by the
+    language model's parser (`moejax.config.apply_overrides`): values parsed by field type
+    (`false` is False), an unknown field a `ConfigError` listing the allowed ones."""
+    return config_lib.apply_overrides(config, overrides)
 
 
 @dataclasses.dataclass
@@ -171,9 +180,7 @@ def run_seed(
     graphdef, state = nnx.split(model)
     init_params = nnx.to_pure_dict(state)
     trainer = Trainer(graphdef, *map(jnp.asarray, data), config)
-    rates = layer_rates(
-        init_params, config.prune_rate, config.output_prune_rate, output_layer=small.OUTPUT_LAYER
-    )
+    method, options = get_method("lottery"), config.method_options()
     masks = jax.tree.map(lambda p: jnp.ones(p.shape, bool), init_params)
     rewind_point = init_params
     records = []
@@ -208,7 +215,7 @@ def run_seed(
                 "random", round_index, shuffled, trainer.train(rewind_point, shuffled, round_key)[2]
             )
         if round_index < config.rounds:
-            masks = magnitude_round(trained, masks, rates)
+            masks = method.refine(trained, masks, prunable=None, options=options)
     return records
 
 

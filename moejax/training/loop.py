@@ -25,13 +25,13 @@ from moejax import config as config_lib
 from moejax import plotting
 from moejax.config import Config
 from moejax.parallel import distributed, sharding
-from moejax.pruning.lm import layer_sparsity
 from moejax.training import corpus
 from moejax.training import state as state_lib
 from moejax.training import workdir as workdir_lib
 from moejax.training.checkpoint import Checkpointer
 from moejax.training.evaluate import evaluate, expert_load_figure
 from moejax.training.preemption import StopRequest
+from moejax.training.pruning import layer_sparsity
 from moejax.training.step import global_batch, make_eval_step, make_train_step
 from moejax.training.writers import MetricsWriter
 

@@ -20,9 +20,9 @@ from moejax.config import Config, ConfigError, ModelConfig, TrainConfig
 from moejax.models.transformer import TransformerLM
 from moejax.parallel import sharding
 from moejax.pruning.config import PruningConfig, wrap_optimizer
-from moejax.pruning.lm import LMPruning, deployed_params
 from moejax.routers.base import RouterState
 from moejax.sparse_attention.config import AttentionConfig
+from moejax.training.pruning import LMPruning, deployed_params
 
 # {"step": int32 [], "params": pure dict, "opt_state": optax state} and, for routers with
 # state (expert biases, centroids), "router_state": pure dict. Models without router state

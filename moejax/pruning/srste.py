@@ -1,4 +1,5 @@
-"""N:M sparse training from scratch: SR-STE, progressive gradient-flow decay, and SAD.
+"""The method "srste": N:M sparse training from scratch with SR-STE, progressive gradient-flow
+decay, and SAD.
 
 *Learning N:M Fine-grained Structured Sparse Neural Networks From Scratch*: the dense weights W
 are kept and trained; the forward pass uses W ⊙ M with M the N:M mask of |W| recomputed every
@@ -12,12 +13,15 @@ training the pruned weights stop moving and the mask settles.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from moejax.errors import require
+from moejax.pruning.base import MethodSpec, PruningOptions, register
 from moejax.pruning.masks import path_name
 from moejax.pruning.patterns import nm_mask
 
@@ -119,3 +123,72 @@ def sparse_architecture_divergence(masks_before: Any, masks_after: Any) -> dict[
     report["total"] = flips / max(size, 1)
     report["flips"] = float(flips)
     return report
+
+
+# --- the registered method ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SRSTEOptions(PruningOptions):
+    """Options of "srste": `decay` is λ of the refine term λ (1 − M) ⊙ W; `flow_begin`,
+    `flow_end`, `flow_intervals`: *Progressive Gradient Flow*: the gradient share reaching
+    pruned weights decays from 1 to 0 in `flow_intervals` stairs between these steps
+    (flow_end <= flow_begin, the default, keeps it at 1). The n:m groups are the "nm"
+    pattern's options."""
+
+    decay: float = 2e-4
+    flow_begin: int = 0
+    flow_end: int = 0
+    flow_intervals: int = 10
+
+    def __post_init__(self) -> None:
+        require(self.decay >= 0, "decay", self.decay, ">= 0")
+        require(self.flow_intervals >= 1, "flow_intervals", self.flow_intervals, ">= 1")
+
+
+def flow(step: jax.Array, options: SRSTEOptions) -> jax.Array:
+    """β of progressive gradient flow at `step` (1 when the decay is off)."""
+    if options.flow_end <= options.flow_begin:
+        return jnp.float32(1.0)
+    return gradient_flow_decay(
+        step, begin=options.flow_begin, end=options.flow_end, intervals=options.flow_intervals
+    )
+
+
+def _forward(params, masks, *, step, pruner, prunable, options: SRSTEOptions):
+    del masks  # the mask is recomputed from |W| inside `srste_sparsify`
+    nm = pruner.pattern_options
+    return srste_params(
+        params,
+        prunable,
+        n=nm.n,
+        m=nm.m,
+        axis=nm.axis,
+        decay=options.decay,
+        flow=flow(step, options),
+    )
+
+
+def _optimizer_masks(masks, *, params, options):
+    # The dense weights train: the optimizer wrapper must not zero the pruned ones.
+    del masks, options
+    return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
+
+
+def _record(masks, *, params, pruner, prunable, options):
+    # The n:m masks of the new weights, the ones the next forward pass uses.
+    del masks, options
+    nm = pruner.pattern_options
+    return nm_masks(params, prunable, n=nm.n, m=nm.m, axis=nm.axis)
+
+
+SRSTE = register(
+    MethodSpec(
+        "srste",
+        SRSTEOptions,
+        forward=_forward,
+        optimizer_masks=_optimizer_masks,
+        record=_record,
+        requires={"pattern": "nm", "score": "magnitude", "schedule": "none"},
+    )
+)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.pruning import nm
+from moejax.pruning import srste as nm
 
 
 def _nm_mask_reference(w, n, m):
