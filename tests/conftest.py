@@ -39,3 +39,14 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     path = tmp_path_factory.mktemp("tensorflow_datasets")
     shakespeare.prepare(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The real Fashion-MNIST dataset, built once per session (CI installs it with setup.sh);
+    the data tests and the lottery experiment's both read it."""
+    from moejax.data import fashion_mnist
+
+    path = tmp_path_factory.mktemp("fmnist_tfds")
+    fashion_mnist.prepare(path)
+    return path

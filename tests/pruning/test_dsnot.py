@@ -1,10 +1,12 @@
-"""DSnoT lowers the reconstruction error of a sparse layer and keeps its sparsity."""
+"""DSnoT lowers the reconstruction error of a sparse layer and keeps its sparsity: one
+matrix, the experts of a MoE layer, and the registered "dsnot" method."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from moejax.pruning import dsnot
+from moejax.pruning.dsnot import dsnot_experts
 from moejax.pruning.patterns import unstructured_mask
 from moejax.pruning.scores import wanda_scores
 
@@ -51,3 +53,74 @@ def test_dsnot_rejects_mismatched_shapes():
     w, x, _, _ = _layer()
     with pytest.raises(ValueError, match="x: \\[tokens, d_in\\]"):
         dsnot.dsnot(w, jnp.ones(w.shape, bool), x[:, :10])
+
+
+def _expected_error(w, mask, x):
+    """Σ over columns of |E[x] @ ((1 - M) ⊙ W)| in float64."""
+    pruned = np.where(mask, 0.0, np.asarray(w, np.float64))
+    return float(np.abs(np.asarray(x, np.float64).mean(axis=0) @ pruned).sum())
+
+
+def test_dsnot_experts_keeps_column_counts_and_lowers_the_expected_error():
+    rng = np.random.default_rng(3)
+    experts, d, f = 3, 16, 8
+    weights = {
+        "w_gate": rng.normal(size=(experts, d, f)),
+        "w_up": rng.normal(size=(experts, d, f)),
+        "w_down": rng.normal(size=(experts, f, d)),
+    }
+    masks = {name: rng.random(w.shape) < 0.5 for name, w in weights.items()}
+    x = rng.normal(size=(64, d)) + rng.normal(size=d)  # a mean per feature, as in a real layer
+    expert_index = np.stack([np.arange(64) % 2, (np.arange(64) + 1) % 2], axis=1)
+    expert_index[0, 1] = 2  # expert 2 sees one token: too few to refine with
+    new, report = dsnot_experts(weights, masks, x, expert_index, max_cycles=20)
+
+    before = after = 0.0
+    for expert in range(2):
+        routed = x[np.any(expert_index == expert, axis=1)]
+        for name in ("w_gate", "w_up"):
+            before += _expected_error(weights[name][expert], masks[name][expert], routed)
+            after += _expected_error(weights[name][expert], new[name][expert], routed)
+        gate = routed @ np.where(new["w_gate"][expert], weights["w_gate"][expert], 0.0)
+        up = routed @ np.where(new["w_up"][expert], weights["w_up"][expert], 0.0)
+        hidden = gate / (1 + np.exp(-gate)) * up
+        before += _expected_error(weights["w_down"][expert], masks["w_down"][expert], hidden)
+        after += _expected_error(weights["w_down"][expert], new["w_down"][expert], hidden)
+        full = dsnot.dsnot(
+            weights["w_gate"][expert], masks["w_gate"][expert], routed, max_cycles=20
+        )  # on every token rather than on the two moment rows
+        np.testing.assert_array_equal(new["w_gate"][expert], np.asarray(full.mask))
+    np.testing.assert_allclose(report["error_before"], before, rtol=1e-4)
+    np.testing.assert_allclose(report["error_after"], after, rtol=1e-4)
+    assert report["error_after"] < 0.5 * report["error_before"] and report["swaps"] > 0
+    for name in weights:
+        np.testing.assert_array_equal(new[name].sum(axis=1), masks[name].sum(axis=1))
+        np.testing.assert_array_equal(new[name][2], masks[name][2])
+
+
+def test_the_registered_method_refines_each_prunable_leaf_with_its_calibration_inputs():
+    from moejax.pruning import get_method
+
+    rng = np.random.default_rng(5)
+    params = {
+        "a": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
+        "c": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
+    }
+    masks = {name: jnp.asarray(rng.random((16, 8)) < 0.5) for name in params}
+    x = jnp.asarray(rng.normal(size=(64, 16)) + rng.normal(size=16), jnp.float32)
+    spec = get_method("dsnot")
+    options = spec.options(max_cycles=20)
+    refined = spec.refine(
+        params,
+        masks,
+        prunable={"a": True, "b": True, "c": False},
+        options=options,
+        calibration={"a": x, "c": x},
+    )
+    np.testing.assert_array_equal(
+        refined["a"], dsnot.dsnot(params["a"], masks["a"], x, max_cycles=20).mask
+    )
+    assert not np.array_equal(refined["a"], masks["a"])
+    np.testing.assert_array_equal(refined["b"], masks["b"])  # no calibration inputs
+    np.testing.assert_array_equal(refined["c"], masks["c"])  # not prunable

@@ -1,7 +1,5 @@
-"""prune_optax: masks in the optimizer state, pruned weights held at zero, rewinding, config."""
-
-import pathlib
-import re
+"""Pruner and prune_optax: masks in the optimizer state, pruned weights held at zero,
+rewinding, registry look-ups."""
 
 import jax
 import jax.numpy as jnp
@@ -12,16 +10,14 @@ import pytest
 from moejax.pruning import (
     ParamFilter,
     Pruner,
-    PruningConfig,
     apply_masks,
     get_masks,
-    make_pruner,
-    prunable_tree,
     prune_optax,
     replace_prune_state,
     rewound_params,
     sparsity_report,
 )
+from moejax.pruning.patterns import BlockOptions, NMOptions
 from moejax.pruning.schedules import Polynomial
 
 
@@ -121,30 +117,6 @@ def test_masks_set_from_outside_inside_a_chain_are_enforced():
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), new, expected))
 
 
-def test_param_filter_selects_only_moe_expert_weights():
-    params = {
-        "layers_0": {
-            "moe": {
-                "w_gate": jnp.ones((4, 8, 16)),
-                "w_up": jnp.ones((4, 8, 16)),
-                "w_down": jnp.ones((4, 16, 8)),
-                "router": {"kernel": jnp.ones((8, 4))},
-            },
-            "attention": {"qkv": jnp.ones((8, 24))},
-            "norm": {"scale": jnp.ones(8)},
-        }
-    }
-    config = PruningConfig(method="magnitude", param_regex=r"moe/(w_gate|w_up|w_down)$")
-    flags = prunable_tree(params, make_pruner(config).param_filter)
-    assert flags["layers_0"]["moe"] == {
-        "w_gate": True,
-        "w_up": True,
-        "w_down": True,
-        "router": {"kernel": False},
-    }
-    assert not flags["layers_0"]["attention"]["qkv"] and not flags["layers_0"]["norm"]["scale"]
-
-
 def test_expert_pattern_prunes_the_same_experts_in_sibling_weights():
     rng = np.random.default_rng(4)
     params = {
@@ -159,69 +131,41 @@ def test_expert_pattern_prunes_the_same_experts_in_sibling_weights():
     assert all(np.array_equal(e, experts[0]) for e in experts) and experts[0].sum() == 4
 
 
-@pytest.mark.parametrize("method", ["magnitude", "random", "snip"])
-def test_one_shot_config_reaches_the_target_with_each_score(method):
-    config = PruningConfig(method=method, target_sparsity=0.5, schedule="one_shot", begin_step=1)
-    _, state, _ = _run(prune_optax(optax.adam(1e-2), make_pruner(config)), _params(), 3)
-    assert sparsity_report(state.masks)["dense/kernel"] == pytest.approx(0.5)
-
-
-def test_global_erk_and_nm_configs_build_valid_masks():
-    params = _params()
-    for config, check in [
-        (PruningConfig(method="magnitude", scope="global", target_sparsity=0.6), 0.6),
-        (PruningConfig(method="random", density="erk", target_sparsity=0.6), 0.6),
-        (PruningConfig(method="magnitude", pattern="nm", n=2, m=4), 0.5),
-    ]:
-        pruner = make_pruner(config)
-        masks = pruner.compute_masks(params, pruner.init_masks(params), 0.6, jax.random.key(1))
-        kernels = [masks["dense"]["kernel"], masks["out"]["kernel"]]
-        pruned = sum(int((~m).sum()) for m in kernels) / sum(m.size for m in kernels)
-        assert pruned == pytest.approx(check, abs=0.01)
-
-
-@pytest.mark.parametrize(
-    "fields, message",
-    [
-        ({"method": "obs"}, "pruning.method: got 'obs'; allowed: none, magnitude"),
-        ({"pattern": "diagonal"}, "pruning.pattern: got 'diagonal'"),
-        ({"target_sparsity": 1.0}, "pruning.target_sparsity: got 1.0"),
-        ({"schedule": "polynomial", "begin_step": 5, "end_step": 5}, "pruning.end_step: got 5"),
-        ({"n": 3, "m": 2}, "pruning.m: got 2; allowed: >= pruning.n=3"),
-        ({"param_regex": "("}, "regex"),
-    ],
-)
-def test_pruning_config_errors_name_field_value_and_allowed(fields, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
-        PruningConfig(**fields)
-
-
-def test_make_pruner_is_none_when_pruning_is_off():
-    assert make_pruner(PruningConfig()) is None
-
-
 def test_update_without_params_is_an_error():
     optimizer = prune_optax(optax.sgd(0.1), Pruner())
     state = optimizer.init(_params())
-    with pytest.raises(ValueError, match="params"):
+    with pytest.raises(ValueError, match=r"params: got None; allowed: the params"):
         optimizer.update(_params(), state)
 
 
-def test_masks_get_the_shardings_of_their_params_in_the_lm_train_state():
-    import dataclasses
+def test_unknown_pattern_or_score_lists_the_registered_ones():
+    with pytest.raises(
+        ValueError, match="pruning pattern: got 'diagonal'; allowed: unstructured, nm"
+    ):
+        Pruner(pattern="diagonal")
+    with pytest.raises(ValueError, match="pruning score: got 'obs'; allowed: magnitude, random"):
+        Pruner(score="obs")
 
-    from moejax import config as config_lib
-    from moejax.parallel import sharding
-    from moejax.pruning import wrap_optimizer
-    from moejax.training import state as state_lib
 
-    config = config_lib.load_config_file(pathlib.Path(__file__).parents[2] / "configs/tiny.py")
-    config = dataclasses.replace(config, mesh=config_lib.MeshConfig(data=2, fsdp=2, expert=2))
-    spec = state_lib.model_spec(config.model)
-    pruning = PruningConfig(method="magnitude", param_regex=r"(w_gate|w_up|w_down)$")
-    optimizer = wrap_optimizer(state_lib.make_optimizer(config.train), pruning)
-    mesh = sharding.make_mesh(config_lib.validate_mesh(config.mesh, jax.device_count()))
-    _, shardings = state_lib.state_shardings(spec, optimizer, mesh)
-    param_shardings = sharding.tree_shardings(mesh, spec.logical_axes)
-    assert shardings["opt_state"].masks == param_shardings
-    assert len(jax.tree.leaves(shardings["opt_state"].masks)) > 0
+def test_options_of_another_entry_are_refused():
+    with pytest.raises(ValueError, match="nm options: got BlockOptions"):
+        Pruner(pattern="nm", pattern_options=BlockOptions())
+
+
+def test_rewind_step_must_be_none_or_non_negative():
+    with pytest.raises(ValueError, match="rewind_step: got -1; allowed: None or an int >= 0"):
+        Pruner(rewind_step=-1)
+
+
+def test_rewound_params_without_a_rewind_point_is_an_error():
+    optimizer = prune_optax(optax.sgd(0.1), Pruner())
+    with pytest.raises(ValueError, match="rewind_step: got None"):
+        rewound_params(optimizer.init(_params()))
+
+
+def test_nm_pattern_options_reach_the_masks():
+    params = _params()
+    pruner = Pruner(pattern="nm", pattern_options=NMOptions(n=1, m=4, axis=0))
+    masks = pruner.compute_masks(params, pruner.init_masks(params), 0.0, jax.random.key(0))
+    groups = np.asarray(masks["dense"]["kernel"]).reshape(4, 4, 8).sum(axis=1)
+    assert (groups == 1).all()

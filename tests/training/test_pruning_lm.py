@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import pathlib
 import re
 
 import jax
@@ -12,30 +13,29 @@ import pytest
 from moejax import config as config_lib
 from moejax.evaluation import evaluate_workdir
 from moejax.parallel import sharding
-from moejax.pruning import find_prune_state, get_masks
-from moejax.pruning.dsnot import dsnot
-from moejax.pruning.lm import (
+from moejax.pruning import MethodConfig, PruningConfig, find_prune_state, get_masks, wrap_optimizer
+from moejax.training import state as state_lib
+from moejax.training.checkpoint import Checkpointer
+from moejax.training.loop import train
+from moejax.training.pruning import (
     EXPERT_MIN_NDIM,
     EXPERT_WEIGHTS,
     capture_moe_inputs,
-    dsnot_experts,
     dsnot_refine_moe,
     one_shot_masks,
     with_masks,
 )
-from moejax.training import state as state_lib
-from moejax.training.checkpoint import Checkpointer
-from moejax.training.loop import train
 from moejax.training.step import forward, make_train_step, routing_noise_key
 
 EXPERTS = (f"pruning.param_regex={EXPERT_WEIGHTS}", f"pruning.min_ndim={EXPERT_MIN_NDIM}")
+MASKED = ("pruning.method.name=masked",)
 SRSTE = (
     *EXPERTS,
-    "pruning.method=magnitude",
-    "pruning.mode=srste",
-    "pruning.pattern=nm",
-    "pruning.schedule=none",
-    "pruning.nm_axis=1",
+    "pruning.method.name=srste",
+    "pruning.score.name=magnitude",
+    "pruning.pattern.name=nm",
+    "pruning.schedule.name=none",
+    "pruning.pattern.options.axis=1",
 )
 
 
@@ -70,22 +70,30 @@ def _batch(seed=0, batch=8, length=32):
 
 def test_pruning_group_overrides_in_any_order_and_round_trips_through_json(tmp_path):
     config = config_lib.apply_overrides(config_lib.Config(), list(reversed(SRSTE)))
-    assert config.pruning.mode == "srste" and config.pruning.nm_axis == 1
+    assert config.pruning.method.name == "srste" and config.pruning.pattern.options.axis == 1
     config_lib.save_json(config, tmp_path / "config.json")
     assert config_lib.load_json(tmp_path / "config.json") == config
     # A config.json written before the pruning group existed loads with pruning off.
     saved = json.loads((tmp_path / "config.json").read_text())
     del saved["pruning"]
-    assert config_lib.from_dict(saved).pruning.method == "none"
+    assert config_lib.from_dict(saved).pruning.method.name == "none"
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["pruning.method=magnitud"], "pruning.method: got 'magnitud'; allowed: none, magnitude"),
-        (["pruning.mode=srste", "pruning.method=magnitude"], "pruning.pattern: got 'unstructured'"),
+        (["pruning.method.name=magnitud"], "pruning.method.name: got 'magnitud'; allowed: "),
+        (["pruning.method.name=srste"], "pruning.pattern.name: got 'unstructured'"),
         (["pruning.target_sparsity=1.5"], "pruning.target_sparsity: got 1.5"),
         (["pruning.sparsity=0.5"], "allowed fields of pruning"),
+        (["pruning.method=masked"], "'pruning.method' is a group"),
+        (["pruning.nm_axis=1"], "'pruning.nm_axis' (it is pruning.pattern.options.axis now)"),
+        (["pruning.mode=srste"], "'pruning.mode' (it is pruning.method.name now)"),
+        (
+            ["pruning.begin_step=3"],
+            "'pruning.begin_step' (it is pruning.schedule.options.begin_step now)",
+        ),
+        (["pruning.pattern.options.n=2"], "unknown field 'pruning.pattern.options.n'"),
     ],
 )
 def test_bad_pruning_overrides_are_config_errors(overrides, message):
@@ -96,14 +104,17 @@ def test_bad_pruning_overrides_are_config_errors(overrides, message):
 def test_a_schedule_that_never_prunes_and_a_regex_that_matches_nothing_are_rejected(
     tiny_config,
 ):
-    late = tiny_config("pruning.method=magnitude", "pruning.begin_step=20")
-    with pytest.raises(config_lib.ConfigError, match="pruning.begin_step: got 20"):
+    late = tiny_config(*MASKED, "pruning.schedule.options.begin_step=20")
+    with pytest.raises(config_lib.ConfigError, match="pruning.schedule.options.begin_step: got 20"):
         config_lib.validate(late, 1)
-    nothing = tiny_config("pruning.method=magnitude", "pruning.param_regex=no_such_weight")
+    nothing = tiny_config(*MASKED, "pruning.param_regex=no_such_weight")
     with pytest.raises(config_lib.ConfigError, match="matches no parameter"):
         state_lib.state_layout(nothing, _mesh(jax.devices()[:1]))
-    odd_axis = tiny_config(*SRSTE, "pruning.m=3", "pruning.n=1")
-    with pytest.raises(config_lib.ConfigError, match="pruning.nm_axis=1"):
+    odd_axis = tiny_config(*SRSTE, "pruning.pattern.options.m=3", "pruning.pattern.options.n=1")
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"pruning.pattern.options: got NMOptions\(n=1, m=3, axis=1\).*not a multiple of m=3",
+    ):
         state_lib.state_layout(odd_axis, _mesh(jax.devices()[:1]))
 
 
@@ -119,7 +130,7 @@ def test_pruning_off_leaves_the_optimizer_state_unchanged(tiny_config):
 
 
 def test_masks_are_sharded_like_their_params_on_an_expert_mesh(tiny_config):
-    config = tiny_config(*EXPERTS, "pruning.method=magnitude", "mesh.data=4", "mesh.expert=2")
+    config = tiny_config(*EXPERTS, *MASKED, "mesh.data=4", "mesh.expert=2")
     mesh = _mesh(jax.devices(), data=4, expert=2)
     layout = state_lib.state_layout(config, mesh)
     state = state_lib.init_state(config, layout)
@@ -130,6 +141,19 @@ def test_masks_are_sharded_like_their_params_on_an_expert_mesh(tiny_config):
     assert masks["blocks/0/ffn/w_gate"].sharding.spec[0] == "expert"
     declared = _named(find_prune_state(layout.shardings["opt_state"]).masks)
     assert all(declared[n].spec == params[n].sharding.spec for n in params)
+
+
+def test_masks_get_the_shardings_of_their_params_in_the_lm_train_state():
+    config = config_lib.load_config_file(pathlib.Path(__file__).parents[2] / "configs/tiny.py")
+    config = dataclasses.replace(config, mesh=config_lib.MeshConfig(data=2, fsdp=2, expert=2))
+    spec = state_lib.model_spec(config.model)
+    pruning = PruningConfig(method=MethodConfig("masked"), param_regex=r"(w_gate|w_up|w_down)$")
+    optimizer = wrap_optimizer(state_lib.make_optimizer(config.train), pruning)
+    mesh = sharding.make_mesh(config_lib.validate_mesh(config.mesh, jax.device_count()))
+    _, shardings = state_lib.state_shardings(spec, optimizer, mesh)
+    param_shardings = sharding.tree_shardings(mesh, spec.logical_axes)
+    assert shardings["opt_state"].masks == param_shardings
+    assert len(jax.tree.leaves(shardings["opt_state"].masks)) > 0
 
 
 # ----------------------------------------------------------------------------- train step
@@ -189,7 +213,7 @@ def test_srste_step_uses_nm_weights_forward_and_straight_through_gradients(tiny_
 
 
 def test_masked_step_forwards_masked_weights_and_zeroes_the_pruned_ones(tiny_config):
-    config = tiny_config(*EXPERTS, "pruning.method=magnitude", "pruning.schedule=none")
+    config = tiny_config(*EXPERTS, *MASKED, "pruning.schedule.name=none")
     rng = np.random.default_rng(1)
 
     def random_masks(params, prunable):
@@ -226,7 +250,7 @@ def test_masked_step_forwards_masked_weights_and_zeroes_the_pruned_ones(tiny_con
 def test_pruned_run_keeps_zeros_logs_sparsity_and_restores_masks_onto_another_mesh(
     tiny_config, tmp_path
 ):
-    overrides = (*EXPERTS, "pruning.method=magnitude", "pruning.begin_step=3")
+    overrides = (*EXPERTS, *MASKED, "pruning.schedule.options.begin_step=3")
     config = tiny_config(*overrides, "train.steps=8", "train.eval_every=4", "mesh.data=1")
     workdir = tmp_path / "run"
     train(config, workdir, devices=jax.devices()[:1], progress=False)
@@ -275,7 +299,7 @@ def test_pruned_run_keeps_zeros_logs_sparsity_and_restores_masks_onto_another_me
 
 
 def _tiny_variables(tiny_config, *overrides):
-    config = tiny_config(*EXPERTS, "pruning.method=magnitude", *overrides)
+    config = tiny_config(*EXPERTS, *MASKED, *overrides)
     layout = state_lib.state_layout(config, _mesh(jax.devices()[:1]))
     state = jax.device_get(state_lib.init_state(config, layout))
     return config, layout, {"params": state["params"], "router_state": {}}
@@ -294,49 +318,6 @@ def test_capture_records_each_moe_layers_ffn_input_and_routing(tiny_config):
         router = np.asarray(variables["params"]["blocks"][layer]["ffn"]["router"], np.float64)
         logits64 = np.asarray(x, np.float64) @ router
         np.testing.assert_array_equal(np.argmax(logits64, axis=1), expert_index[:, 0])
-
-
-def _expected_error(w, mask, x):
-    """Σ over columns of |E[x] @ ((1 - M) ⊙ W)| in float64."""
-    pruned = np.where(mask, 0.0, np.asarray(w, np.float64))
-    return float(np.abs(np.asarray(x, np.float64).mean(axis=0) @ pruned).sum())
-
-
-def test_dsnot_experts_keeps_column_counts_and_lowers_the_expected_error():
-    rng = np.random.default_rng(3)
-    experts, d, f = 3, 16, 8
-    weights = {
-        "w_gate": rng.normal(size=(experts, d, f)),
-        "w_up": rng.normal(size=(experts, d, f)),
-        "w_down": rng.normal(size=(experts, f, d)),
-    }
-    masks = {name: rng.random(w.shape) < 0.5 for name, w in weights.items()}
-    x = rng.normal(size=(64, d)) + rng.normal(size=d)  # a mean per feature, as in a real layer
-    expert_index = np.stack([np.arange(64) % 2, (np.arange(64) + 1) % 2], axis=1)
-    expert_index[0, 1] = 2  # expert 2 sees one token: too few to refine with
-    new, report = dsnot_experts(weights, masks, x, expert_index, max_cycles=20)
-
-    before = after = 0.0
-    for expert in range(2):
-        routed = x[np.any(expert_index == expert, axis=1)]
-        for name in ("w_gate", "w_up"):
-            before += _expected_error(weights[name][expert], masks[name][expert], routed)
-            after += _expected_error(weights[name][expert], new[name][expert], routed)
-        gate = routed @ np.where(new["w_gate"][expert], weights["w_gate"][expert], 0.0)
-        up = routed @ np.where(new["w_up"][expert], weights["w_up"][expert], 0.0)
-        hidden = gate / (1 + np.exp(-gate)) * up
-        before += _expected_error(weights["w_down"][expert], masks["w_down"][expert], hidden)
-        after += _expected_error(weights["w_down"][expert], new["w_down"][expert], hidden)
-        full = dsnot(
-            weights["w_gate"][expert], masks["w_gate"][expert], routed, max_cycles=20
-        )  # on every token rather than on the two moment rows
-        np.testing.assert_array_equal(new["w_gate"][expert], np.asarray(full.mask))
-    np.testing.assert_allclose(report["error_before"], before, rtol=1e-4)
-    np.testing.assert_allclose(report["error_after"], after, rtol=1e-4)
-    assert report["error_after"] < 0.5 * report["error_before"] and report["swaps"] > 0
-    for name in weights:
-        np.testing.assert_array_equal(new[name].sum(axis=1), masks[name].sum(axis=1))
-        np.testing.assert_array_equal(new[name][2], masks[name][2])
 
 
 def test_dsnot_refine_moe_keeps_the_sparsity_and_touches_only_expert_masks(tiny_config):
