@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from moejax.pruning import maskllm
+from moejax.pruning.patterns import nm_mask
 
 
 @pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8), (1, 8)])
@@ -33,7 +34,6 @@ def test_prior_logits_pick_the_magnitude_mask():
     w = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32)
     logits = maskllm.init_logits(w, 2, 4, axis=0, prior_strength=5.0)
     hard = maskllm.hard_mask(logits, maskllm.candidate_masks(2, 4), w.shape, 0)
-    from moejax.pruning.patterns import nm_mask
 
     assert np.array_equal(np.asarray(hard), np.asarray(nm_mask(jnp.abs(w), 2, 4, 0)))
 
@@ -67,3 +67,31 @@ def test_learned_mask_beats_random_masks_on_toy_regression():
         random_losses.append(float(loss({"w": jnp.where(random_mask, w, 0.0)})))
     assert learned < 0.5 * min(random_losses)
     assert float(jnp.mean(losses[-20:])) < float(jnp.mean(losses[:20]))
+
+
+def test_the_registered_method_learns_the_masks_of_the_prunable_leaves_only():
+    from moejax.pruning import get_method
+
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32)
+    y = x @ jnp.where(nm_mask(-jnp.abs(w), 2, 4, 0), w, 0.0)  # the smallest two of four
+    params = {"layer": {"kernel": w, "bias": jnp.ones(4)}}
+    masks = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
+
+    def loss(masked):
+        return jnp.mean((x @ masked["layer/kernel"] - y) ** 2)
+
+    spec = get_method("maskllm")
+    refined = spec.refine(
+        params,
+        masks,
+        prunable={"layer": {"kernel": True, "bias": False}},
+        options=spec.options(steps=200, learning_rate=0.1),
+        loss_fn=loss,
+        key=jax.random.key(0),
+    )
+    kernel = np.asarray(refined["layer"]["kernel"])
+    assert (kernel.reshape(2, 4, 4).sum(axis=1) == 2).all()
+    np.testing.assert_array_equal(kernel, np.asarray(nm_mask(-jnp.abs(w), 2, 4, 0)))
+    assert bool(refined["layer"]["bias"].all())

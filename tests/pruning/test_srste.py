@@ -85,3 +85,36 @@ def test_srste_training_fits_and_gradient_flow_decay_settles_the_mask():
     # weights towards zero and the gradient flow to them is cut off.
     assert np.mean(flips[250:]) < 0.25 * np.mean(flips[:100])
     assert np.median(losses[-20:]) < 0.01 * float(jnp.mean(y**2))
+
+
+def test_the_registered_method_forwards_srste_weights_trains_dense_and_records_nm_masks():
+    from moejax.pruning import Pruner, get_method
+    from moejax.pruning.patterns import NMOptions
+    from moejax.pruning.srste import SRSTEOptions
+
+    rng = np.random.default_rng(4)
+    params = {"w": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32), "b": jnp.ones(4)}
+    prunable = {"w": True, "b": False}
+    masks = jax.tree.map(lambda p: jnp.zeros(p.shape, bool), params)  # ignored by SR-STE
+    pruner = Pruner(pattern="nm", pattern_options=NMOptions(n=1, m=4, axis=0))
+    spec, options = get_method("srste"), SRSTEOptions(decay=0.1, flow_begin=0, flow_end=10)
+    step = jnp.int32(5)
+
+    def forward(p):
+        return spec.forward(p, masks, step=step, pruner=pruner, prunable=prunable, options=options)
+
+    def expected(p):
+        flow = nm.gradient_flow_decay(step, begin=0, end=10)
+        return nm.srste_params(p, prunable, n=1, m=4, axis=0, decay=0.1, flow=flow)
+
+    np.testing.assert_array_equal(forward(params)["w"], expected(params)["w"])
+    got = jax.grad(lambda p: jnp.sum(forward(p)["w"] ** 2))(params)
+    want = jax.grad(lambda p: jnp.sum(expected(p)["w"] ** 2))(params)
+    np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
+    assert float(jnp.abs(got["w"]).min()) > 0  # straight through: every weight gets a gradient
+    released = spec.optimizer_masks(masks, params=params, options=options)
+    assert all(bool(m.all()) for m in jax.tree.leaves(released))
+    recorded = spec.record(masks, params=params, pruner=pruner, prunable=prunable, options=options)
+    np.testing.assert_array_equal(recorded["w"], nm.nm_masks(params, prunable, n=1, m=4)["w"])
+    assert bool(recorded["b"].all())
+    assert spec.requires == {"pattern": "nm", "score": "magnitude", "schedule": "none"}
