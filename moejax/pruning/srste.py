@@ -130,11 +130,14 @@ def sparse_architecture_divergence(masks_before: Any, masks_after: Any) -> dict[
 
 @dataclasses.dataclass(frozen=True)
 class SRSTEOptions(PruningOptions):
-    """Options of "srste": `decay` is λ of the refine term λ (1 − M) ⊙ W; `flow_begin`,
-    `flow_end`, `flow_intervals`: *Progressive Gradient Flow*: the gradient share reaching
-    pruned weights decays from 1 to 0 in `flow_intervals` stairs between these steps
-    (flow_end <= flow_begin, the default, keeps it at 1). The n:m groups are the "nm"
-    pattern's options."""
+    """Options of "srste" (the n:m groups are the "nm" pattern's options).
+
+    decay: λ of the refine term λ (1 − M) ⊙ W that pulls pruned weights towards zero.
+    flow_begin, flow_end, flow_intervals: *Progressive Gradient Flow for Robust N:M Sparsity
+    Training in Transformers*: the gradient share reaching pruned weights decays from 1 to 0 in
+    `flow_intervals` stairs between these steps; flow_end <= flow_begin (the default) keeps it
+    at 1.
+    """
 
     decay: float = 2e-4
     flow_begin: int = 0

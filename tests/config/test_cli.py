@@ -11,6 +11,7 @@ from moejax import cli
 from moejax import config as config_lib
 from moejax.config import Config, MoEConfig, TrainConfig
 from moejax.pruning.config import LMPruningConfig
+from moejax.pruning.srste import SRSTEOptions
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -49,10 +50,11 @@ def test_help_lists_every_config_field_with_its_type_default_and_meaning(capsys)
     assert "--config.model.moe.eval_capacity_factor FLOAT Capacity factor at evaluation;" in text
     assert "--config.model.router.options.renormalize BOOL" in text
     assert "--config.data.eval_batches INT Number of validation batches per evaluation;" in text
-    # From the class docstrings: AttentionConfig's entries, and flow_begin, flow_end,
-    # flow_intervals of LMPruningConfig, one entry for three fields continued on unindented lines.
+    # From the class docstrings: AttentionConfig's entries; from the comments: the pruning
+    # choices, and the options of the chosen (default) schedule nested under it.
     assert "--config.attention.block_size INT kv block" in text
-    assert "--config.pruning.flow_intervals INT *Progressive Gradient Flow" in text
+    assert "--config.pruning.method.name STR The method, a name from" in text
+    assert "--config.pruning.schedule.options.begin_step INT" in text
     assert "model.moe (MoEConfig; defaults from moejax.config.Config" in text
 
 
@@ -131,11 +133,15 @@ def test_field_help_reads_comments_docstrings_and_inherited_fields():
     assert "every" not in cli.field_help(TrainConfig) and "min_lr_ratio" in cli.field_help(
         TrainConfig
     )
-    pruning = cli.field_help(LMPruningConfig)
-    assert pruning["mode"].startswith('"masked": the forward pass')
-    assert pruning["flow_begin"] == pruning["flow_end"]
     # Fields of the base class PruningConfig, several entries to a docstring line.
-    assert pruning["method"] == 'the score ("none" disables pruning).'
-    assert pruning["pattern"] == "see `Pruner`."
+    pruning = cli.field_help(LMPruningConfig)
+    assert pruning["method"] == 'how training uses the masks ("none" disables pruning).'
+    assert pruning["score"] == pruning["pattern"] == pruning["schedule"]
+    assert pruning["score"].startswith("how masks are computed and when.")
     assert pruning["param_regex"] == pruning["min_ndim"]
+    # A method's options: one entry for three fields continued on unindented lines.
+    srste = cli.field_help(SRSTEOptions)
+    assert srste["flow_begin"] == srste["flow_end"] == srste["flow_intervals"]
+    assert srste["flow_intervals"].startswith("*Progressive Gradient Flow for Robust N:M")
+    assert srste["decay"].startswith("λ of the refine term")
     assert cli.type_name(int | None) == "int | None" and cli.type_name(bool) == "bool"

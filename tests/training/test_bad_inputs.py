@@ -118,8 +118,8 @@ TRAIN_CASES = [
     ),
     (
         "pruning switched on",
-        ["--config.pruning.method=magnitude"],
-        ["pruning.method: run has 'none', you asked for 'magnitude'"],
+        ["--config.pruning.method.name=masked"],
+        ["pruning.method.name: run has 'none', you asked for 'masked'"],
     ),
     ("bad value", ["--config.model.moe.top_k=9"], ["model.moe.top_k"]),
 ]
