@@ -62,13 +62,13 @@ def dsnot(
     Wanda; x: [tokens, d_in] calibration inputs. Each output column keeps its number of kept
     weights. Runs `max_cycles` swap cycles; outputs with |ε_r| <= tolerance stop.
     """
-    if w.ndim != 2 or mask.shape != w.shape or x.ndim != 2 or x.shape[1] != w.shape[0]:
-        raise ValueError(
-            "expected w: [d_in, d_out], mask: the same shape, x: [tokens, d_in]; got "
-            f"{w.shape}, {mask.shape}, {x.shape}."
-        )
-    if max_cycles < 0:
-        raise ValueError(f"max_cycles must be >= 0, got {max_cycles}.")
+    require(
+        w.ndim == 2 and mask.shape == w.shape and x.ndim == 2 and x.shape[1] == w.shape[0],
+        "w, mask, x shapes",
+        (w.shape, mask.shape, x.shape),
+        "w: [d_in, d_out], mask: the same shape, x: [tokens, d_in]",
+    )
+    require(max_cycles >= 0, "max_cycles", max_cycles, ">= 0")
     w32 = w.astype(jnp.float32)
     x32 = x.astype(jnp.float32)
     mean_x = jnp.mean(x32, axis=0)  # [d_in]

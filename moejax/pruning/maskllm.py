@@ -29,16 +29,14 @@ from moejax.pruning.patterns import nm_mask
 
 def candidate_masks(n: int, m: int) -> jax.Array:
     """All C(m, n) masks of m entries with exactly n kept, in lexicographic order: bool [C, m]."""
-    if not 0 < n <= m:
-        raise ValueError(f"n must satisfy 0 < n <= m, got n={n}, m={m}.")
+    require(0 < n <= m, "n", n, f"0 < n <= m={m}")
     rows = [[j in kept for j in range(m)] for kept in itertools.combinations(range(m), n)]
     return jnp.asarray(np.array(rows, dtype=bool))
 
 
 def _groups(w: jax.Array, m: int, axis: int) -> jax.Array:
     """w: [..., d, ...] -> [groups, m], groups of m consecutive entries along `axis`."""
-    if w.shape[axis] % m:
-        raise ValueError(f"axis {axis} has size {w.shape[axis]}, not a multiple of m={m}.")
+    require(w.shape[axis] % m == 0, f"axis {axis} size", w.shape[axis], f"a multiple of m={m}")
     return jnp.moveaxis(w, axis, -1).reshape(-1, m)
 
 

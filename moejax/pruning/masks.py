@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.errors import message, require
+
 Params = Any
 Masks = Any
 
@@ -45,9 +47,8 @@ class ParamFilter:
         try:
             re.compile(self.regex)
         except re.error as error:
-            raise ValueError(f"regex: {self.regex!r} is not a valid regex ({error}).") from error
-        if self.min_ndim < 0:
-            raise ValueError(f"min_ndim must be >= 0, got {self.min_ndim}.")
+            raise ValueError(message("regex", self.regex, f"a valid regex ({error})")) from None
+        require(self.min_ndim >= 0, "min_ndim", self.min_ndim, ">= 0")
 
     def __call__(self, name: str, leaf: Any) -> bool:
         return np.ndim(leaf) >= self.min_ndim and re.search(self.regex, name) is not None

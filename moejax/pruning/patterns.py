@@ -25,8 +25,12 @@ from moejax.pruning.scores import erk_densities
 
 
 def _check_sparsity(sparsity: float | jax.Array) -> None:
-    if isinstance(sparsity, int | float) and not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}.")
+    require(
+        not isinstance(sparsity, int | float) or 0.0 <= sparsity <= 1.0,
+        "sparsity",
+        sparsity,
+        "in [0, 1]",
+    )
 
 
 def masked_scores(scores: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -82,13 +86,10 @@ def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
     scores: [..., d, ...] with `d = scores.shape[axis]` a multiple of `m` -> bool, same shape.
     For a Flax kernel `[d_in, d_out]` the hardware-friendly groups run along `d_in` (axis 0).
     """
-    if not 0 < n <= m:
-        raise ValueError(f"n must satisfy 0 < n <= m, got n={n}, m={m}.")
-    if scores.ndim == 0:
-        raise ValueError("scores: N:M needs at least one axis, got a scalar.")
+    require(0 < n <= m, "n", n, f"0 < n <= m={m}")
+    require(scores.ndim > 0, "scores shape", scores.shape, "an array with the n:m axis")
     size = scores.shape[axis]
-    if size % m:
-        raise ValueError(f"axis {axis} has size {size}, which is not a multiple of m={m}.")
+    require(size % m == 0, f"axis {axis} size", size, f"a multiple of m={m}")
     moved = jnp.moveaxis(scores, axis, -1)
     groups = moved.reshape(-1, m)  # [groups, m]
     keep = _keep_top_rows(groups, jnp.int32(n))
@@ -99,10 +100,12 @@ def _blocks(x: jax.Array, block_shape: tuple[int, int]) -> jax.Array:
     """x: [..., rows, cols] -> [..., rows/bh, cols/bw, bh, bw]."""
     bh, bw = block_shape
     *lead, rows, cols = x.shape
-    if rows % bh or cols % bw:
-        raise ValueError(
-            f"block_shape {block_shape} must divide the last two dims {(rows, cols)} exactly."
-        )
+    require(
+        rows % bh == 0 and cols % bw == 0,
+        "block_shape",
+        block_shape,
+        f"tiles that divide the last two dims {(rows, cols)}",
+    )
     x = x.reshape(*lead, rows // bh, bh, cols // bw, bw)
     return jnp.swapaxes(x, -3, -2)
 
@@ -114,8 +117,7 @@ def block_mask(
     score first. scores: [..., rows, cols] (tiles of all leading dims compete) -> bool, same
     shape; every tile is all kept or all pruned."""
     _check_sparsity(sparsity)
-    if scores.ndim < 2:
-        raise ValueError(f"scores: block pruning needs >= 2 dims, got shape {scores.shape}.")
+    require(scores.ndim >= 2, "scores shape", scores.shape, ">= 2 dims for block pruning")
     tiles = _blocks(scores, block_shape)  # [..., rows/bh, cols/bw, bh, bw]
     tile_scores = tiles.sum(axis=(-2, -1))
     keep_tiles = unstructured_mask(tile_scores, sparsity)  # [..., rows/bh, cols/bw]
@@ -150,8 +152,7 @@ def expert_masks(
     None scores each expert by the L2 norm of all its weights. Returns bool masks like the params.
     """
     sizes = {name: w.shape[0] for name, w in expert_params.items()}
-    if len(set(sizes.values())) != 1:
-        raise ValueError(f"expert_params: leading (expert) dims differ: {sizes}.")
+    require(len(set(sizes.values())) == 1, "expert_params", sizes, "equal leading (expert) dims")
     num_experts = next(iter(sizes.values()))
     if expert_scores is None:
         squares = [
@@ -159,10 +160,12 @@ def expert_masks(
             for w in expert_params.values()
         ]
         expert_scores = jnp.sqrt(sum(squares))  # [experts]
-    if expert_scores.shape != (num_experts,):
-        raise ValueError(
-            f"expert_scores: expected shape ({num_experts},), got {expert_scores.shape}."
-        )
+    require(
+        expert_scores.shape == (num_experts,),
+        "expert_scores",
+        expert_scores.shape,
+        f"({num_experts},)",
+    )
     keep = unstructured_mask(expert_scores.astype(jnp.float32), sparsity)  # [experts]
     return {
         name: jnp.broadcast_to(keep.reshape((num_experts,) + (1,) * (w.ndim - 1)), w.shape)

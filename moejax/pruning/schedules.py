@@ -16,13 +16,11 @@ from moejax.pruning.base import PruningOptions, ScheduleSpec, register
 
 
 def _check_fraction(name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must lie in [0, 1), got {value}.")
+    require(0.0 <= value < 1.0, name, value, "in [0, 1)")
 
 
 def _check_step(name: str, value: int, minimum: int = 0) -> None:
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}.")
+    require(value >= minimum, name, value, f"an int >= {minimum}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,11 +95,9 @@ class Polynomial:
         _check_fraction("target", self.target)
         _check_fraction("initial", self.initial)
         _check_step("begin", self.begin)
-        if self.end <= self.begin:
-            raise ValueError(f"end must be > begin={self.begin}, got {self.end}.")
+        require(self.end > self.begin, "end", self.end, f"> begin={self.begin}")
         _check_step("frequency", self.frequency, 1)
-        if self.power <= 0:
-            raise ValueError(f"power must be > 0, got {self.power}.")
+        require(self.power > 0, "power", self.power, "> 0")
 
     def sparsity(self, step: jax.Array | int) -> jax.Array:
         step = jnp.asarray(step)

@@ -58,6 +58,15 @@ def wanda_scores(w: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.abs(w.astype(jnp.float32)) * input_norm[:, None]
 
 
+def _check_density(density: float | jax.Array) -> None:
+    require(
+        not isinstance(density, int | float) or 0.0 < density <= 1.0,
+        "density",
+        density,
+        "in (0, 1]",
+    )
+
+
 def _erk_raw(shape: Sequence[int]) -> float:
     """ERK's unnormalised density: sum of dims / product of dims (Erdos-Renyi for dense layers,
     its kernel extension for conv layers)."""
@@ -72,8 +81,7 @@ def erk_densities(shapes: Sequence[Sequence[int]], density: float | jax.Array) -
     A layer whose density would exceed 1 is kept dense and eps is solved again for the rest.
     `density` may be traced (a schedule inside jit): the loop runs a static number of passes.
     """
-    if isinstance(density, int | float) and not 0.0 < density <= 1.0:
-        raise ValueError(f"density must lie in (0, 1], got {density}.")
+    _check_density(density)
     sizes = jnp.array([math.prod(s) for s in shapes], jnp.float32)  # [layers]
     raw = jnp.array([_erk_raw(s) for s in shapes], jnp.float32)  # [layers]
     target = jnp.asarray(density, jnp.float32) * jnp.sum(sizes)
@@ -93,8 +101,7 @@ def erk_densities(shapes: Sequence[Sequence[int]], density: float | jax.Array) -
 
 def uniform_densities(shapes: Sequence[Sequence[int]], density: float | jax.Array) -> jax.Array:
     """Every layer at the same density: [layers]."""
-    if isinstance(density, int | float) and not 0.0 < density <= 1.0:
-        raise ValueError(f"density must lie in (0, 1], got {density}.")
+    _check_density(density)
     return jnp.full(len(shapes), density, jnp.float32)
 
 

@@ -84,10 +84,8 @@ def gradient_flow_decay(
 ) -> jax.Array:
     """β at `step`: 1 before `begin`, 0 from `end` on, and in between a staircase of
     `intervals` equal drops (the paper decays in steps at fixed intervals)."""
-    if end <= begin:
-        raise ValueError(f"end must be > begin={begin}, got {end}.")
-    if intervals < 1:
-        raise ValueError(f"intervals must be >= 1, got {intervals}.")
+    require(end > begin, "end", end, f"> begin={begin}")
+    require(intervals >= 1, "intervals", intervals, ">= 1")
     progress = (jnp.asarray(step, jnp.float32) - begin) / (end - begin)
     stairs = jnp.floor(jnp.clip(progress, 0.0, 1.0) * intervals) / intervals
     return 1.0 - stairs

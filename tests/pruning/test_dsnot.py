@@ -51,7 +51,10 @@ def test_dsnot_leaves_a_mask_with_zero_error_unchanged():
 
 def test_dsnot_rejects_mismatched_shapes():
     w, x, _, _ = _layer()
-    with pytest.raises(ValueError, match="x: \\[tokens, d_in\\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"w, mask, x shapes: got .*; allowed: .* x: \[tokens, d_in\]",
+    ):
         dsnot.dsnot(w, jnp.ones(w.shape, bool), x[:, :10])
 
 

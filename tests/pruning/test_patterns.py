@@ -38,7 +38,7 @@ def test_nm_mask_keeps_exactly_n_of_each_m_group_along_axis(nm, groups, other, a
 
 
 def test_nm_mask_rejects_sizes_not_divisible_by_m():
-    with pytest.raises(ValueError, match="not a multiple of m=4"):
+    with pytest.raises(ValueError, match="axis 0 size: got 6; allowed: a multiple of m=4"):
         patterns.nm_mask(jnp.ones((6, 3)), 2, 4, axis=0)
 
 

@@ -49,9 +49,9 @@ def test_no_updates_never_updates():
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: OneShot(1.0), "target must lie in"),
-        (lambda: Iterative(0.5, rounds=0, round_steps=1), "rounds must be"),
-        (lambda: Polynomial(0.5, begin=10, end=10), "end must be > begin"),
+        (lambda: OneShot(1.0), r"target: got 1.0; allowed: in \[0, 1\)"),
+        (lambda: Iterative(0.5, rounds=0, round_steps=1), "rounds: got 0; allowed: an int >= 1"),
+        (lambda: Polynomial(0.5, begin=10, end=10), "end: got 10; allowed: > begin=10"),
     ],
 )
 def test_schedules_reject_bad_fields_by_name(make, message):
