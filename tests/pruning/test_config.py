@@ -103,7 +103,29 @@ def test_erk_gives_the_smaller_layer_the_higher_density():
     params = _params()
     masks = pruner.compute_masks(params, pruner.init_masks(params), 0.6, jax.random.key(1))
     report = sparsity_report(masks)
-    assert report["out/kernel"] < 0.6 < report["dense/kernel"]
+    # ERK densities ∝ (d_in + d_out) / (d_in d_out): 1/3 for [16, 8], 2/3 for [8, 4].
+    assert report["dense/kernel"] == pytest.approx(2 / 3, abs=1 / 128)
+    assert report["out/kernel"] == pytest.approx(1 / 3, abs=1 / 32)
+
+
+def test_polynomial_schedule_options_reach_the_schedule():
+    config = PruningConfig(
+        method=MASKED,
+        target_sparsity=0.6,
+        schedule=ScheduleConfig.of(
+            "polynomial", begin_step=10, end_step=20, frequency=5, initial_sparsity=0.2
+        ),
+    )
+    schedule = config.make_schedule()
+    values = [float(schedule.sparsity(step)) for step in (9, 10, 15, 20)]
+    assert values == pytest.approx([0.0, 0.2, 0.6 - 0.4 * 0.5**3, 0.6])
+    assert [bool(schedule.is_update_step(s)) for s in (10, 12, 15, 20, 25)] == [
+        True,
+        False,
+        True,
+        True,
+        False,
+    ]
 
 
 @pytest.mark.parametrize(

@@ -108,8 +108,10 @@ def test_the_registered_method_forwards_srste_weights_trains_dense_and_records_n
         return nm.srste_params(p, prunable, n=1, m=4, axis=0, decay=0.1, flow=flow)
 
     np.testing.assert_array_equal(forward(params)["w"], expected(params)["w"])
-    got = jax.grad(lambda p: jnp.sum(forward(p)["w"] ** 2))(params)
-    want = jax.grad(lambda p: jnp.sum(expected(p)["w"] ** 2))(params)
+    # A linear loss: its gradient reaches the pruned weights scaled by the decayed flow.
+    weights = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
+    got = jax.grad(lambda p: jnp.sum(forward(p)["w"] * weights))(params)
+    want = jax.grad(lambda p: jnp.sum(expected(p)["w"] * weights))(params)
     np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
     assert float(jnp.abs(got["w"]).min()) > 0  # straight through: every weight gets a gradient
     released = spec.optimizer_masks(masks, params=params, options=options)
