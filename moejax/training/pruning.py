@@ -95,9 +95,6 @@ class LMPruning:
             ) from None
         return cls(config, prunable, pruner)
 
-    def _hook_options(self) -> dict[str, Any]:
-        return {"options": self.config.method.options}
-
     def forward_params(self, params: Any, opt_state: Any, step: jax.Array) -> Any:
         """The params the forward pass uses (the method's `forward`: the prunable leaves under
         the optimizer-state masks, SR-STE's n:m projection, ...)."""
@@ -108,16 +105,16 @@ class LMPruning:
             step=step,
             pruner=self.pruner,
             prunable=self.prunable,
-            **self._hook_options(),
+            options=self.config.method.options,
         )
 
     def release(self, opt_state: Any, params: Any) -> Any:
         """Before the optimizer update: the masks `prune_optax` enforces in it (the method's
         `optimizer_masks`; SR-STE's dense weights train, so none is zeroed)."""
         masks = find_prune_state(opt_state).masks
-        spec = self.config.method.spec
+        method = self.config.method
         return with_masks(
-            opt_state, spec.optimizer_masks(masks, params=params, **self._hook_options())
+            opt_state, method.spec.optimizer_masks(masks, params=params, options=method.options)
         )
 
     def record(self, opt_state: Any, params: Any) -> Any:
@@ -129,7 +126,7 @@ class LMPruning:
             params=params,
             pruner=self.pruner,
             prunable=self.prunable,
-            **self._hook_options(),
+            options=self.config.method.options,
         )
         return with_masks(opt_state, new)
 
