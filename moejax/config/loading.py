@@ -12,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from moejax import moe
 from moejax.config.groups import Config
 from moejax.config.model import RouterConfig
 from moejax.errors import ConfigError
@@ -200,6 +201,8 @@ def _rebuild(group: Any, changes: dict[str, Any], path: str, parse: Callable) ->
     if unknown:
         moved = _FLAT_MODEL_FIELDS.get(unknown[0]) if path == "model" else None
         hint = f" (it is model.{'.'.join(moved)} now)" if moved else ""
+        if path == "model.moe" and unknown[0] in _DISPATCH_FIELDS:
+            hint = f" ({_DISPATCH_FIELDS[unknown[0]]})"
         leaf, change = [path, unknown[0]], changes[unknown[0]]
         while isinstance(change, dict) and change:  # name the whole path the user wrote
             leaf.append(next(iter(change)))
@@ -232,6 +235,38 @@ def _rebuild(group: Any, changes: dict[str, Any], path: str, parse: Callable) ->
     return dataclasses.replace(group, **values)
 
 
+# The dispatch fields `model.moe` had before each strategy's options were nested under its name
+# (`model.moe.dispatch.options.*`), by the option each became.
+_DISPATCH_OPTIONS = {
+    "capacity_factor": "capacity_factor",
+    "eval_capacity_factor": "eval_capacity_factor",
+    "capacity_priority": "priority",
+    "capacity_schedule": "schedule",
+    "capacity_schedule_spread": "schedule_spread",
+    "gmm_impl": "gmm_impl",
+    "expert_exchange": "exchange",
+    "llep_margin": "margin",
+    "llep_max_foreign": "max_foreign",
+}
+
+
+def _dispatch_hint(option: str) -> str:
+    having = [
+        name
+        for name, spec in moe.DISPATCHES.items()
+        if option in {f.name for f in dataclasses.fields(spec.options)}
+    ]
+    return (
+        f"it is model.moe.dispatch.options.{option} now, an option of dispatch "
+        f"{' and '.join(having)}: model.moe.dispatch.name=... chooses the strategy"
+    )
+
+
+# What each old flat dispatch field of `model.moe` is now, for the error that names it.
+_DISPATCH_FIELDS = {
+    **{old: _dispatch_hint(option) for old, option in _DISPATCH_OPTIONS.items()},
+    "expert_balance": "LLEP is a strategy now: model.moe.dispatch.name=llep",
+}
 # Where each field of the flat `model` group of configs saved before the split now lives; the
 # router's own options are mapped by `_nest_flat_model`.
 _FLAT_MODEL_FIELDS = {
@@ -243,18 +278,11 @@ _FLAT_MODEL_FIELDS = {
             "top_k",
             "expert_d_ff",
             "dispatch",
-            "capacity_factor",
-            "eval_capacity_factor",
-            "capacity_priority",
-            "capacity_schedule",
-            "capacity_schedule_spread",
             "num_shared_experts",
             "shared_expert_d_ff",
-            "gmm_impl",
-            "expert_balance",
-            "llep_margin",
-            "llep_max_foreign",
             "halting_threshold",
+            *_DISPATCH_OPTIONS,
+            "expert_balance",
         )
     },
     "router": ("router", "name"),
