@@ -102,14 +102,6 @@ def validate(config: Config, num_devices: int) -> dict[str, int]:
         "model.vocab_size": (model.vocab_size, "tensor"),
     }
     if model.moe.every:
-        # Expert parallelism is named by the strategy, never implied by the mesh.
-        spec = model.moe.dispatch.spec
-        require_config(
-            spec.fits_expert_shards(sizes["expert"]),
-            "mesh.expert",
-            sizes["expert"],
-            f"{spec.expert_shards_rule(sizes['expert'])} (model.moe.dispatch.name)",
-        )
         divisible["model.moe.num_experts"] = (model.moe.num_experts, "expert")
         divisible["model.moe.expert_d_ff"] = (model.moe.expert_d_ff, "tensor")
     for field, (value, axis) in divisible.items():
@@ -118,5 +110,14 @@ def validate(config: Config, num_devices: int) -> dict[str, int]:
             field,
             value,
             f"a multiple of mesh.{axis}={sizes[axis]} (it is sharded over that axis)",
+        )
+    if model.moe.every:
+        # Expert parallelism is named by the dispatch strategy, never implied by the mesh.
+        spec = model.moe.dispatch.spec
+        require_config(
+            spec.fits_expert_shards(sizes["expert"]),
+            "mesh.expert",
+            sizes["expert"],
+            f"{spec.expert_shards_rule(sizes['expert'])} (model.moe.dispatch.name)",
         )
     return sizes

@@ -23,8 +23,8 @@ from moejax.moe.dispatch import (
     register,
 )
 from moejax.moe.dropless import DroplessOptions, dropless_dispatch
-from moejax.moe.experts import ExpertParams, init_expert_params, shared_expert_ffn, swiglu
 from moejax.moe.expert_parallel import ExpertParallelOptions
+from moejax.moe.experts import ExpertParams, init_expert_params, shared_expert_ffn, swiglu
 from moejax.moe.llep import LLEPOptions
 
 __all__ = [

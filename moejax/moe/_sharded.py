@@ -243,9 +243,7 @@ def _local_dispatch(
         outputs = _experts(x[order // top_k], counts, weights, gmm_impl)  # [t*k, d]
     else:
         all_counts = count_matrix(counts)  # [shards, experts]
-        regroup, weights, traffic = balance.route(
-            all_counts, flat_expert[order], counts, weights
-        )
+        regroup, weights, traffic = balance.route(all_counts, flat_expert[order], counts, weights)
         if regroup is not None:
             order = order[regroup]  # rows grouped by destination shard, then group there
         send = _exchange_ragged if exchange == "ragged" else _exchange_padded

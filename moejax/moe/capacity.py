@@ -72,7 +72,9 @@ class CapacityOptions(DispatchOptions):
     def at_depth(self, position: int, count: int) -> CapacityOptions:
         """The training capacity factor of the `position`-th of `count` MoE layers under the
         schedule; the schedule then reads "uniform" (it is applied)."""
-        factors = capacity_schedule(count, self.capacity_factor, self.schedule, self.schedule_spread)
+        factors = capacity_schedule(
+            count, self.capacity_factor, self.schedule, self.schedule_spread
+        )
         return dataclasses.replace(self, capacity_factor=factors[position], schedule="uniform")
 
 

@@ -18,8 +18,13 @@ from moejax.moe.dispatch import DispatchOptions, DispatchSpec, register
 from moejax.moe.experts import ExpertParams
 from moejax.routers.base import Routing
 
+# The shard_map machinery this strategy (and "llep") runs on, public here.
 EXCHANGES = _sharded.EXCHANGES
+PLAIN = _sharded.PLAIN
+plain_loads = _sharded.plain_loads
 resolve_exchange = _sharded.resolve_exchange
+shard_loads = _sharded.shard_loads
+sharded_dropless = _sharded.sharded_dropless
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.varying import vary_together
-from moejax.errors import require_config
+from moejax.errors import require, require_config
 from moejax.moe import _sharded
 from moejax.moe.dispatch import DispatchOptions, DispatchSpec, register
 from moejax.moe.experts import ExpertParams
@@ -192,6 +192,10 @@ def llep_balance(margin: float, max_foreign: int) -> _sharded.Balance:
     """The `Balance` of `_sharded.sharded_dropless` that follows the LLEP plan of each step's
     count matrix: rows grouped by destination shard, then by group there, and each shard's
     borrowed experts' weights appended to its own."""
+    require(margin >= 0, "margin", margin, ">= 0")
+    require(
+        isinstance(max_foreign, int) and max_foreign >= 1, "max_foreign", max_foreign, "an int >= 1"
+    )
 
     def route(all_counts, sorted_expert, counts, weights):
         plan = llep_plan(all_counts, margin=margin, max_foreign=max_foreign)

@@ -126,7 +126,9 @@ def check_resume(
         return None
     # Strategies that never drop an assignment compute the same function: a run may move
     # between them (to "expert_parallel" with a larger mesh.expert, say).
-    same_dispatch = not (saved.model.moe.dispatch.spec.drops or requested.model.moe.dispatch.spec.drops)
+    same_dispatch = not (
+        saved.model.moe.dispatch.spec.drops or requested.model.moe.dispatch.spec.drops
+    )
     changes = [
         change
         for change in config_changes(saved, requested)

@@ -205,7 +205,10 @@ def _takes_no_scale(x, routing, expert_params, *, train):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"needs": ("train", "token_ids")}, r"needs: got \['token_ids'\]; allowed: names from mesh"),
+        (
+            {"needs": ("train", "token_ids")},
+            r"needs: got \['token_ids'\]; allowed: names from mesh",
+        ),
         ({"options": dict}, r"options: got <class 'dict'>; allowed: a DispatchOptions subclass"),
         ({"expert_shards": "many"}, r"expert_shards: got 'many'; allowed: one, several, any"),
         # The function takes every declared need and every option field as a keyword.
