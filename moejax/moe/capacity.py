@@ -26,24 +26,19 @@ _OPTIONS = "model.moe.dispatch.options"
 
 @dataclasses.dataclass(frozen=True)
 class CapacityOptions(DispatchOptions):
-    """Options of the "capacity" strategy.
+    """Options of the "capacity" strategy."""
 
-    Attributes:
-      capacity_factor: expert buffer size over an even share of the tokens, finite and > 0.
-      eval_capacity_factor: the factor at evaluation (V-MoE evaluates with a larger one); 0
-        keeps capacity_factor.
-      priority: which assignments keep their slot when an expert is full, one of
-        `CAPACITY_PRIORITIES`: "order" (token order, GShard) or "score" (highest router weight
-        first: batch-prioritised routing, V-MoE).
-      schedule: capacity over depth (DynaMoE), one of `CAPACITY_SCHEDULES`, around
-        capacity_factor within capacity_factor * [1 - schedule_spread, 1 + schedule_spread].
-      schedule_spread: in [0, 1).
-    """
-
+    # Expert buffer size over an even share of the tokens.
     capacity_factor: float = 1.25
+    # Capacity factor at evaluation (V-MoE evaluates with a larger one); 0 keeps capacity_factor.
     eval_capacity_factor: float = 0.0
+    # Which assignments keep their slot when an expert is full: "order" (token order, GShard)
+    # or "score" (highest router weight first: batch-prioritised routing, V-MoE).
     priority: str = "order"
+    # Expert capacity over depth (DynaMoE): "uniform", "descending", "ascending" or "pyramid"
+    # around capacity_factor, within capacity_factor * [1 - schedule_spread, 1 + schedule_spread].
     schedule: str = "uniform"
+    # In [0, 1).
     schedule_spread: float = 0.5
     layer_fields = ("schedule", "schedule_spread")
 

@@ -22,12 +22,9 @@ from moejax.routers.base import Routing
 
 @dataclasses.dataclass(frozen=True)
 class DroplessOptions(DispatchOptions):
-    """Options of the "dropless" strategy.
+    """Options of the "dropless" strategy."""
 
-    Attributes:
-      gmm_impl: the grouped matmul implementation, `impl` of `kernels_pallas.gmm`.
-    """
-
+    # The grouped matmul implementation, `impl` of kernels_pallas.gmm.
     gmm_impl: str = "auto"
 
     def __post_init__(self) -> None:

@@ -29,17 +29,14 @@ sharded_dropless = _sharded.sharded_dropless
 
 @dataclasses.dataclass(frozen=True)
 class ExpertParallelOptions(DispatchOptions):
-    """Options of the "expert_parallel" strategy.
+    """Options of the "expert_parallel" strategy."""
 
-    Attributes:
-      gmm_impl: the grouped matmul implementation, `impl` of `kernels_pallas.gmm`.
-      exchange: how tokens travel between expert shards, one of `EXCHANGES`: "ragged"
-        (ragged_all_to_all, each shard gets only its rows; TPU and GPU), "padded" (all_to_all
-        of worst-case buffers, mesh.expert times the bytes; runs everywhere, and on GPUs where
-        ragged_all_to_all is slow or fails at scale), or "auto" (padded on CPU, else ragged).
-    """
-
+    # The grouped matmul implementation, `impl` of kernels_pallas.gmm.
     gmm_impl: str = "auto"
+    # How tokens travel between expert shards: "ragged" (ragged_all_to_all, each shard gets only
+    # its rows; TPU and GPU), "padded" (all_to_all of worst-case buffers, mesh.expert times the
+    # bytes; runs everywhere, and on GPUs where ragged_all_to_all is slow or fails at scale), or
+    # "auto" (padded on CPU, else ragged).
     exchange: str = "auto"
 
     def __post_init__(self) -> None:

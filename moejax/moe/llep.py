@@ -56,20 +56,16 @@ _OPTIONS = "model.moe.dispatch.options"
 
 @dataclasses.dataclass(frozen=True)
 class LLEPOptions(DispatchOptions):
-    """Options of the "llep" strategy.
+    """Options of the "llep" strategy."""
 
-    Attributes:
-      gmm_impl: the grouped matmul implementation, `impl` of `kernels_pallas.gmm`.
-      exchange: how rows travel between expert shards (see
-        `moejax.moe.expert_parallel.ExpertParallelOptions`).
-      margin: how far above the mean load a shard may go before rows move, >= 0: the cap is
-        ceil((1 + margin) * mean load).
-      max_foreign: most borrowed experts one shard runs per step, a static int >= 1.
-    """
-
+    # The grouped matmul implementation, `impl` of kernels_pallas.gmm.
     gmm_impl: str = "auto"
+    # How rows travel between expert shards: "ragged", "padded" or "auto", as expert_parallel's.
     exchange: str = "auto"
+    # How far above the mean load a shard may go before rows move, >= 0: the cap is
+    # ceil((1 + margin) * mean load).
     margin: float = 0.1
+    # Most borrowed experts one shard runs per step, a static int >= 1.
     max_foreign: int = 2
 
     def __post_init__(self) -> None:

@@ -47,7 +47,7 @@ def test_help_lists_every_config_field_with_its_type_default_and_meaning(capsys)
         text
     )
     assert (
-        "--config.model.moe.dispatch.options.gmm_impl STR the grouped matmul implementation" in text
+        "--config.model.moe.dispatch.options.gmm_impl STR The grouped matmul implementation" in text
     )
     assert "--config.model.router.options.renormalize BOOL" in text
     assert "--config.data.eval_batches INT Number of validation batches per evaluation;" in text
