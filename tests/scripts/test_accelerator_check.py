@@ -10,9 +10,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from expert_mesh import emulated_ragged_all_to_all
 
 from moejax.parallel import sharding
+from tests.moe.expert_mesh import emulated_ragged_all_to_all
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "accelerator_check.sh"
