@@ -14,7 +14,7 @@ from typing import Any
 
 from moejax import moe
 from moejax.config.groups import Config
-from moejax.config.model import RouterConfig
+from moejax.config.model import DispatchConfig, RouterConfig
 from moejax.errors import ConfigError
 
 
@@ -176,13 +176,40 @@ def from_dict(data: dict[str, Any]) -> Config:
     """Inverse of `to_dict`; fields unknown to this version are an error, missing ones default.
 
     A `model` group written before the model was split into subgroups (flat fields such as
-    `num_experts`, `router` a name) is read as the same model in today's layout.
+    `num_experts`, `router` a name), or a `model.moe` group written before the dispatch options
+    were nested (`model.moe.capacity_factor`, ...), is read as the same model in today's layout.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected an object of groups, got {type(data).__name__}")
     if isinstance(data.get("model"), dict) and _is_flat_model(data["model"]):
         data = {**data, "model": _nest_flat_model(data["model"])}
+    if isinstance(data.get("model"), dict) and isinstance(data["model"].get("moe"), dict):
+        data = {**data, "model": {**data["model"], "moe": _nest_dispatch(data["model"]["moe"])}}
     return _rebuild(Config(), data, "", _typed_json_value)
+
+
+# LLEP was `expert_balance="llep"` of the dropless strategies before it was a strategy.
+_BALANCED_STRATEGY = {("dropless", "llep"): "llep", ("expert_parallel", "llep"): "llep"}
+
+
+def _nest_dispatch(moe_group: dict[str, Any]) -> dict[str, Any]:
+    """A `model.moe` group written before each strategy's options were nested under its name
+    (`dispatch` a name, `capacity_factor`, `gmm_impl`, ... beside it) in today's layout. Options
+    the named strategy does not have are dropped: they did nothing."""
+    old = {name: moe_group[name] for name in moe_group if name in _DISPATCH_FIELDS}
+    if not old and not isinstance(moe_group.get("dispatch"), str):
+        return moe_group
+    nested = {name: value for name, value in moe_group.items() if name not in old}
+    name = nested.pop("dispatch", DispatchConfig().name)
+    name = _BALANCED_STRATEGY.get((name, old.pop("expert_balance", None)), name)
+    spec = moe.DISPATCHES.get(name)
+    fields = {f.name for f in dataclasses.fields(spec.options)} if spec else set()
+    options = {
+        _DISPATCH_OPTIONS[field]: value
+        for field, value in old.items()
+        if _DISPATCH_OPTIONS[field] in fields
+    }
+    return {**nested, "dispatch": {"name": name, "options": options}}
 
 
 def _rebuild(group: Any, changes: dict[str, Any], path: str, parse: Callable) -> Any:

@@ -248,6 +248,28 @@ def test_config_json_of_the_flat_model_layout_reads_as_the_same_model():
     )
 
 
+def test_config_json_of_the_flat_dispatch_fields_reads_as_the_same_strategy():
+    """Workdirs written before the dispatch options were nested keep resuming: the strategy's
+    own fields become its options, the others (which did nothing) are dropped."""
+    old = {
+        "dispatch": "capacity",
+        "capacity_factor": 2.0,
+        "capacity_priority": "score",
+        "gmm_impl": "xla",  # not an option of capacity
+        "expert_balance": "none",
+        "llep_margin": 0.1,
+        "num_experts": 8,
+    }
+    moe_config = config_lib.from_dict({"model": {"moe": old}}).model.moe
+    assert moe_config.num_experts == 8
+    assert moe_config.dispatch == DispatchConfig.of(
+        "capacity", capacity_factor=2.0, priority="score"
+    )
+    balanced = {"dispatch": "dropless", "expert_balance": "llep", "llep_max_foreign": 3}
+    dispatch = config_lib.from_dict({"model": {"moe": balanced}}).model.moe.dispatch
+    assert dispatch == DispatchConfig.of("llep", max_foreign=3)
+
+
 def test_flat_fields_name_every_leaf_by_its_path():
     flat = config_lib.flat_fields(Config())
     assert flat["model.moe.top_k"] == 2 and flat["model.router.options.renormalize"] is True
