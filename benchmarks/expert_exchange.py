@@ -2,10 +2,10 @@
 
     python benchmarks/expert_exchange.py [--exchange both|ragged|padded] [--repeats 5] [--quick]
 
-Each row times one forward+backward step of `expert_parallel.sharded_dropless` (`jax.
+Each row times one forward+backward step of `moe_ffn` with an expert-sharding strategy (`jax.
 value_and_grad` of `sum(y * cotangent)` with respect to x and the expert weights) over a mesh
 that puts every device on the `expert` axis, with x batch-sharded and the weights expert-sharded
-as the train step lays them out. The two exchanges (see `moejax.expert_parallel`):
+as the train step lays them out. The two exchanges (see `moejax.moe.expert_parallel`):
 
   ragged: `jax.lax.ragged_all_to_all` sends each expert shard only its rows (TPU and GPU; XLA:CPU
       does not implement it);
@@ -13,7 +13,8 @@ as the train step lays them out. The two exchanges (see `moejax.expert_parallel`
 
 Routing: "uniform" draws each token's top-k distinct experts uniformly; "zipf" from a Zipf law
 (s = 1.2) over the experts, so the first shard receives most rows. Rows with
-`--balances none llep` add Least-Loaded Expert Parallelism (`moejax.llep`), which moves the
+`--strategies expert_parallel llep` add Least-Loaded Expert Parallelism (`moejax.moe.llep`,
+margin 0.1, max_foreign 2), which moves the
 excess rows of overloaded shards, with their experts' weights, to shards below the load cap.
 Per row: the step time (median of `--repeats` after a compile-and-warm-up run), the time over
 the padded exchange's of the same routing and balance, the rows of the busiest expert shard over
@@ -38,8 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from moejax import expert_parallel, moe
+from moejax import moe
+from moejax.moe import ExpertParallelOptions, LLEPOptions, expert_parallel, llep
 from moejax.parallel import sharding
+from moejax.routers.base import Routing
 
 ZIPF_S = 1.2
 TOP_K = 2
@@ -82,18 +85,33 @@ def expert_choices(kind: str, tokens: int, num_experts: int, seed: int = 0) -> n
     return np.argsort(-noisy, axis=1)[:, :TOP_K].astype(np.int32)
 
 
-def step_fn(exchange: str, balance: dict):
+# The strategies that split experts over the mesh: their options for an exchange, and the
+# balance `shard_loads` counts their rows with.
+STRATEGIES = {
+    "expert_parallel": (
+        lambda exchange: ExpertParallelOptions(exchange=exchange),
+        expert_parallel.PLAIN,
+    ),
+    "llep": (
+        lambda exchange: LLEPOptions(exchange=exchange, margin=0.1, max_foreign=2),
+        llep.llep_balance(0.1, 2),
+    ),
+}
+
+
+def step_fn(exchange: str, strategy: str):
+    options = STRATEGIES[strategy][0](exchange)
+
     def loss(x, params, weights, index, cotangent):
+        routing = Routing(index, weights, None, {})
         mesh = sharding.kernel_mesh()
-        y = expert_parallel.sharded_dropless(
-            x, index, weights, params, mesh, exchange=exchange, **balance
-        )
+        y = moe.moe_ffn(x, routing, params, strategy=strategy, options=options, mesh=mesh).y
         return jnp.sum(y.astype(jnp.float32) * cotangent)
 
     return jax.value_and_grad(loss, argnums=(0, 1))
 
 
-def measure(mesh, shape: Shape, index: np.ndarray, exchange: str, balance: dict, repeats: int):
+def measure(mesh, shape: Shape, index: np.ndarray, exchange: str, strategy: str, repeats: int):
     """(median step seconds, (loss, grads)) of one forward+backward step."""
     tokens = NamedSharding(mesh, sharding.logical_to_mesh(("batch", None)))
     weight_shardings = {
@@ -111,7 +129,7 @@ def measure(mesh, shape: Shape, index: np.ndarray, exchange: str, balance: dict,
         (tokens, weight_shardings, tokens, tokens, tokens),
     )
     with jax.set_mesh(mesh):
-        step = jax.jit(step_fn(exchange, balance))
+        step = jax.jit(step_fn(exchange, strategy))
         result = jax.block_until_ready(step(*args))  # compile and warm up
         times = []
         for _ in range(repeats):
@@ -121,13 +139,16 @@ def measure(mesh, shape: Shape, index: np.ndarray, exchange: str, balance: dict,
     return statistics.median(times), jax.device_get(result)
 
 
-def load_ratio(mesh, index: np.ndarray, num_experts: int, balance: dict) -> float:
+def load_ratio(mesh, index: np.ndarray, num_experts: int, strategy: str) -> float:
     """Rows of the busiest expert shard over the mean."""
     tokens = NamedSharding(mesh, sharding.logical_to_mesh(("batch", None)))
     with jax.set_mesh(mesh):
         loads = np.asarray(
             expert_parallel.shard_loads(
-                jax.device_put(jnp.asarray(index), tokens), num_experts, mesh, **balance
+                jax.device_put(jnp.asarray(index), tokens),
+                num_experts,
+                mesh,
+                STRATEGIES[strategy][1],
             )
         )  # [groups, shards]
     return float(np.max(loads.max(axis=1) / loads.mean(axis=1)))
@@ -154,11 +175,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exchange", choices=("both", "ragged", "padded"), default="both")
     parser.add_argument(
-        "--balances",
+        "--strategies",
         nargs="+",
-        choices=expert_parallel.EXPERT_BALANCES,
-        default=["none"],
-        help="expert_balance values to time (default: none)",
+        choices=tuple(STRATEGIES),
+        default=["expert_parallel"],
+        help="dispatch strategies to time (default: expert_parallel)",
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small shapes, a smoke test")
@@ -182,21 +203,18 @@ def main() -> None:
         f"{shape.d_ff}, experts {num_experts}, top_k {TOP_K}, {jnp.dtype(shape.dtype).name}, "
         f"forward+backward, median of {args.repeats}"
     )
-    header = ("routing", "balance", "exchange", "load max/mean", "step ms", "vs padded",
+    header = ("routing", "strategy", "exchange", "load max/mean", "step ms", "vs padded",
               "max diff vs padded")  # fmt: skip
     rows, summary, worst = [], [], 0.0
     for kind in ("uniform", "zipf"):
         index = expert_choices(kind, num_tokens, num_experts)
-        for balance_name in args.balances:
-            balance = {"expert_balance": balance_name}
-            if balance_name == "llep":
-                balance |= {"llep_margin": 0.1, "llep_max_foreign": 2}
-            load = f"{load_ratio(mesh, index, num_experts, balance):.2f}"
+        for strategy in args.strategies:
+            load = f"{load_ratio(mesh, index, num_experts, strategy):.2f}"
             measured = {
-                exchange: measure(mesh, shape, index, exchange, balance, args.repeats)
+                exchange: measure(mesh, shape, index, exchange, strategy, args.repeats)
                 for exchange in exchanges
             }
-            label = kind if len(args.balances) == 1 else f"{kind}/{balance_name}"
+            label = kind if len(args.strategies) == 1 else f"{kind}/{strategy}"
             for exchange, (seconds, result) in measured.items():
                 versus = diff = ""
                 if exchange != "padded" and "padded" in measured:
@@ -204,7 +222,7 @@ def main() -> None:
                     difference = relative_difference(result, padded_result)
                     worst = max(worst, difference)
                     versus, diff = f"{seconds / padded_seconds:.2f}x", f"{difference:.1e}"
-                cells = (kind, balance_name, exchange, load, f"{seconds * 1e3:.2f}", versus, diff)
+                cells = (kind, strategy, exchange, load, f"{seconds * 1e3:.2f}", versus, diff)
                 rows.append(cells)
                 note = f" ({versus} padded's time, diff {diff})" if versus else ""
                 summary.append(f"{label} {exchange} {seconds * 1e3:.2f} ms{note}")

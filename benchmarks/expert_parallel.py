@@ -9,10 +9,10 @@ and the weights expert-sharded as the train step lays them out:
 
   annotation: `moe.dropless_dispatch` traced under the mesh with no shard_map: the sharding
       annotations are all the compiler gets, and it picks the collectives (what moejax did before
-      `moejax.expert_parallel`);
-  expert_parallel: `moe.moe_ffn(strategy="dropless")`, which runs `expert_parallel.sharded_dropless`
-      (all-to-all of tokens; the padded exchange, as XLA:CPU has no ragged all-to-all);
-  llep: the same with `expert_balance="llep"` (Least-Loaded Expert Parallelism, `moejax.llep`):
+      its expert-parallel dispatch);
+  expert_parallel: `moe.moe_ffn(strategy="expert_parallel")` (`moejax.moe.expert_parallel`:
+      all-to-all of tokens; the padded exchange, as XLA:CPU has no ragged all-to-all);
+  llep: `moe.moe_ffn(strategy="llep")` (Least-Loaded Expert Parallelism, `moejax.moe.llep`):
       the excess rows of overloaded expert shards, and their experts' weights, go to shards below
       the cap ceil((1 + margin) * mean load); the outputs are expert_parallel's.
 
@@ -56,7 +56,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from moejax import expert_parallel, llep, moe  # noqa: E402
+from moejax import moe  # noqa: E402
+from moejax.moe import ExpertParallelOptions, LLEPOptions, expert_parallel, llep  # noqa: E402
 from moejax.parallel import hlo, sharding  # noqa: E402
 from moejax.routers.base import Routing  # noqa: E402
 
@@ -85,20 +86,22 @@ def expert_choices(kind: str, seed: int = 0) -> np.ndarray:
     ).astype(np.int32)
 
 
-def shard_load(index: np.ndarray, mesh_shape, balance: dict) -> float:
-    """max / mean over expert shards of the rows their grouped matmuls compute, worst group."""
+def shard_load(index: np.ndarray, mesh_shape, llep_args: tuple | None) -> float:
+    """max / mean over expert shards of the rows their grouped matmuls compute, worst group,
+    plain or with LLEP's (margin, max_foreign)."""
+    balance = llep.llep_balance(*llep_args) if llep_args else expert_parallel.PLAIN
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape, strict=True)))
     tokens = NamedSharding(mesh, sharding.logical_to_mesh(("batch", None)))
     with jax.set_mesh(mesh):
         loads = np.asarray(
             expert_parallel.shard_loads(
-                jax.device_put(jnp.asarray(index), tokens), NUM_EXPERTS, mesh, **balance
+                jax.device_put(jnp.asarray(index), tokens), NUM_EXPERTS, mesh, balance
             )
         )  # [groups, shards]
     return float(np.max(loads.max(axis=1) / loads.mean(axis=1)))
 
 
-def ragged_bytes(index: np.ndarray, mesh_shape, balance: dict) -> int:
+def ragged_bytes(index: np.ndarray, mesh_shape, llep_args: tuple | None) -> int:
     """Bytes the ragged exchange (TPU/GPU) would send from the busiest device per step: its rows
     bound for other expert shards, d_model float32 each, four exchanges (to the experts and back,
     forward and backward), and with LLEP the weights of the experts it lends (forward) and their
@@ -117,10 +120,9 @@ def ragged_bytes(index: np.ndarray, mesh_shape, balance: dict) -> int:
             ]
         ).astype(np.int32)  # [shards, experts]
         lent = np.zeros(shards, np.int64)
-        if balance.get("expert_balance") == "llep":
-            plan = llep.llep_plan(
-                counts, margin=balance["llep_margin"], max_foreign=balance["llep_max_foreign"]
-            )
+        if llep_args:
+            margin, max_foreign = llep_args
+            plan = llep.llep_plan(counts, margin=margin, max_foreign=max_foreign)
             traffic = np.asarray(plan.traffic)  # [shards, shards, groups]
             borrowed = np.asarray(plan.borrowed_expert)
             owners = borrowed[borrowed < NUM_EXPERTS] // experts_per_shard
@@ -134,19 +136,20 @@ def ragged_bytes(index: np.ndarray, mesh_shape, balance: dict) -> int:
     return busiest
 
 
-def step_fn(path: str, balance: dict):
+def step_fn(path: str, options: moe.DispatchOptions | None):
     def loss(x, params, weights, index, cotangent):
         routing = Routing(index, weights, None, {})
-        if path == "annotation":
+        if options is None:  # annotation only
             y, _ = moe.dropless_dispatch(x, routing, params)
         else:
-            y = moe.moe_ffn(x, routing, params, strategy="dropless", **balance).y
+            mesh = sharding.kernel_mesh()
+            y = moe.moe_ffn(x, routing, params, strategy=path, options=options, mesh=mesh).y
         return jnp.sum(y * cotangent)
 
     return jax.value_and_grad(loss, argnums=(0, 1))
 
 
-def measure(path: str, mesh_shape, index: np.ndarray, repeats: int, balance: dict) -> dict:
+def measure(path: str, mesh_shape, index: np.ndarray, repeats: int, options) -> dict:
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape, strict=True)))
     tokens = NamedSharding(mesh, sharding.logical_to_mesh(("batch", None)))
     weights_sharding = {
@@ -163,7 +166,7 @@ def measure(path: str, mesh_shape, index: np.ndarray, repeats: int, balance: dic
         (tokens, weights_sharding, tokens, tokens, tokens),
     )
     with jax.set_mesh(mesh):
-        compiled = jax.jit(step_fn(path, balance)).lower(*args).compile()
+        compiled = jax.jit(step_fn(path, options)).lower(*args).compile()
         found = hlo.collectives(compiled.as_text())
         jax.block_until_ready(compiled(*args))  # warm-up
         times = []
@@ -185,10 +188,12 @@ def main() -> None:
     parser.add_argument("--llep-margin", type=float, default=0.1)
     parser.add_argument("--llep-max-foreign", type=int, default=4)
     args = parser.parse_args()
-    llep_balance = {
-        "expert_balance": "llep",
-        "llep_margin": args.llep_margin,
-        "llep_max_foreign": args.llep_max_foreign,
+    llep_args = (args.llep_margin, args.llep_max_foreign)
+    # Per path: the strategy's options (None: annotations only) and LLEP's plan arguments.
+    paths = {
+        "annotation": (None, None),
+        "expert_parallel": (ExpertParallelOptions(), None),
+        "llep": (LLEPOptions(margin=llep_args[0], max_foreign=llep_args[1]), llep_args),
     }
     print(
         f"jax {jax.__version__}, {jax.device_count()} fake CPU devices on {os.cpu_count()} cores; "
@@ -213,29 +218,24 @@ def main() -> None:
     for mesh_shape in MESHES:
         for kind in ("uniform", "zipf"):
             index = expert_choices(kind)
-            balances = {
-                "annotation": {},
-                "expert_parallel": {},
-                "llep": llep_balance,
-            }
             rows = {
-                path: measure(path, mesh_shape, index, args.repeats, balances[path])
+                path: measure(path, mesh_shape, index, args.repeats, paths[path][0])
                 for path in PATHS
             }
             base = rows["annotation"]
             for path, row in rows.items():
-                balance = balances[path]
+                options, plan_args = paths[path]
                 ragged = (
                     ""
-                    if path == "annotation"
-                    else f"{ragged_bytes(index, mesh_shape, balance) / 2**20:.2f}"
+                    if options is None
+                    else f"{ragged_bytes(index, mesh_shape, plan_args) / 2**20:.2f}"
                 )
                 kinds = ", ".join(f"{k} {n / 2**20:.2f}" for k, n in row["by_kind"].items())
                 cells = (
                     ",".join(map(str, mesh_shape)),
                     kind,
                     path,
-                    f"{shard_load(index, mesh_shape, balance):.2f}",
+                    f"{shard_load(index, mesh_shape, plan_args):.2f}",
                     f"{row['bytes'] / 2**20:.2f}",
                     ragged,
                     f"{row['time'] * 1e3:.1f}",

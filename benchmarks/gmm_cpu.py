@@ -26,7 +26,7 @@ import numpy as np
 
 from kernels_pallas import gmm
 from kernels_pallas.grouped_matmul.xla_tiled import default_tile_m
-from moejax.moe import init_expert_params, moe_ffn
+from moejax.moe import DroplessOptions, init_expert_params, moe_ffn, swiglu
 from moejax.routers.base import Routing
 from moejax.routers.softmax_top_k import softmax_top_k
 
@@ -137,14 +137,14 @@ def moe_rows(repeats: int) -> list[Row]:
 def dense_swiglu(x: jax.Array, params: dict, *, top_k: int) -> jax.Array:
     """Expert 0's SwiGLU on every token top_k times, summed back: the dense FLOPs of the layer."""
     rows = jnp.repeat(x, top_k, axis=0)  # [tokens*k, d_model]
-    hidden = jax.nn.silu(rows @ params["w_gate"][0]) * (rows @ params["w_up"][0])
-    out = hidden @ params["w_down"][0]  # [tokens*k, d_model]
+    out = swiglu(rows, params["w_gate"][0], params["w_up"][0], params["w_down"][0])
     return out.reshape(x.shape[0], top_k, x.shape[1]).sum(axis=1)  # [tokens, d_model]
 
 
 def dropless_layer(x: jax.Array, params: dict, routing: Routing, *, gmm_impl: str) -> jax.Array:
     """[tokens, d_model] -> [tokens, d_model] through `moe_ffn(strategy="dropless")`."""
-    return moe_ffn(x, routing, params, strategy="dropless", gmm_impl=gmm_impl).y
+    options = DroplessOptions(gmm_impl=gmm_impl)
+    return moe_ffn(x, routing, params, strategy="dropless", options=options).y
 
 
 def print_table(title: str, ratio_name: str, rows: list) -> None:

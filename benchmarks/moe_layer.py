@@ -47,7 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas.grouped_matmul.ops import resolve_impl
-from moejax.moe import ExpertParams, expert_capacity, init_expert_params, moe_ffn
+from moejax import moe
+from moejax.moe import ExpertParams, expert_capacity, init_expert_params, moe_ffn, swiglu
 from moejax.routers.base import routing_statistics
 from moejax.routers.softmax_top_k import softmax_top_k
 
@@ -89,17 +90,23 @@ def dense_swiglu(x: jax.Array, params: ExpertParams, logits: jax.Array, *, top_k
     """Expert 0's SwiGLU on every token top_k times, summed back; `logits` unused."""
     del logits
     rows = jnp.repeat(x, top_k, axis=0)  # [tokens*k, d_model]
-    hidden = jax.nn.silu(rows @ params["w_gate"][0]) * (rows @ params["w_up"][0])
-    out = hidden @ params["w_down"][0]  # [tokens*k, d_model]
+    out = swiglu(rows, params["w_gate"][0], params["w_up"][0], params["w_down"][0])
     return out.reshape(x.shape[0], top_k, x.shape[1]).sum(axis=1)  # [tokens, d_model]
 
 
 def routed_layer(
-    x: jax.Array, params: ExpertParams, logits: jax.Array, *, top_k: int, **moe_kwargs: object
+    x: jax.Array,
+    params: ExpertParams,
+    logits: jax.Array,
+    *,
+    top_k: int,
+    strategy: str,
+    **options: object,
 ) -> jax.Array:
-    """`softmax_top_k` routing, then `moe_ffn` with the given strategy and options."""
+    """`softmax_top_k` routing, then `moe_ffn` with the given strategy and its options."""
     routing = softmax_top_k(logits, top_k=top_k)
-    return moe_ffn(x, routing, params, **moe_kwargs).y
+    chosen = moe.get(strategy).options(**options)
+    return moe_ffn(x, routing, params, strategy=strategy, options=chosen).y
 
 
 def every_expert(x: jax.Array, params: ExpertParams, logits: jax.Array, *, top_k: int) -> jax.Array:

@@ -11,8 +11,9 @@ Parameters (`count_params` of the model's abstract state): 1,008,273,408 in all;
   norms, embedding   591,872  (33 x 2048 norm scales; byte-level vocabulary 256 x 2048, tied)
 Active per token: 253,298,688 (everything but 30 of each layer's 32 experts).
 
-Experts are sharded over mesh.expert=8 by default (dropless dispatch then exchanges tokens
-between the expert shards); the rest of the devices split the batch. It is meant for
+Experts are sharded over mesh.expert=8 by default by the "expert_parallel" dispatch (tokens
+travel between the expert shards by all-to-all; "llep" shares the load of hot experts, "dropless"
+needs mesh.expert=1); the rest of the devices split the batch. It is meant for
 `python -m moejax.training.aot --config configs/moe_1b.py --topology v5p:4x4x4` (a v5p-64), where
 it compiles in the README's table; training it on the Shakespeare corpus is possible but
 pointless.
@@ -20,7 +21,14 @@ pointless.
 
 import dataclasses
 
-from moejax.config import Config, DataConfig, MeshConfig, ModelConfig, MoEConfig
+from moejax.config import (
+    Config,
+    DataConfig,
+    DispatchConfig,
+    MeshConfig,
+    ModelConfig,
+    MoEConfig,
+)
 
 
 def get_config() -> Config:
@@ -36,7 +44,12 @@ def get_config() -> Config:
             d_ff=8192,
             dtype="bfloat16",
             param_dtype="float32",
-            moe=MoEConfig(num_experts=32, top_k=2, expert_d_ff=256),
+            moe=MoEConfig(
+                num_experts=32,
+                top_k=2,
+                expert_d_ff=256,
+                dispatch=DispatchConfig(name="expert_parallel"),
+            ),
         ),
         data=DataConfig(seq_len=2048, global_batch_size=256, eval_batch_size=256),
         mesh=MeshConfig(data=-1, expert=8),

@@ -8,11 +8,11 @@ The layers are Flax NNX modules whose math lives in pure functions:
     layer = MoELayer(d_model=256, d_ff=512, num_experts=8, top_k=2, rngs=nnx.Rngs(0))
     y, aux, _ = layer(x)  # x [batch, length, 256]; aux["aux_loss"] joins your loss
 
-Subpackages: `routers` (one file per router, `RouterSpec` registry), `moe` (dispatch: capacity,
-dropless, expert-parallel), `sparse_attention` (block masks, MoBA, routing), `pruning` (masks,
-schedules, the optax wrapper, N:M), `depth` (mixture-of-depths, layer routers), `parallel`
-(meshes and logical axes, several processes, ahead-of-time compiles), `config` (the typed
-experiment config of `train.py`).
+Subpackages: `routers` (one file per router, `RouterSpec` registry), `moe` (`DispatchSpec`
+registry: capacity, dropless, expert_parallel, llep; the one SwiGLU), `sparse_attention` (block
+masks, MoBA, routing), `pruning` (masks, schedules, the optax wrapper, N:M), `depth`
+(mixture-of-depths, layer routers), `parallel` (meshes and logical axes, several processes,
+ahead-of-time compiles), `config` (the typed experiment config of `train.py`).
 """
 
 # First, before anything imports JAX: glibc malloc settings that XLA:CPU's per-step temporaries
@@ -36,10 +36,18 @@ from moejax import (
     sparse_attention,
 )
 from moejax.attention import Attention
-from moejax.config import Config, DepthConfig, ModelConfig, MoEConfig, RouterConfig
+from moejax.config import (
+    Config,
+    DepthConfig,
+    DispatchConfig,
+    ModelConfig,
+    MoEConfig,
+    RouterConfig,
+)
 from moejax.errors import ConfigError, UserError
 from moejax.models.moe_layer import MoELayer, RouterContext
 from moejax.models.transformer import TransformerLM
+from moejax.moe import DispatchOptions, DispatchSpec
 from moejax.routers.base import RouterOptions, RouterSpec, RouterState, Routing
 from moejax.sparse_attention import AttentionConfig, SparseAttention, masks
 
@@ -54,6 +62,9 @@ __all__ = [
     "Config",
     "ConfigError",
     "DepthConfig",
+    "DispatchConfig",
+    "DispatchOptions",
+    "DispatchSpec",
     "MoEConfig",
     "MoELayer",
     "ModelConfig",

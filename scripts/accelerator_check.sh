@@ -343,7 +343,7 @@ for part in train train_xla; do
   wanted $part || continue
   flags=("${train_flags[@]}")
   if [ $part = train_xla ]; then
-    flags+=(--config.model.moe.gmm_impl=xla)
+    flags+=(--config.model.moe.dispatch.options.gmm_impl=xla)
     left=$((budget - (SECONDS - start) - reserve))
     if [ -n "$train_seconds" ] && [ "$left" -lt $((train_seconds + 10)) ]; then
       record train_xla skipped 0 "not enough budget left (${left}s; train took ${train_seconds}s)"

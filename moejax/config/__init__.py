@@ -23,7 +23,14 @@ from moejax.config.loading import (
     to_json,
     with_fields,
 )
-from moejax.config.model import DTYPES, DepthConfig, ModelConfig, MoEConfig, RouterConfig
+from moejax.config.model import (
+    DTYPES,
+    DepthConfig,
+    DispatchConfig,
+    ModelConfig,
+    MoEConfig,
+    RouterConfig,
+)
 from moejax.config.validation import validate, validate_attention, validate_mesh
 from moejax.errors import ConfigError
 from moejax.pruning.config import LMPruningConfig
@@ -40,6 +47,7 @@ __all__ = [
     "MeshConfig",
     "MoEConfig",
     "ModelConfig",
+    "DispatchConfig",
     "RouterConfig",
     "TrainConfig",
     "apply_overrides",

@@ -12,8 +12,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from moejax import moe
 from moejax.config.groups import Config
-from moejax.config.model import RouterConfig
+from moejax.config.model import DispatchConfig, RouterConfig
 from moejax.errors import ConfigError
 from moejax.sparse_attention.base import KINDS as ATTENTION_KINDS
 
@@ -176,16 +177,44 @@ def from_dict(data: dict[str, Any]) -> Config:
     """Inverse of `to_dict`; fields unknown to this version are an error, missing ones default.
 
     A `model` group written before the model was split into subgroups (flat fields such as
-    `num_experts`, `router` a name) is read as the same model in today's layout, and so is an
-    `attention` group written before each kind got its own options (flat `top_k`, `window`).
+    `num_experts`, `router` a name), a `model.moe` group written before the dispatch options
+    were nested (`model.moe.capacity_factor`, ...), and an `attention` group written before each
+    kind got its own options (flat `top_k`, `window`) are read as the same config in today's
+    layout.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected an object of groups, got {type(data).__name__}")
     if isinstance(data.get("model"), dict) and _is_flat_model(data["model"]):
         data = {**data, "model": _nest_flat_model(data["model"])}
+    if isinstance(data.get("model"), dict) and isinstance(data["model"].get("moe"), dict):
+        data = {**data, "model": {**data["model"], "moe": _nest_dispatch(data["model"]["moe"])}}
     if isinstance(data.get("attention"), dict) and "options" not in data["attention"]:
         data = {**data, "attention": _nest_flat_attention(data["attention"])}
     return _rebuild(Config(), data, "", _typed_json_value)
+
+
+# LLEP was `expert_balance="llep"` of the dropless strategies before it was a strategy.
+_BALANCED_STRATEGY = {("dropless", "llep"): "llep", ("expert_parallel", "llep"): "llep"}
+
+
+def _nest_dispatch(moe_group: dict[str, Any]) -> dict[str, Any]:
+    """A `model.moe` group written before each strategy's options were nested under its name
+    (`dispatch` a name, `capacity_factor`, `gmm_impl`, ... beside it) in today's layout. Options
+    the named strategy does not have are dropped: they did nothing."""
+    old = {name: moe_group[name] for name in moe_group if name in _DISPATCH_FIELDS}
+    if not old and not isinstance(moe_group.get("dispatch"), str):
+        return moe_group
+    nested = {name: value for name, value in moe_group.items() if name not in old}
+    name = nested.pop("dispatch", DispatchConfig().name)
+    name = _BALANCED_STRATEGY.get((name, old.pop("expert_balance", None)), name)
+    spec = moe.DISPATCHES.get(name)
+    fields = {f.name for f in dataclasses.fields(spec.options)} if spec else set()
+    options = {
+        _DISPATCH_OPTIONS[field]: value
+        for field, value in old.items()
+        if _DISPATCH_OPTIONS[field] in fields
+    }
+    return {**nested, "dispatch": {"name": name, "options": options}}
 
 
 def _rebuild(group: Any, changes: dict[str, Any], path: str, parse: Callable) -> Any:
@@ -206,6 +235,8 @@ def _rebuild(group: Any, changes: dict[str, Any], path: str, parse: Callable) ->
         hint = f" (it is {path}.{'.'.join(moved)} now)" if moved else ""
         if path == "attention" and unknown[0] in _FLAT_ATTENTION_OPTIONS:
             hint = _flat_attention_hint(unknown[0])
+        if path == "model.moe" and unknown[0] in _DISPATCH_FIELDS:
+            hint = f" ({_DISPATCH_FIELDS[unknown[0]]})"
         leaf, change = [path, unknown[0]], changes[unknown[0]]
         while isinstance(change, dict) and change:  # name the whole path the user wrote
             leaf.append(next(iter(change)))
@@ -238,6 +269,38 @@ def _rebuild(group: Any, changes: dict[str, Any], path: str, parse: Callable) ->
     return dataclasses.replace(group, **values)
 
 
+# The dispatch fields `model.moe` had before each strategy's options were nested under its name
+# (`model.moe.dispatch.options.*`), by the option each became.
+_DISPATCH_OPTIONS = {
+    "capacity_factor": "capacity_factor",
+    "eval_capacity_factor": "eval_capacity_factor",
+    "capacity_priority": "priority",
+    "capacity_schedule": "schedule",
+    "capacity_schedule_spread": "schedule_spread",
+    "gmm_impl": "gmm_impl",
+    "expert_exchange": "exchange",
+    "llep_margin": "margin",
+    "llep_max_foreign": "max_foreign",
+}
+
+
+def _dispatch_hint(option: str) -> str:
+    having = [
+        name
+        for name, spec in moe.DISPATCHES.items()
+        if option in {f.name for f in dataclasses.fields(spec.options)}
+    ]
+    return (
+        f"it is model.moe.dispatch.options.{option} now, an option of dispatch "
+        f"{' and '.join(having)}: model.moe.dispatch.name=... chooses the strategy"
+    )
+
+
+# What each old flat dispatch field of `model.moe` is now, for the error that names it.
+_DISPATCH_FIELDS = {
+    **{old: _dispatch_hint(option) for old, option in _DISPATCH_OPTIONS.items()},
+    "expert_balance": "LLEP is a strategy now: model.moe.dispatch.name=llep",
+}
 # Where each field of the flat `model` group of configs saved before the split now lives; the
 # router's own options are mapped by `_nest_flat_model`.
 _FLAT_MODEL_FIELDS = {
@@ -249,18 +312,11 @@ _FLAT_MODEL_FIELDS = {
             "top_k",
             "expert_d_ff",
             "dispatch",
-            "capacity_factor",
-            "eval_capacity_factor",
-            "capacity_priority",
-            "capacity_schedule",
-            "capacity_schedule_spread",
             "num_shared_experts",
             "shared_expert_d_ff",
-            "gmm_impl",
-            "expert_balance",
-            "llep_margin",
-            "llep_max_foreign",
             "halting_threshold",
+            *_DISPATCH_OPTIONS,
+            "expert_balance",
         )
     },
     "router": ("router", "name"),

@@ -4,7 +4,9 @@ Each group checks its own fields when built (`__post_init__`, `ConfigError` nami
 command-line path); checks that need another group (the mesh, the data, the attention) are in
 `moejax.config.validation`. A router's own settings are a typed `RouterOptions` of that router
 (`moejax.routers`), checked by it: `--config.model.router.name=top_p
---config.model.router.options.top_p=0.5`.
+--config.model.router.options.top_p=0.5`; a dispatch strategy's likewise a typed
+`DispatchOptions` (`moejax.moe`): `--config.model.moe.dispatch.name=capacity
+--config.model.moe.dispatch.options.capacity_factor=2.0`.
 """
 
 from __future__ import annotations
@@ -12,16 +14,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from kernels_pallas.grouped_matmul.ops import GMM_IMPLS
-from moejax import expert_parallel, moe, routers
+from moejax import moe, routers
 from moejax.errors import (
     require_config,
     require_non_negative,
     require_one_of,
     require_positive,
 )
+from moejax.moe.dispatch import DispatchOptions, DispatchSpec
 from moejax.routers.base import RouterOptions
-from moejax.routers.dynamic import CAPACITY_SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
 
@@ -77,6 +78,55 @@ class RouterConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DispatchConfig:
+    """How tokens reach the experts: `name` from `moejax.moe.DISPATCHES` and its typed options.
+
+    `options` None (or left out) means the strategy's defaults; options of another strategy are
+    an error. Expert parallelism is a strategy by name: "expert_parallel" and "llep" split the
+    experts over mesh.expert (which must then be > 1), "dropless" keeps every expert on every
+    device (mesh.expert must be 1), "capacity" runs on any mesh (`moejax.config.validation`).
+    """
+
+    # The strategy, a name from moejax.moe.DISPATCHES: "dropless" (grouped matmuls, nothing
+    # dropped), "capacity" (fixed expert buffers, overflow dropped), "expert_parallel" (experts
+    # split over mesh.expert, tokens exchanged by all-to-all) or "llep" (the same, with the load
+    # of hot experts shared between shards).
+    name: str = "dropless"
+    # The strategy's own options (model.moe.dispatch.options.*); None: its defaults.
+    options: DispatchOptions | None = None
+
+    # Setting `name` from the command line starts `options` from the new strategy's defaults.
+    resets: ClassVar[dict[str, str]] = {"name": "options"}
+
+    def __post_init__(self) -> None:
+        require_one_of("model.moe.dispatch.name", self.name, list(moe.DISPATCHES))
+        options_class = self.spec.options
+        if self.options is None:
+            object.__setattr__(self, "options", options_class())
+        require_config(
+            type(self.options) is options_class,
+            "model.moe.dispatch.options",
+            self.options,
+            f"a {options_class.__name__} (the options of dispatch {self.name!r})",
+        )
+
+    @property
+    def spec(self) -> DispatchSpec:
+        return moe.get(self.name)
+
+    @classmethod
+    def of(cls, name: str, **options: Any) -> DispatchConfig:
+        """`DispatchConfig(name, options=<name's options>(**options))`, e.g.
+        `DispatchConfig.of("capacity", capacity_factor=2.0)`."""
+        require_one_of("model.moe.dispatch.name", name, list(moe.DISPATCHES))
+        return cls(name=name, options=moe.get(name).options(**options))
+
+    def at_depth(self, position: int, count: int) -> DispatchConfig:
+        """This dispatch for the `position`-th of `count` MoE layers (a capacity schedule)."""
+        return dataclasses.replace(self, options=self.options.at_depth(position, count))
+
+
+@dataclasses.dataclass(frozen=True)
 class MoEConfig:
     """Where the MoE layers are, their experts, and how tokens reach them."""
 
@@ -88,41 +138,12 @@ class MoEConfig:
     top_k: int = 2
     # Hidden width of each expert's feed-forward.
     expert_d_ff: int = 256
-    # "capacity" (fixed expert buffers, overflow dropped), "dropless" (grouped matmuls, nothing
-    # dropped) or "expert_parallel"; with mesh.expert > 1, "dropless" is expert_parallel: each
-    # device holds num_experts / mesh.expert experts and tokens travel to them by all-to-all.
-    dispatch: str = "dropless"
-    # Expert buffer size over an even share of the tokens (capacity dispatch).
-    capacity_factor: float = 1.25
-    # Capacity factor at evaluation; 0 keeps capacity_factor.
-    eval_capacity_factor: float = 0.0
-    # Which assignments keep their slot when an expert is full: "order" (token order, GShard)
-    # or "score" (highest router weight first: batch-prioritised routing, V-MoE).
-    capacity_priority: str = "order"
-    # Expert capacity over depth (DynaMoE): "uniform", "descending", "ascending" or "pyramid"
-    # around capacity_factor, within capacity_factor * [1 - spread, 1 + spread].
-    capacity_schedule: str = "uniform"
-    capacity_schedule_spread: float = 0.5
+    # The dispatch strategy and its options (model.moe.dispatch.name, .options.*).
+    dispatch: DispatchConfig = dataclasses.field(default_factory=DispatchConfig)
     # Always-on experts beside the routed ones (DeepSeekMoE); width 0 means expert_d_ff.
     num_shared_experts: int = 0
     # Hidden width of each shared expert; 0 means expert_d_ff.
     shared_expert_d_ff: int = 0
-    # Grouped-matmul implementation of dropless dispatch (see kernels_pallas.gmm).
-    gmm_impl: str = "auto"
-    # How expert-parallel dispatch moves tokens between expert shards: "ragged"
-    # (ragged_all_to_all, each shard gets only its rows; TPU and GPU), "padded" (all_to_all of
-    # worst-case buffers, mesh.expert times the bytes; runs everywhere, and on GPUs where
-    # ragged_all_to_all is slow or fails at scale), or "auto" (padded on CPU, else ragged).
-    expert_exchange: str = "auto"
-    # With expert-parallel dispatch: "llep" moves the excess rows of overloaded expert shards,
-    # with their experts' weights, to shards below the cap ceil((1 + llep_margin) * mean load),
-    # at most llep_max_foreign borrowed experts per shard (Least-Loaded Expert Parallelism; see
-    # moejax.llep). Outputs are those of "none", plain expert parallelism.
-    expert_balance: str = "none"
-    # LLEP: how far above the mean load a shard may go before rows move.
-    llep_margin: float = 0.1
-    # LLEP: most borrowed experts one shard runs.
-    llep_max_foreign: int = 2
     # Zero-shot relative-norm halting at evaluation (Equifinality): a token skips a MoE layer's
     # update when ||update|| / ||x|| is below this; 0 turns it off. Training ignores it.
     halting_threshold: float = 0.0
@@ -131,29 +152,12 @@ class MoEConfig:
         require_config(
             self.every >= 0, "model.moe.every", self.every, "0 (no MoE layers) or a layer interval"
         )
-        require_positive("model.moe", self, ("num_experts", "expert_d_ff", "capacity_factor"))
+        require_positive("model.moe", self, ("num_experts", "expert_d_ff"))
         require_config(
             1 <= self.top_k <= self.num_experts,
             "model.moe.top_k",
             self.top_k,
             f"1 <= top_k <= model.moe.num_experts={self.num_experts}",
-        )
-        require_one_of("model.moe.dispatch", self.dispatch, moe.DISPATCH_STRATEGIES)
-        require_one_of(
-            "model.moe.capacity_priority", self.capacity_priority, moe.CAPACITY_PRIORITIES
-        )
-        require_one_of("model.moe.capacity_schedule", self.capacity_schedule, CAPACITY_SCHEDULES)
-        require_config(
-            0.0 <= self.capacity_schedule_spread < 1.0,
-            "model.moe.capacity_schedule_spread",
-            self.capacity_schedule_spread,
-            "in [0, 1)",
-        )
-        require_config(
-            self.eval_capacity_factor >= 0,
-            "model.moe.eval_capacity_factor",
-            self.eval_capacity_factor,
-            ">= 0 (0 keeps model.moe.capacity_factor)",
         )
         require_config(
             self.halting_threshold >= 0,
@@ -161,20 +165,7 @@ class MoEConfig:
             self.halting_threshold,
             ">= 0 (0 turns halting off)",
         )
-        require_non_negative(
-            "model.moe", self, ("num_shared_experts", "shared_expert_d_ff", "llep_margin")
-        )
-        require_one_of("model.moe.gmm_impl", self.gmm_impl, GMM_IMPLS)
-        require_one_of("model.moe.expert_exchange", self.expert_exchange, expert_parallel.EXCHANGES)
-        require_one_of(
-            "model.moe.expert_balance", self.expert_balance, expert_parallel.EXPERT_BALANCES
-        )
-        require_config(
-            self.llep_max_foreign >= 1,
-            "model.moe.llep_max_foreign",
-            self.llep_max_foreign,
-            "an int >= 1",
-        )
+        require_non_negative("model.moe", self, ("num_shared_experts", "shared_expert_d_ff"))
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.every > 0 and (layer + 1) % self.every == 0

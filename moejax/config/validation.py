@@ -111,4 +111,13 @@ def validate(config: Config, num_devices: int) -> dict[str, int]:
             value,
             f"a multiple of mesh.{axis}={sizes[axis]} (it is sharded over that axis)",
         )
+    if model.moe.every:
+        # Expert parallelism is named by the dispatch strategy, never implied by the mesh.
+        spec = model.moe.dispatch.spec
+        require_config(
+            spec.fits_expert_shards(sizes["expert"]),
+            "mesh.expert",
+            sizes["expert"],
+            f"{spec.expert_shards_rule(sizes['expert'])} (model.moe.dispatch.name)",
+        )
     return sizes

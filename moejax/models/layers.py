@@ -1,6 +1,7 @@
 """Feed-forward building blocks: RMSNorm and a dense SwiGLU MLP.
 
-The mixture-of-experts layer is `moejax.models.moe_layer`.
+The MLP runs the same SwiGLU as every expert (`moejax.moe.experts.swiglu`); the
+mixture-of-experts layer is `moejax.models.moe_layer`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.moe.experts import swiglu
 from moejax.parallel.sharding import param
 
 
@@ -20,15 +22,6 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
     return (normed * scale.astype(jnp.float32)).astype(x.dtype)
-
-
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """`(silu(x @ w_gate) * (x @ w_up)) @ w_down` for `x [..., d]`, `w_gate, w_up [d, f]`.
-
-    GLU Variants Improve Transformer (Shazeer, 2020).
-    """
-    hidden = jax.nn.silu(x @ w_gate) * (x @ w_up)  # [..., f]
-    return hidden @ w_down
 
 
 class RMSNorm(nnx.Module):

@@ -3,13 +3,20 @@
 The layer calls its router through the router's `RouterSpec` (`moejax.routers.base`): it hands
 over exactly the inputs the spec declares in `needs` and the router's own options, owns the
 parameters and state the spec describes, and weighs the router's auxiliary losses by the config
-fields the spec names. It knows no router by name. The expert math is the pure functions of
-`moejax.moe`.
+fields the spec names. It knows no router by name: what it can hand a router is a table of
+providers, one per context need (`CONTEXT_PROVIDERS`). The expert math is the dispatch strategy
+named by `moe.dispatch` (`moejax.moe`), called with its typed options and the mesh the step is
+traced under; the layer knows no strategy by name either.
+
+Outside code (pruning, analysis) reads a layer through `route` (the routing of some hidden
+states, without updating router state) and `expert_params` / `shared_expert_params` (the
+weights the experts run with).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +27,8 @@ from moejax.attention import check_hidden
 from moejax.config import MoEConfig, RouterConfig
 from moejax.errors import require
 from moejax.models.layers import dense_init
-from moejax.parallel.sharding import constrain, param
+from moejax.moe import ExpertParams
+from moejax.parallel.sharding import constrain, kernel_mesh, param
 from moejax.routers.base import ROUTER_INIT_STD, RouterState, Routing
 
 # Per-token entries of a MoE layer's aux dict: read by evaluation, not averaged into metrics.
@@ -46,6 +54,39 @@ class RouterContext:
     attention_probs: jax.Array | None = None
     recurrent_state: jax.Array | None = None
     shared_router_params: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RouteInputs:
+    """What the providers of `CONTEXT_PROVIDERS` read: the layer, the hidden states
+    `[tokens, d_model]` in float32, the context, the mode and the sequence length."""
+
+    layer: MoELayer
+    hidden: jax.Array
+    context: RouterContext
+    train: bool
+    length: int
+
+
+def _router_params(inputs: _RouteInputs) -> dict[str, jax.Array]:
+    params = {name: value[...] for name, value in inputs.layer.router_params.items()}
+    return {**params, **inputs.context.shared_router_params}
+
+
+# How the layer provides each router context need (`moejax.routers.base.CONTEXT_NEEDS`).
+CONTEXT_PROVIDERS: Mapping[str, Callable[[_RouteInputs], object]] = {
+    # [tokens, experts]
+    "router_logits": lambda i: i.hidden @ i.layer.router[...].astype(jnp.float32),
+    "hidden": lambda i: i.hidden,
+    "params": _router_params,
+    "state_prev": lambda i: i.context.recurrent_state,
+    "token_ids": lambda i: _flat_token_ids(i.context.token_ids),  # [tokens]
+    "rng": lambda i: i.context.rng,
+    "attention_probs": lambda i: i.context.attention_probs,
+    "train": lambda i: i.train,
+    "seq_len": lambda i: i.length,
+    "chunk_size": lambda i: min(8, i.length),
+}
 
 
 class MoELayer(nnx.Module):
@@ -110,6 +151,14 @@ class MoELayer(nnx.Module):
         expert_d_ff = d_ff
         self.d_model, self.num_experts, self.top_k, self.dtype = d_model, num_experts, top_k, dtype
         self.moe, self.router_config, self.spec = moe, router, router.spec
+        self.dispatch = moe.dispatch
+        lacking = [need for need in self.spec.needs if need not in CONTEXT_PROVIDERS]
+        require(
+            not lacking,
+            f"MoELayer router {self.spec.name!r} needs",
+            lacking,
+            f"context MoELayer provides: {', '.join(CONTEXT_PROVIDERS)}",
+        )
         if "router_logits" in self.spec.needs:
             # Router logits decide discrete assignments, so the router starts near uniform.
             self.router = param(
@@ -181,21 +230,6 @@ class MoELayer(nnx.Module):
             rngs=rngs,
         )
 
-    def route(
-        self, x: jax.Array, context: RouterContext | None = None, *, train: bool = True
-    ) -> Routing:
-        """The routing `__call__` uses for `x [batch, length, d_model]`: a `Routing` of its
-        `batch * length` tokens (`expert_index [tokens, top_k]`, ...). Runs no expert and
-        updates no router state. The public way for drivers above the layer (DSnoT's
-        calibration inputs per expert, routing analyses) to learn which tokens reach which
-        expert."""
-        context = RouterContext() if context is None else context
-        check_hidden("MoELayer", x, self.d_model)
-        batch, length, d_model = x.shape
-        self._check_context(context, batch, length)
-        tokens = x.reshape(batch * length, d_model).astype(self.dtype)  # [tokens, d_model]
-        return self._route(tokens, context, train=train, length=length)[0]
-
     def _check_context(self, context: RouterContext, batch: int, length: int) -> None:
         """ValueError naming the router and the missing or misshapen context input."""
         expected = {"token_ids": (batch, length), "attention_probs": (batch, length, length)}
@@ -213,32 +247,8 @@ class MoELayer(nnx.Module):
     def _route(self, tokens: jax.Array, context: RouterContext, *, train: bool, length: int):
         """The routing of `tokens [tokens, d_model]`, and the recurrent state it leaves."""
         spec = self.spec
-        hidden = tokens.astype(jnp.float32)  # [tokens, d_model]
-        inputs = {}
-        for need in spec.needs:
-            if need == "router_logits":
-                inputs[need] = hidden @ self.router[...].astype(jnp.float32)  # [tokens, experts]
-            elif need == "hidden":
-                inputs[need] = hidden
-            elif need == "params":
-                params = {name: value[...] for name, value in self.router_params.items()}
-                inputs[need] = {**params, **context.shared_router_params}
-            elif need == "state_prev":
-                inputs[need] = context.recurrent_state
-            elif need == "token_ids":
-                inputs[need] = _flat_token_ids(context.token_ids)  # [tokens]
-            elif need == "rng":
-                inputs[need] = context.rng
-            elif need == "attention_probs":
-                inputs[need] = context.attention_probs
-            elif need == "train":
-                inputs[need] = train
-            elif need == "seq_len":
-                inputs[need] = length
-            elif need == "chunk_size":
-                inputs[need] = min(8, length)
-            else:
-                raise ValueError(f"router {spec.name!r}: needs {need!r}, which MoELayer lacks")
+        route_inputs = _RouteInputs(self, tokens.astype(jnp.float32), context, train, length)
+        inputs = {need: CONTEXT_PROVIDERS[need](route_inputs) for need in spec.needs}
         if spec.state is not None:
             inputs[spec.state.argument] = self.router_state[...]
         result = spec.route(
@@ -247,6 +257,45 @@ class MoELayer(nnx.Module):
         if "state_prev" in spec.needs:
             return result
         return result, None
+
+    def _tokens(self, x: jax.Array, context: RouterContext) -> jax.Array:
+        """Checks `x [batch, length, d_model]` and the context; the tokens `[tokens, d_model]`
+        in the layer's dtype."""
+        check_hidden("MoELayer", x, self.d_model)
+        batch, length, d_model = x.shape
+        self._check_context(context, batch, length)
+        return x.reshape(batch * length, d_model).astype(self.dtype)
+
+    def route(
+        self, x: jax.Array, context: RouterContext | None = None, *, train: bool = True
+    ) -> Routing:
+        """The routing `__call__` uses for `x [batch, length, d_model]`: a `Routing` of its
+        `batch * length` tokens (`expert_index [tokens, top_k]`, ...). Runs no expert and
+        updates no router state: the public way for drivers above the layer (DSnoT's
+        calibration inputs per expert, routing analyses) to learn which tokens reach which
+        expert."""
+        context = RouterContext() if context is None else context
+        tokens = self._tokens(x, context)
+        return self._route(tokens, context, train=train, length=x.shape[1])[0]
+
+    def expert_params(self) -> ExpertParams:
+        """The routed experts' weights in the layer's dtype: {"w_gate", "w_up": [experts,
+        d_model, d_ff], "w_down": [experts, d_ff, d_model]}."""
+        dt = self.dtype
+        return {
+            "w_gate": constrain(self.w_gate[...].astype(dt), ("expert", "embed", "expert_mlp")),
+            "w_up": constrain(self.w_up[...].astype(dt), ("expert", "embed", "expert_mlp")),
+            "w_down": constrain(self.w_down[...].astype(dt), ("expert", "expert_mlp", "embed")),
+        }
+
+    def shared_expert_params(self) -> ExpertParams | None:
+        """The shared experts' weights in the layer's dtype ([num_shared, ...]), or None."""
+        if not self.moe.num_shared_experts:
+            return None
+        return {
+            name: getattr(self, f"shared_{name}")[...].astype(self.dtype)
+            for name in ("w_gate", "w_up", "w_down")
+        }
 
     def __call__(
         self, x: jax.Array, context: RouterContext | None = None, *, train: bool = True
@@ -258,45 +307,23 @@ class MoELayer(nnx.Module):
         routers (Sinkhorn) route causally and selects the eval capacity. The third result is
         the recurrent router's state for the next MoE layer (None for other routers).
         """
-        moe_config = self.moe
         context = RouterContext() if context is None else context
-        check_hidden("MoELayer", x, self.d_model)
+        tokens = self._tokens(x, context)  # [tokens, d_model]
         batch, length, d_model = x.shape
-        self._check_context(context, batch, length)
-        tokens = x.reshape(batch * length, d_model).astype(self.dtype)  # [tokens, d_model]
         result, recurrent_state = self._route(tokens, context, train=train, length=length)
         if self.spec.state is not None and train:
             new_state = self.spec.state.update(self.router_state[...], tokens, result)
             self.router_state[...] = jax.lax.stop_gradient(new_state)
-        dt = self.dtype
-        experts = {
-            "w_gate": constrain(self.w_gate[...].astype(dt), ("expert", "embed", "expert_mlp")),
-            "w_up": constrain(self.w_up[...].astype(dt), ("expert", "embed", "expert_mlp")),
-            "w_down": constrain(self.w_down[...].astype(dt), ("expert", "expert_mlp", "embed")),
-        }
-        shared = None
-        if moe_config.num_shared_experts:
-            shared = {
-                "w_gate": self.shared_w_gate[...].astype(dt),
-                "w_up": self.shared_w_up[...].astype(dt),
-                "w_down": self.shared_w_down[...].astype(dt),
-            }
-        capacity_factor = moe_config.capacity_factor
-        if not train and moe_config.eval_capacity_factor:
-            capacity_factor = moe_config.eval_capacity_factor
         out = moe.moe_ffn(
             tokens,
             result,
-            experts,
-            strategy=moe_config.dispatch,
-            capacity_factor=capacity_factor,
-            gmm_impl=moe_config.gmm_impl,
-            exchange=moe_config.expert_exchange,
-            expert_balance=moe_config.expert_balance,
-            llep_margin=moe_config.llep_margin,
-            llep_max_foreign=moe_config.llep_max_foreign,
-            priority=moe_config.capacity_priority,
-            shared_params=shared,
+            self.expert_params(),
+            strategy=self.dispatch.name,
+            options=self.dispatch.options,
+            # The step's mesh, checked by the strategy against its expert axis.
+            mesh=kernel_mesh(),
+            train=train,
+            shared_params=self.shared_expert_params(),
         )
         # Every loss the router's spec declares, weighed by the field the spec names for it, and
         # reported unweighted as "<name>_loss".

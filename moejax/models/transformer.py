@@ -16,11 +16,10 @@ from flax import nnx
 
 from moejax import depth
 from moejax.attention import Attention
-from moejax.config import ModelConfig
+from moejax.config import ModelConfig, MoEConfig
 from moejax.models.layers import MLP, RMSNorm
 from moejax.models.moe_layer import MoELayer, RouterContext
 from moejax.parallel.sharding import constrain, param
-from moejax.routers.dynamic import capacity_schedule
 from moejax.sparse_attention import AttentionConfig, SparseAttention
 
 ACTIVATION = ("batch", "length", "activation_embed")
@@ -29,16 +28,15 @@ ACTIVATION = ("batch", "length", "activation_embed")
 MOD_ROUTER_ACTIVATION = "sigmoid"
 
 
-def moe_capacity_factors(config: ModelConfig) -> dict[int, float]:
-    """Layer index -> capacity factor of each MoE layer, from `config.moe.capacity_schedule`."""
+def moe_dispatch_by_layer(config: ModelConfig) -> dict[int, MoEConfig]:
+    """Layer index -> the `MoEConfig` of each MoE layer: `config.moe` with its dispatch options
+    for that depth (a capacity schedule spreads the capacity factor over the MoE layers)."""
     moe = config.moe
     moe_layers = [i for i in range(config.num_layers) if moe.is_moe_layer(i)]
-    if not moe_layers:
-        return {}
-    factors = capacity_schedule(
-        len(moe_layers), moe.capacity_factor, moe.capacity_schedule, moe.capacity_schedule_spread
-    )
-    return dict(zip(moe_layers, factors, strict=True))
+    return {
+        layer: dataclasses.replace(moe, dispatch=moe.dispatch.at_depth(position, len(moe_layers)))
+        for position, layer in enumerate(moe_layers)
+    }
 
 
 def _with_attention_aux(aux: dict | None, attention_aux: dict) -> dict | None:
@@ -62,7 +60,7 @@ class Block(nnx.Module):
         config: ModelConfig,
         layer: int,
         *,
-        capacity_factor: float,
+        moe: MoEConfig,
         attention: AttentionConfig,
         rngs: nnx.Rngs,
     ):
@@ -91,7 +89,7 @@ class Block(nnx.Module):
         if self.is_moe:
             self.ffn = MoELayer.from_config(
                 config.d_model,
-                dataclasses.replace(config.moe, capacity_factor=capacity_factor),
+                moe,
                 config.router,
                 dtype=dtype,
                 param_dtype=param_dtype,
@@ -285,13 +283,13 @@ class TransformerLM(nnx.Module):
             * 0.02,
             ("vocab", "embed"),
         )
-        capacity = moe_capacity_factors(config)
+        moe_by_layer = moe_dispatch_by_layer(config)
         self.blocks = nnx.List(
             [
                 Block(
                     config,
                     i,
-                    capacity_factor=capacity.get(i, config.moe.capacity_factor),
+                    moe=moe_by_layer.get(i, config.moe),
                     attention=attention,
                     rngs=rngs,
                 )

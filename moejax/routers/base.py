@@ -14,9 +14,7 @@ expert choice noisy and the auxiliary losses biased (as flaxformer's routers als
 
 import dataclasses
 import inspect
-import math
 from collections.abc import Callable, Mapping
-from fractions import Fraction
 from typing import ClassVar
 
 import jax
@@ -330,21 +328,3 @@ def routing_statistics(routing: Routing, num_experts: int) -> dict[str, jax.Arra
         "load_max_over_mean": jnp.max(load) / jnp.mean(load),
         "routing_entropy": jnp.mean(entropy),
     }
-
-
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """Slots per expert: `ceil(num_tokens * top_k * capacity_factor / num_experts)`, at least 1.
-
-    Lepikhin et al., "GShard: Scaling Giant Models with Conditional Computation and Automatic
-    Sharding" (2020). `capacity_factor=1` fits a perfectly balanced routing exactly.
-    """
-    if not (math.isfinite(capacity_factor) and capacity_factor > 0):
-        raise ValueError(f"capacity_factor: got {capacity_factor}; allowed: finite and > 0")
-    if num_experts < 1:
-        raise ValueError(f"num_experts: got {num_experts}; allowed: >= 1")
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k: got {top_k}; allowed: 1 <= top_k <= num_experts={num_experts}")
-    # Fraction(str(.)) reads 1.1 as 11/10, so 10 tokens * 1.1 give 11 slots, not the 12 that
-    # float round-off (11.000000000000002) would round up to.
-    slots = Fraction(num_tokens * top_k) * Fraction(str(capacity_factor)) / num_experts
-    return max(1, math.ceil(slots))

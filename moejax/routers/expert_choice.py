@@ -24,6 +24,9 @@ has a slot per token, i.e. `capacity_factor >= num_experts / max_slots` in `moe_
 `max_slots=num_experts`, where each expert receives exactly one slot per token).
 """
 
+import math
+from fractions import Fraction
+
 import jax
 import jax.numpy as jnp
 
@@ -32,7 +35,6 @@ from moejax.routers.base import (
     Routing,
     TopKOptions,
     check_router_inputs,
-    expert_capacity,
     register,
     require,
 )
@@ -46,7 +48,11 @@ def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: f
     `num_experts * C ~= tokens * c` (token, expert) pairs in all. C is at least 1, and at most
     `tokens`, since an expert can take every token only once.
     """
-    return min(num_tokens, expert_capacity(num_tokens, num_experts, 1, capacity_factor))
+    if not (math.isfinite(capacity_factor) and capacity_factor > 0):
+        raise ValueError(f"capacity_factor: got {capacity_factor}; allowed: finite and > 0")
+    # Fraction(str(.)) reads 1.1 as 11/10, free of float round-off (as `expert_capacity` does).
+    slots = Fraction(num_tokens) * Fraction(str(capacity_factor)) / num_experts
+    return min(num_tokens, max(1, math.ceil(slots)))
 
 
 def expert_choice(

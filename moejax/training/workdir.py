@@ -46,11 +46,12 @@ FREE_ON_RESUME = frozenset(
         "data.eval_batches",
         "data.eval_batch_size",
         "model.moe.halting_threshold",
-        "model.moe.gmm_impl",
-        # Where the expert FFNs run, not what they compute: LLEP's outputs are plain EP's.
-        "model.moe.expert_balance",
-        "model.moe.llep_margin",
-        "model.moe.llep_max_foreign",
+        # How the expert FFNs run, not what they compute.
+        "model.moe.dispatch.options.gmm_impl",
+        "model.moe.dispatch.options.exchange",
+        # LLEP's outputs are plain expert parallelism's whatever its load cap.
+        "model.moe.dispatch.options.margin",
+        "model.moe.dispatch.options.max_foreign",
     }
 )
 # Groups that define the trained state (parameter shapes, optimizer and mask state): a run
@@ -114,7 +115,8 @@ def check_resume(
     """Checks that `requested` may continue the run recorded in `workdir` (if any); returns the
     recorded config. Writes nothing.
 
-    Fields in `FREE_ON_RESUME` and `mesh.*` may differ. The model, attention and pruning groups
+    Fields in `FREE_ON_RESUME` and `mesh.*` may differ, and the dispatch strategy among those
+    that drop nothing (`DispatchSpec.drops`). The model, attention and pruning groups
     define the checkpointed state and never may. Any other change (batch size, data, optimiser)
     would silently make the run a different one, so it needs `allow_config_change`.
     """
@@ -122,10 +124,17 @@ def check_resume(
     saved = read_run_config(workdir)
     if saved is None:
         return None
+    # Strategies that never drop an assignment compute the same function: a run may move
+    # between them (to "expert_parallel" with a larger mesh.expert, say).
+    same_dispatch = not (
+        saved.model.moe.dispatch.spec.drops or requested.model.moe.dispatch.spec.drops
+    )
     changes = [
         change
         for change in config_changes(saved, requested)
-        if change[0] not in FREE_ON_RESUME and not change[0].startswith("mesh.")
+        if change[0] not in FREE_ON_RESUME
+        and not change[0].startswith("mesh.")
+        and not (same_dispatch and change[0] == "model.moe.dispatch.name")
     ]
     structural = [change for change in changes if change[0].split(".")[0] in STATE_GROUPS]
     if structural:

@@ -36,7 +36,7 @@ def test_a_step_that_fits_prints_memory_flops_and_collectives():
         "--topology",
         "v5e:1x1",
         "--config.model.num_layers=1",
-        "--config.model.moe.dispatch=capacity",
+        "--config.model.moe.dispatch.name=capacity",
         "--config.data.global_batch_size=8",
         "--config.data.eval_batch_size=8",
     )
@@ -55,7 +55,7 @@ def test_a_step_that_does_not_fit_says_so_and_exits_1():
         "--topology",
         "v5e:1x1",
         "--config.model.num_layers=1",
-        "--config.model.moe.dispatch=capacity",
+        "--config.model.moe.dispatch.name=capacity",
         "--config.data.global_batch_size=8192",
         "--config.data.seq_len=256",
     )

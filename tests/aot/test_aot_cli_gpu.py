@@ -31,7 +31,13 @@ def _own_lines(stderr: str) -> list[str]:
 
 
 def test_a_gpu_step_prints_memory_against_the_gpu_and_the_collectives():
-    result = _aot("--topology", "h100:2", "--config.model.num_layers=1", "--config.mesh.expert=2")
+    result = _aot(
+        "--topology",
+        "h100:2",
+        "--config.model.num_layers=1",
+        "--config.mesh.expert=2",
+        "--config.model.moe.dispatch.name=expert_parallel",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert out.startswith(

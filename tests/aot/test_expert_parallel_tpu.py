@@ -1,7 +1,7 @@
 """The expert-parallel dispatch compiled for an 8-chip TPU topology: ragged all-to-all forward
 and backward, our grouped-matmul Mosaic kernels inside shard_map, no full expert-weight gather.
 
-XLA:CPU has no ragged all-to-all, so this compile (and tests/test_expert_parallel.py's emulated
+XLA:CPU has no ragged all-to-all, so this compile (and tests/moe/test_expert_parallel.py's emulated
 exchange for the numbers) is how the TPU/GPU path is checked on a CPU machine.
 """
 
@@ -12,7 +12,8 @@ from jax.sharding import NamedSharding
 
 pytest.importorskip("libtpu", reason="compiling for a TPU topology needs libtpu ([tpu] extra)")
 
-from moejax import expert_parallel, moe  # noqa: E402
+from moejax import moe  # noqa: E402
+from moejax.moe import expert_parallel  # noqa: E402
 from moejax.parallel import aot, hlo, sharding  # noqa: E402
 from moejax.routers.base import Routing  # noqa: E402
 
@@ -24,7 +25,7 @@ WEIGHT_AXES = {
 }
 
 
-def _compiled_hlo(mesh_sizes: dict[str, int], **dispatch) -> str:
+def _compiled_hlo(mesh_sizes: dict[str, int], strategy: str = "expert_parallel", **options) -> str:
     mesh = sharding.make_mesh(mesh_sizes, aot.topology_devices("v5p:2x2x2"))
     tokens = NamedSharding(mesh, sharding.logical_to_mesh(("batch", None)))
     weights = {
@@ -46,7 +47,10 @@ def _compiled_hlo(mesh_sizes: dict[str, int], **dispatch) -> str:
 
     def loss(x, params, combine, index):
         routing = Routing(index, combine, None, {})
-        y = moe.moe_ffn(x, routing, params, strategy="dropless", **dispatch).y
+        chosen = moe.get(strategy).options(**options)
+        y = moe.moe_ffn(
+            x, routing, params, strategy=strategy, options=chosen, mesh=sharding.kernel_mesh()
+        ).y
         return jnp.sum(y.astype(jnp.float32))
 
     with jax.set_mesh(mesh):
@@ -84,7 +88,7 @@ def test_tpu_llep_sends_rows_ragged_and_lends_weights_by_all_to_all():
     lending the borrowed slots ([shards, max_foreign, ...]) and three carrying their gradients
     back to the owners; still no gather of the expert weights."""
     sizes = {"data": 1, "fsdp": 1, "expert": 8, "tensor": 1}
-    text = _compiled_hlo(sizes, expert_balance="llep", llep_max_foreign=2)
+    text = _compiled_hlo(sizes, "llep", max_foreign=2)
     found = hlo.collectives(text)
     assert len(hlo.of_kind(found, "ragged-all-to-all")) == 4
     lent = [

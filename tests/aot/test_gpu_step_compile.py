@@ -32,15 +32,23 @@ MOE_1B_SMALL = (
     "data.global_batch_size=8",
     "data.eval_batch_size=8",
 )
+# Expert parallelism is named by the dispatch strategy, never implied by mesh.expert.
+EXPERT_PARALLEL = ("model.moe.dispatch.name=expert_parallel",)
+DROPLESS = ("model.moe.dispatch.name=dropless",)
 # name -> (config file, overrides as on the command line without "--config.").
 STEPS = {
     "default_data8": ("default.py", ("mesh.data=8",)),
-    "default_data2_expert4": ("default.py", ("mesh.data=2", "mesh.expert=4")),
+    "default_data2_expert4": ("default.py", ("mesh.data=2", "mesh.expert=4", *EXPERT_PARALLEL)),
     "default_data2_expert4_padded": (
         "default.py",
-        ("mesh.data=2", "mesh.expert=4", "model.moe.expert_exchange=padded"),
+        (
+            "mesh.data=2",
+            "mesh.expert=4",
+            *EXPERT_PARALLEL,
+            "model.moe.dispatch.options.exchange=padded",
+        ),
     ),
-    "moe_1b_data8": ("moe_1b.py", ("mesh.data=8", "mesh.expert=1", *MOE_1B_SMALL)),
+    "moe_1b_data8": ("moe_1b.py", ("mesh.data=8", "mesh.expert=1", *DROPLESS, *MOE_1B_SMALL)),
     "moe_1b_expert8": ("moe_1b.py", ("mesh.data=1", "mesh.expert=8", *MOE_1B_SMALL)),
 }
 
@@ -102,7 +110,7 @@ def test_step_compiles_for_8_h100_fits_and_exchanges_as_its_mesh_calls_for(name)
     # buffer cost 128 MiB per moe_1b layer, 2 MiB per default layer, in the backward pass).
     held = _parameter_bytes_per_device(config, report.mesh["expert"])
     assert totals["all-reduce"] <= held + 2**20, report.format()
-    if config.model.moe.expert_exchange == "padded":
+    if getattr(config.model.moe.dispatch.options, "exchange", None) == "padded":
         # Tokens out to their experts' shards and back, forward and backward.
         assert ragged == 0 and padded >= 4 * layers, report.format()
     else:

@@ -26,12 +26,14 @@ TOPOLOGY = "v5p:2x2x2"
 DEFAULT_CONFIG = pathlib.Path(__file__).parents[2] / "configs" / "default.py"
 
 # name -> overrides of configs/default.py (as on the command line, without "--config.").
+# Experts split over mesh.expert are expert parallelism, named by the dispatch strategy.
+EXPERT_PARALLEL = "model.moe.dispatch.name=expert_parallel"
 STEPS = {
     "data8": ("mesh.data=8",),
-    "data2_expert4": ("mesh.data=2", "mesh.expert=4"),
-    "fsdp2_expert4": ("mesh.data=1", "mesh.fsdp=2", "mesh.expert=4"),
+    "data2_expert4": ("mesh.data=2", "mesh.expert=4", EXPERT_PARALLEL),
+    "fsdp2_expert4": ("mesh.data=1", "mesh.fsdp=2", "mesh.expert=4", EXPERT_PARALLEL),
     "moba_data8": ("mesh.data=8", "attention.kind=moba"),
-    "data2_expert2_tensor2": ("mesh.data=2", "mesh.expert=2", "mesh.tensor=2"),
+    "data2_expert2_tensor2": ("mesh.data=2", "mesh.expert=2", "mesh.tensor=2", EXPERT_PARALLEL),
 }
 EXPERT_SHARDED = ("data2_expert4", "fsdp2_expert4", "data2_expert2_tensor2")
 

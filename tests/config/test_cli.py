@@ -47,7 +47,9 @@ def test_help_lists_every_config_field_with_its_type_default_and_meaning(capsys)
     assert "--config.model.moe.num_experts INT Routed experts in each MoE layer. (default: 4)" in (
         text
     )
-    assert "--config.model.moe.eval_capacity_factor FLOAT Capacity factor at evaluation;" in text
+    assert (
+        "--config.model.moe.dispatch.options.gmm_impl STR The grouped matmul implementation" in text
+    )
     assert "--config.model.router.options.renormalize BOOL" in text
     assert "--config.data.eval_batches INT Number of validation batches per evaluation;" in text
     # From the class docstrings: AttentionConfig's entries; from the comments: the pruning

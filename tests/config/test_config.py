@@ -9,7 +9,14 @@ import jax
 import pytest
 
 from moejax import config as config_lib
-from moejax.config import Config, ConfigError, MeshConfig, MoEConfig, RouterConfig
+from moejax.config import (
+    Config,
+    ConfigError,
+    DispatchConfig,
+    MeshConfig,
+    MoEConfig,
+    RouterConfig,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,11 +30,15 @@ BAD = [
     (["model.num_layers=-2"], "model.num_layers", "positive"),
     (["model.moe.expert_d_ff=0"], "model.moe.expert_d_ff", "positive"),
     (["model.router.name=sinkhorn_typo"], "model.router.name", "softmax_top_k"),
-    (["model.moe.dispatch=magic"], "model.moe.dispatch", "capacity, dropless"),
+    (["model.moe.dispatch.name=magic"], "model.moe.dispatch.name", "dropless, capacity"),
     (["model.num_kv_heads=3"], "model.num_kv_heads", "divisor of model.num_heads=4"),
     (["model.head_dim=31"], "model.head_dim", "even"),
     (["model.dtype=float16"], "model.dtype", "float32, bfloat16"),
-    (["model.moe.capacity_factor=0"], "model.moe.capacity_factor", "positive"),
+    (
+        ["model.moe.dispatch.name=capacity", "model.moe.dispatch.options.capacity_factor=0"],
+        "model.moe.dispatch.options.capacity_factor",
+        "positive",
+    ),
     (["model.vocab_size=100"], "model.vocab_size", "byte-level"),
     (["model.router.load_balance_weight=-1"], "model.router.load_balance_weight", ">= 0"),
     (["model.router.name=top_p", "model.router.options.top_p=0"], "options.top_p", "(0, 1]"),
@@ -45,8 +56,38 @@ BAD = [
         "model.depth.layer_router_dim",
         "one depth router",
     ),
-    (["model.moe.llep_max_foreign=0"], "model.moe.llep_max_foreign", ">= 1"),
-    (["model.moe.expert_exchange=nccl"], "model.moe.expert_exchange", "auto, ragged, padded"),
+    (
+        ["model.moe.dispatch.name=llep", "model.moe.dispatch.options.max_foreign=0"],
+        "model.moe.dispatch.options.max_foreign",
+        ">= 1",
+    ),
+    (
+        ["model.moe.dispatch.name=expert_parallel", "model.moe.dispatch.options.exchange=nccl"],
+        "model.moe.dispatch.options.exchange",
+        "auto, ragged, padded",
+    ),
+    # Expert parallelism is named: dropless over expert shards, and expert_parallel without
+    # them, are config errors naming the strategies that fit.
+    (["mesh.data=2", "mesh.expert=4"], "mesh.expert", "for 4 expert shards name one of: capacity"),
+    (
+        ["mesh.data=8", "model.moe.dispatch.name=expert_parallel"],
+        "mesh.expert",
+        "> 1 for dispatch 'expert_parallel'",
+    ),
+    # Options of a strategy other than the chosen one: the error lists the chosen one's.
+    (
+        ["model.moe.dispatch.options.capacity_factor=2"],
+        "model.moe.dispatch.options.capacity_factor",
+        "(DroplessOptions): gmm_impl",
+    ),
+    # The flat fields of before the dispatch options were nested name their new path.
+    (
+        ["model.moe.capacity_factor=2"],
+        "model.moe.capacity_factor",
+        "model.moe.dispatch.options.capacity_factor now",
+    ),
+    (["model.moe.gmm_impl=xla"], "model.moe.gmm_impl", "model.moe.dispatch.options.gmm_impl now"),
+    (["model.moe.expert_balance=llep"], "model.moe.expert_balance", "model.moe.dispatch.name=llep"),
     (["attention.block_size=0"], "attention.block_size", ">= 1"),
     (["attention.kind=sparse"], "attention.kind", "dense, local"),
     (["pruning.target_sparsity=1.5"], "pruning.target_sparsity", "[0, 1)"),
@@ -91,6 +132,28 @@ def test_default_configs_are_valid_on_one_and_eight_devices():
         config = config_lib.load_config_file(ROOT / "configs" / f"{name}.py")
         assert config_lib.validate(config, 1)["data"] == 1
         assert config_lib.validate(config, 8)["data"] == 8
+
+
+def test_dispatch_name_override_starts_from_the_new_strategys_options_in_any_order():
+    orders = [
+        ["model.moe.dispatch.options.capacity_factor=2.0", "model.moe.dispatch.name=capacity"],
+        ["model.moe.dispatch.name=capacity", "model.moe.dispatch.options.capacity_factor=2.0"],
+    ]
+    for overrides in orders:
+        dispatch = config_lib.apply_overrides(Config(), overrides).model.moe.dispatch
+        assert dispatch == DispatchConfig.of("capacity", capacity_factor=2.0)
+        assert dispatch.options.priority == "order"  # the rest: capacity's defaults
+    # Options of the strategy named before do not carry over to another one.
+    tuned = config_lib.apply_overrides(Config(), ["model.moe.dispatch.options.gmm_impl=xla"])
+    llep = config_lib.apply_overrides(tuned, ["model.moe.dispatch.name=llep"]).model.moe.dispatch
+    assert llep.options == DispatchConfig(name="llep").options
+    # The same name keeps the options set before.
+    same = config_lib.apply_overrides(tuned, ["model.moe.dispatch.name=dropless"])
+    assert same.model.moe.dispatch.options.gmm_impl == "xla"
+    # A group built in Python checks its options' class.
+    with pytest.raises(ConfigError, match=r"model\.moe\.dispatch\.options: got Dropless"):
+        DispatchConfig(name="capacity", options=DispatchConfig().options)
+    assert DispatchConfig(name="llep").options.max_foreign == 2  # the strategy's default
 
 
 def test_overrides_parse_by_field_type():
@@ -183,6 +246,28 @@ def test_config_json_of_the_flat_model_layout_reads_as_the_same_model():
         options=RouterConfig.of("top_p", top_p=0.3, entropy_weight=0.0, renormalize=False).options,
         load_balance_weight=0.02,
     )
+
+
+def test_config_json_of_the_flat_dispatch_fields_reads_as_the_same_strategy():
+    """Workdirs written before the dispatch options were nested keep resuming: the strategy's
+    own fields become its options, the others (which did nothing) are dropped."""
+    old = {
+        "dispatch": "capacity",
+        "capacity_factor": 2.0,
+        "capacity_priority": "score",
+        "gmm_impl": "xla",  # not an option of capacity
+        "expert_balance": "none",
+        "llep_margin": 0.1,
+        "num_experts": 8,
+    }
+    moe_config = config_lib.from_dict({"model": {"moe": old}}).model.moe
+    assert moe_config.num_experts == 8
+    assert moe_config.dispatch == DispatchConfig.of(
+        "capacity", capacity_factor=2.0, priority="score"
+    )
+    balanced = {"dispatch": "dropless", "expert_balance": "llep", "llep_max_foreign": 3}
+    dispatch = config_lib.from_dict({"model": {"moe": balanced}}).model.moe.dispatch
+    assert dispatch == DispatchConfig.of("llep", max_foreign=3)
 
 
 def test_flat_fields_name_every_leaf_by_its_path():

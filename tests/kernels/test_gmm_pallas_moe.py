@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.moe import moe_ffn
+from moejax.moe import DroplessOptions, moe_ffn
 from moejax.routers.softmax_top_k import softmax_top_k
 
 
@@ -15,7 +15,8 @@ from moejax.routers.softmax_top_k import softmax_top_k
 def _output_and_grads(x, logits, params, gmm_impl):
     def loss(x, params):
         routing = softmax_top_k(logits, top_k=2)
-        y = moe_ffn(x, routing, params, strategy="dropless", gmm_impl=gmm_impl).y
+        options = DroplessOptions(gmm_impl=gmm_impl)
+        y = moe_ffn(x, routing, params, strategy="dropless", options=options).y
         return jnp.sum(y * jnp.cos(y)), y
 
     return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, params)

@@ -124,3 +124,21 @@ def test_linen_model_trains_with_the_bridged_moe_layer() -> None:
         params, opt_state, loss = step(params, opt_state)
         losses.append(float(loss))
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_outside_code_reads_the_layers_routing_and_expert_weights() -> None:
+    """`route` and `expert_params` are what the layer's call runs with: the same routing (top-1
+    experts in the aux dict) and the same output from `moe_ffn` with the layer's dispatch."""
+    from moejax import moe
+
+    layer = MoELayer(D_MODEL, D_FF, EXPERTS, TOP_K, rngs=nnx.Rngs(0))
+    x, _ = _regression_batch(1)
+    y, aux, _ = layer(x)
+    routing = layer.route(x)
+    np.testing.assert_array_equal(routing.expert_index[:, 0], aux["top1_expert"])
+    params = layer.expert_params()
+    assert params["w_gate"].shape == (EXPERTS, D_MODEL, D_FF)
+    assert layer.shared_expert_params() is None
+    tokens = x.reshape(-1, D_MODEL)
+    out = moe.moe_ffn(tokens, routing, params, strategy=layer.dispatch.name)
+    np.testing.assert_allclose(out.y.reshape(x.shape), y, rtol=1e-6, atol=1e-6)

@@ -15,7 +15,7 @@ from moejax import depth
 from moejax.config import ConfigError, load_config_file, with_fields
 from moejax.models.moe_layer import RouterContext
 from moejax.models.transformer import TransformerLM
-from moejax.routers.dynamic import capacity_schedule
+from moejax.moe import capacity_schedule
 from moejax.routers.recurrent import gru_cell
 
 SMALL = dataclasses.replace(
@@ -88,9 +88,14 @@ def test_recurrent_router_reads_and_returns_the_gru_state():
 
 def test_capacity_schedule_sets_each_moe_layer():
     model = _model(
-        {"num_layers": 4, "moe.capacity_schedule": "descending", "moe.capacity_factor": 1.5}
+        {
+            "num_layers": 4,
+            "moe.dispatch.name": "capacity",
+            "moe.dispatch.options.schedule": "descending",
+            "moe.dispatch.options.capacity_factor": 1.5,
+        }
     )
-    factors = [block.ffn.moe.capacity_factor for block in model.blocks]
+    factors = [block.ffn.dispatch.options.capacity_factor for block in model.blocks]
     assert factors == list(capacity_schedule(4, 1.5, "descending", 0.5))
     assert factors[0] > factors[-1]
 
@@ -154,7 +159,10 @@ def test_layer_router_decisions_skip_execute_repeat():
         ({"router.name": "recurrent", "depth.mod_every": 1}, "model.depth.mod_every"),
         ({"depth.mod_every": 1, "depth.layer_router_dim": 4}, "model.depth.layer_router_dim"),
         ({"depth.mod_capacity": 0.0}, "model.depth.mod_capacity"),
-        ({"moe.capacity_schedule": "zigzag"}, "model.moe.capacity_schedule"),
+        (
+            {"moe.dispatch.name": "capacity", "moe.dispatch.options.schedule": "zigzag"},
+            "model.moe.dispatch.options.schedule",
+        ),
         ({"router.name": "similarity_aware", "router.options.mix": 2.0}, "options.mix"),
         ({"router.name": "top_p", "router.options.top_p": 0.0}, "model.router.options.top_p"),
     ],

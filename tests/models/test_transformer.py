@@ -29,7 +29,7 @@ def _tokens(batch=2, length=16, seed=0):
 @pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_forward_shapes_dtypes_and_aux(dispatch, dtype):
-    config = with_fields(SMALL, {"moe.dispatch": dispatch, "dtype": dtype})
+    config = with_fields(SMALL, {"moe.dispatch.name": dispatch, "dtype": dtype})
     model = TransformerLM(config, rngs=nnx.Rngs(0))
     logits, aux = model(_tokens())
     chex.assert_shape(logits, (2, 16, 256))
@@ -130,9 +130,9 @@ def test_shared_experts_and_eval_capacity_factor():
             "num_layers": 1,
             "moe.num_shared_experts": 2,
             "moe.shared_expert_d_ff": 16,
-            "moe.dispatch": "capacity",
-            "moe.capacity_factor": 0.25,
-            "moe.eval_capacity_factor": 4.0,
+            "moe.dispatch.name": "capacity",
+            "moe.dispatch.options.capacity_factor": 0.25,
+            "moe.dispatch.options.eval_capacity_factor": 4.0,
         },
     )
     model = TransformerLM(config, rngs=nnx.Rngs(0))

@@ -1,9 +1,9 @@
-"""One of the two processes of tests/test_llep_two_process.py: joins the other over
+"""One of the two processes of tests/moe/test_llep_two_process.py: joins the other over
 `jax.distributed`, builds a mesh over both processes' 4 CPU devices each, and checks that LLEP
 gives plain expert parallelism's outputs and gradients when the exchanges cross processes (gloo,
 JAX's default CPU collectives), and that its loads stay within the margin.
 
-    python tests/llep_two_process_worker.py PORT PROCESS_ID
+    python tests/moe/llep_two_process_worker.py PORT PROCESS_ID
 
 Prints one JSON line (the largest differences and the loads) and exits 0 when every check holds.
 """
@@ -45,7 +45,7 @@ def _check(shape) -> dict:
     from expert_mesh import mesh_of, step_shardings
     from jax.experimental import multihost_utils
 
-    from moejax import expert_parallel, llep
+    from moejax.moe import expert_parallel, llep
     from moejax.parallel import sharding
 
     mesh = mesh_of(shape)
@@ -62,23 +62,23 @@ def _check(shape) -> dict:
     x_g, params_g = placed[0], dict(zip(params, placed[1:4], strict=True))
     weights_g, index_g = placed[4], placed[5]
 
-    def loss(x, params, weights, index, **dispatch):
+    def loss(x, params, weights, index, balance):
         mesh = sharding.kernel_mesh()
-        y = expert_parallel.sharded_dropless(x, index, weights, params, mesh, **dispatch)
+        y = expert_parallel.sharded_dropless(x, index, weights, params, mesh, balance=balance)
         probe = jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape))
         return jnp.sum(y * probe), y
 
-    balance = {"expert_balance": "llep", "llep_margin": MARGIN, "llep_max_foreign": MAX_FOREIGN}
+    balances = {"plain": expert_parallel.PLAIN, "llep": llep.llep_balance(MARGIN, MAX_FOREIGN)}
     results = {}
     with jax.set_mesh(mesh):
-        for name, dispatch in (("plain", {}), ("llep", balance)):
+        for name, balance in balances.items():
             step = jax.value_and_grad(
-                functools.partial(loss, **dispatch), argnums=(0, 1, 2), has_aux=True
+                functools.partial(loss, balance=balance), argnums=(0, 1, 2), has_aux=True
             )
             out = jax.jit(step)(x_g, params_g, weights_g, index_g)
             results[name] = multihost_utils.process_allgather(out, tiled=True)
             count = functools.partial(
-                expert_parallel.shard_loads, num_experts=NUM_EXPERTS, mesh=mesh, **dispatch
+                expert_parallel.shard_loads, num_experts=NUM_EXPERTS, mesh=mesh, balance=balance
             )
             results[f"{name}_loads"] = multihost_utils.process_allgather(
                 jax.jit(count)(index_g), tiled=True

@@ -1,7 +1,8 @@
-"""Dropless MoE over a device mesh (`moejax.expert_parallel`) equals the one-device dispatch.
+"""Dropless MoE over a device mesh equals the one-device dispatch: "dropless" over the data axes,
+"expert_parallel" (`moejax.moe.expert_parallel`, `moejax.moe._sharded`) over expert shards.
 
-Eight fake CPU devices (tests/conftest.py). The reference is `moe.dropless_dispatch` traced with
-no mesh, itself checked against float64 references in tests/test_moe.py.
+Eight fake CPU devices (tests/conftest.py). The reference is "dropless" traced with no mesh,
+itself checked against float64 references in tests/moe/test_dispatch.py.
 """
 
 import chex
@@ -10,7 +11,8 @@ import jax.numpy as jnp
 import pytest
 from expert_mesh import emulated_ragged_all_to_all, mesh_of, step_shardings
 
-from moejax import expert_parallel, moe
+from moejax import moe
+from moejax.moe import ExpertParallelOptions, expert_parallel
 from moejax.parallel import hlo, sharding
 from moejax.routers.base import Routing
 
@@ -49,14 +51,20 @@ def _inputs():
     return x, params
 
 
-def _loss(x, params, weights, index, **dispatch):
+def _strategy(mesh, **options) -> tuple[str, moe.DispatchOptions | None]:
+    """The strategy a mesh needs: "expert_parallel" with `options` over expert shards, else
+    "dropless" (inside a shard_map over the data axes under a mesh)."""
+    if mesh is not None and mesh.shape["expert"] > 1:
+        return "expert_parallel", ExpertParallelOptions(**options)
+    return "dropless", None
+
+
+def _loss(x, params, weights, index, **options):
     """A scalar that weighs every output element differently, and the output."""
     routing = Routing(expert_index=index, combine_weights=weights, router_probs=None, aux_losses={})
-    if dispatch:
-        mesh = sharding.kernel_mesh()
-        y = expert_parallel.sharded_dropless(x, index, weights, params, mesh, **dispatch)
-    else:
-        y = moe.moe_ffn(x, routing, params, strategy="dropless").y
+    mesh = sharding.kernel_mesh()
+    strategy, chosen = _strategy(mesh, **options)
+    y = moe.moe_ffn(x, routing, params, strategy=strategy, options=chosen, mesh=mesh).y
     probe = jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape))
     return jnp.sum(y * probe), y
 
@@ -167,8 +175,25 @@ def test_experts_not_divisible_by_expert_shards():
     index, weights = _routing("balanced")
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "expert": 8, "tensor": 1})
     params = {name: value[:6] for name, value in params.items()}
+    routing = Routing(index % 6, weights, None, {})
     with (
         jax.set_mesh(mesh),
         pytest.raises(ValueError, match="num_experts: 6 experts cannot be split"),
     ):
-        expert_parallel.sharded_dropless(x, index % 6, weights, params, mesh.abstract_mesh)
+        moe.moe_ffn(x, routing, params, strategy="expert_parallel", mesh=mesh.abstract_mesh)
+
+
+def test_dropless_over_expert_shards_names_expert_parallel():
+    """Expert parallelism is stated by the strategy: "dropless" traced under a mesh with expert
+    shards is an error that names the strategies that split experts, not a silent switch."""
+    x, params = _inputs()
+    index, weights = _routing("balanced")
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "expert": 4, "tensor": 1})
+    with pytest.raises(ValueError, match="mesh expert axis: got 4; .*expert_parallel, llep"):
+        moe.moe_ffn(
+            x,
+            Routing(index, weights, None, {}),
+            params,
+            strategy="dropless",
+            mesh=mesh.abstract_mesh,
+        )

@@ -1,4 +1,4 @@
-"""Least-Loaded Expert Parallelism (`moejax.llep`, `sharded_dropless(expert_balance="llep")`).
+"""Least-Loaded Expert Parallelism, the "llep" dispatch strategy (`moejax.moe.llep`).
 
 The plan is checked against a token-by-token Python planner on hypothesis-drawn count matrices;
 the dispatch, on eight fake CPU devices (tests/conftest.py), against plain expert parallelism
@@ -20,9 +20,10 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moejax import expert_parallel, llep, moe
-from moejax.config import ConfigError, MoEConfig, load_config_file, with_fields
+from moejax import moe
+from moejax.config import ConfigError, DispatchConfig, load_config_file, with_fields
 from moejax.models.transformer import TransformerLM
+from moejax.moe import _sharded, expert_parallel, llep
 from moejax.parallel import sharding
 from moejax.routers.base import Routing
 
@@ -144,7 +145,7 @@ def test_plan_matches_row_by_row_reference(counts, margin, max_foreign):
     np.testing.assert_array_equal(plan.traffic, traffic)
 
     loads = plan.traffic.sum(axis=(0, 2))
-    plain = np.asarray(llep.plain_loads(counts))
+    plain = np.asarray(expert_parallel.plain_loads(counts))
     assert loads.sum() == counts.sum(), "every row is computed once"
     np.testing.assert_array_equal(plan.traffic.sum(axis=(1, 2)), counts.sum(axis=1))
     assert np.all(loads <= np.maximum(cap, plain)), "no shard computes more than without LLEP"
@@ -209,28 +210,30 @@ def _dense_reference(x, params, weights, index) -> np.ndarray:
     return y
 
 
-def _loss(x, params, weights, index, dispatch):
-    y = expert_parallel.sharded_dropless(
-        x, index, weights, params, sharding.kernel_mesh(), **dispatch
-    )
+def _loss(x, params, weights, index, strategy, options):
+    routing = Routing(expert_index=index, combine_weights=weights, router_probs=None, aux_losses={})
+    mesh = sharding.kernel_mesh()
+    y = moe.moe_ffn(x, routing, params, strategy=strategy, options=options, mesh=mesh).y
     probe = jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape))
     return jnp.sum(y * probe), y
 
 
 @functools.cache
-def _compiled(shape, dispatch: tuple):
+def _compiled(shape, strategy: str, options: moe.DispatchOptions):
     """`value_and_grad` of `_loss` in x, the expert weights and the combine weights, jitted with
     the step's shardings under a mesh of `shape`; and the mesh."""
     mesh = mesh_of(shape)
     tokens, weight_shardings = step_shardings(mesh)
     step = jax.value_and_grad(
-        functools.partial(_loss, dispatch=dict(dispatch)), argnums=(0, 1, 2), has_aux=True
+        functools.partial(_loss, strategy=strategy, options=options),
+        argnums=(0, 1, 2),
+        has_aux=True,
     )
     return jax.jit(step, in_shardings=(tokens, weight_shardings, tokens, tokens)), mesh
 
 
-def _run(shape, x, params, weights, index, **dispatch):
-    fn, mesh = _compiled(shape, tuple(sorted(dispatch.items())))
+def _run(shape, x, params, weights, index, strategy="expert_parallel", **options):
+    fn, mesh = _compiled(shape, strategy, moe.get(strategy).options(**options))
     with jax.set_mesh(mesh):
         return fn(x, params, weights, index)
 
@@ -238,15 +241,17 @@ def _run(shape, x, params, weights, index, **dispatch):
 @functools.cache
 def _loads_fn(shape, balance: tuple):
     mesh = mesh_of(shape)
+    chosen = llep.llep_balance(*balance) if balance else expert_parallel.PLAIN
     count = functools.partial(
-        expert_parallel.shard_loads, num_experts=NUM_EXPERTS, mesh=mesh, **dict(balance)
+        expert_parallel.shard_loads, num_experts=NUM_EXPERTS, mesh=mesh, balance=chosen
     )
     return jax.jit(count), mesh
 
 
-def _loads(shape, index, **balance) -> np.ndarray:
-    """[data * fsdp, shards]: the rows each expert shard computes."""
-    fn, mesh = _loads_fn(shape, tuple(sorted(balance.items())))
+def _loads(shape, index, *balance) -> np.ndarray:
+    """[data * fsdp, shards]: the rows each expert shard computes, plain or with LLEP's
+    (margin, max_foreign)."""
+    fn, mesh = _loads_fn(shape, balance)
     with jax.set_mesh(mesh):
         return np.asarray(fn(jnp.asarray(index)))
 
@@ -259,17 +264,22 @@ def _check_llep(shape, index, weights, *, max_foreign, exchange="padded"):
     """LLEP equals plain expert parallelism and the float64 reference; returns the loads of
     both, [data * fsdp, shards] each."""
     x, params = _inputs()
-    llep_options = {
-        "expert_balance": "llep",
-        "llep_margin": MARGIN,
-        "llep_max_foreign": max_foreign,
-    }
     expected = _run(shape, x, params, weights, index, exchange=exchange)
-    actual = _run(shape, x, params, weights, index, exchange=exchange, **llep_options)
+    actual = _run(
+        shape,
+        x,
+        params,
+        weights,
+        index,
+        "llep",
+        exchange=exchange,
+        margin=MARGIN,
+        max_foreign=max_foreign,
+    )
     _assert_same_as_plain(actual, expected)
     (_, y), _ = actual
     np.testing.assert_allclose(y, _dense_reference(x, params, weights, index), rtol=1e-4, atol=1e-4)
-    return _loads(shape, index, **llep_options), _loads(shape, index)
+    return _loads(shape, index, MARGIN, max_foreign), _loads(shape, index)
 
 
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
@@ -313,77 +323,67 @@ def test_llep_equals_plain_on_drawn_routing(seed, zipf_s):
     assert loads.max() <= max(int(llep.load_cap(TOKENS * TOP_K, 8, MARGIN)), plain.max())
 
 
-def test_moe_ffn_passes_the_balance_options():
+def test_moe_ffn_runs_llep_by_name():
     x, params = _inputs()
     index, weights = _routing("one_shard")
     routing = Routing(jnp.asarray(index), jnp.asarray(weights), None, {})
     mesh = mesh_of((1, 1, 8, 1))
-    ffn = jax.jit(
-        moe.moe_ffn,
-        static_argnames=("strategy", "expert_balance", "llep_margin", "llep_max_foreign"),
-    )
+    ffn = jax.jit(moe.moe_ffn, static_argnames=("strategy", "mesh"))
     with jax.set_mesh(mesh):
-        plain = ffn(x, routing, params, strategy="dropless").y
-        balanced = ffn(x, routing, params, strategy="dropless", expert_balance="llep").y
+        plain = ffn(x, routing, params, strategy="expert_parallel", mesh=mesh.abstract_mesh).y
+        balanced = ffn(x, routing, params, strategy="llep", mesh=mesh.abstract_mesh).y
     np.testing.assert_allclose(balanced, plain, rtol=2e-5, atol=2e-5)
-    with pytest.raises(ValueError, match="expert_balance: unknown value 'fast'"):
-        moe.moe_ffn(x, routing, params, strategy="dropless", expert_balance="fast")
 
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("expert_balance", "fast", "model.moe.expert_balance: got 'fast'; allowed: none, llep"),
-        ("llep_margin", -0.5, "model.moe.llep_margin: got -0.5; allowed: >= 0"),
-        ("llep_max_foreign", 0, "model.moe.llep_max_foreign: got 0; allowed: an int >= 1"),
+        ("exchange", "fast", "options.exchange: got 'fast'; allowed: auto, ragged, padded"),
+        ("margin", -0.5, "model.moe.dispatch.options.margin: got -0.5; allowed: >= 0"),
+        ("max_foreign", 0, "model.moe.dispatch.options.max_foreign: got 0; allowed: an int >= 1"),
     ],
 )
-def test_config_rejects_bad_balance_options(field, value, message):
+def test_config_rejects_bad_llep_options(field, value, message):
     with pytest.raises(ConfigError, match=message):
-        MoEConfig(**{field: value})
+        DispatchConfig.of("llep", **{field: value})
 
 
-def test_sharded_dropless_rejects_bad_balance_options():
-    x, params = _inputs()
-    index, weights = _routing("one_shard")
-    mesh = mesh_of((1, 1, 8, 1))
-    with pytest.raises(ValueError, match="llep_max_foreign: got 0; allowed: an int >= 1"):
-        expert_parallel.sharded_dropless(
-            x, index, weights, params, mesh, expert_balance="llep", llep_max_foreign=0
-        )
+def test_llep_balance_rejects_bad_options():
+    with pytest.raises(ValueError, match="max_foreign: got 0; allowed: an int >= 1"):
+        llep.llep_balance(0.1, 0)
+    with pytest.raises(ValueError, match="margin: got -1.0; allowed: >= 0"):
+        llep.llep_balance(-1.0, 2)
 
 
 def test_model_config_reaches_the_dispatch(monkeypatch):
-    """`ModelConfig.expert_balance` and the llep fields reach `sharded_dropless` from the
-    language model, whose logits are those of plain expert parallelism."""
-    seen = []
-    dispatch = expert_parallel.sharded_dropless
-    balance_fields = ("expert_balance", "llep_margin", "llep_max_foreign")
+    """`model.moe.dispatch` names llep and its options reach the plan from the language model,
+    whose logits are those of plain expert parallelism."""
+    balances, plans = [], []
+    dispatch, balance_of = _sharded.sharded_dropless, llep.llep_balance
 
     def recording(*args, **kwargs):
-        seen.append({name: kwargs[name] for name in balance_fields})
+        balances.append(kwargs["balance"] is _sharded.PLAIN)
         return dispatch(*args, **kwargs)
 
-    monkeypatch.setattr(expert_parallel, "sharded_dropless", recording)
+    def recording_balance(margin, max_foreign):
+        plans.append((margin, max_foreign))
+        return balance_of(margin, max_foreign)
+
+    monkeypatch.setattr(_sharded, "sharded_dropless", recording)
+    monkeypatch.setattr(llep, "llep_balance", recording_balance)
     tiny = load_config_file(Path(__file__).resolve().parents[2] / "configs" / "tiny.py").model
     tokens = jax.random.randint(jax.random.key(0), (8, 16), 0, 256, jnp.int32)
     logits = {}
-    for balance in ("none", "llep"):
-        config = with_fields(
-            tiny,
-            {
-                "num_layers": 1,
-                "moe.expert_balance": balance,
-                "moe.llep_margin": 0.25,
-                "moe.llep_max_foreign": 3,
-            },
-        )
+    choices = {
+        "expert_parallel": {},
+        "llep": {"moe.dispatch.options.margin": 0.25, "moe.dispatch.options.max_foreign": 3},
+    }
+    for name, options in choices.items():
+        config = with_fields(tiny, {"num_layers": 1, "moe.dispatch.name": name, **options})
         graph, state = nnx.split(TransformerLM(config, rngs=nnx.Rngs(0)))
         forward = jax.jit(lambda state, tokens, graph=graph: nnx.merge(graph, state)(tokens)[0])
         with jax.set_mesh(mesh_of((2, 1, 4, 1))):
-            logits[balance] = forward(state, tokens)
-    assert seen == [
-        {"expert_balance": "none", "llep_margin": 0.25, "llep_max_foreign": 3},
-        {"expert_balance": "llep", "llep_margin": 0.25, "llep_max_foreign": 3},
-    ]
-    np.testing.assert_allclose(logits["llep"], logits["none"], rtol=2e-5, atol=2e-5)
+            logits[name] = forward(state, tokens)
+    assert balances == [True, False]
+    assert plans == [(0.25, 3)]
+    np.testing.assert_allclose(logits["llep"], logits["expert_parallel"], rtol=2e-5, atol=2e-5)

@@ -1,4 +1,4 @@
-"""LLEP across two processes: tests/llep_two_process_worker.py twice on localhost, 4 CPU devices
+"""LLEP across two processes: tests/moe/llep_two_process_worker.py twice on localhost, 4 CPU devices
 each, an 8-device mesh whose expert exchanges and weight transfers cross the processes."""
 
 import json

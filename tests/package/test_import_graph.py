@@ -26,6 +26,7 @@ KNOWN_EDGES: set[tuple[str, str]] = set()
 LOWER = (
     "kernels_pallas",
     "moejax.routers",
+    "moejax.moe",
     "moejax.sparse_attention",
     "moejax.pruning",
     "moejax.depth",

@@ -22,7 +22,7 @@ def make_layer(
     router_config = RouterConfig.of(router, **(options or {}))
     if router_fields:
         router_config = RouterConfig(router, router_config.options, **router_fields)
-    moe = MoEConfig(num_experts=EXPERTS, top_k=TOP_K, expert_d_ff=16, dispatch="dropless")
+    moe = MoEConfig(num_experts=EXPERTS, top_k=TOP_K, expert_d_ff=16)
     return MoELayer.from_config(D_MODEL, moe, router_config, rngs=nnx.Rngs(seed))
 
 

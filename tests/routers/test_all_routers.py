@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.moe import DISPATCH_STRATEGIES, moe_ffn
 from moejax.routers.base import ROUTERS
 from moejax.routers.base import get as get_router_spec
+from tests.moe.dispatch_helpers import ONE_DEVICE, run_moe
 from tests.routers.routing_helpers import (
     D_MODEL,
     EXPERTS,
@@ -17,8 +17,6 @@ from tests.routers.routing_helpers import (
     jit_router,
     normal_logits,
 )
-
-jit_moe_ffn = jax.jit(moe_ffn, static_argnames=("strategy", "capacity_factor", "gmm_impl"))
 
 
 def _loop_reference(x, expert_index, combine_weights, params) -> np.ndarray:
@@ -70,9 +68,9 @@ def test_every_router_matches_loop_reference_under_both_strategies(name: str) ->
     chex.assert_type([routed.expert_index, routed.combine_weights], [jnp.int32, jnp.float32])
     assert {"load_balance", "router_z"} <= set(routed.aux_losses)
     expected = _loop_reference(x, routed.expert_index, routed.combine_weights, params)
-    for strategy in DISPATCH_STRATEGIES:
+    for strategy in ONE_DEVICE:
         # Factor num_experts gives each expert tokens * top_k slots: nothing is dropped.
-        out = jit_moe_ffn(x, routed, params, strategy=strategy, capacity_factor=float(experts))
+        out = run_moe(x, routed, params, strategy=strategy, capacity_factor=float(experts))
         assert float(out.dropped_fraction) == 0.0
         np.testing.assert_allclose(out.y, expected, rtol=1e-5, atol=1e-6)
 

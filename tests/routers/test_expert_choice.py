@@ -9,15 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moejax.moe import DISPATCH_STRATEGIES, moe_ffn
+from moejax.moe import moe_ffn
 from moejax.routers.base import ROUTERS, Routing
 from moejax.routers.base import get as get_router_spec
 from moejax.routers.expert_choice import expert_choice, expert_choice_capacity
+from tests.moe.dispatch_helpers import ONE_DEVICE, run_moe
 from tests.routers.routing_helpers import draw_normal, swiglu64, swiglu_params
 
-jit_moe_ffn = jax.jit(
-    moe_ffn, static_argnames=("strategy", "capacity_factor", "gmm_impl", "priority")
-)
 jit_expert_choice = jax.jit(
     expert_choice, static_argnames=("top_k", "renormalize", "capacity_factor", "max_slots")
 )
@@ -127,7 +125,7 @@ def test_expert_choice_max_slots_keeps_the_most_probable_choosers() -> None:
         np.testing.assert_allclose(bounded.aux_losses["truncated_fraction"], lost, rtol=1e-6)
 
 
-@pytest.mark.parametrize("strategy", DISPATCH_STRATEGIES)
+@pytest.mark.parametrize("strategy", ONE_DEVICE)
 @pytest.mark.parametrize("renormalize", [False, True])
 def test_expert_choice_moe_matches_per_expert_loop(strategy: str, renormalize: bool) -> None:
     tokens, num_experts, d_model, d_ff, c = 24, 4, 6, 8, 2.0
@@ -139,7 +137,7 @@ def test_expert_choice_moe_matches_per_expert_loop(strategy: str, renormalize: b
         logits, top_k=2, renormalize=renormalize, capacity_factor=c, max_slots=num_experts
     )
     # With max_slots = num_experts every expert gets one slot per token: factor 1 drops nothing.
-    out = jit_moe_ffn(x, result, params, strategy=strategy, capacity_factor=1.0)
+    out = run_moe(x, result, params, strategy=strategy, capacity_factor=1.0)
     assert float(out.dropped_fraction) == 0.0
 
     capacity = expert_choice_capacity(tokens, num_experts, c)

@@ -103,7 +103,11 @@ def test_eval_restores_onto_another_mesh(tiny_config, tmp_path):
     workdir = tmp_path / "run"
     train(tiny_config(), workdir, devices=jax.devices()[:1], progress=False)
     one = evaluate_workdir(workdir, devices=jax.devices()[:1])
-    eight = evaluate_workdir(workdir, overrides=["mesh.data=2", "mesh.expert=4"])
+    # Experts over 4 shards: the strategy that splits them is named with the mesh.
+    eight = evaluate_workdir(
+        workdir,
+        overrides=["mesh.data=2", "mesh.expert=4", "model.moe.dispatch.name=expert_parallel"],
+    )
     assert eight["mesh"] == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
     np.testing.assert_allclose(eight["loss"], one["loss"], rtol=1e-5)
     np.testing.assert_allclose(

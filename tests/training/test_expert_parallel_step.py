@@ -22,6 +22,7 @@ def _compiled_step(tiny_config, mesh_sizes: dict[str, int]):
     config = tiny_config(
         f"model.moe.num_experts={NUM_EXPERTS}",
         f"model.moe.expert_d_ff={EXPERT_D_FF}",
+        "model.moe.dispatch.name=expert_parallel",
         *(f"mesh.{axis}={size}" for axis, size in mesh_sizes.items()),
     )
     config_lib.validate(config, jax.device_count())

@@ -7,6 +7,9 @@ import numpy as np
 
 from moejax.training.loop import train
 
+# Experts split over mesh.expert are expert parallelism, named by the dispatch strategy.
+EXPERT_PARALLEL = "model.moe.dispatch.name=expert_parallel"
+
 
 def _train_losses(workdir):
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -23,9 +26,19 @@ def test_loss_curve_is_the_same_on_one_and_eight_devices(tiny_config, tmp_path):
     )
     runs = {
         "one_device": (tiny_config(*overrides, "mesh.data=1"), jax.devices()[:1]),
-        "data2_expert4": (tiny_config(*overrides, "mesh.data=2", "mesh.expert=4"), None),
+        "data2_expert4": (
+            tiny_config(*overrides, EXPERT_PARALLEL, "mesh.data=2", "mesh.expert=4"),
+            None,
+        ),
         "fsdp2_expert2_tensor2": (
-            tiny_config(*overrides, "mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"),
+            tiny_config(
+                *overrides,
+                EXPERT_PARALLEL,
+                "mesh.data=1",
+                "mesh.fsdp=2",
+                "mesh.expert=2",
+                "mesh.tensor=2",
+            ),
             None,
         ),
     }

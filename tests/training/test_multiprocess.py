@@ -19,6 +19,7 @@ SETTINGS = (
     # all-to-all crosses processes; tensor=2 splits each expert within a process.
     "mesh.data=1",
     "mesh.expert=4",
+    "model.moe.dispatch.name=expert_parallel",
     "mesh.tensor=2",
     "train.checkpoint_every=20",
     "train.log_every=10",

@@ -130,7 +130,9 @@ def test_pruning_off_leaves_the_optimizer_state_unchanged(tiny_config):
 
 
 def test_masks_are_sharded_like_their_params_on_an_expert_mesh(tiny_config):
-    config = tiny_config(*EXPERTS, *MASKED, "mesh.data=4", "mesh.expert=2")
+    config = tiny_config(
+        *EXPERTS, *MASKED, "mesh.data=4", "mesh.expert=2", "model.moe.dispatch.name=expert_parallel"
+    )
     mesh = _mesh(jax.devices(), data=4, expert=2)
     layout = state_lib.state_layout(config, mesh)
     state = state_lib.init_state(config, layout)

@@ -17,7 +17,9 @@ from moejax.training.loop import train
 from moejax.training.restore import restore_checkpoint
 
 STEP = 3
-SAVED_MESH = ("mesh.data=2", "mesh.expert=4")
+# Experts over shards are expert parallelism, named by the strategy; one device runs dropless.
+SAVED_MESH = ("mesh.data=2", "mesh.expert=4", "model.moe.dispatch.name=expert_parallel")
+ONE_DEVICE = ("mesh.data=1", "mesh.expert=1", "model.moe.dispatch.name=dropless")
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +102,7 @@ def test_restore_onto_fewer_expert_shards_is_bit_identical(saved_run, saved_valu
 
 
 def test_restore_on_one_device_is_bit_identical(saved_run, saved_values):
-    _assert_bit_identical(
-        _restore(saved_run, ("mesh.data=1", "mesh.expert=1"), jax.devices()[:1]), saved_values
-    )
+    _assert_bit_identical(_restore(saved_run, ONE_DEVICE, jax.devices()[:1]), saved_values)
 
 
 @pytest.mark.slow
@@ -146,7 +146,7 @@ def test_eval_py_on_two_processes_matches_one_process(saved_run, tmp_path):
     expected = evaluate_workdir(
         saved_run,
         step=STEP,
-        overrides=["mesh.data=1", "mesh.expert=1"],
+        overrides=list(ONE_DEVICE),
         devices=jax.devices()[:1],
         sample_bytes=16,
         sample_prompt=b"ROMEO:\n",  # eval.py's default prompt

@@ -39,14 +39,20 @@ def test_free_fields_and_the_mesh_may_change_on_resume(recorded):
 
 
 def test_where_the_experts_run_may_change_on_resume(recorded):
-    # LLEP computes what plain expert parallelism does: a preempted run may turn it on.
+    # LLEP computes what plain expert parallelism and dropless do: a preempted run may turn it
+    # on (with expert shards), or move between any strategies that drop nothing.
     requested = _tiny(
-        "model.moe.expert_balance=llep",
-        "model.moe.llep_margin=0.2",
-        "model.moe.llep_max_foreign=3",
-        "model.moe.gmm_impl=xla",
+        "mesh.expert=2",
+        "model.moe.dispatch.name=llep",
+        "model.moe.dispatch.options.margin=0.2",
+        "model.moe.dispatch.options.max_foreign=3",
+        "model.moe.dispatch.options.gmm_impl=xla",
     )
     workdir_lib.check_resume(recorded, requested)
+    workdir_lib.check_resume(recorded, _tiny("model.moe.dispatch.name=expert_parallel"))
+    # Capacity drops assignments: a different function of the same parameters.
+    with pytest.raises(WorkdirError, match="model.moe.dispatch.name"):
+        workdir_lib.check_resume(recorded, _tiny("model.moe.dispatch.name=capacity"))
     with pytest.raises(WorkdirError, match="model.moe.num_experts"):
         workdir_lib.check_resume(recorded, _tiny("model.moe.num_experts=8"))
 

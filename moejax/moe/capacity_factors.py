@@ -1,16 +1,36 @@
-"""Expert capacity that varies over depth (the top-p router itself is `moejax.routers.top_p`).
+"""How many slots each expert gets: the capacity of one layer, and capacity factors over depth.
 
-Gülmez, "DynaMoE: Dynamic Token-Level Expert Activation with Layer-Wise Adaptive Capacity for
-Mixture-of-Experts Neural Networks" (2026) adds schedules that distribute capacity over layers.
+`expert_capacity` turns a capacity factor into slots per expert (GShard); `capacity_schedule`
+spreads a mean factor over the MoE layers (DynaMoE); the "capacity" dispatch strategy
+(`moejax.moe.capacity`) and the expert choice router read them.
 """
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
-from moejax.routers.base import require
+from moejax.errors import require
 
 CAPACITY_SCHEDULES = ("uniform", "descending", "ascending", "pyramid")
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Slots per expert: `ceil(num_tokens * top_k * capacity_factor / num_experts)`, at least 1.
+
+    Lepikhin et al., "GShard: Scaling Giant Models with Conditional Computation and Automatic
+    Sharding" (2020). `capacity_factor=1` fits a perfectly balanced routing exactly.
+    """
+    if not (math.isfinite(capacity_factor) and capacity_factor > 0):
+        raise ValueError(f"capacity_factor: got {capacity_factor}; allowed: finite and > 0")
+    if num_experts < 1:
+        raise ValueError(f"num_experts: got {num_experts}; allowed: >= 1")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k: got {top_k}; allowed: 1 <= top_k <= num_experts={num_experts}")
+    # Fraction(str(.)) reads 1.1 as 11/10, so 10 tokens * 1.1 give 11 slots, not the 12 that
+    # float round-off (11.000000000000002) would round up to.
+    slots = Fraction(num_tokens * top_k) * Fraction(str(capacity_factor)) / num_experts
+    return max(1, math.ceil(slots))
 
 
 def capacity_schedule(

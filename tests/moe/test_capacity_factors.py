@@ -1,9 +1,10 @@
-"""Expert capacity over depth (routers/dynamic.py): the schedules of DynaMoE."""
+"""Expert capacity (`moejax.moe.capacity_factors`): GShard's slots per expert, and the schedules
+of DynaMoE over depth."""
 
 import numpy as np
 import pytest
 
-from moejax.routers.dynamic import capacity_schedule
+from moejax.moe import capacity_schedule, expert_capacity
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 5, 8])
@@ -42,3 +43,25 @@ def test_capacity_schedule_mean_is_the_base_and_shape_follows_kind(
 def test_capacity_schedule_rejects_bad_arguments(args: tuple, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         capacity_schedule(*args)
+
+
+def test_expert_capacity_formula() -> None:
+    assert expert_capacity(4096, 4, 2, 1.25) == 2560
+    assert expert_capacity(10, 3, 1, 1.0) == 4
+    # 10 * 1.1 is 11.000000000000002 in floats; the capacity is still 11.
+    assert expert_capacity(10, 1, 1, 1.1) == 11
+    assert expert_capacity(1, 8, 1, 0.1) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((16, 4, 2, 0.0), "capacity_factor: got 0.0; allowed: finite and > 0"),
+        ((16, 4, 2, float("nan")), "capacity_factor: got nan"),
+        ((16, 0, 1, 1.0), "num_experts: got 0"),
+        ((16, 4, 5, 1.0), "top_k: got 5"),
+    ],
+)
+def test_expert_capacity_rejects_bad_arguments(args: tuple, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        expert_capacity(*args)

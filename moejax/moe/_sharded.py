@@ -1,8 +1,9 @@
 """Dropless mixture-of-experts over a device mesh: `jax.shard_map` with an explicit all-to-all.
 
-The compiler cannot partition a `pallas_call`, so the grouped matmuls of a sharded step run
-inside `jax.shard_map`, on each device's own tokens. With the `expert` mesh axis of size 1 every
-device holds every expert and the dispatch is `moe.dropless_dispatch` on the local tokens. With
+What the "dropless", "expert_parallel" and "llep" strategies share. The compiler cannot partition
+a `pallas_call`, so the grouped matmuls of a sharded step run inside `jax.shard_map`, on each
+device's own tokens. With the `expert` mesh axis of size 1 ("dropless") every device holds every
+expert and runs them on its local tokens. With
 `n` expert shards each device holds `num_experts / n` consecutive experts, and (Lepikhin et al.,
 "GShard" (2020); Gale et al., "MegaBlocks" (2022)):
 
@@ -19,13 +20,12 @@ a device's assignments go to one shard. Two exchanges, one contract:
   device's assignments, so n times the bytes of "ragged". It runs where ragged_all_to_all is not
   implemented (XLA:CPU), which is what the CPU tests exercise.
 
-With `expert_balance="llep"` (Least-Loaded Expert Parallelism, `moejax.llep`), every expert
-shard computes the same plan from the gathered count matrix: the excess rows of overloaded
-shards go to shards with spare capacity instead of to their expert's owner, and each owner sends
-the borrowed experts' weights along (`_borrow_experts`); a shard runs its own experts and its
-borrowed slots in one grouped matmul. Both exchanges take the plan's traffic matrix (rows from
-every source to every group of every shard), so they serve plain and balanced dispatch alike;
-results come back to the rows' source shards as without it.
+Which shard computes which rows is a `Balance`: plain expert parallelism (`PLAIN`) sends every
+row to its expert's owner; Least-Loaded Expert Parallelism (`moejax.moe.llep`) moves the excess
+rows of overloaded shards, with their experts' weights, to shards with spare capacity. Both
+exchanges take the balance's traffic matrix (rows from every source to every group of every
+shard), so they serve plain and balanced dispatch alike; results come back to the rows' source
+shards either way.
 
 The other mesh axes: tokens are split over (data, fsdp, expert) as everywhere (the "batch" rule),
 each (data, fsdp) group of devices exchanging among its own expert shards; the fsdp-sharded
@@ -37,22 +37,56 @@ w_down are summed over "tensor" once per token.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from kernels_pallas import gmm
+from kernels_pallas.grouped_matmul.ops import GMM_IMPLS
 from kernels_pallas.platform import target_platform
-from kernels_pallas.varying import vary_together
-from moejax import llep
+from moejax.errors import require_one_of
+from moejax.moe.experts import EXPERT_WEIGHTS, expert_swiglu, grouped_matmul
 from moejax.parallel import sharding
+from moejax.routers.base import Routing
 
 EXCHANGES = ("auto", "ragged", "padded")
-# "none": plain expert parallelism; "llep": Least-Loaded Expert Parallelism (`moejax.llep`).
-EXPERT_BALANCES = ("none", "llep")
 EXPERT_AXIS = "expert"
 TENSOR_AXIS = "tensor"
+
+
+class Balance(NamedTuple):
+    """Which expert shard computes which rows, from the gathered count matrix.
+
+    Attributes:
+      route: `(all_counts [shards, experts], sorted_expert [m], counts [experts], weights) ->
+        (permutation [m] or None, weights, traffic [shards, shards, groups])`, run inside the
+        shard_map on every expert shard: the permutation regroups this shard's rows (sorted by
+        expert) as the traffic sends them (None: already so), `weights` the local expert weights
+        with any borrowed ones appended, and traffic the rows every source sends to every group
+        of every shard.
+      loads: `all_counts -> [shards]` int32, the rows each shard's groups compute.
+    """
+
+    route: Callable
+    loads: Callable[[jax.Array], jax.Array]
+
+
+def plain_loads(all_counts: jax.Array) -> jax.Array:
+    """[shards] int32: rows each shard's experts compute under plain expert parallelism."""
+    shards, num_experts = all_counts.shape
+    return jnp.sum(all_counts.reshape(shards, shards, num_experts // shards), axis=(0, 2))
+
+
+def _plain_route(all_counts, sorted_expert, counts, weights):
+    del sorted_expert, counts
+    shards = all_counts.shape[0]
+    return None, weights, all_counts.reshape(shards, shards, -1)  # [shards, shards, local]
+
+
+# Plain expert parallelism: every row goes to its expert's owner.
+PLAIN = Balance(route=_plain_route, loads=plain_loads)
 
 
 def resolve_exchange(exchange: str) -> str:
@@ -73,9 +107,7 @@ def sharded_dropless(
     *,
     gmm_impl: str = "auto",
     exchange: str = "auto",
-    expert_balance: str = "none",
-    llep_margin: float = 0.1,
-    llep_max_foreign: int = 2,
+    balance: Balance = PLAIN,
 ) -> jax.Array:
     """Dropless dispatch of batch-sharded tokens inside `jax.shard_map` over `mesh`.
 
@@ -84,14 +116,10 @@ def sharded_dropless(
       expert_index, combine_weights: [tokens, top_k], sharded like x.
       expert_params: {"w_gate", "w_up": [experts, d_model, d_ff], "w_down": [experts, d_ff,
         d_model]} in x's dtype; experts sharded over "expert", d_ff over "tensor".
-      mesh: the mesh the step is traced under (`sharding.kernel_mesh()`).
+      mesh: the mesh the step is traced under.
       gmm_impl: `impl` of `kernels_pallas.gmm`.
-      exchange: one of `EXCHANGES` (see the module docstring).
-      expert_balance: one of `EXPERT_BALANCES`; "llep" moves the excess rows of overloaded
-        expert shards, with their experts' weights, to shards with spare capacity
-        (`moejax.llep`); the result is the same.
-      llep_margin: the load cap's slack over the mean shard load ("llep").
-      llep_max_foreign: experts one shard can borrow per step, a static bound ("llep").
+      exchange: one of `EXCHANGES` (see the module docstring); unused with one expert shard.
+      balance: which shard computes which rows (`PLAIN`, or LLEP's); the result is the same.
 
     Returns:
       y: [tokens, d_model] in x's dtype, sharded like x: sum over k of
@@ -104,7 +132,6 @@ def sharded_dropless(
             f"num_experts: {num_experts} experts cannot be split over mesh axis "
             f"{EXPERT_AXIS!r} of size {shards}; allowed: a multiple of {shards}"
         )
-    check_balance(expert_balance, llep_margin, llep_max_foreign)
     tokens = sharding.logical_to_mesh(("batch", None))
     weight_in = PartitionSpec(EXPERT_AXIS, None, TENSOR_AXIS)
     weight_out = PartitionSpec(EXPERT_AXIS, TENSOR_AXIS, None)
@@ -113,7 +140,7 @@ def sharded_dropless(
         num_experts=num_experts,
         gmm_impl=gmm_impl,
         exchange=resolve_exchange(exchange),
-        balance=(expert_balance, llep_margin, llep_max_foreign),
+        balance=balance,
     )
     run = jax.shard_map(
         local,
@@ -135,13 +162,10 @@ def shard_loads(
     expert_index: jax.Array,
     num_experts: int,
     mesh: jax.sharding.AbstractMesh,
-    *,
-    expert_balance: str = "none",
-    llep_margin: float = 0.1,
-    llep_max_foreign: int = 2,
+    balance: Balance = PLAIN,
 ) -> jax.Array:
     """The rows each expert shard's grouped matmuls compute in `sharded_dropless` with the same
-    arguments, from the same count matrix and plan.
+    arguments, from the same count matrix and balance.
 
     Args:
       expert_index: [tokens, top_k], sharded like `sharded_dropless`'s.
@@ -150,15 +174,10 @@ def shard_loads(
       [data * fsdp, expert shards] int32: per group of devices that exchange rows among
       themselves, the load of each of its expert shards.
     """
-    check_balance(expert_balance, llep_margin, llep_max_foreign)
 
     def local(index: jax.Array) -> jax.Array:
         counts = jnp.bincount(index.reshape(-1), length=num_experts).astype(jnp.int32)
-        all_counts = _count_matrix(counts)  # [shards, experts]
-        if expert_balance == "llep":
-            plan = llep.llep_plan(all_counts, margin=llep_margin, max_foreign=llep_max_foreign)
-            return plan.loads[None]
-        return llep.plain_loads(all_counts)[None]  # [1, shards]
+        return balance.loads(count_matrix(counts))[None]  # [1, shards]
 
     batch = sharding.logical_to_mesh(("batch", None))
     loads = jax.shard_map(local, mesh=mesh, in_specs=batch, out_specs=batch)(expert_index)
@@ -166,17 +185,37 @@ def shard_loads(
     return loads[:: mesh.shape[EXPERT_AXIS]]
 
 
-def check_balance(expert_balance: str, llep_margin: float, llep_max_foreign: int) -> None:
-    """ValueError naming the argument unless the balance options can work."""
-    if expert_balance not in EXPERT_BALANCES:
-        raise ValueError(
-            f"expert_balance: unknown value {expert_balance!r}; allowed: "
-            f"{', '.join(EXPERT_BALANCES)}"
-        )
-    if llep_margin < 0:
-        raise ValueError(f"llep_margin: got {llep_margin!r}; allowed: >= 0")
-    if llep_max_foreign < 1:
-        raise ValueError(f"llep_max_foreign: got {llep_max_foreign!r}; allowed: an int >= 1")
+def dispatch(
+    x: jax.Array,
+    routing: Routing,
+    expert_params: dict[str, jax.Array],
+    mesh: jax.sharding.AbstractMesh,
+    *,
+    gmm_impl: str,
+    exchange: str = "auto",
+    balance: Balance = PLAIN,
+) -> tuple[jax.Array, jax.Array]:
+    """`sharded_dropless` as a dispatch function: (y, dropped_fraction 0)."""
+    params = {name: expert_params[name].astype(x.dtype) for name in EXPERT_WEIGHTS}
+    y = sharded_dropless(
+        x,
+        routing.expert_index,
+        routing.combine_weights,
+        params,
+        mesh,
+        gmm_impl=gmm_impl,
+        exchange=exchange,
+        balance=balance,
+    )
+    return y, jnp.zeros((), jnp.float32)
+
+
+def check_options(options: object, field: str) -> None:
+    """ConfigError naming `field`.<option> unless `options.gmm_impl` (and `options.exchange`,
+    where it has one) are known."""
+    require_one_of(f"{field}.gmm_impl", options.gmm_impl, GMM_IMPLS)
+    if hasattr(options, "exchange"):
+        require_one_of(f"{field}.exchange", options.exchange, EXCHANGES)
 
 
 def _local_dispatch(
@@ -190,7 +229,7 @@ def _local_dispatch(
     num_experts: int,
     gmm_impl: str,
     exchange: str,
-    balance: tuple[str, float, int],
+    balance: Balance,
 ) -> jax.Array:
     """One device's part: its tokens `x [t, d]` and its experts `w_* [experts / n, ...]`."""
     num_tokens, top_k = expert_index.shape
@@ -201,21 +240,14 @@ def _local_dispatch(
     weights = (w_gate, w_up, w_down)
 
     if jax.lax.axis_size(EXPERT_AXIS) == 1:
-        outputs = _experts(x[order // top_k], counts, *weights, gmm_impl)  # [t*k, d]
+        outputs = _experts(x[order // top_k], counts, weights, gmm_impl)  # [t*k, d]
     else:
-        all_counts = _count_matrix(counts)  # [shards, experts]
-        expert_balance, margin, max_foreign = balance
-        if expert_balance == "llep":
-            plan = llep.llep_plan(all_counts, margin=margin, max_foreign=max_foreign)
-            # Rows grouped by destination shard, then by group there.
-            order = order[_llep_order(flat_expert[order], counts, plan)]
-            weights = _borrow_experts(plan.borrowed_expert, weights)  # [local + F, ...] each
-            traffic = plan.traffic  # [shards, shards, local + F]
-        else:
-            shards = all_counts.shape[0]
-            traffic = all_counts.reshape(shards, shards, -1)  # [shards, shards, local]
+        all_counts = count_matrix(counts)  # [shards, experts]
+        regroup, weights, traffic = balance.route(all_counts, flat_expert[order], counts, weights)
+        if regroup is not None:
+            order = order[regroup]  # rows grouped by destination shard, then group there
         send = _exchange_ragged if exchange == "ragged" else _exchange_padded
-        outputs = send(x[order // top_k], traffic, lambda r, c: _experts(r, c, *weights, gmm_impl))
+        outputs = send(x[order // top_k], traffic, lambda r, c: _experts(r, c, weights, gmm_impl))
 
     # Unsorting by gathering with the inverse permutation turns the sum over a token's experts
     # into a reshape and a reduction: deterministic, unlike a scatter-add.
@@ -230,87 +262,16 @@ def _local_dispatch(
     return y.astype(x.dtype)  # [t, d]
 
 
-def _llep_order(sorted_expert: jax.Array, counts: jax.Array, plan: llep.LLEPPlan) -> jax.Array:
-    """The permutation of this shard's rows, sorted by expert, that groups them as the plan's
-    traffic says: by destination shard, then by group there (own experts, then borrowed slots),
-    token order within a group.
-
-    Args:
-      sorted_expert: [m] the expert of each row, ascending.
-      counts: [experts] this shard's rows per expert.
-    """
-    shards, num_experts = plan.slot.shape
-    local = num_experts // shards
-    max_foreign = plan.borrowed_expert.shape[1]
-    me = jax.lax.axis_index(EXPERT_AXIS)
-    first_row = jnp.cumsum(counts) - counts  # [experts]
-    # A row's place in its expert's stream (by source shard, then token order).
-    rank = jnp.arange(sorted_expert.shape[0]) - first_row[sorted_expert]  # [m]
-    position = plan.stream_start[me][sorted_expert] + rank  # [m]
-    inside = (plan.segment_start[:, sorted_expert] <= position) & (
-        position < plan.segment_end[:, sorted_expert]
-    )  # [shards, m]
-    worker = jnp.argmax(inside, axis=0)  # [m]
-    borrowed = jnp.any(inside, axis=0)
-    destination = jnp.where(borrowed, worker, sorted_expert // local)
-    group = jnp.where(borrowed, local + plan.slot[worker, sorted_expert], sorted_expert % local)
-    return jnp.argsort(destination * (local + max_foreign) + group, stable=True)
-
-
-def _borrow_experts(
-    borrowed_expert: jax.Array, weights: tuple[jax.Array, ...]
-) -> tuple[jax.Array, ...]:
-    """Each shard's local expert weights followed by the weights of the experts it borrows.
-
-    Every owner sends each borrower the slices of its borrowed experts with one `all_to_all`
-    per weight over a static [shards, max_foreign, ...] buffer (zero where the slot's expert is
-    not this owner's), so the owner receives their gradients back by the transposed all_to_all.
-    That buffer is sent on every platform (XLA:CPU has no ragged all-to-all); it carries
-    shards * max_foreign slices per owner, mostly zeros. On TPU/GPU a `ragged_all_to_all` of
-    only the lent slices (owners know from the plan which and to whom) would send just those.
-
-    Args:
-      borrowed_expert: [shards, max_foreign] the plan's expert per slot, experts when empty.
-      weights: [local, ...] arrays.
-
-    Returns:
-      the same arrays, [local + max_foreign, ...]: slot j holds expert borrowed_expert[me, j]
-      (zeros for an empty slot, which gets no rows).
-    """
-    shards, max_foreign = borrowed_expert.shape
-    local = weights[0].shape[0]
-    me = jax.lax.axis_index(EXPERT_AXIS)
-    owns = borrowed_expert // local == me  # [shards, max_foreign]
-    source = jnp.clip(borrowed_expert - me * local, 0, local - 1)  # [shards, max_foreign]
-    owner = jnp.minimum(borrowed_expert[me] // local, shards - 1)  # [max_foreign]
-    extended = []
-    for w in weights:
-        # One cast to the plan's varying axes for both uses of w, so the backward pass sums its
-        # gradient over the batch axes once.
-        w, _ = vary_together(w, borrowed_expert)
-        mask = owns.reshape(owns.shape + (1,) * (w.ndim - 1))
-        outgoing = jnp.where(mask, w[source], 0)  # [shards, max_foreign, ...]
-        incoming = jax.lax.all_to_all(outgoing, EXPERT_AXIS, 0, 0, tiled=True)  # [owners, F, ...]
-        extended.append(jnp.concatenate([w, incoming[owner, jnp.arange(max_foreign)]]))
-    return tuple(extended)
-
-
 def _experts(
-    rows: jax.Array,
-    group_sizes: jax.Array,
-    w_gate: jax.Array,
-    w_up: jax.Array,
-    w_down: jax.Array,
-    gmm_impl: str,
+    rows: jax.Array, group_sizes: jax.Array, weights: tuple[jax.Array, ...], gmm_impl: str
 ) -> jax.Array:
     """SwiGLU of each local expert on its rows: `rows [m, d]` grouped by expert with
-    `group_sizes [local experts]` -> [m, d]; rows past the groups come out zero."""
-    gate = gmm(rows, w_gate, group_sizes, impl=gmm_impl)  # [m, d_ff / tensor]
-    up = gmm(rows, w_up, group_sizes, impl=gmm_impl)
-    return gmm(jax.nn.silu(gate) * up, w_down, group_sizes, impl=gmm_impl)  # [m, d]
+    `group_sizes [groups]` -> [m, d]; rows past the groups come out zero."""
+    params = dict(zip(EXPERT_WEIGHTS, weights, strict=True))
+    return expert_swiglu(rows, params, grouped_matmul(group_sizes, gmm_impl))
 
 
-def _count_matrix(counts: jax.Array) -> jax.Array:
+def count_matrix(counts: jax.Array) -> jax.Array:
     """Every shard's per-expert assignment counts: [shards (source), experts] int32."""
     return jax.lax.all_gather(counts, EXPERT_AXIS)
 
