@@ -246,7 +246,7 @@ def _local_dispatch(
         regroup, weights, traffic = balance.route(all_counts, flat_expert[order], counts, weights)
         if regroup is not None:
             order = order[regroup]  # rows grouped by destination shard, then group there
-        send = _exchange_ragged if exchange == "ragged" else _exchange_padded
+        send = _EXCHANGE_FUNCTIONS[exchange]
         outputs = send(x[order // top_k], traffic, lambda r, c: _experts(r, c, weights, gmm_impl))
 
     # Unsorting by gathering with the inverse permutation turns the sum over a token's experts
@@ -374,3 +374,7 @@ def _exchange_ragged(rows: jax.Array, traffic: jax.Array, run_experts) -> jax.Ar
         send_counts,
         axis_name=EXPERT_AXIS,
     )  # [m, d]
+
+
+# The collective of each resolved exchange (see `resolve_exchange`).
+_EXCHANGE_FUNCTIONS = {"ragged": _exchange_ragged, "padded": _exchange_padded}

@@ -113,14 +113,7 @@ def capacity_dispatch(
     num_experts = check_inputs(x, routing, expert_params)
     require(priority in CAPACITY_PRIORITIES, "priority", priority, ", ".join(CAPACITY_PRIORITIES))
     require(capacity >= 1, "capacity", capacity, ">= 1")
-    if priority == "order":
-        slot = _buffer_slots(routing.expert_index, num_experts)  # [tokens, top_k]
-    else:
-        score = jnp.max(routing.combine_weights.astype(jnp.float32), axis=-1)  # [tokens]
-        # Stable, so equal scores keep token order (and "score" with equal weights is "order").
-        ranking = jnp.argsort(-score, stable=True)  # [tokens], best first
-        ranked_slot = _buffer_slots(routing.expert_index[ranking], num_experts)  # [tokens, k]
-        slot = _rows.unpermute(ranked_slot, ranking)  # [tokens, top_k], back in token order
+    slot = _SLOTS_BY_PRIORITY[priority](routing, num_experts)  # [tokens, top_k]
     kept = slot < capacity  # [tokens, top_k]
     dropped_fraction = jnp.mean((~kept).astype(jnp.float32))
     num_slots = num_experts * capacity
@@ -135,6 +128,21 @@ def capacity_dispatch(
     out = _rows.collect_rows(expert_outputs.reshape(num_slots, -1), rows)  # [tokens, k, d]
     y = einsum("tkd,tk->td", out, routing.combine_weights.astype(x.dtype))  # [tokens, d_model]
     return y, dropped_fraction
+
+
+def _slots_in_token_order(routing: Routing, num_experts: int) -> jax.Array:
+    """Buffer positions `[tokens, top_k]` with tokens ranked by position (GShard)."""
+    return _buffer_slots(routing.expert_index, num_experts)
+
+
+def _slots_by_score(routing: Routing, num_experts: int) -> jax.Array:
+    """Buffer positions `[tokens, top_k]` with tokens ranked by their largest combine weight
+    (Batch Prioritized Routing, V-MoE)."""
+    score = jnp.max(routing.combine_weights.astype(jnp.float32), axis=-1)  # [tokens]
+    # Stable, so equal scores keep token order (and "score" with equal weights is "order").
+    ranking = jnp.argsort(-score, stable=True)  # [tokens], best first
+    ranked_slot = _buffer_slots(routing.expert_index[ranking], num_experts)  # [tokens, k]
+    return _rows.unpermute(ranked_slot, ranking)  # [tokens, top_k], back in token order
 
 
 def _buffer_slots(expert_index: jax.Array, num_experts: int) -> jax.Array:
@@ -182,3 +190,7 @@ CAPACITY = register(
         drops=True,
     )
 )
+
+
+# How each `CAPACITY_PRIORITIES` entry ranks the assignments for buffer slots.
+_SLOTS_BY_PRIORITY = {"order": _slots_in_token_order, "score": _slots_by_score}
