@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from moejax import config as config_lib
 from moejax.config import Config
-from moejax.parallel import distributed, plotting, sharding
+from moejax import plotting
+from moejax.parallel import distributed, sharding
 from moejax.pruning.lm import layer_sparsity
 from moejax.training import corpus
 from moejax.training import state as state_lib
