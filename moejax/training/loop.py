@@ -22,8 +22,8 @@ import jax
 from tqdm import tqdm
 
 from moejax import config as config_lib
-from moejax.config import Config
 from moejax import plotting
+from moejax.config import Config
 from moejax.parallel import distributed, sharding
 from moejax.pruning.lm import layer_sparsity
 from moejax.training import corpus
