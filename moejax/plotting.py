@@ -3,11 +3,14 @@
 Drawn on matplotlib `Figure`s with the Agg canvas: no display, no pyplot and its global state,
 so nothing here changes the backend of a notebook that imports it. `save_png` writes a figure
 with no timestamp or version in the file (the same figure gives the same bytes);
-`figure_rgb` renders one to pixels for `MetricsWriter.write_image`.
+`figure_rgb` renders one to pixels for `MetricsWriter.write_image`. Every figure is laid out
+so that its texts (titles, axis and tick labels, legend) lie on the canvas, however long they
+are (`_fit_texts`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from os import PathLike
 
@@ -41,7 +44,10 @@ def load_heatmap(
     vmax = 2.0 / experts if vmax is None else vmax
     if not vmax > 0:
         raise ValueError(f"vmax: got {vmax}; allowed: > 0")
-    figure = Figure(figsize=(max(4.0, 1.0 + 0.35 * experts), max(2.5, 1.2 + 0.4 * layers)))
+    figure = Figure(
+        figsize=(max(4.0, 1.0 + 0.35 * experts), max(2.5, 1.2 + 0.4 * layers)),
+        layout="constrained",
+    )
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     image = axes.imshow(loads, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
@@ -52,7 +58,7 @@ def load_heatmap(
     axes.set_ylabel("MoE layer")
     axes.set_title(title)
     figure.colorbar(image, ax=axes, label="share of routed tokens", extend="max")
-    figure.tight_layout()
+    _fit_texts(figure)
     return figure
 
 
@@ -70,7 +76,7 @@ def curves_figure(
     `colors`: 8-bit RGB per curve name (default matplotlib's cycle). `y_range`: the y limits
     (default fitted to every point); points outside are clipped at the frame.
     """
-    figure = Figure(figsize=(8.0, 5.0))
+    figure = Figure(figsize=(8.0, 5.0), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for name, curve in curves.items():
@@ -87,8 +93,34 @@ def curves_figure(
     axes.grid(True, color="0.9")
     if axes.get_legend_handles_labels()[0]:
         axes.legend()
-    figure.tight_layout()
+    _fit_texts(figure)
     return figure
+
+
+def _fit_texts(figure: Figure, *, pad_inches: float = 0.05, rounds: int = 5) -> None:
+    """Grows `figure` (made with `layout="constrained"`) until everything drawn lies on its canvas.
+
+    Constrained layout shrinks the axes to make room for the labels around them, but it cannot
+    fit a text longer than the figure itself (a long title over a narrow heatmap ran off the
+    left and right edges under `tight_layout`). So the laid-out figure is measured with the
+    renderer and, where anything still overflows, grown by the overflow and laid out again.
+    """
+    for _ in range(rounds):
+        with warnings.catch_warnings():
+            # A text longer than the figure collapses the axes on the way: grown below.
+            warnings.filterwarnings("ignore", "constrained_layout not applied")
+            figure.draw_without_rendering()
+        extent = figure.get_tightbbox(figure.canvas.get_renderer())  # inches
+        width, height = figure.get_size_inches()
+        grow_x = max(0.0, -extent.x0) + max(0.0, extent.x1 - width)
+        grow_y = max(0.0, -extent.y0) + max(0.0, extent.y1 - height)
+        if grow_x == 0.0 and grow_y == 0.0:
+            break
+        figure.set_size_inches(
+            width + (grow_x + 2 * pad_inches if grow_x else 0.0),
+            height + (grow_y + 2 * pad_inches if grow_y else 0.0),
+        )
+    figure.draw_without_rendering()
 
 
 def save_png(figure: Figure, path: str | PathLike[str], *, dpi: int = 100) -> None:
