@@ -44,10 +44,7 @@ def load_heatmap(
     vmax = 2.0 / experts if vmax is None else vmax
     if not vmax > 0:
         raise ValueError(f"vmax: got {vmax}; allowed: > 0")
-    figure = Figure(
-        figsize=(max(4.0, 1.0 + 0.35 * experts), max(2.5, 1.2 + 0.4 * layers)),
-        layout="constrained",
-    )
+    figure = Figure(figsize=(max(4.0, 1.0 + 0.35 * experts), max(2.5, 1.2 + 0.4 * layers)))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     image = axes.imshow(loads, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
@@ -76,7 +73,7 @@ def curves_figure(
     `colors`: 8-bit RGB per curve name (default matplotlib's cycle). `y_range`: the y limits
     (default fitted to every point); points outside are clipped at the frame.
     """
-    figure = Figure(figsize=(8.0, 5.0), layout="constrained")
+    figure = Figure(figsize=(8.0, 5.0))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for name, curve in curves.items():
@@ -98,29 +95,30 @@ def curves_figure(
 
 
 def _fit_texts(figure: Figure, *, pad_inches: float = 0.05, rounds: int = 5) -> None:
-    """Grows `figure` (made with `layout="constrained"`) until everything drawn lies on its canvas.
+    """Lays `figure` out so that everything drawn, text included, lies on its canvas.
 
-    Constrained layout shrinks the axes to make room for the labels around them, but it cannot
-    fit a text longer than the figure itself (a long title over a narrow heatmap ran off the
-    left and right edges under `tight_layout`). So the laid-out figure is measured with the
-    renderer and, where anything still overflows, grown by the overflow and laid out again.
+    `tight_layout` shrinks the axes to make room for the labels around them, but it cannot fit
+    a text longer than the figure itself (a long title over a narrow heatmap ran off the left
+    and right edges). So the laid-out figure is measured with the renderer and, where anything
+    still overflows, grown by the overflow and laid out again. The layout is computed here,
+    once: drawing the figure later (`save_png`, `figure_rgb`) does not repeat it.
     """
     for _ in range(rounds):
         with warnings.catch_warnings():
-            # A text longer than the figure collapses the axes on the way: grown below.
-            warnings.filterwarnings("ignore", "constrained_layout not applied")
-            figure.draw_without_rendering()
+            # A text longer than the figure leaves no room for the axes on the way: grown below.
+            warnings.filterwarnings("ignore", "Tight layout not applied")
+            figure.tight_layout()
         extent = figure.get_tightbbox(figure.canvas.get_renderer())  # inches
         width, height = figure.get_size_inches()
         grow_x = max(0.0, -extent.x0) + max(0.0, extent.x1 - width)
         grow_y = max(0.0, -extent.y0) + max(0.0, extent.y1 - height)
         if grow_x == 0.0 and grow_y == 0.0:
-            break
+            return
         figure.set_size_inches(
             width + (grow_x + 2 * pad_inches if grow_x else 0.0),
             height + (grow_y + 2 * pad_inches if grow_y else 0.0),
         )
-    figure.draw_without_rendering()
+    figure.tight_layout()
 
 
 def save_png(figure: Figure, path: str | PathLike[str], *, dpi: int = 100) -> None:
