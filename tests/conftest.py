@@ -23,6 +23,11 @@ import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
+    # Modules with a `slow` test (whole training processes, notebooks: minutes each) run first,
+    # each kept whole for its module fixtures: pytest-xdist hands out tests in this order, and a
+    # minutes-long test dealt last keeps one worker busy while the other has nothing left to do.
+    slow_modules = {item.module.__name__ for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)
     if jax.default_backend() in ("gpu", "tpu"):
         return
     skip = pytest.mark.skip(reason="needs an accelerator (TPU or GPU)")

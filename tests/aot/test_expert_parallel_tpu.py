@@ -12,7 +12,8 @@ from jax.sharding import NamedSharding
 
 pytest.importorskip("libtpu", reason="compiling for a TPU topology needs libtpu ([tpu] extra)")
 
-from moejax.parallel import aot, expert_parallel, hlo, moe, sharding  # noqa: E402
+from moejax import expert_parallel, moe  # noqa: E402
+from moejax.parallel import aot, hlo, sharding  # noqa: E402
 from moejax.routers.base import Routing  # noqa: E402
 
 NUM_EXPERTS, D_MODEL, D_FF, TOKENS, TOP_K = 16, 512, 1024, 4096, 2
