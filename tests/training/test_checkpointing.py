@@ -26,7 +26,9 @@ def _wait_for_checkpoint(process, workdir, timeout=120.0) -> None:
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tiny_config, data_dir, tmp_path):
-    steps = 150
+    # Killed once its first checkpoint (10) is committed, with 50 steps and 5 saves still to
+    # go: far more than the 20 ms between looks at the checkpoint directory.
+    steps = 60
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     command = processes.train_command
     subprocess.run(
