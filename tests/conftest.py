@@ -16,7 +16,10 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+import fcntl  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -36,11 +39,34 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def built_once(
+    tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[pathlib.Path], None]
+) -> pathlib.Path:
+    """A directory `build` fills once per test run, shared by every pytest-xdist worker: the
+    first to ask builds it under a file lock, the others wait for it and then read it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, above each worker's own
+    path, done = root / name, root / f"{name}.done"
+    with (root / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            build(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    """The Shakespeare dataset, built once per test session."""
+def build_once(tmp_path_factory: pytest.TempPathFactory):
+    """`built_once` for this run: `build_once(name, build) -> directory`."""
+    return lambda name, build: built_once(tmp_path_factory, name, build)
+
+
+@pytest.fixture(scope="session")
+def data_dir(build_once) -> pathlib.Path:
+    """The Shakespeare dataset, built once per test run."""
     from moejax.data import shakespeare
 
-    path = tmp_path_factory.mktemp("tensorflow_datasets")
-    shakespeare.prepare(path)
-    return path
+    return build_once("tensorflow_datasets", shakespeare.prepare)
