@@ -23,6 +23,7 @@ import numpy as np
 from moejax import cli
 from moejax import config as config_lib
 from moejax.parallel import distributed
+from moejax.training import allocator
 
 
 def main(argv: list[str]) -> int:
@@ -149,4 +150,7 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    # Process-wide, so the program sets it and the library never does; before main()
+    # starts JAX's backend (moejax/training/allocator.py says why).
+    allocator.tune_malloc()
     sys.exit(main(sys.argv[1:]))

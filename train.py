@@ -27,6 +27,7 @@ from types import ModuleType
 from moejax import cli
 from moejax import config as config_lib
 from moejax.parallel import distributed
+from moejax.training import allocator
 
 
 def main(argv: list[str]) -> int:
@@ -185,4 +186,7 @@ TASKS = {LM: Task(_lm_config, _run_lm), "lottery": Task(_lottery_config, _run_lo
 
 
 if __name__ == "__main__":
+    # Process-wide, so the program sets it and the library never does; before main()
+    # starts JAX's backend (moejax/training/allocator.py says why).
+    allocator.tune_malloc()
     sys.exit(main(sys.argv[1:]))

@@ -40,7 +40,7 @@ from moejax import config as config_lib  # noqa: E402
 from moejax.config import Config  # noqa: E402
 from moejax.parallel import sharding  # noqa: E402
 from moejax.pruning import apply_masks  # noqa: E402
-from moejax.training import corpus  # noqa: E402
+from moejax.training import allocator, corpus  # noqa: E402
 from moejax.training import pruning as prune_lm  # noqa: E402
 from moejax.training import state as state_lib  # noqa: E402
 from moejax.training.checkpoint import Checkpointer  # noqa: E402
@@ -321,4 +321,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    # Process-wide, so the program sets it and the library never does; before main()
+    # starts JAX's backend (moejax/training/allocator.py says why).
+    allocator.tune_malloc()
     sys.exit(main(sys.argv[1:]))

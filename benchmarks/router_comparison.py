@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
 from moejax import cli, evaluation, plotting  # noqa: E402
 from moejax import config as config_lib  # noqa: E402
 from moejax.config import Config, ModelConfig  # noqa: E402
+from moejax.training import allocator  # noqa: E402
 
 log = logging.getLogger("router_comparison")
 
@@ -443,4 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Process-wide, so the program sets it and the library never does; before main()
+    # starts JAX's backend (moejax/training/allocator.py says why).
+    allocator.tune_malloc()
     sys.exit(main())

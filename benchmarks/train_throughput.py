@@ -5,8 +5,9 @@ with moejax's malloc settings and with glibc's defaults.
         [--meshes "1 device"]
 
 Each measurement runs in its own process (the fake-device count is fixed when JAX starts, and
-the malloc settings when moejax is imported; `MOEJAX_MALLOC_TUNING=0` in the child's
-environment keeps glibc's defaults, see moejax/allocator.py). The two settings alternate
+the malloc settings must precede that). The child applies them as train.py does, with
+`allocator.tune_malloc()` before anything starts JAX's backend; `MOEJAX_MALLOC_TUNING=0` in its
+environment keeps glibc's defaults (moejax/training/allocator.py). The two settings alternate
 within each round, the first of them alternating from round to round, so that a change in the
 machine's load reaches both. Batches come from the real data pipeline; the timed loop includes
 fetching them, and its minor page faults and kernel share of CPU time are counted over the
@@ -35,9 +36,9 @@ MESHES = {
 def measure(config_path: str, overrides: list[str], steps: int) -> dict:
     """Runs in the child process: compile time, then `steps` timed train steps."""
     sys.path.insert(0, str(ROOT))
-    import moejax  # before JAX: moejax/allocator.py says why
+    from moejax.training import allocator
 
-    tuning = moejax.MALLOC_TUNING
+    tuning = allocator.tune_malloc()  # as train.py, before JAX's backend starts
     import jax
 
     from moejax import config as config_lib

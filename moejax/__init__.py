@@ -15,12 +15,6 @@ masks, MoBA, routing), `pruning` (masks, schedules, the optax wrapper, N:M), `de
 ahead-of-time compiles), `config` (the typed experiment config of `train.py`).
 """
 
-# First, before anything imports JAX: glibc malloc settings that XLA:CPU's per-step temporaries
-# need (moejax/allocator.py; MOEJAX_MALLOC_TUNING=0 keeps glibc's defaults).
-from moejax.allocator import tune_malloc
-
-MALLOC_TUNING = tune_malloc()
-
 from importlib import metadata as _metadata
 
 # Importing the router zoo registers every router by name, so a config string finds it.

@@ -3,11 +3,14 @@
 Drawn on matplotlib `Figure`s with the Agg canvas: no display, no pyplot and its global state,
 so nothing here changes the backend of a notebook that imports it. `save_png` writes a figure
 with no timestamp or version in the file (the same figure gives the same bytes);
-`figure_rgb` renders one to pixels for `MetricsWriter.write_image`.
+`figure_rgb` renders one to pixels for `MetricsWriter.write_image`. Every figure is laid out
+so that its texts (titles, axis and tick labels, legend) lie on the canvas, however long they
+are (`_fit_texts`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from os import PathLike
 
@@ -52,7 +55,7 @@ def load_heatmap(
     axes.set_ylabel("MoE layer")
     axes.set_title(title)
     figure.colorbar(image, ax=axes, label="share of routed tokens", extend="max")
-    figure.tight_layout()
+    _fit_texts(figure)
     return figure
 
 
@@ -87,8 +90,35 @@ def curves_figure(
     axes.grid(True, color="0.9")
     if axes.get_legend_handles_labels()[0]:
         axes.legend()
-    figure.tight_layout()
+    _fit_texts(figure)
     return figure
+
+
+def _fit_texts(figure: Figure, *, pad_inches: float = 0.05, rounds: int = 5) -> None:
+    """Lays `figure` out so that everything drawn, text included, lies on its canvas.
+
+    `tight_layout` shrinks the axes to make room for the labels around them, but it cannot fit
+    a text longer than the figure itself (a long title over a narrow heatmap ran off the left
+    and right edges). So the laid-out figure is measured with the renderer and, where anything
+    still overflows, grown by the overflow and laid out again. The layout is computed here,
+    once: drawing the figure later (`save_png`, `figure_rgb`) does not repeat it.
+    """
+    for _ in range(rounds):
+        with warnings.catch_warnings():
+            # A text longer than the figure leaves no room for the axes on the way: grown below.
+            warnings.filterwarnings("ignore", "Tight layout not applied")
+            figure.tight_layout()
+        extent = figure.get_tightbbox(figure.canvas.get_renderer())  # inches
+        width, height = figure.get_size_inches()
+        grow_x = max(0.0, -extent.x0) + max(0.0, extent.x1 - width)
+        grow_y = max(0.0, -extent.y0) + max(0.0, extent.y1 - height)
+        if grow_x == 0.0 and grow_y == 0.0:
+            return
+        figure.set_size_inches(
+            width + (grow_x + 2 * pad_inches if grow_x else 0.0),
+            height + (grow_y + 2 * pad_inches if grow_y else 0.0),
+        )
+    figure.tight_layout()
 
 
 def save_png(figure: Figure, path: str | PathLike[str], *, dpi: int = 100) -> None:

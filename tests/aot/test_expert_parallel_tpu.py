@@ -17,7 +17,7 @@ from moejax.moe import expert_parallel  # noqa: E402
 from moejax.parallel import aot, hlo, sharding  # noqa: E402
 from moejax.routers.base import Routing  # noqa: E402
 
-NUM_EXPERTS, D_MODEL, D_FF, TOKENS, TOP_K = 16, 512, 1024, 4096, 2
+NUM_EXPERTS, D_MODEL, D_FF, TOKENS, TOP_K = 16, 256, 512, 1024, 2
 WEIGHT_AXES = {
     "w_gate": ("expert", "embed", "expert_mlp"),
     "w_up": ("expert", "embed", "expert_mlp"),

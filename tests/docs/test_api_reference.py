@@ -56,13 +56,6 @@ def test_api_reference_builds(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     index = (tmp_path / "moejax.html").read_text()
     assert "MoELayer" in index and "RouterConfig" in index
-    for module in (
-        "routers",
-        "sparse_attention",
-        "pruning",
-        "parallel",
-        "parallel/sharding",
-        "config",
-    ):
+    for module in ("routers", "sparse_attention", "pruning", "parallel/sharding", "config"):
         assert (tmp_path / "moejax" / f"{module}.html").exists(), module
     assert importlib.import_module("moejax.routers")

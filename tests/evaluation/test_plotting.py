@@ -76,3 +76,66 @@ def test_png_reads_back_as_the_rendered_figure_and_is_byte_for_byte_repeatable(t
     assert pixels.shape[:2] == rgb.shape[:2]
     np.testing.assert_array_equal(np.rint(pixels[..., :3] * 255).astype(np.uint8), rgb)
     assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 50  # not blank: a colour map and text
+
+
+LONG = "a label much longer than the figure is wide, as a run's name or a config can make it " * 2
+
+
+def _texts_off_the_canvas(figure) -> list[str]:
+    """Every title, axis label, tick label and legend entry of `figure` that is drawn at least in
+    part outside its canvas, measured by the renderer that draws it."""
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    canvas = figure.bbox
+    texts = []
+    for axes in figure.axes:
+        texts += [axes.title, axes._left_title, axes._right_title]
+        for axis in (axes.xaxis, axes.yaxis):
+            texts += [axis.label, axis.get_offset_text()]
+            low, high = sorted(axis.get_view_interval())
+            for tick in axis.get_major_ticks():
+                if low - 1e-9 <= tick.get_loc() <= high + 1e-9:  # the ticks that are drawn
+                    texts += [tick.label1, tick.label2]
+        if axes.get_legend() is not None:
+            texts += axes.get_legend().get_texts()
+    drawn = [text for text in texts if text.get_visible() and text.get_text()]
+    assert len(drawn) > 4, "found no texts to check"
+    off = []
+    for text in drawn:
+        extent = text.get_window_extent(renderer)
+        if (
+            extent.x0 < canvas.x0 - 0.5
+            or extent.y0 < canvas.y0 - 0.5
+            or extent.x1 > canvas.x1 + 0.5
+            or extent.y1 > canvas.y1 + 0.5
+        ):
+            off.append(f"{text.get_text()[:40]!r} at {extent.bounds} on {canvas.bounds}")
+    return off
+
+
+FIGURES = {
+    # eval.py's heatmap for the default run: its title ran off the left edge.
+    "heatmap, the default run": lambda: plotting.load_heatmap(
+        _loads(2, 8),
+        layer_names=["1", "3"],
+        title="Expert load on the validation batches, step 1600",
+    ),
+    "heatmap, 2 experts, long title and layer names": lambda: plotting.load_heatmap(
+        _loads(3, 2), layer_names=[f"{LONG[:60]} {i}" for i in range(3)], title=LONG
+    ),
+    "heatmap, 128 experts, 48 layers": lambda: plotting.load_heatmap(_loads(48, 128), title=LONG),
+    "curves, long title, labels and names": lambda: plotting.curves_figure(
+        {f"{LONG[:70]} {i}": [[0, 1e6 * i], [1e7, 2e6 * i]] for i in range(6)},
+        title=LONG,
+        xlabel=LONG,
+        ylabel=LONG[:120],
+    ),
+    "curves, short": lambda: plotting.curves_figure(
+        {"ticket": [[0, 0.8], [1, 0.85]]}, title="accuracy", xlabel="round", ylabel="accuracy"
+    ),
+}
+
+
+@pytest.mark.parametrize("make", FIGURES.values(), ids=FIGURES.keys())
+def test_every_title_label_and_tick_label_lies_on_the_canvas(make):
+    assert _texts_off_the_canvas(make()) == []

@@ -23,20 +23,23 @@ def tiny_config(data_dir):
 
 
 @pytest.fixture(scope="session")
-def finished_run(tmp_path_factory, data_dir) -> Path:
-    """A finished run of `run_processes.finished_run_config`, trained once per test process."""
-    import jax
+def finished_run(build_once, data_dir) -> Path:
+    """A finished run of `run_processes.finished_run_config`, trained once per test run (by the
+    first pytest-xdist worker to ask; tests change copies of it, never the run itself)."""
 
-    from moejax.training.loop import train
+    def build(path: Path) -> None:
+        import jax
 
-    workdir = tmp_path_factory.mktemp("finished") / "run"
-    train(
-        run_processes.finished_run_config(data_dir),
-        workdir,
-        devices=jax.devices()[:1],
-        progress=False,
-    )
-    return workdir
+        from moejax.training.loop import train
+
+        train(
+            run_processes.finished_run_config(data_dir),
+            path / "run",
+            devices=jax.devices()[:1],
+            progress=False,
+        )
+
+    return build_once("finished", build) / "run"
 
 
 @pytest.fixture

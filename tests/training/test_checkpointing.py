@@ -26,7 +26,9 @@ def _wait_for_checkpoint(process, workdir, timeout=120.0) -> None:
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tiny_config, data_dir, tmp_path):
-    steps = 150
+    # Killed once its first checkpoint (10) is committed, with 50 steps and 5 saves still to
+    # go: far more than the 20 ms between looks at the checkpoint directory.
+    steps = 60
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     command = processes.train_command
     subprocess.run(
@@ -58,50 +60,47 @@ def test_resume_after_sigkill_is_bit_identical(tiny_config, data_dir, tmp_path):
     processes.assert_same_checkpoint(straight, killed, config, steps)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
-    workdir = tmp_path / "run"
-    train(tiny_config("train.steps=20"), workdir, devices=jax.devices()[:1], progress=False)
-    checkpoint_20 = workdir / "checkpoints" / "20"
-    before = {p: p.read_bytes() for p in checkpoint_20.rglob("*") if p.is_file()}
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(run, tiny_config):
+    """The session's finished run (checkpoints at 10, 20 and 30) resumed with an absurd
+    learning rate."""
+    checkpoint_30 = run / "checkpoints" / "30"
+    before = {p: p.read_bytes() for p in checkpoint_30.rglob("*") if p.is_file()}
 
     # An absurd learning rate turns the parameters non-finite after one update.
     exploding = tiny_config("train.steps=40", "train.learning_rate=1e30")
-    with pytest.raises(NonFiniteLossError, match=r"nan at step 2[1-5]"):
+    with pytest.raises(NonFiniteLossError, match=r"nan at step 3[1-5]"):
         train(
             exploding,
-            workdir,
+            run,
             devices=jax.devices()[:1],
             progress=False,
             allow_config_change=True,
         )
 
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps[-1] == 20
-    after = {p: p.read_bytes() for p in checkpoint_20.rglob("*") if p.is_file()}
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 30
+    after = {p: p.read_bytes() for p in checkpoint_30.rglob("*") if p.is_file()}
     assert after == before
 
 
-def test_damaged_latest_checkpoint_falls_back_with_a_warning(tiny_config, tmp_path, caplog):
-    workdir = tmp_path / "run"
-    config = tiny_config("train.steps=20")
-    train(config, workdir, devices=jax.devices()[:1], progress=False)
-    for path in (workdir / "checkpoints" / "20").rglob("*"):
+def test_damaged_latest_checkpoint_falls_back_with_a_warning(run, data_dir, caplog):
+    config = processes.finished_run_config(data_dir)
+    for path in (run / "checkpoints" / "30").rglob("*"):
         if path.is_file() and path.stat().st_size > 0:
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
-    results = evaluate_workdir(workdir, devices=jax.devices()[:1])
-    assert results["step"] == 10 and results["damaged_steps"] == [20]
-    assert "checkpoint at step 20 is not usable (unreadable" in caplog.text
+    results = evaluate_workdir(run, devices=jax.devices()[:1])
+    assert results["step"] == 20 and results["damaged_steps"] == [30]
+    assert "checkpoint at step 30 is not usable (unreadable" in caplog.text
 
-    result = train(config, workdir, devices=jax.devices()[:1], progress=False)
-    assert result.restored_from == 10 and result.step == 20
-    assert (workdir / "checkpoints_damaged" / "20").is_dir()
-    assert evaluate_workdir(workdir, devices=jax.devices()[:1])["damaged_steps"] == []
+    result = train(config, run, devices=jax.devices()[:1], progress=False)
+    assert result.restored_from == 20 and result.step == 30
+    assert (run / "checkpoints_damaged" / "30").is_dir()
+    assert evaluate_workdir(run, devices=jax.devices()[:1])["damaged_steps"] == []
 
 
-def test_eval_restores_onto_another_mesh(tiny_config, tmp_path):
-    workdir = tmp_path / "run"
-    train(tiny_config(), workdir, devices=jax.devices()[:1], progress=False)
+def test_eval_restores_onto_another_mesh(run):
+    workdir = run  # the session's finished run, 30 steps on one device
     one = evaluate_workdir(workdir, devices=jax.devices()[:1])
     # Experts over 4 shards: the strategy that splits them is named with the mesh.
     eight = evaluate_workdir(

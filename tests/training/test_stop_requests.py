@@ -92,25 +92,12 @@ def test_stops_at_random_moments_save_what_they_announce_and_resume_bit_identica
 
 
 @pytest.mark.slow
-def test_a_second_sigterm_during_the_final_save_does_not_abort_it(data_dir, tmp_path):
-    workdir = tmp_path / "run"
-    process, out, err = processes.start(
-        processes.train_command(workdir, data_dir, 100_000, *INTERVALS), tmp_path, "run"
-    )
-    processes.wait_for_text(process, out, "step 7:")
-    process.send_signal(signal.SIGTERM)
-    time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    step, on_disk = _on_disk_when_announced(process, out, workdir, "SIGTERM")
-    assert step is not None and step in on_disk, (step, on_disk)
-    assert process.wait(timeout=180) == 0, err.read_text()[-3000:]
-    assert not list((workdir / "checkpoints").glob("*tmp*"))
-
-
-@pytest.mark.slow
-def test_a_second_train_py_on_a_busy_workdir_is_refused_and_the_first_finishes(
+def test_a_busy_workdir_refuses_a_second_train_py_and_a_second_sigterm_spares_the_final_save(
     tiny_config, data_dir, tmp_path
 ):
+    """One endless run (one process start-up, one compile) for two behaviours: a second
+    train.py on its workdir is refused by the lock while the first trains on; then two SIGTERMs
+    50 ms apart, the second during the save the first asked for, which still completes."""
     workdir = tmp_path / "run"
     # Endless, so that the first run still holds the lock however slowly the second starts.
     first, first_out, first_err = processes.start(
@@ -128,10 +115,16 @@ def test_a_second_train_py_on_a_busy_workdir_is_refused_and_the_first_finishes(
     assert second.returncode == 2
     assert f"another train.py is training there (pid {first.pid} on host" in second.stderr
     assert "Traceback" not in second.stderr
+
     first.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    step, on_disk = _on_disk_when_announced(first, first_out, workdir, "SIGTERM")
+    assert step is not None and step in on_disk, (step, on_disk)
     assert first.wait(timeout=300) == 0, first_err.read_text()[-3000:]
-    step = _announced_step(first_out.read_text(), "SIGTERM")
-    assert step is not None and step == processes.committed_steps(workdir)[-1]
+    assert not list((workdir / "checkpoints").glob("*tmp*"))
+    assert step == _announced_step(first_out.read_text(), "SIGTERM")
+    assert step == processes.committed_steps(workdir)[-1]
     config = tiny_config("train.steps=100000", "train.warmup_steps=10")
     for saved in processes.committed_steps(workdir):
         processes.restore(workdir, config, saved)

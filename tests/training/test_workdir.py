@@ -113,12 +113,13 @@ def test_a_held_lock_names_its_holder_and_a_dead_ones_lock_is_taken(tmp_path):
         assert json.loads(lock_file.read_text())["pid"] == os.getpid()
 
 
-def test_a_resume_with_lost_saves_logs_each_step_once(tmp_path, data_dir):
+def test_a_resume_with_lost_saves_logs_each_step_once(finished_run, tmp_path, data_dir):
     """The saves of steps 20 and 30 never committed (a crash): the log lines written past step
     10 are dropped on resume and written again, once."""
-    config = _tiny(f"data.data_dir={data_dir}", "train.steps=30", "train.log_every=5")
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    train(config, straight, devices=jax.devices()[:1], progress=False)
+    # The session's finished run: configs/tiny.py for 30 steps, logged every 5 steps.
+    config = processes.finished_run_config(data_dir)
+    assert config.train.log_every == 5
+    straight, crashed = finished_run, tmp_path / "crashed"
     shutil.copytree(straight, crashed)
     for step in (20, 30):
         shutil.rmtree(crashed / "checkpoints" / str(step))
@@ -145,16 +146,15 @@ def _purge_steps(directory: Path) -> list[int]:
     return steps
 
 
-def test_allow_config_change_continues_with_the_new_values_and_records_them(tmp_path, data_dir):
-    workdir = tmp_path / "run"
-    config = _tiny(f"data.data_dir={data_dir}", "train.steps=10")
-    train(config, workdir, devices=jax.devices()[:1], progress=False)
-    bigger = config_lib.apply_overrides(config, ["train.steps=20", "data.global_batch_size=16"])
+def test_allow_config_change_continues_with_the_new_values_and_records_them(run, data_dir):
+    workdir = run  # the session's finished run, 30 steps
+    config = processes.finished_run_config(data_dir)
+    bigger = config_lib.apply_overrides(config, ["train.steps=40", "data.global_batch_size=16"])
     with pytest.raises(WorkdirError, match="data.global_batch_size: run has 8, you asked for 16"):
         train(bigger, workdir, devices=jax.devices()[:1], progress=False)
     assert config_lib.load_json(workdir / "config.json") == config
     result = train(
         bigger, workdir, devices=jax.devices()[:1], progress=False, allow_config_change=True
     )
-    assert result.restored_from == 10 and result.step == 20
+    assert result.restored_from == 30 and result.step == 40
     assert config_lib.load_json(workdir / "config.json") == bigger

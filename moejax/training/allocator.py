@@ -21,7 +21,10 @@ Three settings are needed, each measured on its own (`benchmarks/train_throughpu
 
 The arena limit holds only for threads that have no arena yet, and XLA's threads take theirs
 when JAX starts its backend (the first device query or array), so the settings must come
-before that: `moejax/__init__.py` applies them before it imports anything that uses JAX.
+before that. They change the whole process, so the library never applies them: importing
+moejax (or JAX) starts no backend and calls no `mallopt`. The programs do, first thing when run
+(`train.py`, `eval.py`, the benchmarks that time train steps), the way a launcher sets
+`GLIBC_TUNABLES`.
 `MOEJAX_MALLOC_TUNING=0` keeps glibc's defaults; so does any `glibc.malloc.*` entry in
 `GLIBC_TUNABLES`, which is the user's own choice. Elsewhere than glibc (macOS, musl) nothing
 happens and `MallocTuning.reason` says why.
