@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -21,6 +21,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from moejax import metrics
 from moejax.training.evaluate import evaluate, moe_layers
 from moejax.training.step import MeshStep, global_batch
+
+if TYPE_CHECKING:
+    from moejax.config import Config
+    from moejax.training.state import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +206,7 @@ def evaluate_workdir(
         from moejax.sampling import generate
 
         sample = generate(
-            layout.spec.merge,
+            _one_device_spec(config).merge,
             sharding.to_host(variables),
             sample_prompt,
             num_bytes=sample_bytes,
@@ -210,3 +214,28 @@ def evaluate_workdir(
         )
         results["sample"] = sample.decode("utf-8", errors="replace")
     return results
+
+
+def _one_device_spec(config: Config) -> ModelSpec:
+    """The model structure for sampling on the host's one device: a dispatch strategy that
+    splits the experts over expert shards is replaced by dropless, which computes the same
+    function of the same parameters when neither drops an assignment."""
+    import dataclasses
+
+    from moejax.config import DispatchConfig
+    from moejax.errors import require
+    from moejax.training import state as state_lib
+
+    dispatch = config.model.moe.dispatch
+    if not dispatch.spec.fits_expert_shards(1):
+        require(
+            not dispatch.spec.drops,
+            "model.moe.dispatch.name",
+            dispatch.name,
+            "a strategy that runs on one device or drops nothing (sampling runs on one device)",
+        )
+        moe_config = dataclasses.replace(config.model.moe, dispatch=DispatchConfig.of("dropless"))
+        config = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, moe=moe_config)
+        )
+    return state_lib.model_spec(config.model, config.attention)

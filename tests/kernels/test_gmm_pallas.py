@@ -37,6 +37,8 @@ TPU_CHECKS = pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_me
 def group_problems(draw: st.DrawFn) -> tuple[list[int], int, int, int]:
     """NUM_GROUPS sizes (zeros allowed, summing to at most ROWS), a local range and a seed."""
     sizes = draw(st.lists(st.integers(0, 9), min_size=NUM_GROUPS, max_size=NUM_GROUPS))
+    for i in range(NUM_GROUPS):  # the groups fill at most ROWS rows
+        sizes[i] = min(sizes[i], ROWS - sum(sizes[:i]))
     if draw(st.booleans()):
         sizes[-1] += ROWS - sum(sizes)  # no trailing rows
     num_local = draw(st.sampled_from([NUM_GROUPS, 3]))

@@ -52,7 +52,7 @@ def test_hash_router_without_token_ids_says_how_to_pass_them() -> None:
     with pytest.raises(
         ValueError,
         match=re.escape(
-            "MoELayer router 'hash': context.token_ids: got None; allowed: shape [2, 6], "
+            "MoELayer router 'hash_layer': context.token_ids: got None; allowed: shape [2, 6], "
             "passed as layer(x, RouterContext(token_ids=...))"
         ),
     ):

@@ -51,7 +51,7 @@ def _other_checkout(tmp_path: Path) -> Path:
             processes.ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__")
         )
     shutil.copy(processes.ROOT / "train.py", root / "train.py")
-    with (root / "moejax" / "moe.py").open("a") as source:
+    with (root / "moejax" / "moe" / "dispatch.py").open("a") as source:
         source.write("\n# a line only this checkout has\n")
     return root
 
@@ -82,7 +82,7 @@ def test_processes_with_different_configs_and_code_all_exit_2_before_building_an
     assert line.startswith(
         "distributed error: config differs between processes: model.moe.num_experts: "
         "process 0 has 4, process 1 has 8; train.learning_rate: process 0 has 0.003, process 1 "
-        "has 0.01; code differs between processes: moejax/moe.py: process 0 has '"
+        "has 0.01; code differs between processes: moejax/moe/dispatch.py: process 0 has '"
     ), line
     assert "Start every process with the same config file" in line
     assert "moejax/parallel/distributed.py" not in line  # the same file on both
