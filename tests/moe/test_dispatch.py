@@ -34,7 +34,7 @@ def moe_sizes(draw: st.DrawFn) -> tuple[int, int, int, int, int, int]:
 
 @settings(max_examples=15, deadline=None)
 @given(moe_sizes())
-def test_capacity_and_dropless_matchloop_reference(sizes: tuple) -> None:
+def test_capacity_and_dropless_match_loop_reference(sizes: tuple) -> None:
     x, routing, params = problem(*sizes)
     num_experts = sizes[1]
     # Factor num_experts gives every expert tokens * top_k slots: nothing can be dropped.
