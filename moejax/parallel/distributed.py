@@ -14,9 +14,8 @@ anything asks JAX for devices:
 - otherwise one process, with no distributed system at all.
 
 On CPU the processes' collectives go over gloo (TCP), which is how the tests run several
-processes on one machine. Once the system is up, JAX's preemption notifier owns SIGTERM: a
-signal to any one process becomes a stop that every process takes at the same step
-(`training.preemption`).
+processes on one machine. A stop signal to any one process becomes a stop that every process
+takes at the same step (`training.preemption`, over the coordination service below).
 
 Processes that disagree stop together, with one line that says how. Before a step that every
 process must take alike (the first collective, a checkpoint), they exchange what they must agree
@@ -211,6 +210,30 @@ def _coordination():
     if state.client is None or (state.num_processes or 1) < 2:
         return None
     return state
+
+
+@dataclasses.dataclass(frozen=True)
+class Coordination:
+    """This process's handle on the coordination service of a run of several processes: the
+    key-value store and barriers every process reaches without a device collective."""
+
+    client: Any  # JAX's DistributedRuntimeClient
+    process_id: int
+    num_processes: int
+
+
+def coordination() -> Coordination | None:
+    """The coordination service when this process is one of several, else None."""
+    state = _coordination()
+    if state is None:
+        return None
+    return Coordination(state.client, state.process_id, state.num_processes)
+
+
+def unique_key(name: str) -> str:
+    """A key prefix for the next use of `name` that every process computes alike (each makes
+    the same uses in the same order)."""
+    return _next_key(name)
 
 
 def _next_key(name: str) -> str:

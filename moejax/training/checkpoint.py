@@ -114,11 +114,6 @@ class Checkpointer:
         self._manager.reload()
         return step in self._manager.all_steps() and (self.directory / str(step)).is_dir()
 
-    def reached_preemption(self, step: int) -> bool:
-        """True at the step every process agreed to stop at after a preemption notice (JAX's
-        multihost sync point, through Orbax); always False in a single process."""
-        return self._manager.reached_preemption(step)
-
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restores `step` onto the shardings carried by `abstract_state`'s ShapeDtypeStructs.
 

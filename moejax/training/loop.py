@@ -2,9 +2,10 @@
 
 Reads like the algorithm: restore or initialise, then repeat {next batch, train step};
 every `log_every` steps check the losses are finite and log them, every `eval_every`
-evaluate, every `checkpoint_every` save (asynchronously). A stop request (SIGTERM, SIGINT, a
-multihost preemption notice) is read once per step boundary: that step is saved and the save
-awaited before the run returns. The workdir is locked for the whole run (`workdir.py`).
+evaluate, every `checkpoint_every` save (asynchronously). A stop request (SIGTERM or SIGINT, to
+this process or, with several, to any of them) is read once per step boundary: that step is
+saved and the save awaited before the run returns. The workdir is locked for the whole run
+(`workdir.py`).
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ def _train_locked(
                 jax.block_until_ready(pending[-2][1]["loss"])
             # The one place a stop is read: a signal that lands after this line (in the logging,
             # evaluation or save below) is honoured at the next step boundary.
-            stopping = stop.should_stop(step, checkpointer.reached_preemption)
+            stopping = stop.should_stop(step)
             due_log = step % train_cfg.log_every == 0 or step == train_cfg.steps
             due_eval = step % train_cfg.eval_every == 0 or step == train_cfg.steps
             due_save = step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps

@@ -1,6 +1,6 @@
-"""`train.py` in a process that has initialised `jax.distributed` (one process, coordinator on
-localhost): the multihost code path, where JAX's preemption notifier owns SIGTERM and Orbax's
-`reached_preemption` agrees the step to stop at.
+"""`train.py` in a process whose launcher has initialised `jax.distributed` before it (one
+process, coordinator on localhost), as a user's own launcher script would: JAX's preemption
+notifier has claimed SIGTERM by the time train.py installs its handlers.
 
 Usage: python distributed_train.py PORT [train.py arguments ...]
 """

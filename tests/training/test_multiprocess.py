@@ -64,17 +64,18 @@ def test_two_processes_stopped_and_resumed_match_one_process(data_dir, tmp_path,
     while 6 not in processes.committed_steps(workdir):
         assert first.poll() is None, first_out.read_text()[-2000:]
         time.sleep(0.05)
-    # To one process only: JAX's notifier tells the other, and both stop at the agreed step.
+    # To one process only, while step 6's save is finishing: the other hears of it through the
+    # coordination service, and both stop at the agreed step.
     second.send_signal(signal.SIGTERM)
     _wait_all(started)
-    marker = "preemption notice received: checkpoint saved at step "
+    marker = "SIGTERM to process 1 received: checkpoint saved at step "
     stopped = [
         int(line.removeprefix(marker))
         for line in first_out.read_text().splitlines()
         if line.startswith(marker)
     ]
     assert stopped and 6 <= stopped[0] < STEPS, first_out.read_text()[-2000:]
-    assert "Reached preemption sync point" in second_err.read_text()
+    assert f"every process stops at step {stopped[0]}" in second_err.read_text()
     assert processes.committed_steps(workdir)[-1] == stopped[0]
 
     _wait_all(_start_two(workdir, data_dir, tmp_path, "resumed"))
