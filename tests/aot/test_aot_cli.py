@@ -1,6 +1,5 @@
 """`python -m moejax.training.aot`: a report and status 0 when the step fits, status 1 when it does
-not,
-one line and status 2 for a topology or config it cannot compile for."""
+not, one line and status 2 for a topology or config it cannot compile for."""
 
 import pathlib
 import subprocess

@@ -1,6 +1,5 @@
 """`python -m moejax.training.aot --topology h100:8`: the GPU report, and one line with exit 2 for
-a GPU
-topology it cannot compile for."""
+a GPU topology it cannot compile for."""
 
 import pathlib
 import subprocess

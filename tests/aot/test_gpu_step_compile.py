@@ -4,11 +4,10 @@ kernels (Hopper's; no Triton kernel) and exchange tokens by all-to-all wherever 
 sharded.
 
 Compiled ahead of time on this CPU machine with jax's CUDA plugin
-(`moejax.training.aot.compile_step`,
-topology "h100:8"): the step that failed on a real H100 node with "Shared memory size limit
-exceeded" fails here first. moe_1b runs with 2 of its 16 layers and one sequence per GPU, which
-keeps every shape of the model and compiles in a fraction of the time (the README's table has
-the whole model).
+(`moejax.training.aot.compile_step`, topology "h100:8"): the step that failed on a real H100
+node with "Shared memory size limit exceeded" fails here first. moe_1b runs with 2 of its 16
+layers and one sequence per GPU, which keeps every shape of the model and compiles in a
+fraction of the time (the README's table has the whole model).
 """
 
 import math
