@@ -198,15 +198,7 @@ def test_tokens_with_every_assignment_dropped_output_zero() -> None:
 
 def _bpr_dropped(expert_index: np.ndarray, weights: np.ndarray, capacity: int) -> np.ndarray:
     """[tokens, top_k] bool: tokens ranked by max weight (stable), first choices before second."""
-    ranking = np.argsort(-weights.max(axis=-1), kind="stable")
-    filled = np.zeros(expert_index.max() + 1, dtype=int)
-    dropped = np.zeros(expert_index.shape, bool)
-    for k in range(expert_index.shape[1]):
-        for t in ranking:
-            e = expert_index[t, k]
-            dropped[t, k] = filled[e] >= capacity
-            filled[e] += 1
-    return dropped
+    return dropped_by_priority(expert_index, capacity, _priority_ranking(weights, "score"))
 
 
 @pytest.mark.parametrize(("top_k", "capacity"), [(1, 2), (2, 3), (3, 2)])
