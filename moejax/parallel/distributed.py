@@ -233,10 +233,6 @@ def coordination() -> Coordination | None:
 def unique_key(name: str) -> str:
     """A key prefix for the next use of `name` that every process computes alike (each makes
     the same uses in the same order)."""
-    return _next_key(name)
-
-
-def _next_key(name: str) -> str:
     _exchanges[name] += 1
     return f"moejax/{name}/{_exchanges[name]}"
 
@@ -246,7 +242,7 @@ def publish(name: str, text: str) -> None:
     without waiting for theirs: what a process that is about to stop tells the others."""
     state = _coordination()
     if state is not None:
-        state.client.key_value_set(f"{_next_key(name)}/{state.process_id}", text)
+        state.client.key_value_set(f"{unique_key(name)}/{state.process_id}", text)
 
 
 def gather(name: str, text: str, *, timeout_s: float = EXCHANGE_TIMEOUT_S) -> list[str]:
@@ -263,7 +259,7 @@ def gather(name: str, text: str, *, timeout_s: float = EXCHANGE_TIMEOUT_S) -> li
         return [text]
     import jax
 
-    key = _next_key(name)
+    key = unique_key(name)
     state.client.key_value_set(f"{key}/{state.process_id}", text)
     deadline = time.monotonic() + timeout_s
     texts = []
