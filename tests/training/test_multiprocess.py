@@ -21,6 +21,8 @@ SETTINGS = (
     "mesh.expert=4",
     "model.moe.dispatch.name=expert_parallel",
     "mesh.tensor=2",
+    # One layer has every exchange and reduction of two, at less compile time in each process.
+    "model.num_layers=1",
     "train.checkpoint_every=6",
     "train.log_every=10",
     f"train.eval_every={STEPS}",
@@ -81,7 +83,7 @@ def test_two_processes_stopped_and_resumed_match_one_process(data_dir, tmp_path,
     _wait_all(_start_two(workdir, data_dir, tmp_path, "resumed"))
     assert STEPS in processes.committed_steps(workdir)
 
-    config = tiny_config(f"train.steps={STEPS}")
+    config = tiny_config(f"train.steps={STEPS}", "model.num_layers=1")
     state, data_state = processes.restore(workdir, config, STEPS)
     expected_state, expected_data_state = processes.restore(reference, config, STEPS)
     assert data_state == expected_data_state  # the same batches, in the same order

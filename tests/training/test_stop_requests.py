@@ -37,7 +37,7 @@ def _on_disk_when_announced(process, out, workdir, signal_name: str):
 def test_stops_at_random_moments_save_what_they_announce_and_resume_bit_identical(
     tiny_config, data_dir, tmp_path
 ):
-    """Six stops (SIGTERM and SIGINT) at random moments of one run, each resumed: every
+    """Four stops (two SIGTERM, two SIGINT) at random moments of one run, each resumed: every
     announced step is on disk right after the exit, and the run ends bit-identical to an
     uninterrupted one, with each step's metrics once."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
@@ -49,7 +49,7 @@ def test_stops_at_random_moments_save_what_they_announce_and_resume_bit_identica
     )
     chooser = random.Random(0)
     announced = []
-    for trial in range(6):
+    for trial in range(4):
         signal_kind = (signal.SIGTERM, signal.SIGINT)[trial % 2]
         process, out, err = processes.start(
             processes.train_command(stopped, data_dir, STEPS, *INTERVALS), tmp_path, f"t{trial}"
@@ -68,7 +68,7 @@ def test_stops_at_random_moments_save_what_they_announce_and_resume_bit_identica
         assert not list((stopped / "checkpoints").glob("*tmp*")), trial
         assert f"finished at step {step}" in out.read_text()
         announced.append(step)
-    assert len(announced) >= 4, announced
+    assert len(announced) >= 3, announced
 
     subprocess.run(
         processes.train_command(stopped, data_dir, STEPS, *INTERVALS),
