@@ -89,7 +89,7 @@ def _capacity_problem_inputs(
     return x, params
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(capacity_problems())
 def test_index_dispatch_matches_loop_reference_with_drops(problem: tuple) -> None:
     routing, capacity, priority, sizes = problem
@@ -104,7 +104,7 @@ def test_index_dispatch_matches_loop_reference_with_drops(problem: tuple) -> Non
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(capacity_problems())
 def test_index_dispatch_gradients_match_float64_reference(problem: tuple) -> None:
     routing, capacity, priority, sizes = problem
