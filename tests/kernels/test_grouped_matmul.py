@@ -54,6 +54,10 @@ def tiled_gmm_problems(draw: st.DrawFn) -> tuple[tuple[list[int], int, int, int,
     return (group_sizes, tail, k, n, seed), tile_m
 
 
+# Jitted: each drawn shape compiles one program, not its operations one by one.
+_jit_gmm = jax.jit(gmm, static_argnames=("impl", "tile_m"))
+
+
 def _operands(
     group_sizes: list[int], tail: int, k: int, n: int, seed: int, dtype: np.dtype
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,7 +73,7 @@ def _operands(
 def test_ragged_dot_matches_loop_reference_in_float64(problem: tuple) -> None:
     with jax.enable_x64(True):
         lhs, rhs, group_sizes = _operands(*problem, dtype=np.float64)
-        out = gmm(lhs, rhs, group_sizes, impl="xla")
+        out = _jit_gmm(lhs, rhs, group_sizes, impl="xla")
         chex.assert_shape(out, (lhs.shape[0], rhs.shape[2]))
         chex.assert_type(out, jnp.float64)
         np.testing.assert_allclose(
@@ -83,7 +87,7 @@ def test_xla_tiled_matches_loop_reference_in_float64(tiled_problem: tuple) -> No
     problem, tile_m = tiled_problem
     with jax.enable_x64(True):
         lhs, rhs, group_sizes = _operands(*problem, dtype=np.float64)
-        out = gmm(lhs, rhs, group_sizes, impl="xla_tiled", tile_m=tile_m)
+        out = _jit_gmm(lhs, rhs, group_sizes, impl="xla_tiled", tile_m=tile_m)
         chex.assert_shape(out, (lhs.shape[0], rhs.shape[2]))
         chex.assert_type(out, jnp.float64)
         np.testing.assert_allclose(
@@ -96,7 +100,7 @@ def test_xla_tiled_matches_loop_reference_in_float64(tiled_problem: tuple) -> No
 @given(gmm_problems())
 def test_gmm_rows_past_the_groups_are_zero(impl: str, problem: tuple) -> None:
     lhs, rhs, group_sizes = _operands(*problem, dtype=np.float32)
-    out = np.asarray(gmm(lhs, rhs, group_sizes, impl=impl))
+    out = np.asarray(_jit_gmm(lhs, rhs, group_sizes, impl=impl))
     np.testing.assert_array_equal(out[int(group_sizes.sum()) :], 0.0)
 
 
