@@ -2,6 +2,7 @@
 graph routing, capacity schedules, mixture-of-depths and Dr.LLM layer routers."""
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import chex
@@ -33,6 +34,13 @@ def _tokens(batch=2, length=16, seed=0):
     return jax.random.randint(jax.random.key(seed), (batch, length), 0, 256, jnp.int32)
 
 
+@functools.partial(nnx.jit, static_argnames="train")
+def _forward(model, tokens, *, train=True, rng=None, layer_decisions=None):
+    """`model(tokens, ...)`, compiled once per model and mode: called eagerly, the model runs as
+    hundreds of small operations, each compiled on its first use."""
+    return model(tokens, train=train, rng=rng, layer_decisions=layer_decisions)
+
+
 def _loss(model, tokens, **kwargs):
     logits, aux = model(tokens, **kwargs)
     log_probs = jax.nn.log_softmax(logits[:, :-1])
@@ -44,14 +52,17 @@ def _loss(model, tokens, **kwargs):
     "router", ["noisy_top_k", "top_p", "similarity_aware", "attention_aware", "recurrent"]
 )
 def test_router_trains_inside_the_model(router):
-    model = _model({"router.name": router})
+    # One layer shows a router training; the recurrent router needs a second to carry its state to.
+    layers = 2 if router == "recurrent" else 1
+    model = _model({"router.name": router, "num_layers": layers})
     tokens = _tokens()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(p):
         return _loss(nnx.merge(graphdef, p, rest), tokens, rng=jax.random.key(1))
 
-    value, grads = jax.value_and_grad(loss)(params)
+    # Compiled, as in the train step: eager autodiff compiles each operation of both passes.
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
     assert np.isfinite(float(value))
     router_grads = [
         leaf
@@ -62,13 +73,15 @@ def test_router_trains_inside_the_model(router):
 
 
 def test_noisy_routing_follows_the_key_and_is_off_at_eval():
-    model = _model({"router.name": "noisy_top_k", "moe.top_k": 1})
+    model = _model({"router.name": "noisy_top_k", "moe.top_k": 1, "num_layers": 1})
     tokens = _tokens()
-    first = model(tokens, rng=jax.random.key(1))[0]
-    chex.assert_trees_all_equal(first, model(tokens, rng=jax.random.key(1))[0])
-    assert not np.allclose(first, model(tokens, rng=jax.random.key(2))[0])
-    clean = model(tokens, train=False)[0]
-    chex.assert_trees_all_close(clean, model(tokens, train=False, rng=jax.random.key(2))[0])
+    first = _forward(model, tokens, rng=jax.random.key(1))[0]
+    chex.assert_trees_all_equal(first, _forward(model, tokens, rng=jax.random.key(1))[0])
+    assert not np.allclose(first, _forward(model, tokens, rng=jax.random.key(2))[0])
+    clean = _forward(model, tokens, train=False)[0]
+    chex.assert_trees_all_close(
+        clean, _forward(model, tokens, train=False, rng=jax.random.key(2))[0]
+    )
 
 
 def test_recurrent_router_reads_and_returns_the_gru_state():
@@ -117,12 +130,12 @@ def test_mixture_of_depths_at_full_capacity_is_the_gated_block():
 def test_mixture_of_depths_selects_its_share_and_trains_the_predictor():
     model = _model({"depth.mod_every": 2, "depth.mod_capacity": 0.25})
     tokens = _tokens(length=16)
-    _, aux = model(tokens)
+    _, aux = _forward(model, tokens)
     assert aux[0] is not None and "mod_selected_fraction" not in aux[0]
     assert float(aux[1]["mod_selected_fraction"]) == 0.25
     assert "top1_expert" in aux[0] and "top1_expert" not in aux[1]
     assert float(aux[1]["aux_loss"]) > 0.1 * float(aux[1]["mod_predictor_loss"]) - 1e-6
-    _, eval_aux = model(tokens, train=False)
+    _, eval_aux = _forward(model, tokens, train=False)
     assert 0.0 <= float(eval_aux[1]["mod_selected_fraction"]) <= 1.0
 
 
@@ -131,24 +144,26 @@ def test_mixture_of_depths_output_is_causal():
     tokens = _tokens(batch=1, length=16)
     changed = tokens.at[0, 12:].set((tokens[0, 12:] + 7) % 256)
     # Top-C looks at the whole sequence; the evaluation path (causal predictor) must not.
-    before = model(tokens, train=False)[0]
-    after = model(changed, train=False)[0]
+    before = _forward(model, tokens, train=False)[0]
+    after = _forward(model, changed, train=False)[0]
     chex.assert_trees_all_close(before[:, :12], after[:, :12], atol=1e-5)
 
 
 def test_layer_router_decisions_skip_execute_repeat():
     model = _model({"depth.layer_router_dim": 8})
     tokens = _tokens()
-    executed = model(tokens)[0]  # training never routes layers
+    executed = _forward(model, tokens)[0]  # training never routes layers
     all_execute = jnp.full((2, 2), depth.EXECUTE)
-    chex.assert_trees_all_close(model(tokens, layer_decisions=all_execute)[0], executed, atol=1e-5)
+    chex.assert_trees_all_close(
+        _forward(model, tokens, layer_decisions=all_execute)[0], executed, atol=1e-5
+    )
     all_skip = jnp.full((2, 2), depth.SKIP)
-    skipped, aux = model(tokens, layer_decisions=all_skip)
+    skipped, aux = _forward(model, tokens, layer_decisions=all_skip)
     chex.assert_trees_all_close(skipped, model.logits(model.embed(tokens)), atol=1e-5)
     assert float(aux[0]["layer_skip_fraction"]) == 1.0
-    repeated = model(tokens, layer_decisions=jnp.full((2, 2), depth.REPEAT))[0]
+    repeated = _forward(model, tokens, layer_decisions=jnp.full((2, 2), depth.REPEAT))[0]
     assert not np.allclose(repeated, executed)
-    _, eval_aux = model(tokens, train=False)  # a fresh router is uniform: argmax = skip
+    _, eval_aux = _forward(model, tokens, train=False)  # a fresh router is uniform: argmax = skip
     total = sum(float(eval_aux[0][f"layer_{d}_fraction"]) for d in depth.LAYER_DECISIONS)
     assert total == pytest.approx(1.0)
 
