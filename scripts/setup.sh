@@ -89,3 +89,64 @@ if ! has_fmnist "${MOEJAX_FASHION_MNIST_DIR:-/nonexistent}" \
     exit 1
   }
 fi
+
+# The Hugging Face reference for the checkpoint-loading tests (tests/pretrained): torch and
+# transformers in their own .venv-hf, run by the tests as a subprocess. It is Python 3.11 because
+# that is what the CPU build of torch in /opt/wheels (pip's find-links here and in CI) is built
+# for; PyPI's torch for 3.12 is a 5 GB CUDA build. Without it those tests skip, unless
+# MOEJAX_REQUIRE_HF_REFERENCE=1 (as in CI). Set MOEJAX_HF_PYTHON to choose the interpreter.
+hf_packages="torch==2.13.0 transformers==5.17.0 safetensors==0.8.0 tokenizers==0.23.3 numpy==2.4.6"
+
+is_311() { "$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' >/dev/null 2>&1; }
+
+find_python311() {
+  local candidate version
+  for candidate in "${MOEJAX_HF_PYTHON:-}" python3.11 python3; do
+    [ -n "$candidate" ] || continue
+    if command -v "$candidate" >/dev/null 2>&1 && is_311 "$candidate"; then
+      command -v "$candidate"
+      return 0
+    fi
+  done
+  if command -v pyenv >/dev/null 2>&1; then
+    for version in $(pyenv versions --bare 2>/dev/null | grep '^3\.11' | sort -rV); do
+      candidate="$(pyenv root)/versions/$version/bin/python"
+      if [ -x "$candidate" ] && is_311 "$candidate"; then
+        echo "$candidate"
+        return 0
+      fi
+    done
+  fi
+  return 1
+}
+
+# One line on why and how to fix it; fails setup only where the reference is required.
+hf_reference_missing() {
+  echo "setup: $1, so the Hugging Face reference tests (tests/pretrained) will be skipped; $2," \
+    "then run this script again" >&2
+  if [ "${MOEJAX_REQUIRE_HF_REFERENCE:-}" = 1 ]; then exit 1; fi
+}
+
+hf_stamp=.venv-hf/.moejax-installed
+if [ "$(cat "$hf_stamp" 2>/dev/null)" != "$hf_packages" ]; then
+  if ! is_311 .venv-hf/bin/python && hf_python=$(find_python311); then
+    echo "setup: creating .venv-hf with $hf_python" >&2
+    rm -rf .venv-hf
+    "$hf_python" -m venv .venv-hf || true
+  fi
+  if ! is_311 .venv-hf/bin/python; then
+    hf_reference_missing "no Python 3.11 able to make .venv-hf was found on PATH or in pyenv" \
+      "install one (pyenv install 3.11) or set MOEJAX_HF_PYTHON to one"
+  else
+    echo "setup: installing torch (CPU) and transformers into .venv-hf" >&2
+    hf_log=$(mktemp -t moejax-hf-pip.XXXXXX)
+    # shellcheck disable=SC2086  # one argument per pin
+    if .venv-hf/bin/python -m pip install --quiet $hf_packages >"$hf_log" 2>&1; then
+      echo "$hf_packages" > "$hf_stamp"
+      rm -f "$hf_log"
+    else
+      hf_reference_missing "pip could not install $hf_packages into .venv-hf (log: $hf_log)" \
+        "fix what the log says (torch's CPU wheel for 3.11 comes from pip's find-links, /opt/wheels)"
+    fi
+  fi
+fi

@@ -99,6 +99,11 @@ def _parse_value(field: str, text: str, annotation: Any) -> Any:
                 f"{field}: value {text!r} is not a valid {annotation.__name__}"
             ) from None
         return value
+    if typing.get_origin(annotation) is tuple:
+        # "0,1,2" (or "" for none): a tuple of the element type.
+        (element, _) = typing.get_args(annotation)
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        return tuple(_parse_value(field, part, element) for part in parts)
     if annotation is str:
         return text
     optional = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -430,6 +435,11 @@ def _nest_flat_model(flat: dict[str, Any]) -> dict[str, Any]:
 def _typed_json_value(field: str, value: Any, annotation: Any) -> Any:
     """`value` read from JSON for a field of type `annotation`; the wrong type is a ConfigError
     (JSON has one number type, so an integer is a valid float)."""
+    if typing.get_origin(annotation) is tuple:
+        (element, _) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{field}: value {value!r:.80} is not a list")
+        return tuple(_typed_json_value(field, item, element) for item in value)
     options = typing.get_args(annotation) or (annotation,)
     if value is None and type(None) in options:
         return None

@@ -15,13 +15,16 @@ import dataclasses
 from typing import Any, ClassVar
 
 from moejax import moe, routers
+from moejax.attention import QK_NORMS, AttentionOptions
 from moejax.errors import (
     require_config,
     require_non_negative,
     require_one_of,
     require_positive,
 )
+from moejax.latent_attention import LatentAttentionConfig
 from moejax.moe.dispatch import DispatchOptions, DispatchSpec
+from moejax.rotary import RopeScaling
 from moejax.routers.base import RouterOptions
 
 DTYPES = ("float32", "bfloat16")
@@ -144,6 +147,11 @@ class MoEConfig:
     num_shared_experts: int = 0
     # Hidden width of each shared expert; 0 means expert_d_ff.
     shared_expert_d_ff: int = 0
+    # Scale the shared experts' output by sigmoid(x @ w) per token (Qwen2-MoE).
+    shared_expert_gate: bool = False
+    # Layers that stay dense although `every` makes them MoE layers (DeepSeek's first layers,
+    # Qwen's mlp_only_layers).
+    dense_layers: tuple[int, ...] = ()
     # Zero-shot relative-norm halting at evaluation (Equifinality): a token skips a MoE layer's
     # update when ||update|| / ||x|| is below this; 0 turns it off. Training ignores it.
     halting_threshold: float = 0.0
@@ -166,9 +174,23 @@ class MoEConfig:
             ">= 0 (0 turns halting off)",
         )
         require_non_negative("model.moe", self, ("num_shared_experts", "shared_expert_d_ff"))
+        require_config(
+            not self.shared_expert_gate or self.num_shared_experts > 0,
+            "model.moe.shared_expert_gate",
+            self.shared_expert_gate,
+            "False when model.moe.num_shared_experts is 0",
+        )
+        # A JSON round trip gives a list.
+        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        require_config(
+            all(isinstance(i, int) and i >= 0 for i in self.dense_layers),
+            "model.moe.dense_layers",
+            self.dense_layers,
+            "layer indices >= 0",
+        )
 
     def is_moe_layer(self, layer: int) -> bool:
-        return self.every > 0 and (layer + 1) % self.every == 0
+        return self.every > 0 and (layer + 1) % self.every == 0 and layer not in self.dense_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +274,24 @@ class ModelConfig:
     param_dtype: str = "float32"
     # Share the input embedding with the output projection.
     tie_embeddings: bool = True
+    # Multiply the tied input embedding by sqrt(d_model) (its table is small: std 0.02);
+    # pretrained checkpoints do not.
+    scale_embedding: bool = True
+    # Epsilon of every RMSNorm.
+    norm_eps: float = 1e-6
+    # Biases on the query/key/value projections (Qwen2) and on the output projection.
+    qkv_bias: bool = False
+    out_bias: bool = False
+    # RMSNorm of queries and keys before rotary: "none", "per_head" (Qwen3) or
+    # "across_heads" (OLMoE).
+    qk_norm: str = "none"
+    # How the rotary frequencies are stretched (llama3, yarn, linear), model.rope_scaling.*.
+    rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)
+    # Multi-head latent attention (DeepSeek) instead of grouped-query attention when its
+    # kv_lora_rank > 0.
+    latent_attention: LatentAttentionConfig = dataclasses.field(
+        default_factory=LatentAttentionConfig
+    )
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
     depth: DepthConfig = dataclasses.field(default_factory=DepthConfig)
@@ -286,6 +326,10 @@ class ModelConfig:
         )
         require_one_of("model.dtype", self.dtype, DTYPES)
         require_one_of("model.param_dtype", self.param_dtype, DTYPES)
+        require_one_of("model.qk_norm", self.qk_norm, QK_NORMS)
+        require_config(
+            0 < self.norm_eps < 1, "model.norm_eps", self.norm_eps, "a small number in (0, 1)"
+        )
         if self.moe.every and "state_prev" in self.router.spec.needs:
             # Its state is per token and layer to layer; depth routers change the token set.
             for name in ("mod_every", "layer_router_dim"):
@@ -300,6 +344,17 @@ class ModelConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe.is_moe_layer(layer)
+
+    def attention_options(self) -> AttentionOptions:
+        """What the grouped-query attention layers take from this config."""
+        return AttentionOptions(
+            qkv_bias=self.qkv_bias,
+            out_bias=self.out_bias,
+            qk_norm=self.qk_norm,
+            norm_eps=self.norm_eps,
+            rope_scaling=self.rope_scaling,
+            max_position=self.max_seq_len,
+        )
 
     def is_mod_layer(self, layer: int) -> bool:
         return self.depth.is_mod_layer(layer)

@@ -11,25 +11,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.moe.experts import swiglu
+from moejax.norms import rms_norm
 from moejax.parallel.sharding import param
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """`x [..., d] / rms(x) * scale [d]`, computed in float32, returned in x's dtype.
-
-    Root Mean Square Layer Normalization (Zhang & Sennrich, 2019).
-    """
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-    return (normed * scale.astype(jnp.float32)).astype(x.dtype)
-
-
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, *, param_dtype: jnp.dtype):
+    """`rms_norm` over the last axis with a learned scale `[dim]` (`eps` as the checkpoint's)."""
+
+    def __init__(self, dim: int, *, param_dtype: jnp.dtype, eps: float = 1e-6):
         self.scale = param(jnp.ones((dim,), param_dtype), ("embed",))
+        self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, self.scale[...])
+        return rms_norm(x, self.scale[...], self.eps)
 
 
 def dense_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype, fan_in_axis: int):

@@ -205,6 +205,9 @@ class MoELayer(nnx.Module):
             self.shared_w_down = param(
                 dense_init(rngs.params(), shared_out, param_dtype, 1), (None, "mlp", "embed")
             )
+            if moe.shared_expert_gate:
+                # Starts at sigmoid(0) = 1/2 for every token.
+                self.shared_gate = param(jnp.zeros((d_model,), param_dtype), ("embed",))
 
     @classmethod
     def from_config(
@@ -297,6 +300,18 @@ class MoELayer(nnx.Module):
             for name in ("w_gate", "w_up", "w_down")
         }
 
+    def _shared_gate(self, tokens: jax.Array) -> jax.Array | None:
+        """`[tokens]` sigmoid gates of the shared experts' output, or None without a gate."""
+        if not hasattr(self, "shared_gate"):
+            return None
+        logits = jnp.einsum(
+            "td,d->t",
+            tokens,
+            self.shared_gate[...].astype(tokens.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        return jax.nn.sigmoid(logits)
+
     def __call__(
         self, x: jax.Array, context: RouterContext | None = None, *, train: bool = True
     ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array | None]:
@@ -324,6 +339,7 @@ class MoELayer(nnx.Module):
             mesh=kernel_mesh(),
             train=train,
             shared_params=self.shared_expert_params(),
+            shared_gate=self._shared_gate(tokens),
         )
         # Every loss the router's spec declares, weighed by the field the spec names for it, and
         # reported unweighted as "<name>_loss".

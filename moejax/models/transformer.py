@@ -9,6 +9,7 @@ of MoE updates (at evaluation). The math of each lives in `moejax.depth`.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from flax import nnx
 from moejax import depth
 from moejax.attention import Attention
 from moejax.config import ModelConfig, MoEConfig
+from moejax.latent_attention import LatentAttention
 from moejax.models.layers import MLP, RMSNorm
 from moejax.models.moe_layer import MoELayer, RouterContext
 from moejax.parallel.sharding import constrain, param
@@ -51,6 +53,41 @@ def _with_attention_aux(aux: dict | None, attention_aux: dict) -> dict | None:
     return aux
 
 
+def _attention(
+    config: ModelConfig, attention: AttentionConfig, dtype, param_dtype, rngs: nnx.Rngs
+) -> nnx.Module:
+    """A block's attention: a block-sparse kind, latent attention or grouped-query attention."""
+    shape = (config.d_model, config.num_heads)
+    common = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+    if attention.uses_block_kernel:
+        return SparseAttention(
+            *shape,
+            config.num_kv_heads,
+            config.head_dim,
+            config.rope_base,
+            attention=attention,
+            **common,
+        )
+    if config.latent_attention.enabled:
+        return LatentAttention(
+            *shape,
+            config.latent_attention,
+            config.rope_base,
+            rope_scaling=config.rope_scaling,
+            max_position=config.max_seq_len,
+            norm_eps=config.norm_eps,
+            **common,
+        )
+    return Attention(
+        *shape,
+        config.num_kv_heads,
+        config.head_dim,
+        config.rope_base,
+        options=config.attention_options(),
+        **common,
+    )
+
+
 class Block(nnx.Module):
     """Pre-norm residual block: attention, then a dense or mixture-of-experts feed-forward,
     optionally behind a mixture-of-depths router or a Dr.LLM layer router."""
@@ -65,24 +102,12 @@ class Block(nnx.Module):
         rngs: nnx.Rngs,
     ):
         dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
-        self.attention_norm = RMSNorm(config.d_model, param_dtype=param_dtype)
+        self.attention_norm = RMSNorm(config.d_model, param_dtype=param_dtype, eps=config.norm_eps)
         # Full attention keeps its own module: it takes token positions (mixture-of-depths) and
         # returns its weights (attention-aware routing), which block-sparse kinds do not.
         self.is_sparse_attention = attention.uses_block_kernel
-        attention_class = SparseAttention if self.is_sparse_attention else Attention
-        options = {"attention": attention} if self.is_sparse_attention else {}
-        self.attention = attention_class(
-            config.d_model,
-            config.num_heads,
-            config.num_kv_heads,
-            config.head_dim,
-            config.rope_base,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-            **options,
-        )
-        self.ffn_norm = RMSNorm(config.d_model, param_dtype=param_dtype)
+        self.attention = _attention(config, attention, dtype, param_dtype, rngs)
+        self.ffn_norm = RMSNorm(config.d_model, param_dtype=param_dtype, eps=config.norm_eps)
         self.is_moe = config.is_moe_layer(layer)
         self.halting_threshold = config.moe.halting_threshold
         self.wants_attention_probs = self.is_moe and "attention_probs" in config.router.spec.needs
@@ -194,6 +219,36 @@ class Block(nnx.Module):
         update, aux, recurrent_state = self.residual_update(x, context, train=train)
         return constrain(x + update, ACTIVATION), aux, recurrent_state
 
+    def cannot_decode(self) -> str | None:
+        """Why this block cannot run `decode`, or None when it can."""
+        if self.is_sparse_attention:
+            return (
+                "block-sparse attention plans over whole blocks of a full sequence; a cached "
+                "step would need a per-token plan, which is not built"
+            )
+        if self.is_mod:
+            return "mixture-of-depths chooses tokens by comparing a whole sequence"
+        if self.has_layer_router:
+            return "a layer router decides per whole sequence"
+        if self.wants_attention_probs:
+            return "the attention-aware router reads full attention weights"
+        if self.is_moe and self.halting_threshold > 0:
+            return "relative-norm halting is measured on whole sequences"
+        return None
+
+    def decode(
+        self, x: jax.Array, positions: jax.Array, cache: Any, context: RouterContext
+    ) -> tuple[jax.Array, Any, jax.Array | None]:
+        """`x [batch, n, d_model]` at `positions [batch, n]` with the attention's cache ->
+        (new x, the updated cache, recurrent router state); the evaluation-mode block."""
+        update, cache = self.attention.decode(self.attention_norm(x), positions, cache)
+        h = x + update.astype(x.dtype)
+        if self.is_moe:
+            ffn_update, _, state = self.ffn(self.ffn_norm(h), context, train=False)
+        else:
+            ffn_update, state = self.ffn(self.ffn_norm(h)), None
+        return constrain(h + ffn_update.astype(x.dtype), ACTIVATION), cache, state
+
     def _mixture_of_depths(self, x: jax.Array, context: RouterContext, *, train: bool):
         inner_aux = {}
 
@@ -296,7 +351,7 @@ class TransformerLM(nnx.Module):
                 for i in range(config.num_layers)
             ]
         )
-        self.final_norm = RMSNorm(config.d_model, param_dtype=param_dtype)
+        self.final_norm = RMSNorm(config.d_model, param_dtype=param_dtype, eps=config.norm_eps)
         if not config.tie_embeddings:
             self.unembedding = param(
                 jax.random.normal(rngs.params(), (config.d_model, config.vocab_size), param_dtype)
@@ -319,7 +374,7 @@ class TransformerLM(nnx.Module):
         dtype = jnp.dtype(self.config.dtype)
         x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)  # [batch, length, d]
         # The tied table is small (std 0.02); scaling keeps the residual stream at unit RMS.
-        if self.config.tie_embeddings:
+        if self.config.tie_embeddings and self.config.scale_embedding:
             x = x * (self.config.d_model**0.5)
         return constrain(x, ACTIVATION)
 
@@ -372,3 +427,38 @@ class TransformerLM(nnx.Module):
                 recurrent_state = state
             aux_per_layer.append(aux)
         return self.logits(x), aux_per_layer
+
+    def init_cache(self, batch: int, max_len: int) -> list[Any]:
+        """Empty decoding caches, one per block, for `batch` sequences of up to `max_len`
+        positions. ValueError naming the block and the reason when one cannot decode."""
+        for layer, block in enumerate(self.blocks):
+            reason = block.cannot_decode()
+            if reason is not None:
+                raise ValueError(
+                    f"TransformerLM: block {layer} cannot decode with a cache: {reason}"
+                )
+        return [block.attention.init_cache(batch, max_len) for block in self.blocks]
+
+    def decode(
+        self, tokens: jax.Array, positions: jax.Array, cache: list[Any]
+    ) -> tuple[jax.Array, list[Any]]:
+        """Logits `[batch, n, vocab]` of `tokens [batch, n]` at `positions [batch, n]` given
+        the keys and values cached for the positions before them; returns the caches with
+        these tokens' written. A prompt (n > 1, positions 0..n-1) fills the cache, then one
+        token at a time (n = 1) extends it; both equal `__call__` in evaluation mode on the
+        whole sequence."""
+        x = self.embed(tokens)
+        shared = {}
+        if hasattr(self, "router_gru"):
+            shared = {name: value[...] for name, value in self.router_gru.items()}
+        recurrent_state = None
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache, strict=True):
+            context = RouterContext(
+                token_ids=tokens, recurrent_state=recurrent_state, shared_router_params=shared
+            )
+            x, layer_cache, state = block.decode(x, positions, layer_cache, context)
+            if state is not None:
+                recurrent_state = state
+            new_cache.append(layer_cache)
+        return self.logits(x), new_cache

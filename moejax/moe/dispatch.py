@@ -192,6 +192,7 @@ def moe_ffn(
     mesh: jax.sharding.AbstractMesh | None = None,
     train: bool = True,
     shared_params: ExpertParams | None = None,
+    shared_gate: jax.Array | None = None,
 ) -> MoEOutput:
     """The routed-experts feed-forward block with a registered dispatch strategy.
 
@@ -206,6 +207,8 @@ def moe_ffn(
         `expert_shards`.
       train: training or evaluation (a capacity strategy may size its buffers differently).
       shared_params: shared experts added for every token (see `shared_expert_ffn`), or None.
+      shared_gate: [tokens], a per-token factor of the shared experts' output (Qwen2-MoE's
+        sigmoid gate), or None.
 
     Returns:
       `MoEOutput` with y [tokens, d_model] and the dropped fraction.
@@ -229,7 +232,10 @@ def moe_ffn(
         **options.dispatch_arguments(),
     )
     if shared_params is not None:
-        y = y + shared_expert_ffn(x, shared_params)
+        shared = shared_expert_ffn(x, shared_params)
+        if shared_gate is not None:
+            shared = shared * shared_gate[:, None].astype(shared.dtype)
+        y = y + shared
     return MoEOutput(y=y, dropped_fraction=jnp.asarray(dropped_fraction, jnp.float32))
 
 

@@ -84,18 +84,17 @@ def update_expert_bias(
     return expert_bias + rate * jnp.sign(jnp.mean(counts) - counts)
 
 
+# The expert bias as router state, updated after each training step (shared by every router
+# that steers by a bias: `group_limited_sigmoid` too).
+EXPERT_BIAS_STATE = RouterStateSpec(
+    argument="expert_bias",
+    init=lambda key, d_model, num_experts: jnp.zeros((num_experts,), jnp.float32),
+    axes=(None,),
+    update=lambda state, hidden, routing: update_expert_bias(
+        state, routing.expert_index, rate=BIAS_UPDATE_RATE
+    ),
+)
+
 SPEC = register(
-    RouterSpec(
-        "bias_balanced",
-        bias_balanced_top_k,
-        options=TopKOptions,
-        state=RouterStateSpec(
-            argument="expert_bias",
-            init=lambda key, d_model, num_experts: jnp.zeros((num_experts,), jnp.float32),
-            axes=(None,),
-            update=lambda state, hidden, routing: update_expert_bias(
-                state, routing.expert_index, rate=BIAS_UPDATE_RATE
-            ),
-        ),
-    )
+    RouterSpec("bias_balanced", bias_balanced_top_k, options=TopKOptions, state=EXPERT_BIAS_STATE)
 )

@@ -13,14 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.attention import (
-    apply_rotary,
-    check_hidden,
-    head_shape,
-    init_projections,
-    rotary_angles,
-)
+from moejax.attention import check_hidden, head_shape, init_projections
 from moejax.parallel.sharding import constrain, param
+from moejax.rotary import apply_rotary, rotary_angles
 from moejax.sparse_attention import sharded_kernel
 from moejax.sparse_attention.base import AttentionPlan, HeadShape, KindState
 from moejax.sparse_attention.config import AttentionConfig

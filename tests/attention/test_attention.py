@@ -8,7 +8,8 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moejax.attention import Attention, apply_rotary, causal_attention, rotary_angles
+from moejax.attention import Attention, causal_attention
+from moejax.rotary import apply_rotary, rotary_angles
 
 
 def _reference_attention(q, k, v):

@@ -12,9 +12,10 @@ from flax import nnx
 
 from moejax import routers
 from moejax.config import load_config_file, with_fields
-from moejax.models.layers import MLP, RMSNorm, rms_norm
+from moejax.models.layers import MLP, RMSNorm
 from moejax.models.moe_layer import MoELayer
 from moejax.models.transformer import TransformerLM
+from moejax.norms import rms_norm
 
 SMALL = dataclasses.replace(
     load_config_file(Path(__file__).resolve().parents[2] / "configs" / "tiny.py").model,

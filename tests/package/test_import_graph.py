@@ -28,13 +28,13 @@ KNOWN_EDGES: set[tuple[str, str]] = set()
 # sits below the config, the models and the drivers built on them.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("kernels_pallas", "moejax.errors", "moejax.stats", "moejax.plotting", "moejax.data"),
-    ("moejax.parallel",),
+    ("moejax.parallel", "moejax.rotary", "moejax.norms"),
     ("moejax.routers", "moejax.pruning", "moejax.depth", "moejax.attention"),
-    ("moejax.moe", "moejax.metrics", "moejax.sparse_attention"),
+    ("moejax.moe", "moejax.metrics", "moejax.sparse_attention", "moejax.latent_attention"),
     ("moejax.config",),
     ("moejax.cli", "moejax.models"),
     ("moejax.training", "moejax.tasks", "moejax.sampling"),
-    ("moejax.evaluation",),
+    ("moejax.evaluation", "moejax.pretrained"),
     ("moejax",),
 )
 
