@@ -16,8 +16,8 @@ PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class Checkpoint:
-    """The config and tensors of a checkpoint directory; shards are opened (memory-mapped) as
-    their tensors are first asked for, so reading costs at most the tensors in use."""
+    """The config and tensors of a checkpoint directory; a shard's header is read when one of
+    its tensors is first asked for, and each tensor is read on its own."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -72,7 +72,7 @@ class Checkpoint:
         return self._file(name).shape(name)
 
     def tensor(self, name: str) -> np.ndarray:
-        """The tensor `name`, read-only, in its stored dtype."""
+        """The tensor `name` in its stored dtype."""
         return self._file(name).tensor(name)
 
     def close(self) -> None:

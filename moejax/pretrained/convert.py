@@ -19,9 +19,9 @@ from moejax.errors import UserError
 from moejax.models.transformer import TransformerLM
 from moejax.parallel.sharding import logical_to_mesh
 from moejax.pretrained.architecture import Architecture, HFConfig, get
-from moejax.pretrained.checkpoint import INDEX, Checkpoint
+from moejax.pretrained.checkpoint import INDEX, SINGLE, Checkpoint
 from moejax.pretrained.mapping import Tensor
-from moejax.pretrained.safetensors import save_file
+from moejax.pretrained.safetensors import DTYPES, save_file
 from moejax.routers.base import RouterState
 from moejax.training.state import model_spec
 
@@ -36,6 +36,7 @@ COMPANION_FILES = (
     "chat_template.jinja",
 )
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+FLOAT_DTYPES = tuple(DTYPES[name] for name in ("F64", "F32", "F16", "BF16"))
 
 
 def _lookup(tree: Mapping, path: tuple) -> Any:
@@ -114,7 +115,7 @@ def from_hf(
                     f"{checkpoint.path}: tensor {name!r} has shape {array.shape}; config.json "
                     f"({config_summary(config)}) makes it {shape}"
                 )
-            if not np.issubdtype(array.dtype, np.floating):
+            if array.dtype not in FLOAT_DTYPES:
                 raise UserError(
                     f"{checkpoint.path}: tensor {name!r} has dtype {array.dtype}; expected a "
                     "floating dtype (float32, bfloat16, float16)"
@@ -206,12 +207,14 @@ def to_hf(
         architectures=[architecture.hf_class],
         torch_dtype=config.param_dtype,
     )
-    tensors: dict[str, np.ndarray] = {}
-    for tensor in architecture.tensors(config, HFConfig(hf_config)):
+    table = architecture.tensors(config, HFConfig(hf_config))
+
+    def converted(tensor: Tensor) -> dict[str, np.ndarray]:
         value = np.asarray(jax.device_get(_lookup(state[tensor.collection], tensor.path)))
-        for name, array in zip(tensor.names, tensor.save(value), strict=True):
-            tensors[name] = np.ascontiguousarray(array)
-    _write_shards(tensors, out, max_shard_bytes)
+        arrays = tensor.save(value)
+        return {n: np.ascontiguousarray(a) for n, a in zip(tensor.names, arrays, strict=True)}
+
+    _write_shards(table, state, converted, out, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if like is not None:
         for name in COMPANION_FILES:
@@ -220,26 +223,30 @@ def to_hf(
     return out
 
 
-def _write_shards(tensors: dict[str, np.ndarray], out: Path, max_shard_bytes: int) -> None:
-    shards: list[dict[str, np.ndarray]] = [{}]
+def _write_shards(table, state, converted, out: Path, max_shard_bytes: int) -> None:
+    """Writes the tensors of `table` in shards of at most `max_shard_bytes` (a moejax array
+    is never split), converting one shard's arrays at a time so that host memory holds one
+    shard, not the model."""
+    shards: list[list[Tensor]] = [[]]
     size = 0
-    for name in sorted(tensors):
-        array = tensors[name]
-        if shards[-1] and size + array.nbytes > max_shard_bytes:
-            shards.append({})
+    for tensor in table:
+        nbytes = _lookup(state[tensor.collection], tensor.path).nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = array
-        size += array.nbytes
+        shards[-1].append(tensor)
+        size += nbytes
     for stale in [*out.glob("model*.safetensors"), out / INDEX]:
         stale.unlink(missing_ok=True)
     if len(shards) == 1:
-        save_file(shards[0], out / "model.safetensors")
+        save_file({k: v for t in shards[0] for k, v in converted(t).items()}, out / SINGLE)
         return
-    weight_map = {}
+    weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out / file)
-        weight_map.update(dict.fromkeys(shard, file))
-    total = sum(a.nbytes for a in tensors.values())
+        tensors = {k: v for t in shard for k, v in converted(t).items()}
+        save_file(tensors, out / file)
+        weight_map.update(dict.fromkeys(tensors, file))
+        total += sum(a.nbytes for a in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")

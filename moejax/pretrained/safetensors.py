@@ -1,8 +1,9 @@
 """Reading and writing safetensors files without torch: a JSON header, then raw little-endian
 tensors (https://github.com/huggingface/safetensors, the format's description).
 
-Tensors are read through a memory map, so a file costs no memory until a tensor is touched and
-a tensor costs only its own bytes; bfloat16 comes through `ml_dtypes` (a JAX dependency).
+Each tensor is read on its own into a fresh array (positioned reads, no memory map), so a loader
+that converts and places one tensor before reading the next holds about one tensor in host
+memory however large the file; bfloat16 comes through `ml_dtypes` (a JAX dependency).
 """
 
 from __future__ import annotations
@@ -35,8 +36,7 @@ MAX_HEADER = 100_000_000
 
 
 class SafetensorsFile:
-    """The tensors of one `.safetensors` file by name, each read on demand (`tensor(name)` is a
-    read-only view into the memory-mapped file)."""
+    """The tensors of one `.safetensors` file by name, each read from disk when asked for."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -51,7 +51,6 @@ class SafetensorsFile:
         header.pop("__metadata__", None)
         self.entries: dict[str, dict] = header
         self.data_start = 8 + header_size
-        self._map: np.memmap | None = None
 
     def names(self) -> list[str]:
         return list(self.entries)
@@ -68,12 +67,19 @@ class SafetensorsFile:
         return DTYPES[code]
 
     def tensor(self, name: str) -> np.ndarray:
-        """The tensor `name`, a view into the file (copy it to keep it past the file)."""
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        """The tensor `name`, read into a new array."""
         begin, end = self.entries[name]["data_offsets"]
-        raw = self._map[self.data_start + begin : self.data_start + end]
-        return raw.view(self.dtype(name)).reshape(self.shape(name))
+        array = np.empty(self.shape(name), self.dtype(name))
+        if array.nbytes != end - begin:
+            raise UserError(
+                f"{self.path}: tensor {name!r} holds {end - begin} bytes; its shape and dtype "
+                f"need {array.nbytes}"
+            )
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != array.nbytes:
+                raise UserError(f"{self.path}: truncated inside tensor {name!r}")
+        return array
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str | Path, metadata: dict | None = None):
