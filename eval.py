@@ -1,5 +1,9 @@
 """Evaluate a checkpoint: `python eval.py --workdir DIR [--step N] [--config.mesh.expert=4 ...]`.
 
+`python eval.py --hf DIR --text FILE [--window N --stride M]` instead gives the sliding-window
+perplexity of a Hugging Face checkpoint (moejax.pretrained) on a local text file, tokenized with
+the checkpoint's own tokenizer.json.
+
 `--config.group.field=value` overrides a field of the run's saved config (`--help` lists them);
 `--flagfile FILE` reads flags from a file, one per line.
 
@@ -47,6 +51,17 @@ def _main(argv: list[str]) -> int:
         default=None,
         help="checkpoint to measure routing fluctuation against (default: the one before)",
     )
+    parser.add_argument("--hf", default=None, help="a Hugging Face checkpoint directory")
+    parser.add_argument("--text", default=None, help="with --hf: the text file to score")
+    parser.add_argument(
+        "--window", type=int, default=0, help="with --hf: tokens per window (0: max_seq_len)"
+    )
+    parser.add_argument(
+        "--stride", type=int, default=0, help="with --hf: tokens between windows (0: window/2)"
+    )
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="with --hf"
+    )
     distributed.add_flags(parser)
     cli.add_debug_flag(parser)
     args, overrides = cli.parse(
@@ -55,6 +70,8 @@ def _main(argv: list[str]) -> int:
         lambda known: (config_lib.Config(), "moejax.config.Config; eval.py overrides the run's"),
     )
     cli.setup_logging()
+    if args.hf is not None or args.text is not None:
+        return _evaluate_hf(args)
     for flag in ("step", "compare_step", "sample_bytes"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise config_lib.ConfigError(
@@ -146,6 +163,36 @@ def _main(argv: list[str]) -> int:
         png_path = out_dir / f"step_{step}_expert_load.png"
         plotting.save_png(figure, png_path)
         print(f"wrote {png_path}")
+    return 0
+
+
+def _evaluate_hf(args: argparse.Namespace) -> int:
+    """Sliding-window perplexity of the --hf checkpoint on --text; prints one JSON line too."""
+    if args.hf is None or args.text is None:
+        raise config_lib.ConfigError("--hf and --text go together: give both")
+    text_path = Path(args.text)
+    if not text_path.is_file():
+        raise config_lib.ConfigError(f"--text: {args.text!r} is not a file")
+    from moejax.pretrained import from_hf
+    from moejax.pretrained.text import load_tokenizer, sliding_window_perplexity
+
+    tokenizer = load_tokenizer(args.hf)
+    model, config = from_hf(args.hf, dtype=args.dtype)
+    window = args.window or config.max_seq_len
+    if not 1 < window <= config.max_seq_len:
+        raise config_lib.ConfigError(
+            f"--window: {window}; allowed: 2 .. max_position_embeddings={config.max_seq_len}"
+        )
+    stride = args.stride or max(1, window // 2)
+    token_ids = tokenizer.encode(text_path.read_text(encoding="utf-8")).ids
+    result = sliding_window_perplexity(model, np.asarray(token_ids), window=window, stride=stride)
+    print(
+        f"{args.hf}: perplexity {result['perplexity']:.4f} ({result['nll']:.4f} nats/token) "
+        f"over {result['tokens']} tokens of {args.text}, window {window}, stride {stride}"
+    )
+    print(
+        json.dumps({"hf": args.hf, "text": args.text, "window": window, "stride": stride, **result})
+    )
     return 0
 
 

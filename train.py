@@ -46,6 +46,12 @@ def _main(argv: list[str]) -> int:
         action="store_true",
         help="resume even though data, batch or optimiser fields differ from the run's",
     )
+    parser.add_argument(
+        "--init_from_hf",
+        default=None,
+        help="start from a Hugging Face checkpoint dir: its model config and weights (the "
+        "--config overrides apply on top)",
+    )
     distributed.add_flags(parser)
     cli.add_debug_flag(parser)
     args, overrides = cli.parse(
@@ -98,6 +104,15 @@ def _shared_fields(config) -> dict:
 def _lm_config(module, overrides: list[str], args: argparse.Namespace) -> config_lib.Config:
     """The language model's config: the file's, with the --config overrides."""
     config = config_lib.config_of(module, args.config.path, arg=args.config.arg)
+    if args.init_from_hf:
+        from moejax.pretrained import config_from_hf
+
+        model = config.model
+        pretrained, _, _ = config_from_hf(
+            args.init_from_hf, dtype=model.dtype, param_dtype=model.param_dtype
+        )
+        train = dataclasses.replace(config.train, init_from_hf=str(args.init_from_hf))
+        config = dataclasses.replace(config, model=pretrained, train=train)
     return config_lib.apply_overrides(config, overrides)
 
 

@@ -52,13 +52,18 @@ def write_checkpoint(directory: Path, layers: int) -> tuple[int, int]:
 
     from moejax.pretrained import config_from_hf
     from moejax.pretrained.safetensors import save_file
-    from moejax.training.state import model_spec
 
     directory.mkdir(parents=True, exist_ok=True)
     hf = dict(CONFIG, num_hidden_layers=layers)
     config, architecture, hf_config = config_from_hf(hf, dtype="bfloat16")
-    spec = model_spec(config)
-    targets = {"params": spec.abstract_params, "router_state": spec.abstract_router_state}
+    from flax import nnx
+
+    from moejax.models.transformer import TransformerLM
+    from moejax.routers.base import RouterState
+
+    abstract = nnx.eval_shape(lambda: TransformerLM(config, rngs=nnx.Rngs(0)))
+    _, params, router_state = nnx.split(abstract, nnx.Param, RouterState)
+    targets = {"params": nnx.to_pure_dict(params), "router_state": nnx.to_pure_dict(router_state)}
     rng = np.random.default_rng(0)
     shards, shard, size, parameters = [], {}, 0, 0
     for tensor in architecture.tensors(config, hf_config):

@@ -79,3 +79,17 @@ def fmnist_dir(build_once) -> pathlib.Path:
     from moejax.data import fashion_mnist
 
     return build_once("fmnist_tfds", fashion_mnist.prepare)
+
+
+@pytest.fixture
+def tiny_config(data_dir):
+    """configs/tiny.py reading the session's dataset; returns a function taking overrides."""
+    from moejax import config as config_lib
+
+    def make(*overrides: str):
+        config = config_lib.load_config_file(
+            pathlib.Path(__file__).parents[1] / "configs" / "tiny.py"
+        )
+        return config_lib.apply_overrides(config, [f"data.data_dir={data_dir}", *overrides])
+
+    return make

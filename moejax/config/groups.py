@@ -112,6 +112,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     # Write checkpoints in the background while training continues.
     async_checkpointing: bool = True
+    # A Hugging Face checkpoint directory whose weights start the run instead of random ones
+    # (`train.py --init_from_hf DIR` also takes the model config from it); "" for none.
+    # Parameters the run's model has and the checkpoint lacks (a new router's) start random.
+    init_from_hf: str = ""
 
     def __post_init__(self) -> None:
         require_positive(

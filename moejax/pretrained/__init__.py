@@ -13,7 +13,7 @@ a copy of the reference code: each architecture is a config translation plus a t
 
 from moejax.pretrained import deepseek_v3, llama, mixtral, olmoe, qwen2_moe, qwen3_moe
 from moejax.pretrained.architecture import ARCHITECTURES, Architecture, HFConfig, register
-from moejax.pretrained.convert import config_from_hf, from_hf, to_hf
+from moejax.pretrained.convert import config_from_hf, from_hf, load_state, to_hf
 
 __all__ = [
     "ARCHITECTURES",
@@ -23,6 +23,7 @@ __all__ = [
     "deepseek_v3",
     "from_hf",
     "llama",
+    "load_state",
     "mixtral",
     "olmoe",
     "qwen2_moe",

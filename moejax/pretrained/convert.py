@@ -17,13 +17,12 @@ from jax.sharding import Mesh, NamedSharding
 from moejax.config import ModelConfig
 from moejax.errors import UserError
 from moejax.models.transformer import TransformerLM
-from moejax.parallel.sharding import logical_to_mesh
+from moejax.parallel.sharding import logical_axes, logical_to_mesh
 from moejax.pretrained.architecture import Architecture, HFConfig, get
 from moejax.pretrained.checkpoint import INDEX, SINGLE, Checkpoint
 from moejax.pretrained.mapping import Tensor
 from moejax.pretrained.safetensors import DTYPES, save_file
 from moejax.routers.base import RouterState
-from moejax.training.state import model_spec
 
 # Tensors a checkpoint may hold that carry nothing a model needs (precomputed rotary tables).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -90,29 +89,58 @@ def from_hf(
     Reads config.json and the safetensors weights (one file or shards with an index), tensor by
     tensor: each is converted to moejax's layout and `param_dtype`, and placed on `mesh` with
     its parameter sharding (experts split over `expert`) before the next is read, so host
-    memory holds about one parameter at a time beside the memory-mapped files. Calling the
-    model on `tokens [batch, length]` gives logits `[batch, length, vocab]` first.
+    memory holds about one parameter at a time. Calling the model on `tokens [batch, length]`
+    gives logits `[batch, length, vocab]` first.
 
     Raises `UserError` naming the file or tensor for an unsupported architecture or option, a
     missing shard or tensor, a shape or dtype that does not fit the config, a tensor the
     config does not use, or a checkpoint with only pickled `.bin` weights.
     """
+    config, _, _ = config_from_hf(path, dtype=dtype, param_dtype=param_dtype)
+    abstract = nnx.eval_shape(lambda: TransformerLM(config, rngs=nnx.Rngs(0)))
+    graphdef, _, _ = nnx.split(abstract, nnx.Param, RouterState)
+    values, _ = load_state(path, config, mesh=mesh, strict=True)
+    return nnx.merge(graphdef, values["params"], values["router_state"]), config
+
+
+def load_state(
+    path: str | Path,
+    config: ModelConfig,
+    *,
+    mesh: Mesh | None = None,
+    strict: bool = True,
+) -> tuple[dict[str, dict], list[str]]:
+    """The checkpoint's arrays for a model of `config`: ({"params": pure dict, "router_state":
+    pure dict}, the moejax paths left out), each array in `config.param_dtype` on `mesh`.
+
+    `config` may differ from the checkpoint's own model config where a run changes it (another
+    router, another dispatch): with `strict=False` a checkpoint tensor with no place in
+    `config`'s model is skipped and a parameter of that model with no tensor is left out (the
+    caller keeps its initial value); with `strict=True` both are errors. A shape that differs
+    is an error either way.
+    """
     checkpoint = Checkpoint(path)
-    config, architecture, hf = config_from_hf(path, dtype=dtype, param_dtype=param_dtype)
-    spec = model_spec(config)
-    targets = {"params": spec.abstract_params, "router_state": spec.abstract_router_state}
-    axes = {"params": spec.logical_axes, "router_state": spec.router_state_axes}
+    own, architecture, hf = config_from_hf(path)
+    abstract = nnx.eval_shape(lambda: TransformerLM(config, rngs=nnx.Rngs(0)))
+    _, params, router_state = nnx.split(abstract, nnx.Param, RouterState)
+    targets = {"params": nnx.to_pure_dict(params), "router_state": nnx.to_pure_dict(router_state)}
+    axes = {"params": logical_axes(params), "router_state": logical_axes(router_state)}
     values: dict[str, dict] = {"params": {}, "router_state": {}}
     used = set()
-    for tensor in architecture.tensors(config, hf):
-        target = _lookup(targets[tensor.collection], tensor.path)
+    for tensor in architecture.tensors(own, hf):
+        try:
+            target = _lookup(targets[tensor.collection], tensor.path)
+        except KeyError:
+            if strict:
+                raise
+            continue
         expected = _expected_shapes(tensor, target.shape)
         arrays = []
         for name, shape in zip(tensor.names, expected, strict=True):
             array = checkpoint.tensor(name)
             if array.shape != shape:
                 raise UserError(
-                    f"{checkpoint.path}: tensor {name!r} has shape {array.shape}; config.json "
+                    f"{checkpoint.path}: tensor {name!r} has shape {array.shape}; the model "
                     f"({config_summary(config)}) makes it {shape}"
                 )
             if array.dtype not in FLOAT_DTYPES:
@@ -130,22 +158,32 @@ def from_hf(
             placed = jax.device_put(value, NamedSharding(mesh, logical_to_mesh(names, mesh)))
         _assign(values[tensor.collection], tensor.path, placed)
         del value, arrays
-    _check_complete(checkpoint, targets, values, used, config)
+    left_out = _left_out(targets, values)
+    if strict:
+        _check_complete(checkpoint, left_out, used, own)
     checkpoint.close()
-    return spec.merge(values), config
+    return values, left_out
 
 
-def _check_complete(checkpoint, targets, values, used, config) -> None:
+def _left_out(targets: dict, values: dict) -> list[str]:
+    """The paths of `targets` that `values` does not hold, as "collection/a/b/c"."""
+    missing = []
     for collection, tree in targets.items():
         for leaf in _leaf_paths(tree):
             try:
                 _lookup(values[collection], leaf)
             except KeyError:
-                raise UserError(
-                    f"moejax.pretrained: no checkpoint tensor maps to {'/'.join(map(str, leaf))} "
-                    f"of the {checkpoint.config.get('model_type')} model; this config "
-                    "combination is not supported"
-                ) from None
+                missing.append("/".join(map(str, (collection, *leaf))))
+    return missing
+
+
+def _check_complete(checkpoint, left_out, used, config) -> None:
+    if left_out:
+        raise UserError(
+            f"moejax.pretrained: no checkpoint tensor maps to {left_out[0]} of the "
+            f"{checkpoint.config.get('model_type')} model; this config combination is not "
+            "supported"
+        )
     unused = sorted(
         name
         for name in checkpoint.files

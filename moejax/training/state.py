@@ -8,6 +8,7 @@ turns them back into a module inside the step.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import jax
@@ -23,6 +24,8 @@ from moejax.pruning.config import PruningConfig, wrap_optimizer
 from moejax.routers.base import RouterState
 from moejax.sparse_attention.config import AttentionConfig
 from moejax.training.pruning import LMPruning, deployed_params
+
+log = logging.getLogger(__name__)
 
 # {"step": int32 [], "params": pure dict, "opt_state": optax state} and, for routers with
 # state (expert biases, centroids), "router_state": pure dict. Models without router state
@@ -168,18 +171,50 @@ def state_layout(config: Config, mesh: Mesh) -> StateLayout:
     )
 
 
-def init_state(config: Config, layout: StateLayout) -> TrainState:
-    """Initialises parameters and optimizer state directly in their sharded layout."""
+def pretrained_values(config: Config, layout: StateLayout) -> dict[str, dict]:
+    """`config.train.init_from_hf`'s arrays for this run's model, placed like its parameters
+    ({"params", "router_state"} pure dicts holding what the checkpoint has); empty without
+    one."""
+    if not config.train.init_from_hf:
+        return {"params": {}, "router_state": {}}
+    from moejax.pretrained import load_state
 
-    def init(key: jax.Array) -> TrainState:
+    mesh = jax.tree.leaves(layout.shardings)[0].mesh
+    values, left_out = load_state(config.train.init_from_hf, config.model, mesh=mesh, strict=False)
+    if left_out:
+        log.info(
+            "init_from_hf: %d arrays start from their random init (%s%s)",
+            len(left_out),
+            ", ".join(left_out[:4]),
+            ", ..." if len(left_out) > 4 else "",
+        )
+    return values
+
+
+def _overlay(initial: Any, loaded: Any) -> Any:
+    """`initial` (a pure dict) with the leaves `loaded` holds replaced by them."""
+    if not isinstance(initial, dict):
+        return loaded
+    return {
+        key: _overlay(value, loaded[key]) if key in loaded else value
+        for key, value in initial.items()
+    }
+
+
+def init_state(config: Config, layout: StateLayout) -> TrainState:
+    """Initialises parameters and optimizer state directly in their sharded layout; with
+    `train.init_from_hf` the parameters start from that checkpoint."""
+
+    def init(key: jax.Array, loaded: dict[str, dict]) -> TrainState:
         model = TransformerLM(config.model, attention=config.attention, rngs=nnx.Rngs(key))
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        params = _overlay(nnx.to_pure_dict(nnx.state(model, nnx.Param)), loaded["params"])
         opt_state = layout.optimizer.init(params)
         if layout.pruning is not None:
             opt_state = layout.pruning.record(opt_state, params)
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
         if layout.spec.abstract_router_state:
-            state["router_state"] = nnx.to_pure_dict(nnx.state(model, RouterState))
+            router_state = nnx.to_pure_dict(nnx.state(model, RouterState))
+            state["router_state"] = _overlay(router_state, loaded["router_state"])
         return state
 
     platforms = {leaf.mesh.devices.flat[0].platform for leaf in jax.tree.leaves(layout.shardings)}
@@ -189,7 +224,7 @@ def init_state(config: Config, layout: StateLayout) -> TrainState:
     # initial values' last float32 bits depend on the level, and every process uses the same.
     options = {"xla_backend_optimization_level": 1} if platforms == {"cpu"} else None
     return jax.jit(init, out_shardings=layout.shardings, compiler_options=options)(
-        jax.random.key(config.train.seed)
+        jax.random.key(config.train.seed), pretrained_values(config, layout)
     )
 
 

@@ -33,8 +33,9 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("moejax.moe", "moejax.metrics", "moejax.sparse_attention", "moejax.latent_attention"),
     ("moejax.config",),
     ("moejax.cli", "moejax.models"),
-    ("moejax.training", "moejax.tasks", "moejax.sampling"),
-    ("moejax.evaluation", "moejax.pretrained"),
+    ("moejax.pretrained",),
+    ("moejax.training", "moejax.tasks", "moejax.sampling", "moejax.generation"),
+    ("moejax.evaluation",),
     ("moejax",),
 )
 
