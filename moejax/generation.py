@@ -31,7 +31,8 @@ class Generated:
 
     Attributes:
       tokens: per prompt, the generated tokens (stop token included, when one ended it).
-      logits: `[batch, max_new_tokens, vocab]` float32, the logits each new token was drawn
+      logits: `[batch, steps, vocab]` float32 (steps <= max_new_tokens: fewer when every
+        sequence stopped early), the logits each new token was drawn
         from (rows past a sequence's end are those of the padding it kept running on).
       prefill_seconds, decode_seconds: wall time of the prefill and of the decode steps
         (compilation included on a first call).
@@ -60,6 +61,29 @@ def sample_next(
         threshold = jnp.min(jnp.where(before < top_p, sorted_probs, jnp.inf), axis=-1)
         scaled = jnp.where(probs >= threshold[:, None], scaled, -jnp.inf)
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+# Compiled once per model structure and sampling settings, shared by every `generate` call.
+@functools.partial(jax.jit, static_argnums=(0,))
+def _prefill(graphdef, state, tokens, cache):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return nnx.merge(graphdef, state).decode(tokens, positions, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "top_p"))
+def _first_token(logits, lengths, key, *, temperature, top_p):
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return sample_next(last, key, temperature=temperature, top_p=top_p), last
+
+
+# The cache is donated: each step updates it in place instead of copying it.
+@functools.partial(
+    jax.jit, static_argnums=(0,), static_argnames=("temperature", "top_p"), donate_argnums=(4,)
+)
+def _step(graphdef, state, token, position, cache, key, *, temperature, top_p):
+    logits, cache = nnx.merge(graphdef, state).decode(token[:, None], position[:, None], cache)
+    last = logits[:, 0]
+    return sample_next(last, key, temperature=temperature, top_p=top_p), last, cache
 
 
 def generate(
@@ -103,30 +127,12 @@ def generate(
         tokens[row, : len(prompt)] = prompt
     graphdef, state = nnx.split(model)
     cache = model.init_cache(batch, total)
-
-    @jax.jit
-    def prefill(state, tokens, cache):
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        logits, cache = nnx.merge(graphdef, state).decode(tokens, positions, cache)
-        return logits, cache
-
-    @jax.jit
-    def last_of_prompt(logits, lengths, key):
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        return sample_next(last, key, temperature=temperature, top_p=top_p), last
-
-    # The cache is donated: each step updates it in place instead of copying it.
-    @functools.partial(jax.jit, donate_argnums=(3,))
-    def step(state, token, position, cache, key):
-        logits, cache = nnx.merge(graphdef, state).decode(token[:, None], position[:, None], cache)
-        last = logits[:, 0]
-        return sample_next(last, key, temperature=temperature, top_p=top_p), last, cache
-
+    sampling = {"temperature": float(temperature), "top_p": float(top_p)}
     key = jax.random.key(seed)
     start = time.perf_counter()
-    logits, cache = prefill(state, jnp.asarray(tokens), cache)
+    logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), cache)
     key, subkey = jax.random.split(key)
-    token, last = last_of_prompt(logits, jnp.asarray(lengths), subkey)
+    token, last = _first_token(logits, jnp.asarray(lengths), subkey, **sampling)
     token.block_until_ready()
     prefill_seconds = time.perf_counter() - start
     stops = set(int(t) for t in stop_tokens)
@@ -143,7 +149,7 @@ def generate(
         if done.all() or i == max_new_tokens - 1:
             break
         key, subkey = jax.random.split(key)
-        token, last, cache = step(state, token, position, cache, subkey)
+        token, last, cache = _step(graphdef, state, token, position, cache, subkey, **sampling)
         step_logits.append(last)
         position = position + 1
     logits_out = np.stack([np.asarray(x) for x in step_logits], axis=1)

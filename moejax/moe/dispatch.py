@@ -71,7 +71,9 @@ class DispatchOptions:
         return self
 
 
-@dataclasses.dataclass(frozen=True)
+# Compared and hashed by identity: one registered instance per name (a model\'s static
+# structure holds it, and jit hashes that structure).
+@dataclasses.dataclass(frozen=True, eq=False)
 class DispatchSpec:
     """Everything `moe_ffn` needs to know about one strategy.
 

@@ -128,7 +128,9 @@ class RouterStateSpec:
     update: Callable[[jax.Array, jax.Array, Routing], jax.Array]
 
 
-@dataclasses.dataclass(frozen=True)
+# Compared and hashed by identity: one registered instance per name (a model\'s static
+# structure holds it, and jit hashes that structure).
+@dataclasses.dataclass(frozen=True, eq=False)
 class RouterSpec:
     """Everything the MoE layer needs to know about one router.
 
