@@ -12,7 +12,8 @@ Subpackages: `routers` (one file per router, `RouterSpec` registry), `moe` (`Dis
 registry: capacity, dropless, expert_parallel, llep; the one SwiGLU), `sparse_attention` (block
 masks, MoBA, routing), `pruning` (masks, schedules, the optax wrapper, N:M), `depth`
 (mixture-of-depths, layer routers), `parallel` (meshes and logical axes, several processes,
-ahead-of-time compiles), `config` (the typed experiment config of `train.py`).
+ahead-of-time compiles), `config` (the typed experiment config of `train.py`), `pretrained`
+(Hugging Face checkpoints in and out), `generation` (KV-cached decoding: `generate`).
 """
 
 from importlib import metadata as _metadata
@@ -22,9 +23,11 @@ from moejax import (
     config,
     depth,
     errors,
+    generation,
     metrics,
     moe,
     parallel,
+    pretrained,
     pruning,
     routers,
     sparse_attention,
@@ -39,6 +42,7 @@ from moejax.config import (
     RouterConfig,
 )
 from moejax.errors import ConfigError, UserError
+from moejax.generation import generate
 from moejax.models.moe_layer import MoELayer, RouterContext
 from moejax.models.transformer import TransformerLM
 from moejax.moe import DispatchOptions, DispatchSpec
@@ -75,10 +79,13 @@ __all__ = [
     "config",
     "depth",
     "errors",
+    "generate",
+    "generation",
     "masks",
     "metrics",
     "moe",
     "parallel",
+    "pretrained",
     "pruning",
     "routers",
     "sparse_attention",

@@ -437,7 +437,7 @@ def _typed_json_value(field: str, value: Any, annotation: Any) -> Any:
     (JSON has one number type, so an integer is a valid float)."""
     if typing.get_origin(annotation) is tuple:
         (element, _) = typing.get_args(annotation)
-        if not isinstance(value, list):
+        if not isinstance(value, list | tuple):
             raise ConfigError(f"{field}: value {value!r:.80} is not a list")
         return tuple(_typed_json_value(field, item, element) for item in value)
     options = typing.get_args(annotation) or (annotation,)

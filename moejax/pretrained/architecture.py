@@ -70,6 +70,7 @@ ARCHITECTURES: dict[str, Architecture] = {}
 
 
 def register(architecture: Architecture) -> Architecture:
+    """Makes `architecture.model_type` loadable by `from_hf`; returns it."""
     if architecture.model_type in ARCHITECTURES:
         raise ValueError(f"architecture {architecture.model_type!r} is registered already")
     ARCHITECTURES[architecture.model_type] = architecture
@@ -77,6 +78,7 @@ def register(architecture: Architecture) -> Architecture:
 
 
 def get(model_type: str, source: str = "config.json") -> Architecture:
+    """The architecture of `model_type`; a UserError naming `source` and the supported ones."""
     if model_type not in ARCHITECTURES:
         raise UserError(
             f"{source}: model_type {model_type!r} is not supported; moejax loads "

@@ -49,9 +49,17 @@ def test_extras_name_the_accelerator_builds_and_dev_has_the_test_tools():
         "nvidia-nvjitlink-cu12",
     }
     dev = " ".join(extras["dev"])
-    for tool in ("moejax[train,notebooks]", "pytest", "hypothesis", "ruff", "chex", "pdoc"):
+    for tool in (
+        "moejax[train,notebooks,pretrained]",
+        "pytest",
+        "hypothesis",
+        "ruff",
+        "chex",
+        "pdoc",
+    ):
         assert tool in dev
     assert any(dep.startswith("tensorboard>") for dep in extras["train"])
+    assert extras["pretrained"] == ["tokenizers>=0.20"]
     assert {"nbclient", "nbformat", "ipykernel", "matplotlib"} <= {
         dep.split(">")[0] for dep in extras["notebooks"]
     }
