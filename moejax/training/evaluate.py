@@ -24,8 +24,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Runs `eval_step` over `batches`; returns a dict of floats and per-expert arrays.
 
-    `loss` is the mean next-byte negative log-likelihood in nats, `bits_per_byte` the same in
-    bits (the corpus is byte-level, one token per byte), `perplexity` exp(loss); routing
+    `loss` is the mean next-token negative log-likelihood in nats, `bits_per_byte` the same in
+    bits (per byte on the byte corpus; per token with `data.tokenizer`), `perplexity`
+    exp(loss); routing
     statistics (`moe/layer{i}/...`) are averaged over batches.
     """
     nll, tokens, routing_sums, count = 0.0, 0.0, {}, 0

@@ -198,9 +198,11 @@ def _train_locked(
         stopping = False
         # The untrained model's validation loss is the baseline every later one is read against.
         last_eval = None
+        # `bits_per_byte` is per token: a byte, or a tokenizer's token.
+        unit = "bits/token" if data_cfg.tokenizer else "bits/byte"
         if restored_from is None:
             last_eval = run_eval(step)
-            say(f"step 0 (untrained): validation {last_eval['bits_per_byte']:.4f} bits/byte")
+            say(f"step 0 (untrained): validation {last_eval['bits_per_byte']:.4f} {unit}")
         while step < train_cfg.steps and not stopping:
             batch = global_batch(mesh, next(train_iter))
             state, metrics = train_step(state, batch)
@@ -241,7 +243,7 @@ def _train_locked(
                 last_eval = run_eval(step)
                 say(
                     f"step {step}: validation loss {last_eval['loss']:.4f} nats, "
-                    f"{last_eval['bits_per_byte']:.4f} bits/byte" + _sparsity_text(last_eval)
+                    f"{last_eval['bits_per_byte']:.4f} {unit}" + _sparsity_text(last_eval)
                 )
             if due_save or stopping:
                 checkpointer.save(step, state, train_iter.get_state())

@@ -89,7 +89,10 @@ def test_a_changed_router_keeps_the_checkpoint_weights_it_can_use(
     assert variables["router_state"]["blocks"][0]["ffn"]["router_state"].shape == (4,)
 
 
-def test_train_py_takes_the_model_from_the_checkpoint(checkpoint, data_dir, tmp_path):
+def test_train_py_takes_the_model_and_tokenizer_from_the_checkpoint(build_once, data_dir, tmp_path):
+    """The transformers-built OLMoE (vocabulary 128, its own tokenizer.json): the run trains
+    on the corpus's token ids, and a --config override applies on top."""
+    checkpoint = shared_checkpoints(build_once) / "olmoe"
     workdir = tmp_path / "run"
     command = [
         sys.executable,
@@ -108,10 +111,33 @@ def test_train_py_takes_the_model_from_the_checkpoint(checkpoint, data_dir, tmp_
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "bits/token" in done.stderr + done.stdout
     recorded = config_lib.load_json(workdir / "config.json")
     assert recorded.train.init_from_hf == str(checkpoint)
-    assert (recorded.model.d_model, recorded.model.qk_norm) == (32, "across_heads")
+    assert recorded.data.tokenizer == str(checkpoint)
+    assert (recorded.model.vocab_size, recorded.model.qk_norm) == (128, "across_heads")
     assert recorded.model.moe.top_k == 1  # the override applies on top of the checkpoint's
+
+
+def test_tokenized_rows_are_the_tokenizer_ids_of_the_documents(build_once, data_dir):
+    """Validation rows with data.tokenizer: the documents' token ids, concatenated and cut."""
+    from moejax.data import make_eval_batches
+    from moejax.data.shakespeare import data_source
+    from moejax.pretrained.text import load_tokenizer
+
+    checkpoint = shared_checkpoints(build_once) / "olmoe"
+    tokenizer = load_tokenizer(checkpoint)
+    source = data_source(data_dir, "validation")
+    ids = []
+    for i in range(3):
+        text = bytes(source[i]["bytes"]).decode("utf-8", errors="replace")
+        ids += tokenizer.encode(text, add_special_tokens=False).ids
+    batch = make_eval_batches(
+        data_dir, seq_len=16, batch_size=2, max_batches=1, tokenizer=str(checkpoint)
+    )[0]
+    np.testing.assert_array_equal(batch["inputs"][0], ids[:16])
+    np.testing.assert_array_equal(batch["targets"][0], ids[1:17])
+    np.testing.assert_array_equal(batch["inputs"][1], ids[17:33])
 
 
 def test_sliding_window_perplexity_scores_each_token_once_with_its_context(checkpoint):
