@@ -175,3 +175,22 @@ def test_unsupported_option_is_named(checkpoints, tmp_path):
     _edit_config(directory, clip_qkv=8.0)
     with pytest.raises(UserError, match=r"'clip_qkv' is 8.0"):
         from_hf(directory)
+
+
+def test_load_onto_a_mesh_places_each_parameter_with_its_sharding(checkpoints):
+    """8 devices (data 2, fsdp 2, tensor 2): every parameter arrives with the sharding of its
+    logical axes, and the logits are those of the one-device load."""
+    import jax
+
+    from moejax.parallel.sharding import logical_to_mesh, make_mesh
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}, jax.devices()[:8])
+    model, _ = from_hf(checkpoints / "qwen3_moe", mesh=mesh)
+    w_q = model.blocks[0].attention.w_q
+    assert w_q[...].sharding.spec == logical_to_mesh(("embed", "heads", "head_dim"), mesh)
+    assert w_q[...].addressable_shards[0].data.shape[1] == w_q[...].shape[1] // 2
+    tokens = jnp.tile(jnp.asarray(_reference(checkpoints, "qwen3_moe")["tokens"]), (2, 1))
+    alone, _ = from_hf(checkpoints / "qwen3_moe")
+    with jax.set_mesh(mesh):
+        on_mesh = np.asarray(model(tokens, train=False)[0])
+    np.testing.assert_allclose(on_mesh, np.asarray(alone(tokens, train=False)[0]), atol=1e-5)
