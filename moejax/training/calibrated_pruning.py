@@ -1,0 +1,137 @@
+"""One-shot pruning of a trained language model's feed-forward weights from calibration text:
+magnitude, Wanda or SparseGPT (`moejax.pruning.one_shot`), block after block.
+
+Block i is calibrated on the activations of the model whose blocks before i are already pruned,
+so each block learns to work with the errors of the ones before it. Routing-aware: an expert's
+statistics count only the tokens its router sends it (by the layer's own `MoELayer.route`), and
+an expert that receives none of the calibration tokens is pruned by magnitude (nothing to
+calibrate on). Shared experts and dense MLPs see every token; routers stay dense. Within a
+block, the down projections are calibrated on the hidden activations of the dense gate and up
+projections. Statistics accumulate batch by batch: one block's `d_in x d_in` sums, never the
+activations of all batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax.errors import require
+from moejax.models.moe_layer import MoELayer, RouterContext
+from moejax.pruning.one_shot import (
+    LayerStatistics,
+    accumulate,
+    magnitude_mask,
+    sparsegpt,
+    wanda_mask,
+)
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+PROJECTIONS = ("w_gate", "w_up", "w_down")
+
+
+def _ffn_inputs(model: Any, tokens: jax.Array) -> dict[int, tuple[jax.Array, jax.Array | None]]:
+    """For each block: (its feed-forward input `[tokens, d_model]`, the MoE routing's
+    `expert_index [tokens, top_k]` or None for a dense MLP), in evaluation mode."""
+    forward = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)
+    _, outputs = forward(tokens, train=False)
+    records = {}
+    for layer, block in enumerate(model.blocks):
+        x = outputs["blocks"][layer]["ffn_norm"]["__call__"].get_value()[0]
+        index = None
+        if isinstance(block.ffn, MoELayer):
+            index = block.ffn.route(x, RouterContext(token_ids=tokens), train=False).expert_index
+        records[layer] = (x.reshape(-1, x.shape[-1]).astype(jnp.float32), index)
+    return records
+
+
+def _hidden(x: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
+    """SwiGLU's hidden activations `[tokens, d_ff]` (the down projection's input)."""
+    return jax.nn.silu(x @ w_gate) * (x @ w_up)
+
+
+def _prune(w, stats: LayerStatistics | None, method, sparsity, nm):
+    """(pruned w, kept mask) of one `[d_in, d_out]` weight."""
+    if method == "magnitude" or stats is None or float(stats.tokens) == 0:
+        mask = magnitude_mask(w, sparsity, nm)
+        return jnp.where(mask, w, 0), mask
+    if method == "wanda":
+        mask = wanda_mask(w, stats.sq_norms, sparsity, nm)
+        return jnp.where(mask, w, 0), mask
+    return sparsegpt(w, stats.hessian, sparsity, nm)
+
+
+def prune_feed_forwards(
+    model: Any,
+    calibration: Sequence[np.ndarray],
+    *,
+    method: str,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """Prunes every block's MLP or experts (gate, up, down; routed and shared) of `model` (a
+    `TransformerLM`, changed in place) from the `calibration` token batches `[batch, length]`,
+    block after block (see the module docstring). Returns a report: per block, the kept share
+    of each weight and, for MoE blocks, the calibration tokens each expert saw."""
+    require(method in METHODS, "method", method, ", ".join(METHODS))
+    require(len(calibration) > 0, "calibration", len(calibration), "at least one batch")
+    capture = nnx.jit(_ffn_inputs)
+    report = {}
+    for layer, block in enumerate(model.blocks):
+        captured = [capture(model, jnp.asarray(tokens))[layer] for tokens in calibration]
+        ffn = block.ffn
+        if isinstance(ffn, MoELayer):
+            report[f"block{layer}"] = _prune_moe(ffn, captured, method, sparsity, nm)
+        else:
+            weights = {name: getattr(ffn, name)[...] for name in PROJECTIONS}
+            stats = _statistics(captured, weights, None)
+            kept = []
+            for name in PROJECTIONS:
+                pruned, mask = _prune(weights[name], stats[name], method, sparsity, nm)
+                getattr(ffn, name)[...] = pruned
+                kept.append(float(jnp.mean(mask)))
+            report[f"block{layer}"] = {"kept": float(np.mean(kept))}
+    return report
+
+
+def _statistics(captured, weights, expert_tokens) -> dict[str, LayerStatistics]:
+    """Input statistics of gate/up (the block's input) and down (the hidden activations),
+    counting the tokens `expert_tokens(index) -> [tokens] bool` selects (all when None)."""
+    d_model, d_ff = weights["w_gate"].shape
+    stats_in, stats_hidden = LayerStatistics.zeros(d_model), LayerStatistics.zeros(d_ff)
+    for x, index in captured:
+        selected = None if expert_tokens is None else expert_tokens(index)
+        stats_in = accumulate(stats_in, x, selected)
+        hidden = _hidden(
+            x, weights["w_gate"].astype(jnp.float32), weights["w_up"].astype(jnp.float32)
+        )
+        stats_hidden = accumulate(stats_hidden, hidden, selected)
+    return {"w_gate": stats_in, "w_up": stats_in, "w_down": stats_hidden}
+
+
+def _prune_moe(ffn: MoELayer, captured, method, sparsity, nm) -> dict[str, Any]:
+    tokens_seen = []
+    stacked = {name: getattr(ffn, name)[...] for name in PROJECTIONS}
+    pruned = {name: [] for name in PROJECTIONS}
+    for expert in range(ffn.num_experts):
+        weights = {name: stacked[name][expert] for name in PROJECTIONS}
+        stats = _statistics(captured, weights, lambda index, e=expert: jnp.any(index == e, axis=1))
+        tokens_seen.append(int(stats["w_gate"].tokens))
+        for name in PROJECTIONS:
+            pruned[name].append(_prune(weights[name], stats[name], method, sparsity, nm)[0])
+    for name in PROJECTIONS:
+        getattr(ffn, name)[...] = jnp.stack(pruned[name])
+    if ffn.moe.num_shared_experts:
+        for shared in range(ffn.moe.num_shared_experts):
+            weights = {n: getattr(ffn, f"shared_{n}")[...][shared] for n in PROJECTIONS}
+            stats = _statistics(captured, weights, None)
+            for name in PROJECTIONS:
+                value = _prune(weights[name], stats[name], method, sparsity, nm)[0]
+                variable = getattr(ffn, f"shared_{name}")
+                variable[...] = variable[...].at[shared].set(value)
+    return {"expert_tokens": tokens_seen}
