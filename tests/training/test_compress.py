@@ -1,0 +1,63 @@
+"""`python -m moejax.compress`: a trained workdir in, a pruned workdir out that eval.py reads."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(directory)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_compress_writes_a_pruned_workdir_that_eval_reads(run, tmp_path):
+    before = _digest(run)
+    out = tmp_path / "pruned"
+    command = [sys.executable, "-m", "moejax.compress", "--workdir", str(run), "--out", str(out)]
+    options = ["--method", "sparsegpt", "--sparsity", "0.5", "--pattern", "2:4"]
+    done = subprocess.run(
+        [*command, *options, "--calib_batches", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _digest(run) == before  # W is only read
+    from moejax.training.restore import restore_run
+
+    _, step, variables = restore_run(out)
+    assert step == restore_run(run)[1]
+    for block in variables["params"]["blocks"].values():
+        for name in ("w_gate", "w_up", "w_down"):
+            w = np.asarray(block["ffn"][name])
+            groups = (w != 0).reshape(*w.shape[:-2], -1, 4, w.shape[-1]).sum(-2)
+            assert np.all(groups <= 2), name
+    evaluated = subprocess.run(
+        [sys.executable, "eval.py", "--workdir", str(out), "--sample_bytes", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    results = json.loads(next((out / "eval").glob("step_*.json")).read_text())
+    assert 0 < results["bits_per_byte"] < 10
+    bad = subprocess.run(
+        [*command[:-1], str(tmp_path / "other"), "--method", "obs"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "--method: 'obs'; allowed: magnitude, wanda, sparsegpt" in (
+        bad.stderr
+    )
