@@ -60,11 +60,18 @@ def _main(argv: list[str]) -> int:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out: {out} exists and is not empty; give a new directory")
     cli.setup_logging()
-    _compress(workdir, out, args.method, args.sparsity, nm, args.calib_batches)
+    summary, report = _compress(workdir, out, args.method, args.sparsity, nm, args.calib_batches)
+    print(summary)
+    for block, entry in report.items():
+        print(f"  {block}: {entry}")
     return 0
 
 
-def _compress(workdir: Path, out: Path, method: str, sparsity: float, nm, calib_batches: int):
+def _compress(
+    workdir: Path, out: Path, method: str, sparsity: float, nm, calib_batches: int
+) -> tuple[str, dict]:
+    """Prunes `workdir`'s newest checkpoint into the new workdir `out`: (a one-line summary,
+    the per-block report of `prune_feed_forwards`)."""
     import jax
     import numpy as np
     from flax import nnx
@@ -103,13 +110,12 @@ def _compress(workdir: Path, out: Path, method: str, sparsity: float, nm, calib_
     checkpointer.close()
     workdir_lib.write_config(out, config)
     pattern = "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
-    print(
+    summary = (
         f"pruned the feed-forwards of {workdir} step {restored.step} by {method}, "
         f"{100 * sparsity:.0f}% {pattern}, from {calib_batches} calibration batches in "
         f"{seconds:.1f} s; wrote {out}"
     )
-    for block, entry in report.items():
-        print(f"  {block}: {entry}")
+    return summary, report
 
 
 if __name__ == "__main__":
