@@ -16,9 +16,11 @@ from moejax.norms import rms_norm
 from moejax.parallel.sharding import constrain, param
 from moejax.rotary import RopeScaling, apply_rotary, rotary_angles, rotary_frequencies
 
-# How queries and keys are normalised before the rotary embedding: not at all, per head over
-# head_dim (Qwen3), or across all heads at once (OLMoE normalises the whole projection).
-QK_NORMS = ("none", "per_head", "across_heads")
+# How queries and keys are normalised before the rotary embedding, as the trailing axes of
+# `[batch, length, heads, head_dim]` the RMS is taken over (and the norm's scale spans): not at
+# all, per head over head_dim (Qwen3), or across all heads at once (OLMoE normalises the whole
+# projection).
+QK_NORMS: dict[str, tuple[int, ...]] = {"none": (), "per_head": (-1,), "across_heads": (-2, -1)}
 
 
 def check_hidden(layer: str, x: jax.Array, d_model: int) -> None:
@@ -154,7 +156,7 @@ class AttentionOptions:
     max_position: int = 0
 
     def __post_init__(self) -> None:
-        require_one_of("AttentionOptions.qk_norm", self.qk_norm, QK_NORMS)
+        require_one_of("AttentionOptions.qk_norm", self.qk_norm, list(QK_NORMS))
 
 
 @jax.tree_util.register_dataclass
@@ -239,7 +241,7 @@ class Attention(nnx.Module):
         self.d_model = d_model
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_base, self.dtype = rope_base, dtype
-        self.qk_norm, self.norm_eps = options.qk_norm, options.norm_eps
+        self.norm_eps = options.norm_eps
         inv_freq, self.rope_attention_factor = rotary_frequencies(
             head_dim, rope_base, options.rope_scaling, options.max_position
         )
@@ -257,14 +259,12 @@ class Attention(nnx.Module):
                 setattr(self, name, param(bias, ("kv_heads", "head_dim")))
         if options.out_bias:
             self.b_o = param(jnp.zeros((d_model,), param_dtype), ("embed",))
-        if options.qk_norm == "per_head":
-            self.q_norm = param(jnp.ones((head_dim,), param_dtype), ("head_dim",))
-            self.k_norm = param(jnp.ones((head_dim,), param_dtype), ("head_dim",))
-        elif options.qk_norm == "across_heads":
-            self.q_norm = param(jnp.ones((num_heads, head_dim), param_dtype), ("heads", "head_dim"))
-            self.k_norm = param(
-                jnp.ones((num_kv_heads, head_dim), param_dtype), ("kv_heads", "head_dim")
-            )
+        self.qk_norm_axes = QK_NORMS[options.qk_norm]
+        if self.qk_norm_axes:
+            width = len(self.qk_norm_axes)
+            for name, heads, axis in (("q", num_heads, "heads"), ("k", num_kv_heads, "kv_heads")):
+                shape, axes = (heads, head_dim)[-width:], (axis, "head_dim")[-width:]
+                setattr(self, f"{name}_norm", param(jnp.ones(shape, param_dtype), axes))
 
     def _project(self, x: jax.Array, positions: jax.Array | None):
         """Queries, keys and values of `x [batch, length, d_model]`, normed and rotated at
@@ -278,10 +278,9 @@ class Attention(nnx.Module):
             projected.append(y)
         q, k, v = projected
         q = constrain(q, ("batch", "length", "activation_heads", "head_dim"))
-        if self.qk_norm != "none":
-            axes = -1 if self.qk_norm == "per_head" else (-2, -1)
-            q = rms_norm(q, self.q_norm[...], self.norm_eps, axes)
-            k = rms_norm(k, self.k_norm[...], self.norm_eps, axes)
+        if self.qk_norm_axes:
+            q = rms_norm(q, self.q_norm[...], self.norm_eps, self.qk_norm_axes)
+            k = rms_norm(k, self.k_norm[...], self.norm_eps, self.qk_norm_axes)
         if positions is None:
             positions = jnp.arange(x.shape[1])
         angles = rotary_angles(positions, self.head_dim, self.rope_base, self.inv_freq)

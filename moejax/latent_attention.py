@@ -115,8 +115,9 @@ class LatentAttention(nnx.Module):
         self.inv_freq = tuple(float(f) for f in inv_freq)
         self.rope_base = rope_base
         self.softmax_scale = latent.qk_head_dim**-0.5
-        if rope_scaling.kind == "yarn" and rope_scaling.mscale_all_dim:
-            # DeepSeek's YaRN also sharpens the whole softmax, not only the rotary part.
+        if rope_scaling.mscale_all_dim:
+            # DeepSeek's YaRN also sharpens the whole softmax, not only the rotary part (a
+            # factor of 1 leaves it: yarn_mscale(1, .) = 1).
             self.softmax_scale *= yarn_mscale(rope_scaling.factor, rope_scaling.mscale_all_dim) ** 2
         heads, qk, kv_rank = num_heads, latent.qk_head_dim, latent.kv_lora_rank
         if latent.q_lora_rank:

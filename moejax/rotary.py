@@ -27,8 +27,6 @@ import numpy as np
 
 from moejax.errors import require_config, require_one_of
 
-ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
-
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -56,21 +54,16 @@ class RopeScaling:
     truncate: bool = True
 
     def __post_init__(self) -> None:
-        require_one_of("model.rope_scaling.kind", self.kind, ROPE_SCALINGS)
-        if self.kind != "none":
-            require_config(
-                self.factor >= 1.0,
-                "model.rope_scaling.factor",
-                self.factor,
-                f">= 1 with kind={self.kind!r}",
-            )
-        if self.kind == "llama3":
-            require_config(
-                self.high_freq_factor > self.low_freq_factor,
-                "model.rope_scaling.high_freq_factor",
-                self.high_freq_factor,
-                f"> low_freq_factor={self.low_freq_factor}",
-            )
+        require_one_of("model.rope_scaling.kind", self.kind, list(SCALINGS))
+        require_config(
+            self.factor >= 1.0, "model.rope_scaling.factor", self.factor, ">= 1 (1: no stretch)"
+        )
+        require_config(
+            self.high_freq_factor > self.low_freq_factor,
+            "model.rope_scaling.high_freq_factor",
+            self.high_freq_factor,
+            f"> low_freq_factor={self.low_freq_factor}",
+        )
         require_config(
             self.original_max_position >= 0,
             "model.rope_scaling.original_max_position",
@@ -95,22 +88,26 @@ def rotary_frequencies(
     exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
     inv_freq = (1.0 / np.float32(base) ** exponents).astype(np.float32)
     original = scaling.original_max_position or max_position
-    if scaling.kind == "none":
-        return inv_freq, 1.0
-    if scaling.kind == "linear":
-        return (inv_freq / np.float32(scaling.factor)).astype(np.float32), 1.0
-    require_config(
-        original > 0,
-        "model.rope_scaling.original_max_position",
-        scaling.original_max_position,
-        f"> 0 with kind={scaling.kind!r} (or model.max_seq_len set)",
-    )
-    if scaling.kind == "llama3":
-        return _llama3(inv_freq, scaling, original), 1.0
-    return _yarn(head_dim, base, scaling, original)
+    compute, needs_original = SCALINGS[scaling.kind]
+    if needs_original:
+        require_config(
+            original > 0,
+            "model.rope_scaling.original_max_position",
+            scaling.original_max_position,
+            f"> 0 with kind={scaling.kind!r} (or model.max_seq_len set)",
+        )
+    return compute(inv_freq, head_dim, base, scaling, original)
 
 
-def _llama3(inv_freq: np.ndarray, scaling: RopeScaling, original: int) -> np.ndarray:
+def _unscaled(inv_freq, head_dim, base, scaling, original):
+    return inv_freq, 1.0
+
+
+def _linear(inv_freq, head_dim, base, scaling, original):
+    return (inv_freq / np.float32(scaling.factor)).astype(np.float32), 1.0
+
+
+def _llama3(inv_freq, head_dim, base, scaling, original):
     factor = np.float32(scaling.factor)
     wavelength = 2 * np.pi / inv_freq
     low_freq_wavelength = original / scaling.low_freq_factor
@@ -121,10 +118,10 @@ def _llama3(inv_freq: np.ndarray, scaling: RopeScaling, original: int) -> np.nda
     )
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
+    return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
 
 
-def _yarn(head_dim: int, base: float, scaling: RopeScaling, original: int):
+def _yarn(inv_freq, head_dim, base, scaling, original):
     factor = scaling.factor
     if scaling.attention_factor:
         attention_factor = scaling.attention_factor
@@ -152,6 +149,16 @@ def _yarn(head_dim: int, base: float, scaling: RopeScaling, original: int):
     interpolated = 1.0 / (np.float32(factor) * powers)
     inv_freq = interpolated * (1 - extrapolation_share) + extrapolated * extrapolation_share
     return inv_freq.astype(np.float32), float(attention_factor)
+
+
+# Each kind: `(inv_freq, head_dim, base, scaling, original context) -> (inv_freq,
+# attention factor)`, and whether it reads the original context length.
+SCALINGS = {
+    "none": (_unscaled, False),
+    "linear": (_linear, False),
+    "llama3": (_llama3, True),
+    "yarn": (_yarn, True),
+}
 
 
 def rotary_angles(

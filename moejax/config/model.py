@@ -326,7 +326,7 @@ class ModelConfig:
         )
         require_one_of("model.dtype", self.dtype, DTYPES)
         require_one_of("model.param_dtype", self.param_dtype, DTYPES)
-        require_one_of("model.qk_norm", self.qk_norm, QK_NORMS)
+        require_one_of("model.qk_norm", self.qk_norm, list(QK_NORMS))
         require_config(
             0 < self.norm_eps < 1, "model.norm_eps", self.norm_eps, "a small number in (0, 1)"
         )

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from moejax.attention import QK_NORMS
 from moejax.config import ModelConfig
 from moejax.errors import UserError
 from moejax.pretrained.mapping import Tensor, bias, copy, copy_2d, experts, linear
@@ -103,34 +104,12 @@ ROPE_FIELDS = {
 }
 
 
-def rope(hf: HFConfig) -> tuple[float, RopeScaling]:
-    """(rope base, scaling) from `rope_theta` + `rope_scaling` (transformers 4) or
-    `rope_parameters` (transformers 5)."""
-    parameters = dict(hf.get("rope_parameters") or {})
-    scaling = dict(hf.get("rope_scaling") or {})
-    merged = {**scaling, **parameters}
-    base = float(merged.get("rope_theta", hf.get("rope_theta", 10_000.0)))
-    kind = merged.get("rope_type", merged.get("type", "default"))
-    if kind == "default":
-        return base, RopeScaling()
-    if kind not in ("linear", "llama3", "yarn"):
-        raise UserError(
-            f"{hf.source}: rope type {kind!r} is not supported; moejax loads default, linear, "
-            "llama3 and yarn"
-        )
-    fields = {
-        ours: merged[theirs]
-        for theirs, ours in ROPE_FIELDS.items()
-        if merged.get(theirs) is not None
-    }
-    if kind == "yarn" and "original_max_position" in fields:
-        # The reference derives YaRN's factor from the two context lengths when both are given.
-        fields["factor"] = hf.require("max_position_embeddings") / fields["original_max_position"]
-    return base, RopeScaling(kind=kind, **fields)
-
-
-# The fields of each rope type a config.json states (transformers checks they are all there).
+# A config.json's rope type -> moejax's `RopeScaling.kind`.
+HF_ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3", "yarn": "yarn"}
+# The fields of each kind a config.json states (transformers checks they are all there); a
+# field whose value and default are 0 (unused) is left out.
 ROPE_TYPE_FIELDS = {
+    "none": (),
     "linear": ("factor",),
     "llama3": ("factor", "original_max_position", "low_freq_factor", "high_freq_factor"),
     "yarn": (
@@ -140,23 +119,50 @@ ROPE_TYPE_FIELDS = {
         "beta_slow",
         "mscale",
         "mscale_all_dim",
+        "attention_factor",
         "truncate",
     ),
 }
 
 
+def rope(hf: HFConfig) -> tuple[float, RopeScaling]:
+    """(rope base, scaling) from `rope_theta` + `rope_scaling` (transformers 4) or
+    `rope_parameters` (transformers 5)."""
+    parameters = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    merged = {**scaling, **parameters}
+    base = float(merged.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    if rope_type not in HF_ROPE_TYPES:
+        raise UserError(
+            f"{hf.source}: rope type {rope_type!r} is not supported; moejax loads "
+            f"{', '.join(HF_ROPE_TYPES)}"
+        )
+    kind = HF_ROPE_TYPES[rope_type]
+    names = {ours: theirs for theirs, ours in ROPE_FIELDS.items()}
+    fields = {
+        field: merged[names[field]]
+        for field in ROPE_TYPE_FIELDS[kind]
+        if merged.get(names[field]) is not None
+    }
+    if rope_type == "yarn" and "original_max_position" in fields:
+        # The reference derives YaRN's factor from the two context lengths when both are given.
+        fields["factor"] = hf.require("max_position_embeddings") / fields["original_max_position"]
+    return base, RopeScaling(kind=kind, **fields)
+
+
 def rope_to_hf(config: ModelConfig) -> dict[str, Any]:
-    scaling = config.rope_scaling
-    if scaling.kind == "none":
+    scaling, defaults = config.rope_scaling, RopeScaling()
+    if not ROPE_TYPE_FIELDS[scaling.kind]:  # no stretch: stated as no rope_scaling block
         return {"rope_theta": config.rope_base, "rope_scaling": None}
     names = {ours: theirs for theirs, ours in ROPE_FIELDS.items()}
     block = {"rope_type": scaling.kind}
     for field in ROPE_TYPE_FIELDS[scaling.kind]:
-        block[names[field]] = getattr(scaling, field) or (
-            config.max_seq_len if field == "original_max_position" else getattr(scaling, field)
-        )
-    if scaling.kind == "yarn" and scaling.attention_factor:
-        block["attention_factor"] = scaling.attention_factor
+        value = getattr(scaling, field)
+        if field == "original_max_position":
+            value = value or config.max_seq_len
+        if value or getattr(defaults, field):
+            block[names[field]] = value
     return {"rope_theta": config.rope_base, "rope_scaling": block}
 
 
@@ -225,7 +231,7 @@ def attention_tensors(config: ModelConfig, layer: int) -> list[Tensor]:
         tensors += [bias((*path, f"b_{n}"), f"{prefix}.{n}_proj.bias") for n in "qkv"]
     if config.out_bias:
         tensors.append(bias((*path, "b_o"), f"{prefix}.o_proj.bias"))
-    if config.qk_norm != "none":
+    if QK_NORMS[config.qk_norm]:
         tensors += [copy((*path, f"{n}_norm"), f"{prefix}.{n}_norm.weight") for n in "qk"]
     return tensors
 

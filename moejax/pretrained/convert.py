@@ -74,7 +74,9 @@ def config_from_hf(
 
 def _expected_shapes(tensor: Tensor, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     """The checkpoint shapes `tensor` reads for a moejax array of `shape`."""
-    return [a.shape for a in tensor.save(np.zeros(shape, np.float32))]
+    # A zero-stride view: every reshape and transpose of it is a view too, so this allocates
+    # nothing (except the rows a permutation gathers).
+    return [a.shape for a in tensor.save(np.broadcast_to(np.float32(0), shape))]
 
 
 def from_hf(
@@ -97,9 +99,7 @@ def from_hf(
     config does not use, or a checkpoint with only pickled `.bin` weights.
     """
     config, _, _ = config_from_hf(path, dtype=dtype, param_dtype=param_dtype)
-    abstract = nnx.eval_shape(lambda: TransformerLM(config, rngs=nnx.Rngs(0)))
-    graphdef, _, _ = nnx.split(abstract, nnx.Param, RouterState)
-    values, _ = load_state(path, config, mesh=mesh, strict=True)
+    graphdef, values, _ = _load(path, config, mesh=mesh, strict=True)
     return nnx.merge(graphdef, values["params"], values["router_state"]), config
 
 
@@ -119,10 +119,16 @@ def load_state(
     caller keeps its initial value); with `strict=True` both are errors. A shape that differs
     is an error either way.
     """
+    _, values, left_out = _load(path, config, mesh=mesh, strict=strict)
+    return values, left_out
+
+
+def _load(path, config: ModelConfig, *, mesh: Mesh | None, strict: bool):
+    """`load_state`, with the model's graph definition first."""
     checkpoint = Checkpoint(path)
     own, architecture, hf = config_from_hf(path)
     abstract = nnx.eval_shape(lambda: TransformerLM(config, rngs=nnx.Rngs(0)))
-    _, params, router_state = nnx.split(abstract, nnx.Param, RouterState)
+    graphdef, params, router_state = nnx.split(abstract, nnx.Param, RouterState)
     targets = {"params": nnx.to_pure_dict(params), "router_state": nnx.to_pure_dict(router_state)}
     axes = {"params": logical_axes(params), "router_state": logical_axes(router_state)}
     values: dict[str, dict] = {"params": {}, "router_state": {}}
@@ -162,7 +168,7 @@ def load_state(
     if strict:
         _check_complete(checkpoint, left_out, used, own)
     checkpoint.close()
-    return values, left_out
+    return graphdef, values, left_out
 
 
 def _left_out(targets: dict, values: dict) -> list[str]:

@@ -185,3 +185,15 @@ def _prune_block(block, block_hinv, sparsity, nm):
 
     carry = (block, jnp.zeros_like(block), pruned)
     return jax.lax.fori_loop(0, width, column, carry)
+
+
+def _masked(w: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jnp.where(mask, w, 0), mask
+
+
+# Each method: `(w [d_in, d_out], stats of its inputs, sparsity, nm) -> (pruned w, kept mask)`.
+ONE_SHOT_METHODS = {
+    "magnitude": lambda w, stats, sparsity, nm: _masked(w, magnitude_mask(w, sparsity, nm)),
+    "wanda": lambda w, stats, sparsity, nm: _masked(w, wanda_mask(w, stats.sq_norms, sparsity, nm)),
+    "sparsegpt": lambda w, stats, sparsity, nm: sparsegpt(w, stats.hessian, sparsity, nm),
+}

@@ -23,15 +23,9 @@ from flax import nnx
 
 from moejax.errors import require
 from moejax.models.moe_layer import MoELayer, RouterContext
-from moejax.pruning.one_shot import (
-    LayerStatistics,
-    accumulate,
-    magnitude_mask,
-    sparsegpt,
-    wanda_mask,
-)
+from moejax.pruning.one_shot import ONE_SHOT_METHODS, LayerStatistics, accumulate
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = tuple(ONE_SHOT_METHODS)
 PROJECTIONS = ("w_gate", "w_up", "w_down")
 
 
@@ -55,15 +49,12 @@ def _hidden(x: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
     return jax.nn.silu(x @ w_gate) * (x @ w_up)
 
 
-def _prune(w, stats: LayerStatistics | None, method, sparsity, nm):
-    """(pruned w, kept mask) of one `[d_in, d_out]` weight."""
-    if method == "magnitude" or stats is None or float(stats.tokens) == 0:
-        mask = magnitude_mask(w, sparsity, nm)
-        return jnp.where(mask, w, 0), mask
-    if method == "wanda":
-        mask = wanda_mask(w, stats.sq_norms, sparsity, nm)
-        return jnp.where(mask, w, 0), mask
-    return sparsegpt(w, stats.hessian, sparsity, nm)
+def _prune(w, stats: LayerStatistics, method, sparsity, nm):
+    """(pruned w, kept mask) of one `[d_in, d_out]` weight; by magnitude when its inputs saw
+    no calibration token (nothing to calibrate on)."""
+    if float(stats.tokens) == 0:
+        method = "magnitude"
+    return ONE_SHOT_METHODS[method](w, stats, sparsity, nm)
 
 
 def prune_feed_forwards(

@@ -35,6 +35,9 @@ def _calibration(seed: int = 0) -> list[np.ndarray]:
 def test_each_expert_is_calibrated_on_its_own_tokens_only():
     """Block 0's experts: Wanda masks from the norms of exactly the tokens routed to each."""
     model = TransformerLM(CONFIG, rngs=nnx.Rngs(0))
+    # Inputs whose features differ in size, so Wanda's choice is not magnitude's.
+    spread = jnp.exp(jax.random.normal(jax.random.key(5), (CONFIG.d_model,)))
+    model.blocks[0].ffn_norm.scale[...] = spread
     calibration = _calibration()
     dense = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     xs, routed = [], []
