@@ -1,10 +1,12 @@
 """Compress a trained run: `python -m moejax.compress --workdir W --method wanda --sparsity 0.5
-[--pattern 2:4] [--calib_batches 8] --out OUT`.
+[--pattern 2:4] [--refine dsnot] [--calib_batches 8] [--calib_offset 0] --out OUT`.
 
 Prunes the feed-forward weights (MLPs, routed and shared experts) of W's newest usable
-checkpoint in one shot from calibration batches of W's own training data
+checkpoint in one shot from calibration batches of W's own training data (the
+`--calib_batches` after the first `--calib_offset` of its training stream)
 (`moejax.training.calibrated_pruning`: magnitude, Wanda or SparseGPT, block after block, each
-expert on its own tokens), and writes OUT as a workdir holding the pruned model at the same
+expert on its own tokens; `--refine dsnot` refines every mask by DSnoT's swaps before the method
+rebuilds the weights), and writes OUT as a workdir holding the pruned model at the same
 step with W's config: `eval.py --workdir OUT` evaluates it, and `train.py --workdir OUT`
 continues training it (as a dense run: the zeros are not held by masks). W is only read.
 Bad arguments are one-line errors (exit status 2).
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from moejax import cli
 from moejax.config import ConfigError
-from moejax.training.calibrated_pruning import METHODS
+from moejax.training.calibrated_pruning import METHODS, REFINEMENTS
 
 
 def _pattern(text: str) -> tuple[int, int] | None:
@@ -45,14 +47,21 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--method", default="wanda", help=f"one of {', '.join(METHODS)}")
     parser.add_argument("--sparsity", type=float, default=0.5, help="share of weights removed")
     parser.add_argument("--pattern", default="unstructured", help="unstructured or n:m (2:4)")
+    parser.add_argument("--refine", default="none", help=f"none or {', '.join(REFINEMENTS)}")
     parser.add_argument("--calib_batches", type=int, default=8, help="training batches to use")
+    parser.add_argument("--calib_offset", type=int, default=0, help="training batches skipped")
     args = parser.parse_args(argv)
     if args.method not in METHODS:
         raise ConfigError(f"--method: {args.method!r}; allowed: {', '.join(METHODS)}")
+    if args.refine not in ("none", *REFINEMENTS):
+        raise ConfigError(f"--refine: {args.refine!r}; allowed: none, {', '.join(REFINEMENTS)}")
+    refine = None if args.refine == "none" else args.refine
     if not 0.0 <= args.sparsity < 1.0:
         raise ConfigError(f"--sparsity: {args.sparsity}; allowed: a share in [0, 1)")
     if args.calib_batches < 1:
         raise ConfigError(f"--calib_batches: {args.calib_batches}; allowed: >= 1")
+    if args.calib_offset < 0:
+        raise ConfigError(f"--calib_offset: {args.calib_offset}; allowed: >= 0")
     nm = _pattern(args.pattern)
     workdir, out = Path(args.workdir).absolute(), Path(args.out).absolute()
     if out == workdir:
@@ -60,7 +69,9 @@ def _main(argv: list[str]) -> int:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out: {out} exists and is not empty; give a new directory")
     cli.setup_logging()
-    summary, report = _compress(workdir, out, args.method, args.sparsity, nm, args.calib_batches)
+    summary, report = _compress(
+        workdir, out, args.method, args.sparsity, nm, args.calib_batches, refine, args.calib_offset
+    )
     print(summary)
     for block, entry in report.items():
         print(f"  {block}: {entry}")
@@ -68,7 +79,14 @@ def _main(argv: list[str]) -> int:
 
 
 def _compress(
-    workdir: Path, out: Path, method: str, sparsity: float, nm, calib_batches: int
+    workdir: Path,
+    out: Path,
+    method: str,
+    sparsity: float,
+    nm,
+    calib_batches: int,
+    refine: str | None = None,
+    calib_offset: int = 0,
 ) -> tuple[str, dict]:
     """Prunes `workdir`'s newest checkpoint into the new workdir `out`: (a one-line summary,
     the per-block report of `prune_feed_forwards`)."""
@@ -92,10 +110,14 @@ def _compress(
     restored = restore_checkpoint(workdir, config, layout.restore_target())
     model = layout.spec.merge(state_lib.model_variables(restored.state))
     iterator = corpus.train_iterator(config.data, block=None)
+    for _ in range(calib_offset):
+        next(iterator)
     calibration = [np.asarray(next(iterator)["inputs"]) for _ in range(calib_batches)]
     iterator.close()
     start = time.perf_counter()
-    report = prune_feed_forwards(model, calibration, method=method, sparsity=sparsity, nm=nm)
+    report = prune_feed_forwards(
+        model, calibration, method=method, sparsity=sparsity, nm=nm, refine=refine
+    )
     seconds = time.perf_counter() - start
     params = jax.device_put(
         nnx.to_pure_dict(nnx.state(model, nnx.Param)), layout.shardings["params"]
@@ -111,8 +133,10 @@ def _compress(
     workdir_lib.write_config(out, config)
     pattern = "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
     summary = (
-        f"pruned the feed-forwards of {workdir} step {restored.step} by {method}, "
-        f"{100 * sparsity:.0f}% {pattern}, from {calib_batches} calibration batches in "
+        f"pruned the feed-forwards of {workdir} step {restored.step} by {method}"
+        f"{'' if refine is None else ' + ' + refine}, "
+        f"{100 * sparsity:.0f}% {pattern}, from {calib_batches} calibration batches (after "
+        f"{calib_offset}) in "
         f"{seconds:.1f} s; wrote {out}"
     )
     return summary, report

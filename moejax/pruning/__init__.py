@@ -1,13 +1,16 @@
 """Masked pruning: registries of patterns, scores, schedules and methods (`base.py`), an optax
-wrapper that keeps masks in the optimizer state, and the methods: plain masked pruning,
-N:M training (SR-STE), learnable N:M masks (MaskLLM), training-free mask refinement (DSnoT) and
-the mask rounds of lottery tickets (the experiment is `moejax.tasks.lottery`).
+wrapper that keeps masks in the optimizer state, and the methods: plain masked pruning, N:M
+training (SR-STE), learnable N:M masks (MaskLLM), training-free mask refinement (DSnoT), one-shot
+pruning from calibration statistics (magnitude, Wanda, SparseGPT, ARMOR's factorisation;
+`one_shot.ONE_SHOT_METHODS`) and the mask rounds of lottery tickets (the experiment is
+`moejax.tasks.lottery`).
 
 The registries are filled by the imports below, one file per family or method; adding an entry
 is one `register(...)` call and, for a built-in, one import line here.
 """
 
 from moejax.pruning import (  # noqa: F401 - each import registers its entries
+    armor,
     dsnot,
     lottery,
     masked,

@@ -55,12 +55,16 @@ def dsnot(
     max_cycles: int = 50,
     tolerance: float = 0.0,
     use_variance: bool = True,
+    group_size: int | None = None,
 ) -> DsnotResult:
     """Refines `mask` for a layer `y = x @ (mask ⊙ w)` without training.
 
     w: [d_in, d_out] (Flax kernel layout); mask: bool [d_in, d_out], e.g. from magnitude or
     Wanda; x: [tokens, d_in] calibration inputs. Each output column keeps its number of kept
-    weights. Runs `max_cycles` swap cycles; outputs with |ε_r| <= tolerance stop.
+    weights. Runs `max_cycles` swap cycles; outputs with |ε_r| <= tolerance stop. With
+    `group_size=m` a swap stays inside one group of m consecutive inputs, so an N:M mask stays
+    N:M. DSnoT reads `x` only through its per-input mean, variance and norm
+    (`dsnot_from_moments`).
     """
     require(
         w.ndim == 2 and mask.shape == w.shape and x.ndim == 2 and x.shape[1] == w.shape[0],
@@ -68,43 +72,124 @@ def dsnot(
         (w.shape, mask.shape, x.shape),
         "w: [d_in, d_out], mask: the same shape, x: [tokens, d_in]",
     )
-    require(max_cycles >= 0, "max_cycles", max_cycles, ">= 0")
-    w32 = w.astype(jnp.float32)
     x32 = x.astype(jnp.float32)
-    mean_x = jnp.mean(x32, axis=0)  # [d_in]
-    var_x = jnp.var(x32, axis=0) if use_variance else jnp.ones_like(mean_x)  # [d_in]
+    return dsnot_from_moments(
+        w,
+        mask,
+        jnp.mean(x32, axis=0),
+        jnp.var(x32, axis=0),
+        jnp.linalg.norm(x32, axis=0),
+        max_cycles=max_cycles,
+        tolerance=tolerance,
+        use_variance=use_variance,
+        group_size=group_size,
+    )
+
+
+def dsnot_from_moments(
+    w: jax.Array,
+    mask: jax.Array,
+    mean_x: jax.Array,
+    var_x: jax.Array,
+    norm_x: jax.Array,
+    *,
+    max_cycles: int = 50,
+    tolerance: float = 0.0,
+    use_variance: bool = True,
+    group_size: int | None = None,
+) -> DsnotResult:
+    """`dsnot` from the calibration inputs' per-input mean, variance and norm (all [d_in]),
+    as running statistics give them without keeping the tokens (`one_shot.LayerStatistics`)."""
+    d_in, d_out = w.shape
+    require(
+        mask.shape == w.shape and mean_x.shape == var_x.shape == norm_x.shape == (d_in,),
+        "w, mask, moment shapes",
+        (w.shape, mask.shape, mean_x.shape, var_x.shape, norm_x.shape),
+        "w: [d_in, d_out], mask: the same shape, mean/variance/norm: [d_in]",
+    )
+    require(max_cycles >= 0, "max_cycles", max_cycles, ">= 0")
+    require(
+        group_size is None or (group_size > 0 and d_in % group_size == 0),
+        "group_size",
+        group_size,
+        f"None or an int dividing d_in={d_in}",
+    )
+    w32 = w.astype(jnp.float32)
+    mean_x = mean_x.astype(jnp.float32)
+    var_x = var_x.astype(jnp.float32) if use_variance else jnp.ones_like(mean_x)
     contribution = w32 * mean_x[:, None]  # [d_in, d_out]: W_rj E[x_j]
-    wanda = jnp.abs(w32) * jnp.linalg.norm(x32, axis=0)[:, None]  # [d_in, d_out]
+    wanda = jnp.abs(w32) * norm_x.astype(jnp.float32)[:, None]  # [d_in, d_out]
     grow_gain = jnp.abs(contribution) / (var_x[:, None] + 1e-12)  # [d_in, d_out]
-    columns = jnp.arange(w.shape[1])
     mask = mask.astype(bool)
     error0 = expected_error(w32, mask, mean_x)  # [d_out]
+    cycle = _column_cycle if group_size is None else _group_cycle
+    scores = (contribution, wanda, grow_gain, tolerance, group_size)
 
-    def cycle(_, carry):
+    def body(_, carry):
         mask, error, swaps = carry
-        sign = jnp.sign(error)  # [d_out]
-        can_grow = ~mask & (jnp.sign(contribution) == sign[None, :])
-        grow = jnp.argmax(jnp.where(can_grow, grow_gain, -jnp.inf), axis=0)  # [d_out]
-        error_grown = error - contribution[grow, columns]
-        can_prune = mask & (jnp.sign(contribution) == -jnp.sign(error_grown)[None, :])
-        prune = jnp.argmin(jnp.where(can_prune, wanda, jnp.inf), axis=0)  # [d_out]
-        error_new = error_grown + contribution[prune, columns]
-        accept = (
-            jnp.any(can_grow, axis=0)
-            & jnp.any(can_prune, axis=0)
-            & (jnp.abs(error) > tolerance)
-            & (jnp.abs(error_new) < jnp.abs(error))
-        )  # [d_out]
-        grown = mask.at[grow, columns].set(mask[grow, columns] | accept)
-        swapped = grown.at[prune, columns].set(grown[prune, columns] & ~accept)
-        return swapped, jnp.where(accept, error_new, error), swaps + accept
+        mask, error, accept = cycle(mask, error, *scores)
+        return mask, error, swaps + accept
 
     mask, _, swaps = jax.lax.fori_loop(
-        0, max_cycles, cycle, (mask, error0, jnp.zeros(w.shape[1], jnp.int32))
+        0, max_cycles, body, (mask, error0, jnp.zeros(d_out, jnp.int32))
     )
     # Recomputed rather than carried so that float drift over many swaps is not reported.
     error = expected_error(w32, mask, mean_x)
     return DsnotResult(mask, jnp.abs(error0), jnp.abs(error), swaps)
+
+
+def _column_cycle(mask, error, contribution, wanda, grow_gain, tolerance, _):
+    """One swap per output anywhere in its column: grow the best-gain pruned weight that
+    moves ε towards 0, then prune the lowest-Wanda kept weight that moves it back."""
+    columns = jnp.arange(mask.shape[1])
+    sign = jnp.sign(error)  # [d_out]
+    can_grow = ~mask & (jnp.sign(contribution) == sign[None, :])
+    grow = jnp.argmax(jnp.where(can_grow, grow_gain, -jnp.inf), axis=0)  # [d_out]
+    error_grown = error - contribution[grow, columns]
+    can_prune = mask & (jnp.sign(contribution) == -jnp.sign(error_grown)[None, :])
+    prune = jnp.argmin(jnp.where(can_prune, wanda, jnp.inf), axis=0)  # [d_out]
+    error_new = error_grown + contribution[prune, columns]
+    accept = (
+        jnp.any(can_grow, axis=0)
+        & jnp.any(can_prune, axis=0)
+        & (jnp.abs(error) > tolerance)
+        & (jnp.abs(error_new) < jnp.abs(error))
+    )  # [d_out]
+    grown = mask.at[grow, columns].set(mask[grow, columns] | accept)
+    swapped = grown.at[prune, columns].set(grown[prune, columns] & ~accept)
+    return swapped, jnp.where(accept, error_new, error), accept
+
+
+def _group_cycle(mask, error, contribution, wanda, grow_gain, tolerance, group_size):
+    """One swap per output inside one group of `group_size` inputs (N:M stays N:M): among the
+    pruned weights that move ε towards 0 and have, in their own group, a kept weight whose
+    removal leaves |ε| lower than before, grow the best-gain one and prune that group's
+    lowest-Wanda such partner."""
+    d_in, d_out = mask.shape
+    groups, m = d_in // group_size, group_size
+    grouped = [a.reshape(groups, m, d_out) for a in (mask, contribution, wanda, grow_gain)]
+    kept, contrib, wanda_g, gain = grouped
+    sign = jnp.sign(error)  # [d_out]
+    can_grow = ~kept & (jnp.sign(contrib) == sign)  # [groups, m, d_out]
+    # Pair (grow p, prune q) of one group: ε' = ε - c_p + c_q.  [groups, m_p, m_q, d_out]
+    error_grown = error - contrib  # [groups, m, d_out]
+    error_new = error_grown[:, :, None, :] + contrib[:, None, :, :]
+    can_prune = (
+        kept[:, None, :, :]
+        & (jnp.sign(contrib)[:, None, :, :] == -jnp.sign(error_grown)[:, :, None, :])
+        & (jnp.abs(error_new) < jnp.abs(error))
+    )
+    partner = jnp.argmin(jnp.where(can_prune, wanda_g[:, None, :, :], jnp.inf), axis=2)
+    has_partner = jnp.any(can_prune, axis=2)  # [groups, m, d_out]
+    flat_gain = jnp.where(can_grow & has_partner, gain, -jnp.inf).reshape(d_in, d_out)
+    grow = jnp.argmax(flat_gain, axis=0)  # [d_out]: an input index
+    columns = jnp.arange(d_out)
+    accept = jnp.isfinite(flat_gain[grow, columns]) & (jnp.abs(error) > tolerance)
+    prune = (grow // m) * m + partner.reshape(d_in, d_out)[grow, columns]  # [d_out]
+    error_after = error - contribution[grow, columns] + contribution[prune, columns]
+    grown = mask.at[grow, columns].set(mask[grow, columns] | accept)
+    swapped = grown.at[prune, columns].set(grown[prune, columns] & ~accept)
+    return swapped, jnp.where(accept, error_after, error), accept
 
 
 # --- mixture-of-experts layers ----------------------------------------------------------

@@ -15,18 +15,23 @@ SparseGPT, unstructured or N:M, on moejax's kernel layout `w [d_in, d_out]` (`y 
   are chosen per group of m inputs as the group is reached.
 
 The statistics accumulate over calibration batches (`LayerStatistics`), so no batch of
-activations is kept: `d_in² + d_in` numbers per layer.
+activations is kept: `d_in² + 2 d_in` numbers per layer. `sparsegpt(..., mask=)` rebuilds the
+weights for a mask chosen elsewhere with the same compensating updates: a refinement
+(`ONE_SHOT_REFINEMENTS`: DSnoT's training-free swaps) changes any method's mask, and the
+method's `rebuild` then gives the weights for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from moejax.errors import require
+from moejax.pruning.dsnot import dsnot_from_moments
 from moejax.pruning.patterns import nm_mask, unstructured_mask
 
 
@@ -34,17 +39,24 @@ from moejax.pruning.patterns import nm_mask, unstructured_mask
 @dataclasses.dataclass(frozen=True)
 class LayerStatistics:
     """Running sums over the calibration tokens of a linear layer's inputs: `hessian [d_in,
-    d_in] = Σ x xᵀ`, `sq_norms [d_in] = Σ x²` (float32), `tokens` (scalar float32)."""
+    d_in] = Σ x xᵀ`, `sq_norms [d_in] = Σ x²`, `sums [d_in] = Σ x` (float32), `tokens` (scalar
+    float32)."""
 
     hessian: jax.Array
     sq_norms: jax.Array
+    sums: jax.Array
     tokens: jax.Array
 
     @staticmethod
     def zeros(d_in: int) -> LayerStatistics:
-        return LayerStatistics(
-            jnp.zeros((d_in, d_in), jnp.float32), jnp.zeros(d_in, jnp.float32), jnp.float32(0)
-        )
+        zeros = jnp.zeros(d_in, jnp.float32)
+        return LayerStatistics(jnp.zeros((d_in, d_in), jnp.float32), zeros, zeros, jnp.float32(0))
+
+    def mean_and_variance(self) -> tuple[jax.Array, jax.Array]:
+        """Per input over the counted tokens: (mean [d_in], population variance [d_in])."""
+        tokens = jnp.maximum(self.tokens, 1.0)
+        mean = self.sums / tokens
+        return mean, jnp.maximum(self.sq_norms / tokens - mean**2, 0.0)
 
 
 @jax.jit
@@ -61,7 +73,10 @@ def accumulate(
         count = jnp.float32(x.shape[0])
     hessian = jnp.einsum("ti,tj->ij", x, x, precision=jax.lax.Precision.HIGHEST)
     return LayerStatistics(
-        stats.hessian + hessian, stats.sq_norms + jnp.sum(x * x, axis=0), stats.tokens + count
+        stats.hessian + hessian,
+        stats.sq_norms + jnp.sum(x * x, axis=0),
+        stats.sums + jnp.sum(x, axis=0),
+        stats.tokens + count,
     )
 
 
@@ -101,6 +116,7 @@ def sparsegpt(
     *,
     block_size: int = 128,
     damp: float = 0.01,
+    mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """SparseGPT (see the module docstring): `(w_pruned [d_in, d_out] in w's dtype, kept mask
     bool [d_in, d_out])` from `w` and `hessian [d_in, d_in] = Σ x xᵀ`. Each block prunes
@@ -112,6 +128,10 @@ def sparsegpt(
     prunes `sparsity` of its weights (all outputs together), as the reference does; with
     `nm=(n, m)` every m consecutive inputs of each output keep n and `block_size` must be a
     multiple of m.
+
+    `mask` (bool `[d_in, d_out]`, True where kept) fixes which weights go instead of choosing
+    them: the same sweep then only compensates for the given pruning (`sparsity` and `nm` are
+    not used to choose).
     """
     _check(w, sparsity, nm)
     d_in = w.shape[0]
@@ -121,14 +141,17 @@ def sparsegpt(
         require(block_size % nm[1] == 0, "block_size", block_size, f"a multiple of m={nm[1]}")
     # float32 at least; float64 when both inputs are (the tests' references).
     dtype = jnp.promote_types(jnp.promote_types(w.dtype, hessian.dtype), jnp.float32)
-    pruned, mask = _sparsegpt(
-        w.astype(dtype), hessian.astype(dtype), sparsity, nm, block_size, damp
+    if mask is not None:
+        require(mask.shape == w.shape, "mask.shape", mask.shape, f"w's shape {w.shape}")
+        mask = mask.astype(bool)
+    pruned, kept = _sparsegpt(
+        w.astype(dtype), hessian.astype(dtype), mask, sparsity, nm, block_size, damp
     )
-    return pruned.astype(w.dtype), mask
+    return pruned.astype(w.dtype), kept
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def _sparsegpt(w, hessian, sparsity, nm, block_size, damp):
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _sparsegpt(w, hessian, fixed, sparsity, nm, block_size, damp):
     weights = w.T  # [d_out, d_in]: inputs are columns, as in the paper
     d_in = weights.shape[1]
     dead = jnp.diag(hessian) == 0
@@ -142,7 +165,8 @@ def _sparsegpt(w, hessian, sparsity, nm, block_size, damp):
     for start in range(0, d_in, block_size):
         stop = min(start + block_size, d_in)
         block, block_hinv = weights[:, start:stop], hinv[start:stop, start:stop]
-        block, errors, pruned = _prune_block(block, block_hinv, sparsity, nm)
+        fixed_pruned = None if fixed is None else ~fixed[start:stop, :].T
+        block, errors, pruned = _prune_block(block, block_hinv, sparsity, nm, fixed_pruned)
         weights = weights.at[:, start:stop].set(block)
         # Lazy batching: the block's errors reach the later inputs in one matmul.
         later = errors @ hinv[start:stop, stop:]
@@ -152,11 +176,14 @@ def _sparsegpt(w, hessian, sparsity, nm, block_size, damp):
     return weights.T, ~pruned.T
 
 
-def _prune_block(block, block_hinv, sparsity, nm):
-    """One block `[d_out, b]`: (pruned block, errors [d_out, b], pruned bool [d_out, b])."""
+def _prune_block(block, block_hinv, sparsity, nm, fixed_pruned):
+    """One block `[d_out, b]`: (pruned block, errors [d_out, b], pruned bool [d_out, b]);
+    `fixed_pruned [d_out, b]` (or None) is the pruning to compensate for, chosen elsewhere."""
     d_out, width = block.shape
     diag = jnp.diag(block_hinv)
-    if nm is None:
+    if fixed_pruned is not None:
+        pruned, nm = fixed_pruned, None
+    elif nm is None:
         scores = block**2 / diag[None, :] ** 2
         count = int(scores.size * sparsity)
         threshold = jnp.sort(scores.reshape(-1))[count - 1] if count else -jnp.inf
@@ -187,13 +214,63 @@ def _prune_block(block, block_hinv, sparsity, nm):
     return jax.lax.fori_loop(0, width, column, carry)
 
 
+@dataclasses.dataclass(frozen=True)
+class OneShotMethod:
+    """A one-shot method as the calibrated driver calls it. `prune(w [d_in, d_out], stats of
+    its inputs, sparsity, nm) -> (pruned w, kept mask)`; `rebuild(w, stats, mask, nm) -> pruned
+    w` gives the weights the method would keep for a mask chosen elsewhere (a refined one)."""
+
+    prune: Callable[..., tuple[jax.Array, jax.Array]]
+    rebuild: Callable[..., jax.Array]
+
+
+def _zeroed(w: jax.Array, stats: LayerStatistics, mask: jax.Array, nm) -> jax.Array:
+    return jnp.where(mask, w, 0)
+
+
+def _compensated(w: jax.Array, stats: LayerStatistics, mask: jax.Array, nm) -> jax.Array:
+    return sparsegpt(w, stats.hessian, 0.0, mask=mask)[0]
+
+
+# The registry of one-shot methods by name; `register_one_shot` adds one (ARMOR, in armor.py).
+ONE_SHOT_METHODS = {
+    "magnitude": OneShotMethod(
+        lambda w, stats, sparsity, nm: _masked(w, magnitude_mask(w, sparsity, nm)), _zeroed
+    ),
+    "wanda": OneShotMethod(
+        lambda w, stats, sparsity, nm: _masked(w, wanda_mask(w, stats.sq_norms, sparsity, nm)),
+        _zeroed,
+    ),
+    "sparsegpt": OneShotMethod(
+        lambda w, stats, sparsity, nm: sparsegpt(w, stats.hessian, sparsity, nm), _compensated
+    ),
+}
+
+
+def register_one_shot(name: str, method: OneShotMethod) -> OneShotMethod:
+    """Adds `method` to `ONE_SHOT_METHODS` under `name` (a new name) and returns it."""
+    require(name not in ONE_SHOT_METHODS, "one-shot method name", name, "a name not yet taken")
+    ONE_SHOT_METHODS[name] = method
+    return method
+
+
 def _masked(w: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(mask, w, 0), mask
 
 
-# Each method: `(w [d_in, d_out], stats of its inputs, sparsity, nm) -> (pruned w, kept mask)`.
-ONE_SHOT_METHODS = {
-    "magnitude": lambda w, stats, sparsity, nm: _masked(w, magnitude_mask(w, sparsity, nm)),
-    "wanda": lambda w, stats, sparsity, nm: _masked(w, wanda_mask(w, stats.sq_norms, sparsity, nm)),
-    "sparsegpt": lambda w, stats, sparsity, nm: sparsegpt(w, stats.hessian, sparsity, nm),
-}
+def dsnot_refinement(
+    w: jax.Array, stats: LayerStatistics, mask: jax.Array, nm: tuple[int, int] | None
+) -> jax.Array:
+    """DSnoT's swaps on `mask [d_in, d_out]` of the dense `w` from running statistics; inside
+    each group of m inputs for an n:m mask, so the pattern holds."""
+    mean, variance = stats.mean_and_variance()
+    return _dsnot_moments(w, mask, mean, variance, jnp.sqrt(stats.sq_norms), nm and nm[1])
+
+
+@functools.partial(jax.jit, static_argnums=5)
+def _dsnot_moments(w, mask, mean, variance, norm, group_size):
+    return dsnot_from_moments(w, mask, mean, variance, norm, group_size=group_size).mask
+
+
+# Each refinement: `(dense w [d_in, d_out], stats, kept mask, nm) -> refined kept mask`.
+ONE_SHOT_REFINEMENTS = {"dsnot": dsnot_refinement}

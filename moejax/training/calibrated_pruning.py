@@ -23,9 +23,15 @@ from flax import nnx
 
 from moejax.errors import require
 from moejax.models.moe_layer import MoELayer, RouterContext
-from moejax.pruning.one_shot import ONE_SHOT_METHODS, LayerStatistics, accumulate
+from moejax.pruning.one_shot import (
+    ONE_SHOT_METHODS,
+    ONE_SHOT_REFINEMENTS,
+    LayerStatistics,
+    accumulate,
+)
 
 METHODS = tuple(ONE_SHOT_METHODS)
+REFINEMENTS = tuple(ONE_SHOT_REFINEMENTS)
 PROJECTIONS = ("w_gate", "w_up", "w_down")
 
 
@@ -49,12 +55,18 @@ def _hidden(x: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
     return jax.nn.silu(x @ w_gate) * (x @ w_up)
 
 
-def _prune(w, stats: LayerStatistics, method, sparsity, nm):
-    """(pruned w, kept mask) of one `[d_in, d_out]` weight; by magnitude when its inputs saw
-    no calibration token (nothing to calibrate on)."""
+def _prune(w, stats: LayerStatistics, method, sparsity, nm, refine):
+    """(pruned w, kept mask) of one `[d_in, d_out]` weight, the mask refined by `refine` (a
+    name of `ONE_SHOT_REFINEMENTS` or None); by magnitude, unrefined, when its inputs saw no
+    calibration token (nothing to calibrate on)."""
     if float(stats.tokens) == 0:
-        method = "magnitude"
-    return ONE_SHOT_METHODS[method](w, stats, sparsity, nm)
+        return ONE_SHOT_METHODS["magnitude"].prune(w, stats, sparsity, nm)
+    chosen = ONE_SHOT_METHODS[method]
+    pruned, mask = chosen.prune(w, stats, sparsity, nm)
+    if refine is None:
+        return pruned, mask
+    mask = ONE_SHOT_REFINEMENTS[refine](w, stats, mask, nm)
+    return chosen.rebuild(w, stats, mask, nm), mask
 
 
 def prune_feed_forwards(
@@ -64,12 +76,18 @@ def prune_feed_forwards(
     method: str,
     sparsity: float,
     nm: tuple[int, int] | None = None,
+    refine: str | None = None,
 ) -> dict[str, Any]:
     """Prunes every block's MLP or experts (gate, up, down; routed and shared) of `model` (a
     `TransformerLM`, changed in place) from the `calibration` token batches `[batch, length]`,
-    block after block (see the module docstring). Returns a report: per block, the kept share
-    of each weight and, for MoE blocks, the calibration tokens each expert saw."""
+    block after block (see the module docstring); `refine` (one of `REFINEMENTS`, or None)
+    refines each weight's mask before its method rebuilds the weights. Returns a report: per
+    block, the kept share of each weight and, for MoE blocks, the calibration tokens each
+    expert saw."""
     require(method in METHODS, "method", method, ", ".join(METHODS))
+    require(
+        refine is None or refine in REFINEMENTS, "refine", refine, f"None, {', '.join(REFINEMENTS)}"
+    )
     require(len(calibration) > 0, "calibration", len(calibration), "at least one batch")
     capture = nnx.jit(_ffn_inputs)
     report = {}
@@ -77,13 +95,13 @@ def prune_feed_forwards(
         captured = [capture(model, jnp.asarray(tokens))[layer] for tokens in calibration]
         ffn = block.ffn
         if isinstance(ffn, MoELayer):
-            report[f"block{layer}"] = _prune_moe(ffn, captured, method, sparsity, nm)
+            report[f"block{layer}"] = _prune_moe(ffn, captured, method, sparsity, nm, refine)
         else:
             weights = {name: getattr(ffn, name)[...] for name in PROJECTIONS}
             stats = _statistics(captured, weights, None)
             kept = []
             for name in PROJECTIONS:
-                pruned, mask = _prune(weights[name], stats[name], method, sparsity, nm)
+                pruned, mask = _prune(weights[name], stats[name], method, sparsity, nm, refine)
                 getattr(ffn, name)[...] = pruned
                 kept.append(float(jnp.mean(mask)))
             report[f"block{layer}"] = {"kept": float(np.mean(kept))}
@@ -105,7 +123,7 @@ def _statistics(captured, weights, expert_tokens) -> dict[str, LayerStatistics]:
     return {"w_gate": stats_in, "w_up": stats_in, "w_down": stats_hidden}
 
 
-def _prune_moe(ffn: MoELayer, captured, method, sparsity, nm) -> dict[str, Any]:
+def _prune_moe(ffn: MoELayer, captured, method, sparsity, nm, refine) -> dict[str, Any]:
     tokens_seen = []
     stacked = {name: getattr(ffn, name)[...] for name in PROJECTIONS}
     pruned = {name: [] for name in PROJECTIONS}
@@ -114,7 +132,7 @@ def _prune_moe(ffn: MoELayer, captured, method, sparsity, nm) -> dict[str, Any]:
         stats = _statistics(captured, weights, lambda index, e=expert: jnp.any(index == e, axis=1))
         tokens_seen.append(int(stats["w_gate"].tokens))
         for name in PROJECTIONS:
-            pruned[name].append(_prune(weights[name], stats[name], method, sparsity, nm)[0])
+            pruned[name].append(_prune(weights[name], stats[name], method, sparsity, nm, refine)[0])
     for name in PROJECTIONS:
         getattr(ffn, name)[...] = jnp.stack(pruned[name])
     if ffn.moe.num_shared_experts:
@@ -122,7 +140,7 @@ def _prune_moe(ffn: MoELayer, captured, method, sparsity, nm) -> dict[str, Any]:
             weights = {n: getattr(ffn, f"shared_{n}")[...][shared] for n in PROJECTIONS}
             stats = _statistics(captured, weights, None)
             for name in PROJECTIONS:
-                value = _prune(weights[name], stats[name], method, sparsity, nm)[0]
+                value = _prune(weights[name], stats[name], method, sparsity, nm, refine)[0]
                 variable = getattr(ffn, f"shared_{name}")
                 variable[...] = variable[...].at[shared].set(value)
     return {"expert_tokens": tokens_seen}

@@ -24,12 +24,12 @@ KNOWN_EDGES: set[tuple[str, str]] = set()
 
 # Every package on a floor, lowest first: a module imports only from floors below its own (and
 # from its own package). A package that is on no floor fails `test_every_package_is_on_a_floor`,
-# so a new one is placed on purpose. The math (routers, moe, sparse attention, pruning, depth)
-# sits below the config, the models and the drivers built on them.
+# so a new one is placed on purpose. The math (routers, moe, sparse attention, pruning,
+# quantization, depth) sits below the config, the models and the drivers built on them.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("kernels_pallas", "moejax.errors", "moejax.stats", "moejax.plotting", "moejax.data"),
     ("moejax.parallel", "moejax.rotary", "moejax.norms"),
-    ("moejax.routers", "moejax.pruning", "moejax.depth", "moejax.attention"),
+    ("moejax.routers", "moejax.pruning", "moejax.quantization", "moejax.depth", "moejax.attention"),
     ("moejax.moe", "moejax.metrics", "moejax.sparse_attention", "moejax.latent_attention"),
     ("moejax.config",),
     ("moejax.cli", "moejax.models"),

@@ -39,7 +39,7 @@ def test_layers_import_without_the_extras():
 def test_extras_name_the_accelerator_builds_and_dev_has_the_test_tools():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     core = {dep.split(">")[0].split("[")[0] for dep in project["dependencies"]}
-    assert core == {"jax", "flax", "optax", "numpy"}
+    assert core == {"jax", "flax", "optax", "numpy", "scipy"}
     extras = project["optional-dependencies"]
     assert extras["cuda12"] == ["jax[cuda12]>=0.11.2"] and extras["tpu"] == ["jax[tpu]>=0.11.2"]
     # The GPU compiler alone: the plugin pinned to jax's own version, no CUDA runtime wheels.

@@ -7,7 +7,8 @@ import pytest
 
 from moejax.pruning import dsnot
 from moejax.pruning.dsnot import dsnot_experts
-from moejax.pruning.patterns import unstructured_mask
+from moejax.pruning.one_shot import LayerStatistics, accumulate
+from moejax.pruning.patterns import nm_mask, unstructured_mask
 from moejax.pruning.scores import wanda_scores
 
 
@@ -56,6 +57,69 @@ def test_dsnot_rejects_mismatched_shapes():
         match=r"w, mask, x shapes: got .*; allowed: .* x: \[tokens, d_in\]",
     ):
         dsnot.dsnot(w, jnp.ones(w.shape, bool), x[:, :10])
+
+
+def _group_swaps_reference(w, mask, x, m, cycles):
+    """The N:M-preserving swap of `dsnot(group_size=m)` written as loops in float64: per output
+    and cycle, among the pruned weights that move ε towards 0 and have a kept partner in their
+    group that leaves |ε| lower, grow the best-gain one, prune its lowest-Wanda partner."""
+    mean, var, norm = x.mean(0), x.var(0), np.linalg.norm(x, axis=0)
+    mask = mask.copy()
+    for r in range(w.shape[1]):
+        c = w[:, r] * mean
+        for _ in range(cycles):
+            error = np.sum(np.where(mask[:, r], 0.0, c))
+            best = None
+            for p in np.flatnonzero(~mask[:, r] & (np.sign(c) == np.sign(error))):
+                group = range(p - p % m, p - p % m + m)
+                grown = error - c[p]
+                partners = [
+                    q
+                    for q in group
+                    if mask[q, r]
+                    and np.sign(c[q]) == -np.sign(grown)
+                    and abs(grown + c[q]) < abs(error)
+                ]
+                if partners:
+                    gain = abs(c[p]) / (var[p] + 1e-12)
+                    q = min(partners, key=lambda q: abs(w[q, r]) * norm[q])
+                    if best is None or gain > best[0]:
+                        best = (gain, p, q)
+            if best is not None:
+                mask[best[1], r], mask[best[2], r] = True, False
+    return mask
+
+
+def test_dsnot_in_groups_keeps_n_m_and_matches_the_loop_reference():
+    w, x, w64, x64 = _layer(2)
+    start = np.asarray(nm_mask(jnp.abs(w) * jnp.linalg.norm(x, axis=0)[:, None], 2, 4, 0))
+    result = dsnot.dsnot(w, jnp.asarray(start), x, max_cycles=6, group_size=4)
+    mask = np.asarray(result.mask)
+    assert np.all(mask.reshape(16, 4, 32).sum(axis=1) == 2)
+    assert int(np.asarray(result.swaps).sum()) > 0
+    np.testing.assert_array_equal(mask, _group_swaps_reference(w64, start, x64, 4, 6))
+    assert np.all(np.asarray(result.error_after) <= np.asarray(result.error_before) + 1e-5)
+    # Unconstrained swaps break the groups: the constraint is what keeps 2:4.
+    free = np.asarray(dsnot.dsnot(w, jnp.asarray(start), x, max_cycles=6).mask)
+    assert np.any(free.reshape(16, 4, 32).sum(axis=1) != 2)
+
+
+def test_dsnot_from_moments_equals_dsnot_on_the_tokens():
+    """Running statistics (`LayerStatistics`) give the same refinement as the tokens."""
+    w, x, _, _ = _layer(3)
+    start = unstructured_mask(wanda_scores(w, x), 0.5, per_slice_axis=1)
+    stats = accumulate(LayerStatistics.zeros(64), x[:200])
+    stats = accumulate(stats, x[200:])
+    mean, variance = stats.mean_and_variance()
+    np.testing.assert_allclose(mean, np.asarray(x).mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(variance, np.asarray(x).var(0), rtol=1e-4, atol=1e-4)
+    from_stats = dsnot.dsnot_from_moments(
+        w, start, mean, variance, jnp.sqrt(stats.sq_norms), max_cycles=20
+    )
+    from_tokens = dsnot.dsnot(w, start, x, max_cycles=20)
+    np.testing.assert_array_equal(from_stats.mask, from_tokens.mask)
+    with pytest.raises(ValueError, match="group_size: got 5"):
+        dsnot.dsnot(w, start, x, group_size=5)
 
 
 def _expected_error(w, mask, x):

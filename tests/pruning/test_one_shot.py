@@ -24,8 +24,9 @@ def _layer(seed: int, d_in: int = 32, d_out: int = 12, tokens: int = 200):
     return rng.normal(size=(d_in, d_out)), x
 
 
-def _reference_sparsegpt(w, x, sparsity, nm, block, damp):
-    """Frantar & Alistarh's algorithm in float64, one input at a time, no lazy batching."""
+def _reference_sparsegpt(w, x, sparsity, nm, block, damp, fixed=None):
+    """Frantar & Alistarh's algorithm in float64, one input at a time, no lazy batching;
+    `fixed` (bool [d_in, d_out], True where kept) replaces the choice of what to prune."""
     weights = w.T.copy()  # [d_out, d_in]
     d_out, d_in = weights.shape
     h = x.T @ x
@@ -34,7 +35,9 @@ def _reference_sparsegpt(w, x, sparsity, nm, block, damp):
     pruned = np.zeros_like(weights, bool)
     for start in range(0, d_in, block):
         stop = min(start + block, d_in)
-        if nm is None:
+        if fixed is not None:
+            pruned[:, start:stop] = ~fixed[start:stop].T
+        elif nm is None:
             scores = weights[:, start:stop] ** 2 / np.diag(hinv)[start:stop] ** 2
             count = int(scores.size * sparsity)
             order = np.argsort(scores, axis=None, kind="stable")[:count]
@@ -42,7 +45,7 @@ def _reference_sparsegpt(w, x, sparsity, nm, block, damp):
             flat[order] = True
             pruned[:, start:stop] = flat.reshape(scores.shape)
         for i in range(start, stop):
-            if nm is not None and (i - start) % nm[1] == 0:
+            if fixed is None and nm is not None and (i - start) % nm[1] == 0:
                 n, m = nm
                 scores = weights[:, i : i + m] ** 2 / np.diag(hinv)[i : i + m] ** 2
                 drop = np.argsort(scores, axis=1, kind="stable")[:, : m - n]
@@ -77,6 +80,28 @@ def test_sparsegpt_matches_the_unbatched_float64_reference(sparsity, nm, block):
     )
     assert np.mean(np.asarray(mask32) == expected_mask) > 0.97
     np.testing.assert_allclose(stats.hessian, x.T @ x, rtol=1e-4, atol=1e-3)
+
+
+def test_sparsegpt_with_a_given_mask_only_compensates_for_it():
+    """`mask=` keeps the given weights and spreads the pruned ones' error as the reference
+    does; given SparseGPT's own mask it returns its own result."""
+    w, x = _layer(5)
+    given = np.random.default_rng(5).random(w.shape) < 0.5
+    with jax.enable_x64(True):
+        ours, mask = sparsegpt(
+            jnp.asarray(w), jnp.asarray(x.T @ x), 0.5, block_size=8, mask=jnp.asarray(given)
+        )
+        again, _ = sparsegpt(jnp.asarray(w), jnp.asarray(x.T @ x), 0.7, (2, 4), block_size=8)
+        _, own_mask = sparsegpt(jnp.asarray(w), jnp.asarray(x.T @ x), 0.7, (2, 4), block_size=8)
+        replayed, _ = sparsegpt(
+            jnp.asarray(w), jnp.asarray(x.T @ x), 0.0, block_size=8, mask=own_mask
+        )
+    expected, _ = _reference_sparsegpt(w, x, 0.5, None, 8, 0.01, fixed=given)
+    np.testing.assert_array_equal(np.asarray(mask), given)
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(np.asarray(replayed), np.asarray(again), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="mask.shape"):
+        sparsegpt(jnp.asarray(w), jnp.asarray(x.T @ x), 0.5, mask=jnp.ones((4, 4), bool))
 
 
 def test_sparsegpt_reconstructs_the_layer_better_than_its_mask_alone():

@@ -11,7 +11,7 @@ from flax import nnx
 from moejax.config import ModelConfig, MoEConfig
 from moejax.models.moe_layer import RouterContext
 from moejax.models.transformer import TransformerLM
-from moejax.pruning.one_shot import wanda_mask
+from moejax.pruning.one_shot import sparsegpt, wanda_mask
 from moejax.training.calibrated_pruning import prune_feed_forwards
 
 CONFIG = ModelConfig(
@@ -91,3 +91,76 @@ def test_sparsegpt_keeps_the_logits_closer_than_magnitude():
         prune_feed_forwards(model, calibration, method=method, sparsity=0.6)
         errors[method] = np.abs(np.asarray(model(held_out, train=False)[0]) - expected).mean()
     assert errors["sparsegpt"] < errors["magnitude"]
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_dsnot_refines_each_methods_mask_and_the_method_rebuilds_the_weights(method):
+    """Block 0's dense MLP, 2:4: the refined gate mask stays 2:4, lowers every output's
+    expected error |E[x] (w - w')| below the unrefined mask's, and the weights are the
+    method's for that mask (SparseGPT compensates for it, Wanda zeroes it)."""
+    config = dataclasses.replace(CONFIG, moe=dataclasses.replace(CONFIG.moe, every=2))
+    calibration = _calibration(3)
+    models = {refine: TransformerLM(config, rngs=nnx.Rngs(4)) for refine in (None, "dsnot")}
+    w = np.asarray(models[None].blocks[0].ffn.w_gate[...], np.float64)
+    xs = []
+    for tokens in calibration:
+        _, outputs = nnx.capture(models[None], nnx.Intermediate, method_outputs=nnx.Intermediate)(
+            jnp.asarray(tokens), train=False
+        )
+        xs.append(np.asarray(outputs["blocks"][0]["ffn_norm"]["__call__"].get_value()[0]))
+    x = np.concatenate(xs).reshape(-1, config.d_model).astype(np.float64)
+    for refine, model in models.items():
+        prune_feed_forwards(
+            model, calibration, method=method, sparsity=0.5, nm=(2, 4), refine=refine
+        )
+    plain = np.asarray(models[None].blocks[0].ffn.w_gate[...]) != 0
+    refined = np.asarray(models["dsnot"].blocks[0].ffn.w_gate[...])
+    mask = refined != 0
+    assert np.all(mask.reshape(-1, 4, mask.shape[1]).sum(1) == 2)
+    assert not np.array_equal(mask, plain)
+
+    def expected_error(kept):
+        return np.abs(x.mean(0) @ np.where(kept, 0.0, w))
+
+    assert np.all(expected_error(mask) <= expected_error(plain) + 1e-5)
+    assert expected_error(mask).sum() < 0.7 * expected_error(plain).sum()
+    if method == "wanda":
+        np.testing.assert_array_equal(refined, np.where(mask, w, 0.0).astype(np.float32))
+    else:
+        rebuilt, _ = sparsegpt(
+            jnp.asarray(w, jnp.float32),
+            jnp.asarray(x.T @ x, jnp.float32),
+            0.0,
+            mask=jnp.asarray(mask),
+        )
+        np.testing.assert_allclose(refined, rebuilt, rtol=2e-3, atol=2e-4)
+    with pytest.raises(ValueError, match="refine: got 'owl'"):
+        prune_feed_forwards(models[None], calibration, method=method, sparsity=0.5, refine="owl")
+
+
+def test_armor_through_the_driver_beats_sparsegpt_on_the_layer_loss():
+    """2:4 on block 0's dense MLP: ARMOR's stored weight (the product P S Q) reconstructs the
+    gate projection's outputs on the calibration tokens better than SparseGPT's does."""
+    config = dataclasses.replace(CONFIG, num_layers=1, moe=dataclasses.replace(CONFIG.moe, every=2))
+    calibration = _calibration(5)
+    models = {m: TransformerLM(config, rngs=nnx.Rngs(6)) for m in ("sparsegpt", "armor")}
+    w = np.asarray(models["armor"].blocks[0].ffn.w_gate[...], np.float64)
+    capture = nnx.capture(models["armor"], nnx.Intermediate, method_outputs=nnx.Intermediate)
+    x = np.concatenate(
+        [
+            np.asarray(
+                capture(jnp.asarray(t), train=False)[1]["blocks"][0]["ffn_norm"][
+                    "__call__"
+                ].get_value()[0]
+            )
+            for t in calibration
+        ]
+    ).reshape(-1, config.d_model)
+    losses = {}
+    for method, model in models.items():
+        prune_feed_forwards(model, calibration, method=method, sparsity=0.5, nm=(2, 4))
+        pruned = np.asarray(model.blocks[0].ffn.w_gate[...], np.float64)
+        losses[method] = np.sum((x @ w - x @ pruned) ** 2)
+    assert losses["armor"] < 0.9 * losses["sparsegpt"]
+    with pytest.raises(ValueError, match="nm: got None"):
+        prune_feed_forwards(models["armor"], calibration, method="armor", sparsity=0.5)

@@ -22,7 +22,16 @@ def test_compress_writes_a_pruned_workdir_that_eval_reads(run, tmp_path):
     before = _digest(run)
     out = tmp_path / "pruned"
     command = [sys.executable, "-m", "moejax.compress", "--workdir", str(run), "--out", str(out)]
-    options = ["--method", "sparsegpt", "--sparsity", "0.5", "--pattern", "2:4"]
+    options = [
+        "--method",
+        "sparsegpt",
+        "--sparsity",
+        "0.5",
+        "--pattern",
+        "2:4",
+        "--refine",
+        "dsnot",
+    ]
     done = subprocess.run(
         [*command, *options, "--calib_batches", "2"],
         cwd=ROOT,
@@ -58,6 +67,7 @@ def test_compress_writes_a_pruned_workdir_that_eval_reads(run, tmp_path):
         text=True,
         timeout=300,
     )
-    assert bad.returncode == 2 and "--method: 'obs'; allowed: magnitude, wanda, sparsegpt" in (
-        bad.stderr
+    assert (
+        bad.returncode == 2
+        and "--method: 'obs'; allowed: magnitude, wanda, sparsegpt, armor" in (bad.stderr)
     )
