@@ -1,27 +1,174 @@
-"""Compress a trained run: `python -m moejax.compress --workdir W --method wanda --sparsity 0.5
-[--pattern 2:4] [--refine dsnot] [--calib_batches 8] [--calib_offset 0] --out OUT`.
+"""Compress a trained run: `python -m moejax.compress --workdir W --method M [options] --out OUT`.
 
-Prunes the feed-forward weights (MLPs, routed and shared experts) of W's newest usable
-checkpoint in one shot from calibration batches of W's own training data (the
-`--calib_batches` after the first `--calib_offset` of its training stream)
-(`moejax.training.calibrated_pruning`: magnitude, Wanda or SparseGPT, block after block, each
-expert on its own tokens; `--refine dsnot` refines every mask by DSnoT's swaps before the method
-rebuilds the weights), and writes OUT as a workdir holding the pruned model at the same
-step with W's config: `eval.py --workdir OUT` evaluates it, and `train.py --workdir OUT`
-continues training it (as a dense run: the zeros are not held by masks). W is only read.
-Bad arguments are one-line errors (exit status 2).
+Compresses W's newest usable checkpoint after training, from calibration batches of W's own
+training data (the `--calib_batches` after the first `--calib_offset` of its training stream),
+and writes OUT as a workdir holding the compressed model with W's config (or the new one, when
+the method changes the architecture): `eval.py --workdir OUT` evaluates it and
+`train.py --workdir OUT` fine-tunes it. W is only read. The methods, by family (`FAMILIES`):
+
+- one-shot pruning of the MLPs and experts (`moejax.training.calibrated_pruning`): magnitude,
+  wanda, sparsegpt, armor; `--sparsity`, `--pattern unstructured|n:m`, `--refine dsnot`;
+- expert-level compression (`moejax.training.expert_compression`): frequency, importance,
+  mc_smoe keep `--keep_experts` of every MoE layer's experts; readme turns every dense MLP
+  into `--experts` experts routed `--top_k` at a time by a token-id router;
+- weight quantisation (`moejax.training.calibrated_quantization`): rtn, gptq, eaquant, gqsa at
+  `--bits` per `--group_size` inputs, `--mixed` for more bits on shared experts and routers.
+
+A compressed model of the same architecture keeps W's step, optimizer and data state (the zeros
+and the rounded values are not held by masks: fine-tuning moves them); one of a new
+architecture starts a fresh optimizer at W's step. Bad arguments are one-line errors (exit
+status 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from moejax import cli
 from moejax.config import ConfigError
-from moejax.training.calibrated_pruning import METHODS, REFINEMENTS
+from moejax.training.calibrated_pruning import METHODS as PRUNING_METHODS
+from moejax.training.calibrated_pruning import REFINEMENTS
+from moejax.training.calibrated_quantization import QUANT_METHODS
+from moejax.training.expert_compression import EXPERT_METHODS
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One compression: the method and the options its family reads (the others are unused)."""
+
+    method: str = "wanda"
+    calib_batches: int = 8
+    calib_offset: int = 0
+    # One-shot pruning.
+    sparsity: float = 0.5
+    nm: tuple[int, int] | None = None
+    refine: str | None = None
+    # Expert-level compression.
+    keep_experts: int = 0
+    experts: int = 0
+    top_k: int = 1
+    # Quantisation (gqsa also removes `sparsity` of the weight groups).
+    bits: int = 4
+    group_size: int = 32
+    mixed: bool = False
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("--method", self.method in FAMILY_OF, self.method, ", ".join(FAMILY_OF)),
+            ("--calib_batches", self.calib_batches >= 1, self.calib_batches, ">= 1"),
+            ("--calib_offset", self.calib_offset >= 0, self.calib_offset, ">= 0"),
+            ("--sparsity", 0.0 <= self.sparsity < 1.0, self.sparsity, "a share in [0, 1)"),
+            (
+                "--refine",
+                self.refine is None or self.refine in REFINEMENTS,
+                self.refine,
+                f"none, {', '.join(REFINEMENTS)}",
+            ),
+            ("--bits", 2 <= self.bits <= 8, self.bits, "an int in [2, 8]"),
+            ("--group_size", self.group_size >= 1, self.group_size, ">= 1"),
+        )
+        for flag, ok, value, allowed in checks:
+            if not ok:
+                raise ConfigError(f"{flag}: {value!r}; allowed: {allowed}")
+        family = FAMILY_OF[self.method]
+        if family == "experts" and self.method != "readme" and self.keep_experts < 1:
+            raise ConfigError(f"--keep_experts: {self.keep_experts}; allowed: >= 1 for {family}")
+        if self.method == "readme" and not 1 <= self.top_k <= self.experts:
+            raise ConfigError(
+                f"--experts {self.experts} --top_k {self.top_k}; allowed: 1 <= top_k <= experts"
+            )
+
+    def describe(self) -> str:
+        """The method and the options it used, as the summary line shows them."""
+        return DESCRIBE[FAMILY_OF[self.method]](self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Compressed:
+    """A family's result: its report and, when the architecture changed, the new model config
+    with the new model's parameters and router state (pure dicts)."""
+
+    report: dict[str, Any]
+    model_config: Any = None
+    params: dict[str, Any] | None = None
+    router_state: dict[str, Any] | None = None
+
+
+def _prune(model: Any, config: Any, calibration: list, request: Request) -> Compressed:
+    from moejax.training.calibrated_pruning import prune_feed_forwards
+
+    report = prune_feed_forwards(
+        model,
+        calibration,
+        method=request.method,
+        sparsity=request.sparsity,
+        nm=request.nm,
+        refine=request.refine,
+    )
+    return Compressed(report)
+
+
+def _experts(model: Any, config: Any, calibration: list, request: Request) -> Compressed:
+    from moejax.training import expert_compression
+
+    if request.method == "readme":
+        result = expert_compression.moefy_model(
+            model, config.model, calibration, num_experts=request.experts, top_k=request.top_k
+        )
+    else:
+        result = expert_compression.compress_experts(
+            model, config.model, calibration, method=request.method, keep=request.keep_experts
+        )
+    return Compressed(result.report, result.config, result.params, result.router_state)
+
+
+def _quantize(model: Any, config: Any, calibration: list, request: Request) -> Compressed:
+    from moejax.training.calibrated_quantization import quantize_feed_forwards
+
+    report = quantize_feed_forwards(
+        model,
+        calibration,
+        method=request.method,
+        bits=request.bits,
+        group_size=request.group_size,
+        mixed=request.mixed,
+        sparsity=request.sparsity if request.method == "gqsa" else 0.0,
+    )
+    return Compressed(report)
+
+
+def _pattern_name(nm: tuple[int, int] | None) -> str:
+    return "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
+
+
+# Each family: (its method names, how it compresses a restored model).
+FAMILIES: dict[str, tuple[tuple[str, ...], Callable[..., Compressed]]] = {
+    "prune": (PRUNING_METHODS, _prune),
+    "experts": ((*EXPERT_METHODS, "readme"), _experts),
+    "quantize": (QUANT_METHODS, _quantize),
+}
+FAMILY_OF = {method: family for family, (methods, _) in FAMILIES.items() for method in methods}
+DESCRIBE: dict[str, Callable[[Request], str]] = {
+    "prune": lambda r: (
+        f"{r.method}{'' if r.refine is None else ' + ' + r.refine}, "
+        f"{100 * r.sparsity:.0f}% {_pattern_name(r.nm)}"
+    ),
+    "experts": lambda r: (
+        f"readme, {r.experts} experts, top {r.top_k}"
+        if r.method == "readme"
+        else f"{r.method}, {r.keep_experts} experts kept"
+    ),
+    "quantize": lambda r: (
+        f"{r.method}, {r.bits} bits per {r.group_size}{', mixed' if r.mixed else ''}"
+        f"{f', {100 * r.sparsity:.0f}% of groups removed' if r.method == 'gqsa' else ''}"
+    ),
+}
 
 
 def _pattern(text: str) -> tuple[int, int] | None:
@@ -43,53 +190,61 @@ def main(argv: list[str]) -> int:
 def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="the trained run (read only)")
-    parser.add_argument("--out", required=True, help="the new workdir for the pruned model")
-    parser.add_argument("--method", default="wanda", help=f"one of {', '.join(METHODS)}")
+    parser.add_argument("--out", required=True, help="the new workdir for the compressed model")
+    parser.add_argument("--method", default="wanda", help=f"one of {', '.join(FAMILY_OF)}")
+    parser.add_argument("--calib_batches", type=int, default=8, help="training batches to use")
+    parser.add_argument("--calib_offset", type=int, default=0, help="training batches skipped")
     parser.add_argument("--sparsity", type=float, default=0.5, help="share of weights removed")
     parser.add_argument("--pattern", default="unstructured", help="unstructured or n:m (2:4)")
     parser.add_argument("--refine", default="none", help=f"none or {', '.join(REFINEMENTS)}")
-    parser.add_argument("--calib_batches", type=int, default=8, help="training batches to use")
-    parser.add_argument("--calib_offset", type=int, default=0, help="training batches skipped")
+    parser.add_argument("--keep_experts", type=int, default=0, help="experts kept per layer")
+    parser.add_argument("--experts", type=int, default=0, help="readme: experts per MLP")
+    parser.add_argument("--top_k", type=int, default=1, help="readme: experts per token")
+    parser.add_argument("--bits", type=int, default=4, help="quantisation: bits per weight")
+    parser.add_argument("--group_size", type=int, default=32, help="inputs per scale")
+    parser.add_argument("--mixed", action="store_true", help="8 bits for shared experts, router")
     args = parser.parse_args(argv)
-    if args.method not in METHODS:
-        raise ConfigError(f"--method: {args.method!r}; allowed: {', '.join(METHODS)}")
-    if args.refine not in ("none", *REFINEMENTS):
-        raise ConfigError(f"--refine: {args.refine!r}; allowed: none, {', '.join(REFINEMENTS)}")
-    refine = None if args.refine == "none" else args.refine
-    if not 0.0 <= args.sparsity < 1.0:
-        raise ConfigError(f"--sparsity: {args.sparsity}; allowed: a share in [0, 1)")
-    if args.calib_batches < 1:
-        raise ConfigError(f"--calib_batches: {args.calib_batches}; allowed: >= 1")
-    if args.calib_offset < 0:
-        raise ConfigError(f"--calib_offset: {args.calib_offset}; allowed: >= 0")
-    nm = _pattern(args.pattern)
+    request = Request(
+        method=args.method,
+        calib_batches=args.calib_batches,
+        calib_offset=args.calib_offset,
+        sparsity=args.sparsity,
+        nm=_pattern(args.pattern),
+        refine=None if args.refine == "none" else args.refine,
+        keep_experts=args.keep_experts,
+        experts=args.experts,
+        top_k=args.top_k,
+        bits=args.bits,
+        group_size=args.group_size,
+        mixed=args.mixed,
+    )
     workdir, out = Path(args.workdir).absolute(), Path(args.out).absolute()
     if out == workdir:
         raise ConfigError("--out: the same directory as --workdir; W is never modified")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out: {out} exists and is not empty; give a new directory")
     cli.setup_logging()
-    summary, report = _compress(
-        workdir, out, args.method, args.sparsity, nm, args.calib_batches, refine, args.calib_offset
-    )
+    summary, report = compress(workdir, out, request)
     print(summary)
     for block, entry in report.items():
-        print(f"  {block}: {entry}")
+        print(f"  {block}: {_compact(entry)}")
     return 0
 
 
-def _compress(
-    workdir: Path,
-    out: Path,
-    method: str,
-    sparsity: float,
-    nm,
-    calib_batches: int,
-    refine: str | None = None,
-    calib_offset: int = 0,
-) -> tuple[str, dict]:
-    """Prunes `workdir`'s newest checkpoint into the new workdir `out`: (a one-line summary,
-    the per-block report of `prune_feed_forwards`)."""
+def _compact(value: Any, width: int = 8) -> Any:
+    """`value` with every list longer than `width` cut to its first `width` items and a count
+    (Read-ME's neuron partitions would fill the screen)."""
+    if isinstance(value, dict):
+        return {key: _compact(item, width) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_compact(item, width) for item in value[:width]]
+        return items + [f"... {len(value)} in all"] if len(value) > width else items
+    return value
+
+
+def compress(workdir: Path, out: Path, request: Request) -> tuple[str, dict]:
+    """Compresses `workdir`'s newest checkpoint into the new workdir `out` as `request` asks:
+    (a one-line summary, the family's per-block report)."""
     import jax
     import numpy as np
     from flax import nnx
@@ -99,7 +254,6 @@ def _compress(
     from moejax.training import corpus
     from moejax.training import state as state_lib
     from moejax.training import workdir as workdir_lib
-    from moejax.training.calibrated_pruning import prune_feed_forwards
     from moejax.training.checkpoint import Checkpointer
     from moejax.training.restore import read_run, restore_checkpoint
 
@@ -110,19 +264,24 @@ def _compress(
     restored = restore_checkpoint(workdir, config, layout.restore_target())
     model = layout.spec.merge(state_lib.model_variables(restored.state))
     iterator = corpus.train_iterator(config.data, block=None)
-    for _ in range(calib_offset):
+    for _ in range(request.calib_offset):
         next(iterator)
-    calibration = [np.asarray(next(iterator)["inputs"]) for _ in range(calib_batches)]
+    calibration = [np.asarray(next(iterator)["inputs"]) for _ in range(request.calib_batches)]
     iterator.close()
     start = time.perf_counter()
-    report = prune_feed_forwards(
-        model, calibration, method=method, sparsity=sparsity, nm=nm, refine=refine
-    )
+    result = FAMILIES[FAMILY_OF[request.method]][1](model, config, calibration, request)
     seconds = time.perf_counter() - start
-    params = jax.device_put(
-        nnx.to_pure_dict(nnx.state(model, nnx.Param)), layout.shardings["params"]
-    )
-    state = {**restored.state, "params": params}
+    if result.model_config is None:
+        params = jax.device_put(
+            nnx.to_pure_dict(nnx.state(model, nnx.Param)), layout.shardings["params"]
+        )
+        state = {**restored.state, "params": params}
+    else:
+        config = dataclasses.replace(config, model=result.model_config)
+        layout = state_lib.state_layout(config, mesh)
+        values = {"params": result.params, "router_state": result.router_state or {}}
+        state = state_lib.init_state(config, layout, values)
+        state = {**state, "step": jax.numpy.asarray(restored.step, state["step"].dtype)}
     out.mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(
         out / workdir_lib.CHECKPOINT_DIR, keep=config.train.keep_checkpoints, async_save=False
@@ -131,15 +290,12 @@ def _compress(
     checkpointer.wait()
     checkpointer.close()
     workdir_lib.write_config(out, config)
-    pattern = "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
     summary = (
-        f"pruned the feed-forwards of {workdir} step {restored.step} by {method}"
-        f"{'' if refine is None else ' + ' + refine}, "
-        f"{100 * sparsity:.0f}% {pattern}, from {calib_batches} calibration batches (after "
-        f"{calib_offset}) in "
+        f"compressed {workdir} step {restored.step} by {request.describe()}, from "
+        f"{request.calib_batches} calibration batches (after {request.calib_offset}) in "
         f"{seconds:.1f} s; wrote {out}"
     )
-    return summary, report
+    return summary, result.report
 
 
 if __name__ == "__main__":

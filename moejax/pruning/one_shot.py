@@ -232,6 +232,20 @@ def _compensated(w: jax.Array, stats: LayerStatistics, mask: jax.Array, nm) -> j
     return sparsegpt(w, stats.hessian, 0.0, mask=mask)[0]
 
 
+@jax.jit
+def relative_layer_error(w: jax.Array, w_new: jax.Array, hessian: jax.Array) -> jax.Array:
+    """`||X w - X w_new||² / ||X w||²` over the calibration tokens X, from `hessian = XᵀX`:
+    w, w_new [d_in, d_out], hessian [d_in, d_in] -> scalar float32 (0 when `X w` is zero)."""
+    w, w_new = w.astype(jnp.float32), w_new.astype(jnp.float32)
+    hessian = hessian.astype(jnp.float32)
+
+    def energy(m):
+        return jnp.sum(m * jnp.matmul(hessian, m, precision=jax.lax.Precision.HIGHEST))
+
+    dense = energy(w)
+    return jnp.where(dense > 0, energy(w - w_new) / jnp.where(dense > 0, dense, 1.0), 0.0)
+
+
 # The registry of one-shot methods by name; `register_one_shot` adds one (ARMOR, in armor.py).
 ONE_SHOT_METHODS = {
     "magnitude": OneShotMethod(

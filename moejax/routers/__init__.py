@@ -22,6 +22,7 @@ from moejax.routers import (
     selective_sinkhorn,
     similarity_aware,
     sinkhorn,
+    token_table,
     top_p,
 )
 from moejax.routers.base import ROUTERS, RouterSpec, RouterStateSpec, Routing, get, register
@@ -48,5 +49,6 @@ __all__ = [
     "similarity_aware",
     "sinkhorn",
     "softmax_top_k",
+    "token_table",
     "top_p",
 ]

@@ -16,57 +16,39 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from moejax.errors import require
-from moejax.models.moe_layer import MoELayer, RouterContext
+from moejax.models.moe_layer import MoELayer
 from moejax.pruning.one_shot import (
     ONE_SHOT_METHODS,
     ONE_SHOT_REFINEMENTS,
     LayerStatistics,
     accumulate,
+    relative_layer_error,
 )
+from moejax.training.calibration import ffn_inputs, swiglu_hidden
 
 METHODS = tuple(ONE_SHOT_METHODS)
 REFINEMENTS = tuple(ONE_SHOT_REFINEMENTS)
 PROJECTIONS = ("w_gate", "w_up", "w_down")
 
 
-def _ffn_inputs(model: Any, tokens: jax.Array) -> dict[int, tuple[jax.Array, jax.Array | None]]:
-    """For each block: (its feed-forward input `[tokens, d_model]`, the MoE routing's
-    `expert_index [tokens, top_k]` or None for a dense MLP), in evaluation mode."""
-    forward = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)
-    _, outputs = forward(tokens, train=False)
-    records = {}
-    for layer, block in enumerate(model.blocks):
-        x = outputs["blocks"][layer]["ffn_norm"]["__call__"].get_value()[0]
-        index = None
-        if isinstance(block.ffn, MoELayer):
-            index = block.ffn.route(x, RouterContext(token_ids=tokens), train=False).expert_index
-        records[layer] = (x.reshape(-1, x.shape[-1]).astype(jnp.float32), index)
-    return records
-
-
-def _hidden(x: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
-    """SwiGLU's hidden activations `[tokens, d_ff]` (the down projection's input)."""
-    return jax.nn.silu(x @ w_gate) * (x @ w_up)
-
-
-def _prune(w, stats: LayerStatistics, method, sparsity, nm, refine):
+def _prune(w, stats: LayerStatistics, method, sparsity, nm, refine, errors: list[float]):
     """(pruned w, kept mask) of one `[d_in, d_out]` weight, the mask refined by `refine` (a
     name of `ONE_SHOT_REFINEMENTS` or None); by magnitude, unrefined, when its inputs saw no
-    calibration token (nothing to calibrate on)."""
+    calibration token (nothing to calibrate on). Appends the weight's relative output error on
+    its calibration tokens to `errors` (nothing for a weight that saw none)."""
     if float(stats.tokens) == 0:
         return ONE_SHOT_METHODS["magnitude"].prune(w, stats, sparsity, nm)
     chosen = ONE_SHOT_METHODS[method]
     pruned, mask = chosen.prune(w, stats, sparsity, nm)
-    if refine is None:
-        return pruned, mask
-    mask = ONE_SHOT_REFINEMENTS[refine](w, stats, mask, nm)
-    return chosen.rebuild(w, stats, mask, nm), mask
+    if refine is not None:
+        mask = ONE_SHOT_REFINEMENTS[refine](w, stats, mask, nm)
+        pruned = chosen.rebuild(w, stats, mask, nm)
+    errors.append(float(relative_layer_error(w, pruned, stats.hessian)))
+    return pruned, mask
 
 
 def prune_feed_forwards(
@@ -82,29 +64,34 @@ def prune_feed_forwards(
     `TransformerLM`, changed in place) from the `calibration` token batches `[batch, length]`,
     block after block (see the module docstring); `refine` (one of `REFINEMENTS`, or None)
     refines each weight's mask before its method rebuilds the weights. Returns a report: per
-    block, the kept share of each weight and, for MoE blocks, the calibration tokens each
-    expert saw."""
+    block, the mean kept share and relative output error `||X w - X w'||² / ||X w||²` (on each
+    weight's own calibration inputs X) of its weights and, for MoE blocks, the calibration
+    tokens each expert saw."""
     require(method in METHODS, "method", method, ", ".join(METHODS))
     require(
         refine is None or refine in REFINEMENTS, "refine", refine, f"None, {', '.join(REFINEMENTS)}"
     )
     require(len(calibration) > 0, "calibration", len(calibration), "at least one batch")
-    capture = nnx.jit(_ffn_inputs)
     report = {}
     for layer, block in enumerate(model.blocks):
-        captured = [capture(model, jnp.asarray(tokens))[layer] for tokens in calibration]
+        captured = [ffn_inputs(model, jnp.asarray(tokens))[layer] for tokens in calibration]
         ffn = block.ffn
         if isinstance(ffn, MoELayer):
             report[f"block{layer}"] = _prune_moe(ffn, captured, method, sparsity, nm, refine)
         else:
             weights = {name: getattr(ffn, name)[...] for name in PROJECTIONS}
             stats = _statistics(captured, weights, None)
-            kept = []
+            kept, errors = [], []
             for name in PROJECTIONS:
-                pruned, mask = _prune(weights[name], stats[name], method, sparsity, nm, refine)
+                pruned, mask = _prune(
+                    weights[name], stats[name], method, sparsity, nm, refine, errors
+                )
                 getattr(ffn, name)[...] = pruned
                 kept.append(float(jnp.mean(mask)))
-            report[f"block{layer}"] = {"kept": float(np.mean(kept))}
+            report[f"block{layer}"] = {
+                "kept": float(np.mean(kept)),
+                "layer_error": _mean(errors),
+            }
     return report
 
 
@@ -116,7 +103,7 @@ def _statistics(captured, weights, expert_tokens) -> dict[str, LayerStatistics]:
     for x, index in captured:
         selected = None if expert_tokens is None else expert_tokens(index)
         stats_in = accumulate(stats_in, x, selected)
-        hidden = _hidden(
+        hidden = swiglu_hidden(
             x, weights["w_gate"].astype(jnp.float32), weights["w_up"].astype(jnp.float32)
         )
         stats_hidden = accumulate(stats_hidden, hidden, selected)
@@ -124,7 +111,7 @@ def _statistics(captured, weights, expert_tokens) -> dict[str, LayerStatistics]:
 
 
 def _prune_moe(ffn: MoELayer, captured, method, sparsity, nm, refine) -> dict[str, Any]:
-    tokens_seen = []
+    tokens_seen, errors = [], []
     stacked = {name: getattr(ffn, name)[...] for name in PROJECTIONS}
     pruned = {name: [] for name in PROJECTIONS}
     for expert in range(ffn.num_experts):
@@ -132,7 +119,9 @@ def _prune_moe(ffn: MoELayer, captured, method, sparsity, nm, refine) -> dict[st
         stats = _statistics(captured, weights, lambda index, e=expert: jnp.any(index == e, axis=1))
         tokens_seen.append(int(stats["w_gate"].tokens))
         for name in PROJECTIONS:
-            pruned[name].append(_prune(weights[name], stats[name], method, sparsity, nm, refine)[0])
+            pruned[name].append(
+                _prune(weights[name], stats[name], method, sparsity, nm, refine, errors)[0]
+            )
     for name in PROJECTIONS:
         getattr(ffn, name)[...] = jnp.stack(pruned[name])
     if ffn.moe.num_shared_experts:
@@ -140,7 +129,12 @@ def _prune_moe(ffn: MoELayer, captured, method, sparsity, nm, refine) -> dict[st
             weights = {n: getattr(ffn, f"shared_{n}")[...][shared] for n in PROJECTIONS}
             stats = _statistics(captured, weights, None)
             for name in PROJECTIONS:
-                value = _prune(weights[name], stats[name], method, sparsity, nm, refine)[0]
+                value = _prune(weights[name], stats[name], method, sparsity, nm, refine, errors)[0]
                 variable = getattr(ffn, f"shared_{name}")
                 variable[...] = variable[...].at[shared].set(value)
-    return {"expert_tokens": tokens_seen}
+    return {"expert_tokens": tokens_seen, "layer_error": _mean(errors)}
+
+
+def _mean(errors: list[float]) -> float | None:
+    """The mean error of a block's weights; None when none of them saw a calibration token."""
+    return float(np.mean(errors)) if errors else None

@@ -201,9 +201,16 @@ def _overlay(initial: Any, loaded: Any) -> Any:
     }
 
 
-def init_state(config: Config, layout: StateLayout) -> TrainState:
+def init_state(
+    config: Config, layout: StateLayout, values: dict[str, dict] | None = None
+) -> TrainState:
     """Initialises parameters and optimizer state directly in their sharded layout; with
-    `train.init_from_hf` the parameters start from that checkpoint."""
+    `train.init_from_hf` the parameters start from that checkpoint, and with `values`
+    ({"params"[, "router_state"]} pure dicts, as `pretrained_values`) from those arrays (a
+    compressed model of a new architecture)."""
+    if values is None:
+        values = pretrained_values(config, layout)
+    values = {"params": {}, "router_state": {}, **values}
 
     def init(key: jax.Array, loaded: dict[str, dict]) -> TrainState:
         model = TransformerLM(config.model, attention=config.attention, rngs=nnx.Rngs(key))
@@ -224,7 +231,7 @@ def init_state(config: Config, layout: StateLayout) -> TrainState:
     # initial values' last float32 bits depend on the level, and every process uses the same.
     options = {"xla_backend_optimization_level": 1} if platforms == {"cpu"} else None
     return jax.jit(init, out_shardings=layout.shardings, compiler_options=options)(
-        jax.random.key(config.train.seed), pretrained_values(config, layout)
+        jax.random.key(config.train.seed), values
     )
 
 

@@ -11,6 +11,7 @@ from moejax.pruning.one_shot import (
     LayerStatistics,
     accumulate,
     magnitude_mask,
+    relative_layer_error,
     sparsegpt,
     wanda_mask,
 )
@@ -112,6 +113,15 @@ def test_sparsegpt_reconstructs_the_layer_better_than_its_mask_alone():
     zeroed = np.linalg.norm(x @ w - x @ (w * np.asarray(mask)))
     wanda = np.linalg.norm(x @ w - x @ (w * np.asarray(wanda_mask(w, (x**2).sum(0), 0.5))))
     assert error < 0.95 * zeroed and error < wanda
+
+
+def test_relative_layer_error_is_the_output_error_over_the_output_energy():
+    w, x = _layer(6)
+    w_new = w * (np.abs(w) > 0.5)
+    expected = np.sum((x @ w - x @ w_new) ** 2) / np.sum((x @ w) ** 2)
+    ours = relative_layer_error(jnp.asarray(w), jnp.asarray(w_new), jnp.asarray(x.T @ x))
+    np.testing.assert_allclose(float(ours), expected, rtol=1e-4)
+    assert float(relative_layer_error(jnp.asarray(w), jnp.asarray(w), jnp.zeros((32, 32)))) == 0
 
 
 def test_wanda_keeps_each_outputs_highest_weight_times_input_norm():

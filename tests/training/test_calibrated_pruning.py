@@ -85,12 +85,15 @@ def test_sparsegpt_keeps_the_logits_closer_than_magnitude():
     calibration, held_out = _calibration(0), jnp.asarray(_calibration(1)[0])
     reference = TransformerLM(CONFIG, rngs=nnx.Rngs(2))
     expected = np.asarray(reference(held_out, train=False)[0])
-    errors = {}
+    errors, layer_errors = {}, {}
     for method in ("magnitude", "sparsegpt"):
         model = TransformerLM(CONFIG, rngs=nnx.Rngs(2))
-        prune_feed_forwards(model, calibration, method=method, sparsity=0.6)
+        report = prune_feed_forwards(model, calibration, method=method, sparsity=0.6)
         errors[method] = np.abs(np.asarray(model(held_out, train=False)[0]) - expected).mean()
+        layer_errors[method] = [report[block]["layer_error"] for block in ("block0", "block1")]
     assert errors["sparsegpt"] < errors["magnitude"]
+    pairs = zip(layer_errors["sparsegpt"], layer_errors["magnitude"], strict=True)
+    assert all(0 < s < m < 1 for s, m in pairs)
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])

@@ -71,3 +71,34 @@ def test_compress_writes_a_pruned_workdir_that_eval_reads(run, tmp_path):
         bad.returncode == 2
         and "--method: 'obs'; allowed: magnitude, wanda, sparsegpt, armor" in (bad.stderr)
     )
+
+
+def test_merging_experts_writes_a_new_architecture_that_eval_reads(run, tmp_path):
+    """MC-SMoE to 2 experts: OUT's config and checkpoint hold the new MoE layers (a fresh
+    optimizer at W's step), and eval.py restores and evaluates them."""
+    from moejax.training.restore import read_run, restore_run
+
+    out = tmp_path / "merged"
+    done = subprocess.run(
+        [sys.executable, "-m", "moejax.compress", "--workdir", str(run), "--out", str(out)]
+        + ["--method", "mc_smoe", "--keep_experts", "2", "--calib_batches", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mc_smoe, 2 experts kept" in done.stdout
+    assert read_run(out).model.moe.num_experts == 2
+    _, step, variables = restore_run(out)
+    assert step == restore_run(run)[1]
+    for block in variables["params"]["blocks"].values():
+        assert block["ffn"]["w_gate"].shape[0] == 2 and block["ffn"]["router"].shape[1] == 2
+    evaluated = subprocess.run(
+        [sys.executable, "eval.py", "--workdir", str(out), "--sample_bytes", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
