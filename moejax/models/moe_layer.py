@@ -11,6 +11,15 @@ traced under; the layer knows no strategy by name either.
 Outside code (pruning, analysis) reads a layer through `route` (the routing of some hidden
 states, without updating router state) and `expert_params` / `shared_expert_params` (the
 weights the experts run with).
+
+A layer may carry a `RouterLogitOffset` (`[experts]` float32, attached by
+`moejax.training.rewiring`), which the "router_logits" provider adds to every token's logits:
+the test-time routing adjustment of *Rewiring Experts on the Fly*. It is an `nnx.Variable` and
+not an `nnx.Param` because it is not part of the model: the training loop's optimizer and the
+checkpoints select `nnx.Param` (and `RouterState`), so an offset is never trained with the
+weights, never saved with them, and a model without one has exactly the parameters and
+checkpoint it had before; fitting it selects this type alone, which leaves everything else
+frozen by construction.
 """
 
 from __future__ import annotations
@@ -73,10 +82,19 @@ def _router_params(inputs: _RouteInputs) -> dict[str, jax.Array]:
     return {**params, **inputs.context.shared_router_params}
 
 
+class RouterLogitOffset(nnx.Variable):
+    """`[experts]` float32 added to a layer's router logits at test time (module docstring)."""
+
+
+def _router_logits(inputs: _RouteInputs) -> jax.Array:
+    logits = inputs.hidden @ inputs.layer.router[...].astype(jnp.float32)  # [tokens, experts]
+    offset = getattr(inputs.layer, "logit_offset", None)
+    return logits if offset is None else logits + offset[...]
+
+
 # How the layer provides each router context need (`moejax.routers.base.CONTEXT_NEEDS`).
 CONTEXT_PROVIDERS: Mapping[str, Callable[[_RouteInputs], object]] = {
-    # [tokens, experts]
-    "router_logits": lambda i: i.hidden @ i.layer.router[...].astype(jnp.float32),
+    "router_logits": _router_logits,
     "hidden": lambda i: i.hidden,
     "params": _router_params,
     "state_prev": lambda i: i.context.recurrent_state,

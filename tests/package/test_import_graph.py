@@ -35,7 +35,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("moejax.cli", "moejax.models"),
     ("moejax.pretrained",),
     ("moejax.training", "moejax.tasks", "moejax.sampling", "moejax.generation"),
-    ("moejax.evaluation", "moejax.compress"),
+    ("moejax.evaluation", "moejax.compress", "moejax.rewiring"),
     ("moejax",),
 )
 
