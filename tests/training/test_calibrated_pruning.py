@@ -7,24 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from small_lm import small_lm
 
-from moejax.config import ModelConfig, MoEConfig
+from moejax.config import MoEConfig
 from moejax.models.moe_layer import RouterContext
 from moejax.models.transformer import TransformerLM
 from moejax.pruning.one_shot import sparsegpt, wanda_mask
 from moejax.training.calibrated_pruning import prune_feed_forwards
 
-CONFIG = ModelConfig(
-    vocab_size=64,
-    d_model=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    d_ff=48,
-    max_seq_len=32,
-    moe=MoEConfig(every=1, num_experts=4, top_k=1, expert_d_ff=16, num_shared_experts=1),
-)
+CONFIG = small_lm(MoEConfig(every=1, num_experts=4, top_k=1, expert_d_ff=16, num_shared_experts=1))
 
 
 def _calibration(seed: int = 0) -> list[np.ndarray]:

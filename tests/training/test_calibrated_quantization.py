@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from small_lm import small_lm
 
-from moejax.config import ModelConfig, MoEConfig
+from moejax.config import MoEConfig
 from moejax.models.moe_layer import RouterContext
 from moejax.models.transformer import TransformerLM
 from moejax.pruning.one_shot import LayerStatistics, accumulate
@@ -17,23 +18,15 @@ from moejax.training.calibrated_quantization import quantize_feed_forwards, smoo
 
 # Block 0 a dense MLP, block 1 MoE (top-2 of 4 experts, one gated shared expert), so the MoE
 # block is calibrated on the outputs of an already quantised block.
-CONFIG = ModelConfig(
-    vocab_size=64,
-    d_model=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    d_ff=48,
-    max_seq_len=32,
-    moe=MoEConfig(
+CONFIG = small_lm(
+    MoEConfig(
         every=2,
         num_experts=4,
         top_k=2,
         expert_d_ff=16,
         num_shared_experts=1,
         shared_expert_gate=True,
-    ),
+    )
 )
 GROUP = 16
 FFN_WEIGHTS = {

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from small_lm import small_lm
 
 from moejax.config import ModelConfig, MoEConfig, RouterConfig
 from moejax.generation import generate
@@ -25,17 +26,7 @@ from moejax.routers.base import RouterState
 
 # top_k=2: with one renormalized expert per token the combine weight is 1 whatever the logits,
 # so the next-token loss would give the offsets no gradient.
-CONFIG = ModelConfig(
-    vocab_size=64,
-    d_model=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    d_ff=48,
-    max_seq_len=32,
-    moe=MoEConfig(every=1, num_experts=4, top_k=2, expert_d_ff=16),
-)
+CONFIG = small_lm(MoEConfig(every=1, num_experts=4, top_k=2, expert_d_ff=16))
 TOKENS = np.random.default_rng(0).integers(0, 64, (2, 16)).astype(np.int32)
 
 
