@@ -373,7 +373,8 @@ def _armor_rebuild(
     (a DSnoT-refined one): SparseGPT's weights for that mask, then the same descent."""
     require(nm is not None, "nm", nm, "(n, m): ARMOR is semi-structured")
     start = sparsegpt(w, stats.hessian, 0.0, mask=mask)[0], mask
-    return armor(w, stats.hessian, nm, start=start).effective.astype(w.dtype)
+    result = armor(w, stats.hessian, nm, block_size=wrapper_block(*w.shape), start=start)
+    return result.effective.astype(w.dtype)
 
 
 ARMOR = register_one_shot("armor", OneShotMethod(armor_prune, _armor_rebuild))

@@ -10,7 +10,13 @@ import pytest
 
 from moejax.pruning import armor as armor_module
 from moejax.pruning.armor import armor, armor_prune, proxy_loss
-from moejax.pruning.one_shot import LayerStatistics, accumulate, sparsegpt, wanda_mask
+from moejax.pruning.one_shot import (
+    ONE_SHOT_METHODS,
+    LayerStatistics,
+    accumulate,
+    sparsegpt,
+    wanda_mask,
+)
 
 NM = (2, 4)
 
@@ -193,6 +199,20 @@ def test_armor_prune_returns_the_product_in_w_dtype_below_sparsegpt():
     w32 = w.astype(jnp.float32)
     ours = proxy_loss(w32, effective.astype(jnp.float32), stats.hessian)
     assert ours < proxy_loss(w32, pruned.astype(jnp.float32), stats.hessian)
+
+
+def test_rebuilding_sparsegpts_own_mask_is_armor_prune():
+    """The registered method's `rebuild` (what a refinement's mask goes through) runs the same
+    descent as `armor_prune` on the same wrappers: given SparseGPT's own 2:4 mask it returns
+    `armor_prune`'s weight, and its wrappers are `wrapper_block` wide, not wider."""
+    w, x = _layer(5, d_in=64, d_out=128, tokens=256)
+    stats = accumulate(LayerStatistics.zeros(64), jnp.asarray(x, jnp.float32))
+    w = jnp.asarray(w, jnp.float32)
+    _, own_mask = sparsegpt(w, stats.hessian, 0.5, NM)
+    method = ONE_SHOT_METHODS["armor"]
+    rebuilt = method.rebuild(w, stats, own_mask, NM)
+    np.testing.assert_allclose(rebuilt, armor_prune(w, stats, 0.5, NM)[0], rtol=1e-4, atol=1e-5)
+    assert armor_module.wrapper_block(64, 128) == 2
 
 
 @pytest.mark.parametrize(
