@@ -100,6 +100,13 @@ class Compressed:
     router_state: dict[str, Any] | None = None
 
 
+def _bar(action: str) -> Callable:
+    """A per-block progress bar on stderr (tqdm, as train.py's), for a driver's `progress`."""
+    from tqdm import tqdm
+
+    return lambda blocks: tqdm(blocks, desc=action, unit="block", leave=False)
+
+
 def _prune(model: Any, config: Any, calibration: list, request: Request) -> Compressed:
     from moejax.training.calibrated_pruning import prune_feed_forwards
 
@@ -110,6 +117,7 @@ def _prune(model: Any, config: Any, calibration: list, request: Request) -> Comp
         sparsity=request.sparsity,
         nm=request.nm,
         refine=request.refine,
+        progress=_bar("pruning"),
     )
     return Compressed(report)
 
@@ -119,11 +127,21 @@ def _experts(model: Any, config: Any, calibration: list, request: Request) -> Co
 
     if request.method == "readme":
         result = expert_compression.moefy_model(
-            model, config.model, calibration, num_experts=request.experts, top_k=request.top_k
+            model,
+            config.model,
+            calibration,
+            num_experts=request.experts,
+            top_k=request.top_k,
+            progress=_bar("MoE-fying"),
         )
     else:
         result = expert_compression.compress_experts(
-            model, config.model, calibration, method=request.method, keep=request.keep_experts
+            model,
+            config.model,
+            calibration,
+            method=request.method,
+            keep=request.keep_experts,
+            progress=_bar("merging" if request.method == "mc_smoe" else "pruning experts"),
         )
     return Compressed(result.report, result.config, result.params, result.router_state)
 
@@ -139,6 +157,7 @@ def _quantize(model: Any, config: Any, calibration: list, request: Request) -> C
         group_size=request.group_size,
         mixed=request.mixed,
         sparsity=request.sparsity if request.method == "gqsa" else 0.0,
+        progress=_bar("quantising"),
     )
     return Compressed(report)
 

@@ -13,7 +13,7 @@ activations of all batches.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -59,6 +59,7 @@ def prune_feed_forwards(
     sparsity: float,
     nm: tuple[int, int] | None = None,
     refine: str | None = None,
+    progress: Callable[[Iterable], Iterable] = iter,
 ) -> dict[str, Any]:
     """Prunes every block's MLP or experts (gate, up, down; routed and shared) of `model` (a
     `TransformerLM`, changed in place) from the `calibration` token batches `[batch, length]`,
@@ -66,14 +67,14 @@ def prune_feed_forwards(
     refines each weight's mask before its method rebuilds the weights. Returns a report: per
     block, the mean kept share and relative output error `||X w - X w'||² / ||X w||²` (on each
     weight's own calibration inputs X) of its weights and, for MoE blocks, the calibration
-    tokens each expert saw."""
+    tokens each expert saw. `progress` wraps the iteration over the blocks (a progress bar)."""
     require(method in METHODS, "method", method, ", ".join(METHODS))
     require(
         refine is None or refine in REFINEMENTS, "refine", refine, f"None, {', '.join(REFINEMENTS)}"
     )
     require(len(calibration) > 0, "calibration", len(calibration), "at least one batch")
     report = {}
-    for layer, block in enumerate(model.blocks):
+    for layer, block in progress(list(enumerate(model.blocks))):
         captured = [ffn_inputs(model, jnp.asarray(tokens))[layer] for tokens in calibration]
         ffn = block.ffn
         if isinstance(ffn, MoELayer):

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -360,13 +360,15 @@ def quantize_feed_forwards(
     group_size: int = 32,
     mixed: bool = False,
     sparsity: float = 0.0,
+    progress: Callable[[Iterable], Iterable] = iter,
 ) -> dict[str, Any]:
     """Fake-quantises every block's MLP or experts (gate, up, down; routed and shared) of
     `model` (a `TransformerLM`, changed in place) to `bits` with groups of `group_size` inputs,
     by `method` (a name of `QUANT_METHODS`), from the `calibration` token batches `[batch,
     length]` int, block after block (see the module docstring). Attention and embeddings are
     untouched; routers stay float unless `mixed` (8 bits, and shared experts 8 bits) or the
-    method quantises them (EAQuant, 8 bits). `sparsity` is GQSA's share of groups removed.
+    method quantises them (EAQuant, 8 bits). `sparsity` is GQSA's share of groups removed;
+    `progress` wraps the iteration over the blocks (a progress bar).
 
     Returns a report: per block ("block0", ...) the bits and each weight's relative
     reconstruction error on its calibration inputs (per expert for a MoE layer: a list, None
@@ -397,7 +399,7 @@ def quantize_feed_forwards(
     _check_model(model, method, group_size)
     reference = nnx.clone(model)
     report: dict[str, Any] = {}
-    for layer, block in enumerate(model.blocks):
+    for layer, block in progress(list(enumerate(model.blocks))):
         if chosen.smooths:
             scales = smoothing_scales_of(
                 block, [x for x, _ in _block_inputs(model, calibration, layer)]

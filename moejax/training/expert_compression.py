@@ -26,7 +26,7 @@ The results are pure dicts of the new model's `nnx.Param` state (and `RouterStat
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -142,10 +142,12 @@ def compress_experts(
     *,
     method: str,
     keep: int,
+    progress: Callable[[Iterable], Iterable] = iter,
 ) -> ExpertCompression:
     """Every MoE layer of `model` (a `TransformerLM` of `config`, left unchanged) reduced from
     `config.moe.num_experts` to `keep` experts by `method` (a name of `EXPERT_METHODS`), from
-    the routing of the `calibration` token batches `[batch, length]` int32.
+    the routing of the `calibration` token batches `[batch, length]` int32; `progress` wraps the
+    iteration over the MoE layers (a progress bar).
 
     The new config has `moe.num_experts = keep` and `moe.top_k = min(top_k, keep)`; shared
     experts, attention, embeddings and norms are copied. The router must own a logit weight
@@ -183,7 +185,7 @@ def compress_experts(
     params = _numpy(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     router_state = _numpy(nnx.to_pure_dict(nnx.state(model, RouterState)))
     report = {}
-    for layer in moe_layers:
+    for layer in progress(list(moe_layers)):
         ffn = params["blocks"][layer]["ffn"]
         routing = routings[layer]
         result = EXPERT_METHODS[method](
@@ -213,12 +215,14 @@ def moefy_model(
     *,
     num_experts: int,
     top_k: int,
+    progress: Callable[[Iterable], Iterable] = iter,
 ) -> ExpertCompression:
     """Read-ME (Cai et al., "Read-ME: Refactorizing LLMs as Router-Decoupled Mixture of Experts
     with System Co-Design", 2024): every dense MLP block of `model` (a `TransformerLM` of
     `config`, whose blocks must all be dense: `model.moe.every = 0`; left unchanged) becomes a
     MoE layer of `num_experts` experts of width `d_ff / num_experts`, its neurons split by
-    co-activation over the `calibration` token batches `[batch, length]` int32 (`moefy_ffn`).
+    co-activation over the `calibration` token batches `[batch, length]` int32 (`moefy_ffn`);
+    `progress` wraps the iteration over the blocks (a progress bar).
 
     Each layer is routed by its own "token_table" router, a table `[vocab_size, num_experts]`
     read by token id alone: the mean oracle scores of each id (`oracle_expert_scores`: a token's
@@ -280,7 +284,7 @@ def moefy_model(
     )
     params = _numpy(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     report = {}
-    for layer in layers:
+    for layer in progress(list(layers)):
         ffn = params["blocks"][layer]["ffn"]
         # One block's inputs at a time: all blocks' would be num_layers times the memory.
         x = _calibrate(model, calibration, layer)[0].astype(np.float64)  # [tokens, d_model]

@@ -61,7 +61,16 @@ def test_every_feed_forward_weight_loses_its_share(nm):
         dataclasses.replace(CONFIG, moe=dataclasses.replace(CONFIG.moe, every=2)),
         rngs=nnx.Rngs(1),
     )
-    prune_feed_forwards(model, _calibration(), method="sparsegpt", sparsity=0.5, nm=nm)
+    walked = []
+    prune_feed_forwards(
+        model,
+        _calibration(),
+        method="sparsegpt",
+        sparsity=0.5,
+        nm=nm,
+        progress=lambda blocks: walked.extend(layer for layer, _ in blocks) or blocks,
+    )
+    assert walked == [0, 1]  # the progress wrapper sees every block, in order
     for block in model.blocks:
         for name in ("w_gate", "w_up", "w_down"):
             w = np.asarray(getattr(block.ffn, name)[...])
