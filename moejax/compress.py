@@ -1,5 +1,8 @@
 """Compress a trained run: `python -m moejax.compress --workdir W --method M [options] --out OUT`.
 
+`--hf DIR --text FILE` instead of `--workdir W` compresses a Hugging Face checkpoint, calibrated
+on the text, into OUT as a checkpoint directory (`eval.py --hf OUT --text FILE` scores it).
+
 Compresses W's newest usable checkpoint after training, from calibration batches of W's own
 training data (the `--calib_batches` after the first `--calib_offset` of its training stream),
 and writes OUT as a workdir holding the compressed model with W's config (or the new one, when
@@ -107,7 +110,7 @@ def _bar(action: str) -> Callable:
     return lambda blocks: tqdm(blocks, desc=action, unit="block", leave=False)
 
 
-def _prune(model: Any, config: Any, calibration: list, request: Request) -> Compressed:
+def _prune(model: Any, model_config: Any, calibration: list, request: Request) -> Compressed:
     from moejax.training.calibrated_pruning import prune_feed_forwards
 
     report = prune_feed_forwards(
@@ -122,13 +125,13 @@ def _prune(model: Any, config: Any, calibration: list, request: Request) -> Comp
     return Compressed(report)
 
 
-def _experts(model: Any, config: Any, calibration: list, request: Request) -> Compressed:
+def _experts(model: Any, model_config: Any, calibration: list, request: Request) -> Compressed:
     from moejax.training import expert_compression
 
     if request.method == "readme":
         result = expert_compression.moefy_model(
             model,
-            config.model,
+            model_config,
             calibration,
             num_experts=request.experts,
             top_k=request.top_k,
@@ -137,7 +140,7 @@ def _experts(model: Any, config: Any, calibration: list, request: Request) -> Co
     else:
         result = expert_compression.compress_experts(
             model,
-            config.model,
+            model_config,
             calibration,
             method=request.method,
             keep=request.keep_experts,
@@ -146,7 +149,7 @@ def _experts(model: Any, config: Any, calibration: list, request: Request) -> Co
     return Compressed(result.report, result.config, result.params, result.router_state)
 
 
-def _quantize(model: Any, config: Any, calibration: list, request: Request) -> Compressed:
+def _quantize(model: Any, model_config: Any, calibration: list, request: Request) -> Compressed:
     from moejax.training.calibrated_quantization import quantize_feed_forwards
 
     report = quantize_feed_forwards(
@@ -208,7 +211,9 @@ def main(argv: list[str]) -> int:
 
 def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="the trained run (read only)")
+    parser.add_argument("--workdir", help="the trained run (read only)")
+    parser.add_argument("--hf", help="instead of --workdir: a Hugging Face checkpoint (read only)")
+    parser.add_argument("--text", help="with --hf: the calibration text (UTF-8 file)")
     parser.add_argument("--out", required=True, help="the new workdir for the compressed model")
     parser.add_argument("--method", default="wanda", help=f"one of {', '.join(FAMILY_OF)}")
     parser.add_argument("--calib_batches", type=int, default=8, help="training batches to use")
@@ -237,13 +242,22 @@ def _main(argv: list[str]) -> int:
         group_size=args.group_size,
         mixed=args.mixed,
     )
-    workdir, out = Path(args.workdir).absolute(), Path(args.out).absolute()
-    if out == workdir:
-        raise ConfigError("--out: the same directory as --workdir; W is never modified")
+    if (args.workdir is None) == (args.hf is None):
+        raise ConfigError("--workdir / --hf: give exactly one (a trained run or a checkpoint)")
+    if (args.hf is None) != (args.text is None):
+        raise ConfigError("--hf and --text go together: give both")
+    source, out = Path(args.workdir or args.hf).absolute(), Path(args.out).absolute()
+    if out == source:
+        raise ConfigError("--out: the same directory as the input; it is never modified")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out: {out} exists and is not empty; give a new directory")
+    if args.text is not None and not Path(args.text).is_file():
+        raise ConfigError(f"--text: {args.text!r} is not a file")
     cli.setup_logging()
-    summary, report = compress(workdir, out, request)
+    if args.hf is None:
+        summary, report = compress(source, out, request)
+    else:
+        summary, report = compress_hf(source, Path(args.text), out, request)
     print(summary)
     for block, entry in report.items():
         print(f"  {block}: {_compact(entry)}")
@@ -288,7 +302,7 @@ def compress(workdir: Path, out: Path, request: Request) -> tuple[str, dict]:
     calibration = [np.asarray(next(iterator)["inputs"]) for _ in range(request.calib_batches)]
     iterator.close()
     start = time.perf_counter()
-    result = FAMILIES[FAMILY_OF[request.method]][1](model, config, calibration, request)
+    result = FAMILIES[FAMILY_OF[request.method]][1](model, config.model, calibration, request)
     seconds = time.perf_counter() - start
     if result.model_config is None:
         params = jax.device_put(
@@ -313,6 +327,56 @@ def compress(workdir: Path, out: Path, request: Request) -> tuple[str, dict]:
         f"compressed {workdir} step {restored.step} by {request.describe()}, from "
         f"{request.calib_batches} calibration batches (after {request.calib_offset}) in "
         f"{seconds:.1f} s; wrote {out}"
+    )
+    return summary, result.report
+
+
+# Calibration windows cut from --text for a Hugging Face checkpoint: rows of this many tokens
+# (or the model's context, if shorter), this many rows per batch.
+HF_CALIBRATION_LENGTH, HF_CALIBRATION_ROWS = 128, 4
+
+
+def compress_hf(checkpoint: Path, text: Path, out: Path, request: Request) -> tuple[str, dict]:
+    """Compresses the Hugging Face checkpoint directory `checkpoint` as `request` asks, from
+    calibration batches `[4, min(128, context)]` of consecutive tokens of the UTF-8 file `text`
+    (its own tokenizer), and writes `out` as a checkpoint directory `transformers` and
+    `eval.py --hf` read (config fields and tokenizer files carried over). A method that changes
+    the architecture writes the new one; Read-ME's token-id router has no Hugging Face form."""
+    import numpy as np
+    from flax import nnx
+
+    from moejax.models.transformer import TransformerLM
+    from moejax.pretrained import from_hf, to_hf
+    from moejax.pretrained.text import load_tokenizer
+
+    if request.method == "readme":
+        raise ConfigError("--method readme with --hf: its token-id router has no HF form")
+    tokenizer = load_tokenizer(checkpoint)
+    model, model_config = from_hf(checkpoint)
+    length = min(HF_CALIBRATION_LENGTH, model_config.max_seq_len)
+    per_batch = HF_CALIBRATION_ROWS * length
+    ids = np.asarray(tokenizer.encode(text.read_text(encoding="utf-8")).ids, np.int32)
+    first, needed = request.calib_offset * per_batch, (request.calib_offset + request.calib_batches)
+    if ids.size < needed * per_batch:
+        raise ConfigError(
+            f"--text: {text} has {ids.size} tokens; allowed: at least {needed * per_batch} "
+            f"({needed} batches of {HF_CALIBRATION_ROWS} x {length} tokens)"
+        )
+    calibration = [
+        ids[first + b * per_batch : first + (b + 1) * per_batch].reshape(-1, length)
+        for b in range(request.calib_batches)
+    ]
+    start = time.perf_counter()
+    result = FAMILIES[FAMILY_OF[request.method]][1](model, model_config, calibration, request)
+    seconds = time.perf_counter() - start
+    if result.model_config is not None:
+        model = TransformerLM(result.model_config, rngs=nnx.Rngs(0))
+        nnx.update(model, result.params)
+    to_hf(model, out, like=checkpoint)
+    summary = (
+        f"compressed {checkpoint} by {request.describe()}, from {request.calib_batches} "
+        f"calibration batches of {text} (after {request.calib_offset}) in {seconds:.1f} s; "
+        f"wrote {out}"
     )
     return summary, result.report
 
