@@ -3,7 +3,8 @@
 `--hf DIR --text FILE` instead of `--workdir W` compresses a Hugging Face checkpoint, calibrated
 on the text, into OUT as a checkpoint directory (`eval.py --hf OUT --text FILE` scores it).
 
-Compresses W's newest usable checkpoint after training, from calibration batches of W's own
+Compresses W's newest usable checkpoint after training, on W's own mesh over every device (the
+experts stay sharded over `expert`), from calibration batches of W's own
 training data (the `--calib_batches` after the first `--calib_offset` of its training stream),
 and writes OUT as a workdir holding the compressed model with W's config (or the new one, when
 the method changes the architecture): `eval.py --workdir OUT` evaluates it and
@@ -291,7 +292,9 @@ def compress(workdir: Path, out: Path, request: Request) -> tuple[str, dict]:
     from moejax.training.restore import read_run, restore_checkpoint
 
     config = read_run(workdir)
-    devices = jax.devices()[:1]
+    # The run's own mesh over every device, as eval.py restores it: the experts stay sharded
+    # over `expert` while their statistics accumulate and each is pruned.
+    devices = jax.devices()
     mesh = sharding.make_mesh(config_lib.validate(config, len(devices)), devices)
     layout = state_lib.state_layout(config, mesh)
     restored = restore_checkpoint(workdir, config, layout.restore_target())
@@ -302,7 +305,9 @@ def compress(workdir: Path, out: Path, request: Request) -> tuple[str, dict]:
     calibration = [np.asarray(next(iterator)["inputs"]) for _ in range(request.calib_batches)]
     iterator.close()
     start = time.perf_counter()
-    result = FAMILIES[FAMILY_OF[request.method]][1](model, config.model, calibration, request)
+    # Under the run's mesh: an expert-parallel dispatch reads it while routing calibration.
+    with jax.set_mesh(mesh):
+        result = FAMILIES[FAMILY_OF[request.method]][1](model, config.model, calibration, request)
     seconds = time.perf_counter() - start
     if result.model_config is None:
         params = jax.device_put(

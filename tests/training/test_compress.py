@@ -1,7 +1,9 @@
 """`python -m moejax.compress`: a trained workdir in, a pruned workdir out that eval.py reads."""
 
+import ast
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +104,36 @@ def test_merging_experts_writes_a_new_architecture_that_eval_reads(run, tmp_path
         timeout=600,
     )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+
+
+def test_compress_with_the_experts_sharded_matches_one_device(run, tmp_path):
+    """The run's own mesh: the same run with its experts over `expert=4` (expert-parallel
+    dispatch, 8 devices) routes every calibration token to the same experts and prunes to the
+    same layer errors as the run on its data-parallel mesh."""
+    sharded = tmp_path / "sharded"
+    shutil.copytree(run, sharded)
+    config = json.loads((sharded / "config.json").read_text())
+    config["mesh"]["expert"] = 4
+    config["model"]["moe"]["dispatch"] = {"name": "expert_parallel", "options": {}}
+    (sharded / "config.json").write_text(json.dumps(config))
+    reports = {}
+    for name, workdir in (("plain", run), ("sharded", sharded)):
+        done = subprocess.run(
+            [sys.executable, "-m", "moejax.compress", "--workdir", str(workdir)]
+            + ["--out", str(tmp_path / f"out_{name}"), "--method", "sparsegpt"]
+            + ["--calib_batches", "1"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        reports[name] = [
+            ast.literal_eval(line.split(": ", 1)[1])
+            for line in done.stdout.splitlines()
+            if line.startswith("  block")
+        ]
+    assert len(reports["plain"]) == len(reports["sharded"]) > 0
+    for plain, sharded_block in zip(reports["plain"], reports["sharded"], strict=True):
+        assert plain["expert_tokens"] == sharded_block["expert_tokens"]
+        np.testing.assert_allclose(plain["layer_error"], sharded_block["layer_error"], rtol=1e-4)
