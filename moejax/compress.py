@@ -27,6 +27,7 @@ status 2).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
@@ -170,13 +171,16 @@ def _pattern_name(nm: tuple[int, int] | None) -> str:
     return "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
 
 
-# Each family: (its method names, how it compresses a restored model).
-FAMILIES: dict[str, tuple[tuple[str, ...], Callable[..., Compressed]]] = {
-    "prune": (PRUNING_METHODS, _prune),
-    "experts": ((*EXPERT_METHODS, "readme"), _experts),
-    "quantize": (QUANT_METHODS, _quantize),
+# Each family: (its method names, how it compresses a restored model, whether it runs under
+# the run's mesh). Expert-level compression builds modules of a new architecture, which moejax
+# never builds under an ambient mesh (`sharding.param`), so it runs outside it (and therefore
+# not on a run whose dispatch needs the mesh to route, an expert-parallel one).
+FAMILIES: dict[str, tuple[tuple[str, ...], Callable[..., Compressed], bool]] = {
+    "prune": (PRUNING_METHODS, _prune, True),
+    "experts": ((*EXPERT_METHODS, "readme"), _experts, False),
+    "quantize": (QUANT_METHODS, _quantize, True),
 }
-FAMILY_OF = {method: family for family, (methods, _) in FAMILIES.items() for method in methods}
+FAMILY_OF = {method: family for family, (methods, *_) in FAMILIES.items() for method in methods}
 DESCRIBE: dict[str, Callable[[Request], str]] = {
     "prune": lambda r: (
         f"{r.method}{'' if r.refine is None else ' + ' + r.refine}, "
@@ -305,9 +309,10 @@ def compress(workdir: Path, out: Path, request: Request) -> tuple[str, dict]:
     calibration = [np.asarray(next(iterator)["inputs"]) for _ in range(request.calib_batches)]
     iterator.close()
     start = time.perf_counter()
+    _, run, under_mesh = FAMILIES[FAMILY_OF[request.method]]
     # Under the run's mesh: an expert-parallel dispatch reads it while routing calibration.
-    with jax.set_mesh(mesh):
-        result = FAMILIES[FAMILY_OF[request.method]][1](model, config.model, calibration, request)
+    with jax.set_mesh(mesh) if under_mesh else contextlib.nullcontext():
+        result = run(model, config.model, calibration, request)
     seconds = time.perf_counter() - start
     if result.model_config is None:
         params = jax.device_put(
