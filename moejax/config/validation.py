@@ -10,6 +10,7 @@ from pathlib import Path
 from moejax.config.groups import Config, MeshConfig
 from moejax.config.model import ModelConfig
 from moejax.errors import ConfigError, require_config
+from moejax.pruning.base import get_method
 from moejax.sparse_attention.config import AttentionConfig
 
 
@@ -85,6 +86,18 @@ def validate(config: Config, num_devices: int) -> dict[str, int]:
             model.vocab_size,
             ">= 256 (the corpus is byte-level; data.tokenizer reads tokens instead)",
         )
+    # A method that changes masks outside the optimizer (`MethodSpec.refine`: MaskLLM's learnt
+    # masks, DSnoT's swaps, lottery rounds) has its own driver; the LM's training loop never
+    # calls the hook, so such a run would silently train with plain masks instead.
+    method = get_method(config.pruning.method.name)
+    require_config(
+        method.refine is None,
+        "pruning.method.name",
+        config.pruning.method.name,
+        "a method train.py runs whole; this one changes masks through its refine hook, which "
+        "its own program drives (moejax.tasks.lottery, moejax.compress --refine dsnot), not "
+        "the LM's training loop",
+    )
     first_prune_step = config.pruning.first_prune_step()
     if first_prune_step is not None:
         require_config(

@@ -101,6 +101,15 @@ def test_bad_pruning_overrides_are_config_errors(overrides, message):
         config_lib.apply_overrides(config_lib.Config(), overrides)
 
 
+@pytest.mark.parametrize("method", ["maskllm", "dsnot", "lottery"])
+def test_a_method_train_py_would_not_run_whole_is_rejected(tiny_config, method):
+    """MaskLLM, DSnoT and lottery rounds change masks through their refine hook, which the
+    LM's loop never calls: train.py refuses them rather than train with plain masks."""
+    config = tiny_config(f"pruning.method.name={method}")
+    with pytest.raises(config_lib.ConfigError, match=f"pruning.method.name: got '{method}'"):
+        config_lib.validate(config, 1)
+
+
 def test_a_schedule_that_never_prunes_and_a_regex_that_matches_nothing_are_rejected(
     tiny_config,
 ):
