@@ -5,7 +5,7 @@ Read-ME's pre-gating router (Cai et al., "Read-ME: Refactorizing LLMs as Router-
 Mixture of Experts with System Co-Design", 2024): since the choice depends on the token id
 alone, every layer's routing is known before the layers run. The table `[vocab_size, experts]`
 holds logits; `moejax.training.expert_compression.moefy_model` fits it to the experts that hold
-each token's activation mass (`moejax.pruning.experts.fit_pregating_router`).
+each token's activation mass (`moejax.pruning.read_me.fit_pregating_router`).
 """
 
 import dataclasses

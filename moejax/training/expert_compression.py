@@ -43,13 +43,15 @@ from moejax.pruning.experts import (
     dominant_groups,
     expert_frequency,
     expert_importance,
-    fit_pregating_router,
     merge_experts,
     merged_router,
+    prune_experts,
+)
+from moejax.pruning.read_me import (
+    fit_pregating_router,
     moefy_ffn,
     oracle_expert_scores,
     pregate,
-    prune_experts,
 )
 from moejax.routers.base import RouterState
 

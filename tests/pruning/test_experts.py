@@ -13,15 +13,17 @@ from moejax.pruning.experts import (
     dominant_groups,
     expert_frequency,
     expert_importance,
-    fit_pregating_router,
     low_rank_plus_sparse,
     merge_experts,
     merged_router,
+    permute_neurons,
+    prune_experts,
+)
+from moejax.pruning.read_me import (
+    fit_pregating_router,
     moefy_ffn,
     oracle_expert_scores,
-    permute_neurons,
     pregate,
-    prune_experts,
 )
 
 

@@ -13,7 +13,9 @@ from small_lm import small_lm
 from moejax.config import MoEConfig, RouterConfig
 from moejax.models.moe_layer import RouterContext
 from moejax.models.transformer import TransformerLM
-from moejax.pruning.experts import pregate
+from moejax.pruning.read_me import (
+    pregate,
+)
 from moejax.training.expert_compression import compress_experts, moefy_model
 
 CONFIG = small_lm(MoEConfig(every=1, num_experts=4, top_k=2, expert_d_ff=16, num_shared_experts=1))
