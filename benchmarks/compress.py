@@ -71,7 +71,7 @@ def _quantize_rows() -> list[Row]:
             request = Request(method, bits=bits, group_size=32)
             rows.append((f"{method} | W{bits} g32", request, False))
     rows.append(("rtn, mixed | W4 g32, shared/router W8", Request("rtn", mixed=True), False))
-    rows.append(("gqsa | W4 g32, 50% groups", Request("gqsa", bits=4, sparsity=0.5), False))
+    rows.append(("gqsa | W4 g32, 50% groups", Request("gqsa", bits=4, group_sparsity=0.5), False))
     return rows
 
 

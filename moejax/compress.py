@@ -16,7 +16,8 @@ the method changes the architecture): `eval.py --workdir OUT` evaluates it and
   mc_smoe keep `--keep_experts` of every MoE layer's experts; readme turns every dense MLP
   into `--experts` experts routed `--top_k` at a time by a token-id router;
 - weight quantisation (`moejax.training.calibrated_quantization`): rtn, gptq, eaquant, gqsa at
-  `--bits` per `--group_size` inputs, `--mixed` for more bits on shared experts and routers.
+  `--bits` per `--group_size` inputs, `--mixed` for more bits on shared experts and routers,
+  `--group_sparsity` for the share of groups GQSA removes.
 
 A compressed model of the same architecture keeps W's step, optimizer and data state (the zeros
 and the rounded values are not held by masks: fine-tuning moves them); one of a new
@@ -54,14 +55,15 @@ class Request:
     sparsity: float = 0.5
     nm: tuple[int, int] | None = None
     refine: str | None = None
-    # Expert-level compression.
+    # Expert-level compression; Read-ME's MoE-fication.
     keep_experts: int = 0
     experts: int = 0
     top_k: int = 1
-    # Quantisation (gqsa also removes `sparsity` of the weight groups).
+    # Quantisation (`group_sparsity`: the share of weight groups GQSA removes).
     bits: int = 4
     group_size: int = 32
     mixed: bool = False
+    group_sparsity: float = 0.0
 
     def __post_init__(self) -> None:
         checks = (
@@ -77,21 +79,25 @@ class Request:
             ),
             ("--bits", 2 <= self.bits <= 8, self.bits, "an int in [2, 8]"),
             ("--group_size", self.group_size >= 1, self.group_size, ">= 1"),
+            (
+                "--group_sparsity",
+                0.0 <= self.group_sparsity < 1.0,
+                self.group_sparsity,
+                "a share in [0, 1)",
+            ),
         )
         for flag, ok, value, allowed in checks:
             if not ok:
                 raise ConfigError(f"{flag}: {value!r}; allowed: {allowed}")
-        family = FAMILY_OF[self.method]
-        if family == "experts" and self.method != "readme" and self.keep_experts < 1:
-            raise ConfigError(f"--keep_experts: {self.keep_experts}; allowed: >= 1 for {family}")
-        if self.method == "readme" and not 1 <= self.top_k <= self.experts:
-            raise ConfigError(
-                f"--experts {self.experts} --top_k {self.top_k}; allowed: 1 <= top_k <= experts"
-            )
+        self.family.check(self)
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[FAMILY_OF[self.method]]
 
     def describe(self) -> str:
         """The method and the options it used, as the summary line shows them."""
-        return DESCRIBE[FAMILY_OF[self.method]](self)
+        return self.family.describe(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +109,25 @@ class Compressed:
     model_config: Any = None
     params: dict[str, Any] | None = None
     router_state: dict[str, Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A family of compression methods as the command runs it.
+
+    methods: its method names. run: `(model, model_config, calibration, request) ->
+    Compressed`. describe: the summary's words for a request. check: raises `ConfigError` for
+    options the family cannot take. under_mesh: runs under the run's mesh (a family that
+    builds modules of a new architecture cannot: moejax never builds them under an ambient
+    mesh, `sharding.param`). hf_form: its result can be written as a Hugging Face checkpoint.
+    """
+
+    methods: tuple[str, ...]
+    run: Callable[..., Compressed]
+    describe: Callable[[Request], str]
+    check: Callable[[Request], None] = lambda request: None
+    under_mesh: bool = True
+    hf_form: bool = True
 
 
 def _bar(action: str) -> Callable:
@@ -127,11 +152,30 @@ def _prune(model: Any, model_config: Any, calibration: list, request: Request) -
     return Compressed(report)
 
 
-def _experts(model: Any, model_config: Any, calibration: list, request: Request) -> Compressed:
-    from moejax.training import expert_compression
+def _new_architecture(result: Any) -> Compressed:
+    return Compressed(result.report, result.config, result.params, result.router_state)
 
-    if request.method == "readme":
-        result = expert_compression.moefy_model(
+
+def _experts(model: Any, model_config: Any, calibration: list, request: Request) -> Compressed:
+    from moejax.training.expert_compression import compress_experts
+
+    return _new_architecture(
+        compress_experts(
+            model,
+            model_config,
+            calibration,
+            method=request.method,
+            keep=request.keep_experts,
+            progress=_bar(request.method),
+        )
+    )
+
+
+def _moefy(model: Any, model_config: Any, calibration: list, request: Request) -> Compressed:
+    from moejax.training.expert_compression import moefy_model
+
+    return _new_architecture(
+        moefy_model(
             model,
             model_config,
             calibration,
@@ -139,16 +183,7 @@ def _experts(model: Any, model_config: Any, calibration: list, request: Request)
             top_k=request.top_k,
             progress=_bar("MoE-fying"),
         )
-    else:
-        result = expert_compression.compress_experts(
-            model,
-            model_config,
-            calibration,
-            method=request.method,
-            keep=request.keep_experts,
-            progress=_bar("merging" if request.method == "mc_smoe" else "pruning experts"),
-        )
-    return Compressed(result.report, result.config, result.params, result.router_state)
+    )
 
 
 def _quantize(model: Any, model_config: Any, calibration: list, request: Request) -> Compressed:
@@ -161,7 +196,7 @@ def _quantize(model: Any, model_config: Any, calibration: list, request: Request
         bits=request.bits,
         group_size=request.group_size,
         mixed=request.mixed,
-        sparsity=request.sparsity if request.method == "gqsa" else 0.0,
+        sparsity=request.group_sparsity,
         progress=_bar("quantising"),
     )
     return Compressed(report)
@@ -171,31 +206,53 @@ def _pattern_name(nm: tuple[int, int] | None) -> str:
     return "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
 
 
-# Each family: (its method names, how it compresses a restored model, whether it runs under
-# the run's mesh). Expert-level compression builds modules of a new architecture, which moejax
-# never builds under an ambient mesh (`sharding.param`), so it runs outside it (and therefore
-# not on a run whose dispatch needs the mesh to route, an expert-parallel one).
-FAMILIES: dict[str, tuple[tuple[str, ...], Callable[..., Compressed], bool]] = {
-    "prune": (PRUNING_METHODS, _prune, True),
-    "experts": ((*EXPERT_METHODS, "readme"), _experts, False),
-    "quantize": (QUANT_METHODS, _quantize, True),
+def _check_keep(request: Request) -> None:
+    if request.keep_experts < 1:
+        raise ConfigError(f"--keep_experts: {request.keep_experts}; allowed: >= 1")
+
+
+def _check_moefy(request: Request) -> None:
+    if not 1 <= request.top_k <= request.experts:
+        raise ConfigError(
+            f"--experts {request.experts} --top_k {request.top_k}; allowed: 1 <= top_k <= experts"
+        )
+
+
+FAMILIES: dict[str, Family] = {
+    "prune": Family(
+        PRUNING_METHODS,
+        _prune,
+        lambda r: (
+            f"{r.method}{'' if r.refine is None else ' + ' + r.refine}, "
+            f"{100 * r.sparsity:.0f}% {_pattern_name(r.nm)}"
+        ),
+    ),
+    "experts": Family(
+        tuple(EXPERT_METHODS),
+        _experts,
+        lambda r: f"{r.method}, {r.keep_experts} experts kept",
+        check=_check_keep,
+        under_mesh=False,
+    ),
+    # Read-ME's token-id router has no Hugging Face form.
+    "moefy": Family(
+        ("readme",),
+        _moefy,
+        lambda r: f"{r.method}, {r.experts} experts, top {r.top_k}",
+        check=_check_moefy,
+        under_mesh=False,
+        hf_form=False,
+    ),
+    "quantize": Family(
+        QUANT_METHODS,
+        _quantize,
+        lambda r: (
+            f"{r.method}, {r.bits} bits per {r.group_size}{', mixed' if r.mixed else ''}"
+            + (f", {100 * r.group_sparsity:.0f}% of groups removed" if r.group_sparsity else "")
+        ),
+    ),
 }
-FAMILY_OF = {method: family for family, (methods, *_) in FAMILIES.items() for method in methods}
-DESCRIBE: dict[str, Callable[[Request], str]] = {
-    "prune": lambda r: (
-        f"{r.method}{'' if r.refine is None else ' + ' + r.refine}, "
-        f"{100 * r.sparsity:.0f}% {_pattern_name(r.nm)}"
-    ),
-    "experts": lambda r: (
-        f"readme, {r.experts} experts, top {r.top_k}"
-        if r.method == "readme"
-        else f"{r.method}, {r.keep_experts} experts kept"
-    ),
-    "quantize": lambda r: (
-        f"{r.method}, {r.bits} bits per {r.group_size}{', mixed' if r.mixed else ''}"
-        f"{f', {100 * r.sparsity:.0f}% of groups removed' if r.method == 'gqsa' else ''}"
-    ),
-}
+FAMILY_OF = {method: name for name, family in FAMILIES.items() for method in family.methods}
 
 
 def _pattern(text: str) -> tuple[int, int] | None:
@@ -232,6 +289,7 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--bits", type=int, default=4, help="quantisation: bits per weight")
     parser.add_argument("--group_size", type=int, default=32, help="inputs per scale")
     parser.add_argument("--mixed", action="store_true", help="8 bits for shared experts, router")
+    parser.add_argument("--group_sparsity", type=float, default=0.0, help="gqsa: groups removed")
     args = parser.parse_args(argv)
     request = Request(
         method=args.method,
@@ -246,6 +304,7 @@ def _main(argv: list[str]) -> int:
         bits=args.bits,
         group_size=args.group_size,
         mixed=args.mixed,
+        group_sparsity=args.group_sparsity,
     )
     if (args.workdir is None) == (args.hf is None):
         raise ConfigError("--workdir / --hf: give exactly one (a trained run or a checkpoint)")
@@ -259,10 +318,17 @@ def _main(argv: list[str]) -> int:
     if args.text is not None and not Path(args.text).is_file():
         raise ConfigError(f"--text: {args.text!r} is not a file")
     cli.setup_logging()
-    if args.hf is None:
-        summary, report = compress(source, out, request)
-    else:
-        summary, report = compress_hf(source, Path(args.text), out, request)
+    try:
+        if args.hf is None:
+            summary, report = compress(source, out, request)
+        else:
+            summary, report = compress_hf(source, Path(args.text), out, request)
+    except ValueError as error:
+        # The drivers check what only the model can tell (`require`: field, value, allowed):
+        # a bad argument all the same, so one line and exit 2, not a traceback.
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(str(error)) from error
     print(summary)
     for block, entry in report.items():
         print(f"  {block}: {_compact(entry)}")
@@ -309,10 +375,10 @@ def compress(workdir: Path, out: Path, request: Request) -> tuple[str, dict]:
     calibration = [np.asarray(next(iterator)["inputs"]) for _ in range(request.calib_batches)]
     iterator.close()
     start = time.perf_counter()
-    _, run, under_mesh = FAMILIES[FAMILY_OF[request.method]]
+    family = request.family
     # Under the run's mesh: an expert-parallel dispatch reads it while routing calibration.
-    with jax.set_mesh(mesh) if under_mesh else contextlib.nullcontext():
-        result = run(model, config.model, calibration, request)
+    with jax.set_mesh(mesh) if family.under_mesh else contextlib.nullcontext():
+        result = family.run(model, config.model, calibration, request)
     seconds = time.perf_counter() - start
     if result.model_config is None:
         params = jax.device_put(
@@ -359,8 +425,8 @@ def compress_hf(checkpoint: Path, text: Path, out: Path, request: Request) -> tu
     from moejax.pretrained import from_hf, to_hf
     from moejax.pretrained.text import load_tokenizer
 
-    if request.method == "readme":
-        raise ConfigError("--method readme with --hf: its token-id router has no HF form")
+    if not request.family.hf_form:
+        raise ConfigError(f"--method {request.method} with --hf: its result has no HF form")
     tokenizer = load_tokenizer(checkpoint)
     model, model_config = from_hf(checkpoint)
     length = min(HF_CALIBRATION_LENGTH, model_config.max_seq_len)
@@ -377,7 +443,7 @@ def compress_hf(checkpoint: Path, text: Path, out: Path, request: Request) -> tu
         for b in range(request.calib_batches)
     ]
     start = time.perf_counter()
-    result = FAMILIES[FAMILY_OF[request.method]][1](model, model_config, calibration, request)
+    result = request.family.run(model, model_config, calibration, request)
     seconds = time.perf_counter() - start
     if result.model_config is not None:
         model = TransformerLM(result.model_config, rngs=nnx.Rngs(0))

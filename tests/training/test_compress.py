@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,6 +74,35 @@ def test_compress_writes_a_pruned_workdir_that_eval_reads(run, tmp_path):
         bad.returncode == 2
         and "--method: 'obs'; allowed: magnitude, wanda, sparsegpt, armor" in (bad.stderr)
     )
+    # A check only the driver can make (ARMOR has no unstructured form): one line, exit 2.
+    unstructured = subprocess.run(
+        [*command[:-1], str(tmp_path / "armor"), "--method", "armor", "--calib_batches", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert unstructured.returncode == 2, unstructured.stderr[-3000:]
+    assert "nm: got None" in unstructured.stderr and "Traceback" not in unstructured.stderr
+
+
+def test_each_family_checks_the_options_it_reads():
+    from moejax.compress import FAMILIES, FAMILY_OF, Request
+    from moejax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--keep_experts: 0; allowed: >= 1"):
+        Request("mc_smoe")
+    with pytest.raises(ConfigError, match="--experts 2 --top_k 3"):
+        Request("readme", experts=2, top_k=3)
+    assert Request("readme", experts=4, top_k=2).describe() == "readme, 4 experts, top 2"
+    assert Request("frequency", keep_experts=2).describe() == "frequency, 2 experts kept"
+    gqsa = Request("gqsa", group_sparsity=0.5)
+    assert gqsa.describe() == "gqsa, 4 bits per 32, 50% of groups removed"
+    assert Request("rtn").describe() == "rtn, 4 bits per 32"
+    with pytest.raises(ConfigError, match="--group_sparsity: 1.0"):
+        Request("gqsa", group_sparsity=1.0)
+    assert not FAMILIES[FAMILY_OF["readme"]].hf_form
+    assert not FAMILIES[FAMILY_OF["mc_smoe"]].under_mesh and FAMILIES["prune"].under_mesh
 
 
 def test_merging_experts_writes_a_new_architecture_that_eval_reads(run, tmp_path):
