@@ -49,7 +49,7 @@ from flax import nnx
 
 from moejax.errors import require
 from moejax.models.moe_layer import MoELayer
-from moejax.pruning.one_shot import LayerStatistics, accumulate
+from moejax.pruning.one_shot import LayerStatistics, accumulate, relative_layer_error
 from moejax.quantization import (
     SMOOTHED_VECTORS,
     SMOOTHED_WEIGHTS,
@@ -160,22 +160,12 @@ def _block_inputs(model: Any, calibration: Sequence[np.ndarray], layer: int) -> 
     return [ffn_inputs(model, jnp.asarray(tokens))[layer] for tokens in calibration]
 
 
-@jax.jit
-def _error_ratio(w: jax.Array, w_hat: jax.Array, hessian: jax.Array) -> jax.Array:
-    highest = jax.lax.Precision.HIGHEST
-    delta = (w_hat - w).astype(jnp.float32)
-    w = w.astype(jnp.float32)
-    lost = jnp.sum(delta * jnp.matmul(hessian, delta, precision=highest))
-    kept = jnp.sum(w * jnp.matmul(hessian, w, precision=highest))
-    return jnp.sqrt(jnp.maximum(lost, 0.0) / kept)
-
-
 def _relative_error(w: jax.Array, w_hat: jax.Array, stats: LayerStatistics) -> float | None:
     """`||x w - x w_hat|| / ||x w||` over the tokens `stats` counted, from their Hessian; None
     when there were none."""
     if float(stats.tokens) == 0:
         return None
-    return float(_error_ratio(w, w_hat, stats.hessian))
+    return float(jnp.sqrt(relative_layer_error(w, w_hat, stats.hessian)))
 
 
 def _quantize_swiglu(weights, captured, selected, method, bits, group_size, sparsity):
